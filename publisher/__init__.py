@@ -1,0 +1,3 @@
+"""coreml-publisher: Stable Diffusion checkpoints -> Core ML variants -> the Hugging Face Hub."""
+
+__version__ = "0.1.0"

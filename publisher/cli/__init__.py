@@ -1,0 +1,66 @@
+"""The `publisher` command: parses, calls one library function, prints. Known errors become one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from publisher.cli import manifests
+from publisher.errors import PublisherError
+
+app = typer.Typer(
+    name="publisher",
+    help="Turn Stable Diffusion checkpoints into Core ML variants and publish them on a Hugging Face Hub.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """coreml-publisher."""
+
+
+app.command()(manifests.validate)
+app.command()(manifests.schema)
+app.command()(manifests.plan)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("PUBLISHER_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(args)
+    try:
+        app(args=args, prog_name="publisher", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except PublisherError as exc:
+        if debug:
+            raise
+        for line in exc.lines:
+            typer.echo(f"error: {line}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # anything unexpected: one line, the traceback with --debug
+        if debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: {type(exc).__name__}: {text} (run with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,63 @@
+"""`publisher validate | schema | plan`: thin over publisher.manifest and publisher.plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from publisher.cli._options import DEFAULT_NAMESPACE, JsonOpt, ManifestPaths, NamespaceOpt, manifest_paths
+from publisher.manifest import SCHEMA_FILE_NAME, json_schema, load_manifests
+from publisher.plan import build_plan
+from publisher.util.atomic import atomic_write_text
+
+
+def validate(paths: ManifestPaths = None) -> None:
+    """Validate manifests: exit 1 with one line per problem (file:line: field: message)."""
+    loaded = load_manifests(manifest_paths(paths))
+    for item in loaded:
+        m = item.manifest
+        variants = sum(len(t.attention) for t in m.publish)
+        typer.echo(f"{item.path}: ok: {m.name} ({m.source.repo}@{m.source.revision}), "
+                   f"{len(m.publish)} repos, {variants} variants")
+    typer.echo(f"{len(loaded)} manifests valid")
+
+
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=f"Write here (e.g. manifests/{SCHEMA_FILE_NAME}); "
+                                                "default: standard output.")] = None,
+) -> None:
+    """Print or write the manifests' JSON Schema (editors read it through the `$schema` comment line)."""
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        typer.echo(f"wrote {output}")
+
+
+def plan(
+    paths: ManifestPaths = None,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    as_json: JsonOpt = False,
+    github_matrix: Annotated[bool, typer.Option("--github-matrix", help="Print the GitHub Actions matrix JSON.")] = False,
+) -> None:
+    """Expand manifests into variants and the build steps they share."""
+    result = build_plan(load_manifests(manifest_paths(paths)), namespace)
+    if github_matrix:
+        typer.echo(json.dumps(result.github_matrix(), separators=(",", ":")))
+        return
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    rows = [(v.repo_id, v.attention.folder, v.precision.label, v.compute_unit.value, v.deployment_target.value,
+             ",".join(c.value for c in v.components), ",".join(lay.value for lay in v.layouts))
+            for v in result.variants]
+    header = ("repo", "attention", "precision", "compute", "target", "components", "layouts")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    counts = ", ".join(f"{n} {kind}" for kind, n in result.counts().items() if n)
+    typer.echo(f"{len(result.variants)} variants; steps: {counts}")

@@ -1,0 +1,446 @@
+"""Manifest schema and loading: YAML in, a validated `Manifest` out, or one-line errors with file:line.
+
+Every default that the four base-model manifests share lives here, in the models, so that a manifest only
+says what differs (source, license, target repos and their variants).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from publisher.errors import ManifestError
+
+SCHEMA_FILE_NAME = "manifest.schema.json"
+MANIFEST_SUFFIXES = (".yaml", ".yml")
+# An org or user name, or the run-time placeholder; then a repo name. Hub names: letters, digits, - _ .
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID_RE = re.compile(rf"{_NAME}/{_NAME}")
+REPO_TEMPLATE_RE = re.compile(rf"(?:\{{namespace\}}|{_NAME})/{_NAME}")
+NAMESPACE_RE = re.compile(_NAME)
+SLUG_RE = r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$"
+
+
+class Attention(str, Enum):
+    ORIGINAL = "ORIGINAL"
+    SPLIT_EINSUM = "SPLIT_EINSUM"
+    SPLIT_EINSUM_V2 = "SPLIT_EINSUM_V2"
+
+    @property
+    def folder(self) -> str:
+        """Folder name in a published repo (`original`, `split_einsum`, `split_einsum_v2`)."""
+        return self.value.lower()
+
+    @property
+    def default_compute_unit(self) -> ComputeUnit:
+        return ComputeUnit.CPU_AND_GPU if self is Attention.ORIGINAL else ComputeUnit.ALL
+
+
+class Component(str, Enum):
+    TEXT_ENCODER = "text_encoder"
+    UNET = "unet"
+    VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
+    SAFETY_CHECKER = "safety_checker"
+
+
+ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
+
+
+class ComputeUnit(str, Enum):
+    ALL = "ALL"
+    CPU_AND_GPU = "CPU_AND_GPU"
+    CPU_AND_NE = "CPU_AND_NE"
+    CPU_ONLY = "CPU_ONLY"
+
+
+class DeploymentTarget(str, Enum):
+    iOS16 = "iOS16"
+    iOS17 = "iOS17"
+    iOS18 = "iOS18"
+    macOS13 = "macOS13"
+    macOS14 = "macOS14"
+    macOS15 = "macOS15"
+
+    @property
+    def level(self) -> int:
+        """The Core ML generation: iOS16 == macOS13 == 16, and so on."""
+        number = int(self.value.removeprefix("iOS").removeprefix("macOS"))
+        return number if self.value.startswith("iOS") else number + 3
+
+
+class Layout(str, Enum):
+    PACKAGES = "packages"
+    COMPILED = "compiled"
+    ZIP = "zip"
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
+    PER_GROUPED_CHANNEL = "per_grouped_channel"
+
+
+StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
+StrictStr = Annotated[str, Strict()]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Precision(_Model):
+    """float16, or k-means palettization with `nbits` (per tensor, or per group of output channels)."""
+
+    type: Literal["float16", "palettize"]
+    nbits: Literal[1, 2, 4, 6, 8] | None = None
+    granularity: Granularity = Granularity.PER_TENSOR
+    group_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+    recipe: Annotated[StrictStr, Field(min_length=1, max_length=255)] | None = Field(
+        default=None, description="JSON file (relative to the manifest) mapping op names to nbits, for mixed-bit"
+    )
+
+    @property
+    def is_palettized(self) -> bool:
+        return self.type == "palettize"
+
+    @property
+    def label(self) -> str:
+        if not self.is_palettized:
+            return "float16"
+        label = f"{self.nbits}-bit" + (" mixed" if self.recipe else "")
+        if self.granularity is Granularity.PER_GROUPED_CHANNEL:
+            label += f" g{self.effective_group_size}"
+        return label
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.group_size or 16
+
+
+class Source(_Model):
+    repo: Annotated[StrictStr, Field(pattern=REPO_ID_RE.pattern, description="diffusers repo id, `org/name`")]
+    revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
+    components: list[Component] = Field(
+        default_factory=lambda: list(ALL_COMPONENTS), min_length=1, description="what the source provides"
+    )
+
+    @property
+    def model_version(self) -> str:
+        """The `--model-version` Apple's Python pipeline derives package names from (`/` -> `_`)."""
+        return self.repo.replace("/", "_")
+
+
+class PublishRepo(_Model):
+    repo: Annotated[
+        StrictStr,
+        Field(description="`org/name`, where org may be `{namespace}`, given at run time", max_length=200),
+    ]
+    precision: Precision
+    attention: list[Attention] = Field(min_length=1)
+    compute_units: dict[Attention, ComputeUnit] = Field(
+        default_factory=dict, description="overrides of ORIGINAL -> CPU_AND_GPU, SPLIT_EINSUM* -> ALL"
+    )
+    minimum_deployment_target: DeploymentTarget | None = Field(
+        default=None, description="default: iOS16 for float16, iOS17 for palettized, iOS18 for grouped channels"
+    )
+    components: list[Component] | None = Field(default=None, min_length=1, description="default: the source's")
+    chunk_unet: StrictBool = False
+    layouts: list[Layout] = Field(default_factory=lambda: list(Layout), min_length=1)
+
+    @property
+    def deployment_target(self) -> DeploymentTarget:
+        if self.minimum_deployment_target is not None:
+            return self.minimum_deployment_target
+        if self.precision.granularity is Granularity.PER_GROUPED_CHANNEL:
+            return DeploymentTarget.iOS18
+        return DeploymentTarget.iOS17 if self.precision.is_palettized else DeploymentTarget.iOS16
+
+    def compute_unit(self, attention: Attention) -> ComputeUnit:
+        return self.compute_units.get(attention, attention.default_compute_unit)
+
+    def repo_id(self, namespace: str) -> str:
+        return self.repo.replace("{namespace}", namespace)
+
+
+class Manifest(_Model):
+    name: Annotated[StrictStr, Field(pattern=SLUG_RE, description="short id of the base model, e.g. sd-v1-5")]
+    description: Annotated[StrictStr, Field(max_length=500)] | None = None
+    source: Source
+    license: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9.+-]{0,63}$", description="Hub license id")]
+    resolution: Annotated[StrictInt, Field(ge=256, le=2048, multiple_of=64)] = 512
+    publish: list[PublishRepo] = Field(min_length=1)
+
+    def components_for(self, target: PublishRepo) -> list[Component]:
+        return list(target.components) if target.components is not None else list(self.source.components)
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    path: Path
+    manifest: Manifest
+    sha256: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rules that span fields; each yields (location, message) so the error names the exact field and line.
+
+Loc = tuple[str | int, ...]
+
+
+def _duplicates(items: Sequence[Any]) -> Iterable[tuple[int, Any]]:
+    seen: set[Any] = set()
+    for index, item in enumerate(items):
+        if item in seen:
+            yield index, item
+        seen.add(item)
+
+
+def _show(value: Any) -> str:
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
+    errors: list[tuple[Loc, str]] = []
+    for index, item in _duplicates(manifest.source.components):
+        errors.append((("source", "components", index), f"duplicate '{_show(item)}'"))
+    repo_first: dict[str, int] = {}
+    for i, target in enumerate(manifest.publish):
+        at: Loc = ("publish", i)
+        if not REPO_TEMPLATE_RE.fullmatch(target.repo):
+            errors.append((at + ("repo",), "must be 'namespace/name' (letters, digits, '-', '_', '.'; "
+                           "the namespace may be '{namespace}')"))
+        key = target.repo.lower()  # the Hub matches repo ids case-insensitively
+        if key in repo_first:
+            errors.append((at + ("repo",), f"duplicate of publish[{repo_first[key]}].repo"))
+        repo_first.setdefault(key, i)
+        for field in ("attention", "components", "layouts"):
+            for index, item in _duplicates(getattr(target, field) or []):
+                errors.append((at + (field, index), f"duplicate '{_show(item)}'"))
+        for index, component in enumerate(target.components or []):
+            if component not in manifest.source.components:
+                errors.append((at + ("components", index),
+                               f"'{component.value}' is not provided by the source (see source.components)"))
+        for attention in target.compute_units:
+            if attention not in target.attention:
+                errors.append((at + ("compute_units", attention.value),
+                               f"'{attention.value}' is not in this repo's attention list"))
+        precision = target.precision
+        if precision.is_palettized:
+            if precision.nbits is None:
+                errors.append((at + ("precision", "nbits"), "required when type is 'palettize'"))
+            if target.deployment_target.level < 17:
+                errors.append((at + ("minimum_deployment_target",),
+                               "palettized weights need iOS17/macOS14 or later"))
+            if precision.granularity is Granularity.PER_GROUPED_CHANNEL and target.deployment_target.level < 18:
+                errors.append((at + ("precision", "granularity"),
+                               "per_grouped_channel needs minimum_deployment_target iOS18/macOS15 or later"))
+        else:
+            for field in ("nbits", "group_size", "recipe"):
+                if getattr(precision, field) is not None:
+                    errors.append((at + ("precision", field), "only allowed when type is 'palettize'"))
+            if precision.granularity is not Granularity.PER_TENSOR:
+                errors.append((at + ("precision", "granularity"), "only allowed when type is 'palettize'"))
+        if precision.group_size is not None and precision.granularity is not Granularity.PER_GROUPED_CHANNEL:
+            errors.append((at + ("precision", "group_size"), "only allowed with granularity per_grouped_channel"))
+        if target.chunk_unet:
+            if Component.UNET not in manifest.components_for(target):
+                errors.append((at + ("chunk_unet",), "needs the 'unet' component"))
+            if precision.is_palettized and precision.nbits is not None and precision.nbits <= 6:
+                errors.append((at + ("chunk_unet",),
+                               f"a {precision.nbits}-bit palettized UNet is small enough: chunking is refused"))
+        if Layout.ZIP in target.layouts and Layout.COMPILED not in target.layouts:
+            errors.append((at + ("layouts",), "'zip' needs 'compiled' (the zip holds the compiled Resources)"))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading with line numbers
+
+
+def format_loc(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(root)"
+
+
+def _line_of(document: Any, loc: Loc) -> int:
+    """1-based line of the deepest node of `loc` that exists in the YAML document."""
+    line = 0
+    node = document
+    for part in loc:
+        if isinstance(node, CommentedMap):
+            key = _find_key(node, part)
+            if key is None:
+                break
+            line = node.lc.value(key)[0] if not isinstance(node[key], (CommentedMap, CommentedSeq)) \
+                else node.lc.key(key)[0]
+            node = node[key]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            line = node.lc.item(part)[0]
+            node = node[part]
+        else:
+            break
+    return line + 1
+
+
+def _find_key(node: CommentedMap, part: str | int) -> Any:
+    if part in node:
+        return part
+    for key in node:  # keys may be non-strings in YAML (1: x), or enums rendered as strings
+        if str(key) == str(part):
+            return key
+    return None
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind in ("literal_error", "enum"):
+        expected = str(ctx.get("expected", "")).replace(" or ", ", ").replace("'", "")
+        return f"must be one of {expected}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "string_pattern_mismatch":
+        return f"does not match {ctx.get('pattern')}"
+    message = str(error["msg"])
+    return message[:1].lower() + message[1:]
+
+
+def _clean_loc(loc: Sequence[Any]) -> Loc:
+    # pydantic appends '[key]' for errors on a dict's keys; they are reported at the key itself
+    return tuple(part for part in loc if part != "[key]")
+
+
+def parse_manifest(text: str, path: Path) -> tuple[Manifest | None, list[str]]:
+    """Validate one manifest's text; returns the manifest or the error lines (`file:line: field: message`)."""
+    name = str(path)
+    try:
+        document = YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = (exc.problem or exc.context or "invalid YAML").strip().replace("\n", " ")
+        return None, [f"{name}:{line}: (yaml): {problem}"]
+    except YAMLError as exc:
+        return None, [f"{name}:1: (yaml): {str(exc).splitlines()[0] if str(exc) else 'invalid YAML'}"]
+    if document is None:
+        return None, [f"{name}:1: (root): the manifest is empty"]
+    if not isinstance(document, CommentedMap):
+        return None, [f"{name}:1: (root): must be a mapping of fields, not {type(document).__name__}"]
+    try:
+        manifest = Manifest.model_validate(_plain(document))
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False):
+            loc = _clean_loc(error["loc"])
+            lines.append(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {_message(error)}")
+        return None, lines
+    errors = cross_field_errors(manifest)
+    if errors:
+        return None, [f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {msg}" for loc, msg in errors]
+    return manifest, []
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's round-trip nodes -> plain dicts/lists (pydantic's strict mode wants builtin types)."""
+    if isinstance(node, dict):
+        return {(str(k) if not isinstance(k, (str, int, bool)) else k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def load_manifest(path: Path) -> LoadedManifest:
+    loaded, errors = _load(path)
+    if loaded is None:
+        raise ManifestError(errors[0], errors)
+    return loaded
+
+
+def _load(path: Path) -> tuple[LoadedManifest | None, list[str]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, [f"{path}:1: (file): cannot read: {exc.strerror or exc}"]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return None, [f"{path}:{line}: (file): not UTF-8 text (byte {exc.start})"]
+    manifest, errors = parse_manifest(text, path)
+    if manifest is None:
+        return None, errors
+    return LoadedManifest(path=path, manifest=manifest, sha256=hashlib.sha256(raw).hexdigest()), []
+
+
+def manifest_files(paths: Sequence[Path]) -> list[Path]:
+    """Expand directories into their manifest files (sorted); files are taken as given."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES and p.is_file()))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ManifestError(f"{path}: no such file or directory")
+    if not files:
+        raise ManifestError(f"no manifest (*.yaml) found in {', '.join(str(p) for p in paths)}")
+    return files
+
+
+def load_manifests(paths: Sequence[Path]) -> list[LoadedManifest]:
+    """Load every manifest; all errors of all files are reported together. Two manifests may not
+    share a name or a target repo."""
+    loaded: list[LoadedManifest] = []
+    errors: list[str] = []
+    for path in manifest_files(paths):
+        item, item_errors = _load(path)
+        errors.extend(item_errors)
+        if item is not None:
+            loaded.append(item)
+    names: dict[str, Path] = {}
+    repos: dict[str, Path] = {}
+    for item in loaded:
+        if item.manifest.name in names:
+            errors.append(f"{item.path}:1: name: '{item.manifest.name}' is also the name of {names[item.manifest.name]}")
+        names.setdefault(item.manifest.name, item.path)
+        for i, target in enumerate(item.manifest.publish):
+            key = target.repo.lower()
+            if key in repos and repos[key] != item.path:
+                errors.append(f"{item.path}:1: publish[{i}].repo: '{target.repo}' is also published by {repos[key]}")
+            repos.setdefault(key, item.path)
+    if errors:
+        raise ManifestError(errors[0], errors)
+    return loaded
+
+
+def check_namespace(namespace: str) -> str:
+    if not NAMESPACE_RE.fullmatch(namespace):
+        raise ManifestError(f"namespace '{namespace}': must be letters, digits, '-', '_' or '.' (a Hub user or org)")
+    return namespace
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "coreml-publisher manifest"
+    return schema

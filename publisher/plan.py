@@ -1,0 +1,227 @@
+"""Manifests -> Plan: the variants to publish and the build steps they need, shared where inputs are equal.
+
+Nothing here runs anything. Step ids are readable and deterministic: two variants that need the same work
+name the same step, so the engine does it once (one float16 conversion per source/attention/component
+feeds both the float16 and the palettized repo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from publisher.manifest import (
+    Attention,
+    Component,
+    ComputeUnit,
+    DeploymentTarget,
+    Layout,
+    LoadedManifest,
+    Precision,
+    check_namespace,
+)
+
+StepKind = Literal["fetch", "convert", "chunk", "palettize", "verify", "compile", "assemble", "zip"]
+STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "palettize", "verify", "compile", "assemble", "zip")
+# Apple's converter leaves the VAE and the safety checker in float16 when palettizing.
+PALETTIZED_COMPONENTS = frozenset({Component.TEXT_ENCODER, Component.UNET})
+# GitHub Actions refuses a matrix of more than 256 jobs.
+GITHUB_MATRIX_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One (repo, attention) folder of a published repo."""
+
+    manifest_name: str
+    manifest_path: str
+    repo_id: str
+    attention: Attention
+    precision: Precision
+    components: tuple[Component, ...]
+    compute_unit: ComputeUnit
+    deployment_target: DeploymentTarget
+    chunk_unet: bool
+    layouts: tuple[Layout, ...]
+    source_repo: str
+    source_revision: str
+    resolution: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.repo_id}/{self.attention.folder}"
+
+    @property
+    def repo_name(self) -> str:
+        return self.repo_id.split("/", 1)[1]
+
+    @property
+    def zip_name(self) -> str:
+        return f"{self.repo_name}_{self.attention.folder}_compiled.zip"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "manifest": self.manifest_name,
+            "manifest_path": self.manifest_path,
+            "repo": self.repo_id,
+            "attention": self.attention.value,
+            "folder": self.attention.folder,
+            "precision": self.precision.model_dump(mode="json", exclude_none=True),
+            "precision_label": self.precision.label,
+            "components": [c.value for c in self.components],
+            "compute_unit": self.compute_unit.value,
+            "minimum_deployment_target": self.deployment_target.value,
+            "chunk_unet": self.chunk_unet,
+            "layouts": [layout.value for layout in self.layouts],
+            "source": {"repo": self.source_repo, "revision": self.source_revision},
+            "resolution": self.resolution,
+        }
+
+
+@dataclass
+class Step:
+    id: str
+    kind: StepKind
+    inputs: tuple[str, ...]
+    params: dict[str, Any]
+    variants: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "inputs": list(self.inputs), "params": self.params,
+                "variants": self.variants}
+
+
+@dataclass
+class Plan:
+    namespace: str
+    variants: list[Variant]
+    steps: dict[str, Step]  # insertion order is a valid execution order
+
+    def steps_of(self, kind: StepKind) -> list[Step]:
+        return [step for step in self.steps.values() if step.kind == kind]
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(self.steps_of(kind)) for kind in STEP_KINDS}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "variants": [v.to_json() for v in self.variants],
+            "steps": [s.to_json() for s in self.steps.values()],
+            "counts": {"variants": len(self.variants), **self.counts()},
+        }
+
+    def github_matrix(self, only: Sequence[str] | None = None) -> dict[str, Any]:
+        """The `strategy.matrix` the workflow consumes: one job per variant, so a failure reruns alone."""
+        chosen = [v for v in self.variants if only is None or v.id in only]
+        if len(chosen) > GITHUB_MATRIX_LIMIT:
+            raise ValueError(f"{len(chosen)} variants exceed GitHub's matrix limit of {GITHUB_MATRIX_LIMIT}")
+        return {"include": [
+            {"variant": v.id, "manifest": v.manifest_path, "repo": v.repo_id, "attention": v.attention.value,
+             "precision": v.precision.label, "compile": Layout.COMPILED in v.layouts}
+            for v in chosen
+        ]}
+
+
+def submodules(component: Component, chunked: bool) -> tuple[str, ...]:
+    """Package submodule names as Apple's Python pipeline opens them."""
+    if component is Component.UNET and chunked:
+        return ("unet_chunk1", "unet_chunk2")
+    return (component.value,)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.steps: dict[str, Step] = {}
+
+    def add(self, step_id: str, kind: StepKind, inputs: Sequence[str], params: dict[str, Any], variant: str) -> str:
+        step = self.steps.get(step_id)
+        if step is None:
+            step = self.steps[step_id] = Step(step_id, kind, tuple(inputs), params)
+        if variant not in step.variants:
+            step.variants.append(variant)
+        return step_id
+
+
+def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Variant]:
+    check_namespace(namespace)
+    variants: list[Variant] = []
+    for item in loaded:
+        manifest = item.manifest
+        for target in manifest.publish:
+            for attention in target.attention:
+                variants.append(Variant(
+                    manifest_name=manifest.name,
+                    manifest_path=str(item.path),
+                    repo_id=target.repo_id(namespace),
+                    attention=attention,
+                    precision=target.precision,
+                    components=tuple(manifest.components_for(target)),
+                    compute_unit=target.compute_unit(attention),
+                    deployment_target=target.deployment_target,
+                    chunk_unet=target.chunk_unet,
+                    layouts=tuple(target.layouts),
+                    source_repo=manifest.source.repo,
+                    source_revision=manifest.source.revision,
+                    resolution=manifest.resolution,
+                ))
+    return variants
+
+
+def _conversion_target(variant: Variant, float16_targets: dict[tuple[Any, ...], list[DeploymentTarget]],
+                       base: tuple[Any, ...]) -> DeploymentTarget:
+    """A palettized variant reuses the float16 conversion of the same source/attention/component when one is
+    planned at a deployment target it can run on; otherwise it converts at its own target."""
+    if variant.precision.is_palettized:
+        usable = [t for t in float16_targets.get(base, []) if t.level <= variant.deployment_target.level]
+        if usable:
+            return min(usable, key=lambda t: (t.level, t.value))
+    return variant.deployment_target
+
+
+def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
+    variants = expand_variants(loaded, namespace)
+    float16_targets: dict[tuple[Any, ...], list[DeploymentTarget]] = {}
+    for v in variants:
+        if not v.precision.is_palettized:
+            for component in v.components:
+                key = (v.source_repo, v.source_revision, v.attention, component, v.resolution)
+                float16_targets.setdefault(key, []).append(v.deployment_target)
+
+    builder = _Builder()
+    for v in variants:
+        source = f"{v.source_repo}@{v.source_revision}"
+        fetch = builder.add(f"fetch:{source}", "fetch", [], {"repo": v.source_repo, "revision": v.source_revision},
+                            v.id)
+        packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
+        for component in v.components:
+            base = (v.source_repo, v.source_revision, v.attention, component, v.resolution)
+            target = _conversion_target(v, float16_targets, base)
+            convert = builder.add(
+                f"convert:{source}:{v.attention.value}:{component.value}:{v.resolution}:{target.value}", "convert",
+                [fetch], {"attention": v.attention.value, "component": component.value, "resolution": v.resolution,
+                          "deployment_target": target.value}, v.id)
+            chunked = v.chunk_unet and component is Component.UNET
+            pieces = [(component.value, convert)]
+            if chunked:
+                pieces = [(name, builder.add(f"chunk:{convert}:{name}", "chunk", [convert], {"chunk": name}, v.id))
+                          for name in submodules(component, chunked=True)]
+            for submodule, package in pieces:
+                if v.precision.is_palettized and component in PALETTIZED_COMPONENTS:
+                    params = v.precision.model_dump(mode="json", exclude_none=True)
+                    params["deployment_target"] = v.deployment_target.value
+                    package = builder.add(f"palettize:{package}:{v.precision.label}:{v.deployment_target.value}",
+                                          "palettize", [package], params, v.id)
+                verify = builder.add(f"verify:{package}", "verify", [package], {"component": component.value}, v.id)
+                packages.append((submodule, verify))
+        compiled: list[str] = []
+        if Layout.COMPILED in v.layouts:
+            compiled = [builder.add(f"compile:{package}", "compile", [package], {"submodule": submodule}, v.id)
+                        for submodule, package in packages]
+        assemble = builder.add(f"assemble:{v.id}", "assemble", [fetch] + [p for _, p in packages] + compiled,
+                               {"layouts": [layout.value for layout in v.layouts]}, v.id)
+        if Layout.ZIP in v.layouts:
+            builder.add(f"zip:{v.id}", "zip", [assemble], {"name": v.zip_name}, v.id)
+    return Plan(namespace=namespace, variants=variants, steps=builder.steps)

@@ -1,0 +1,71 @@
+"""CLI exit codes and one-line errors, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "publisher", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_validate_repo_manifests() -> None:
+    result = run("validate", "manifests/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("4 manifests valid")
+
+
+def test_plan_json_lists_every_variant() -> None:
+    result = run("plan", "manifests/", "--json", "--namespace", "me")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["counts"]["variants"] == 16
+    assert {(v["repo"], v["attention"]) for v in data["variants"]} >= {
+        ("me/coreml-stable-diffusion-v1-5", "ORIGINAL"), ("me/coreml-stable-diffusion-v1-5-palettized",
+                                                           "SPLIT_EINSUM_V2")}
+
+
+def test_malformed_manifest_is_one_line_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "manifests" / "sd-v1-5.yaml").read_text().replace("nbits: 6", "nbits: 7"))
+    result = run("validate", str(bad))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {bad}:16: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [\n")
+    result = run("--debug", "validate", str(bad))
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_missing_path_and_bad_namespace() -> None:
+    result = run("validate", "no/such/dir")
+    assert (result.returncode, result.stderr.strip()) == (1, "error: no/such/dir: no such file or directory")
+    result = run("plan", "--namespace", "../x")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: namespace '../x': must be")
+
+
+def test_schema_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "schema.json"
+    result = run("schema", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    committed = json.loads((ROOT / "manifests" / "manifest.schema.json").read_text())
+    assert written == committed, "manifests/manifest.schema.json is stale: run `publisher schema -o` to refresh"
+    stdout = json.loads(run("schema").stdout)
+    assert stdout == written
+    assert set(written["properties"]) == {"name", "description", "source", "license", "resolution", "publish"}
+    assert written["additionalProperties"] is False

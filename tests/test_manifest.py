@@ -1,0 +1,175 @@
+"""Manifest validation: each rule gives one exact line with file:line: field: message."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from publisher.errors import ManifestError
+from publisher.manifest import Attention, ComputeUnit, DeploymentTarget, load_manifest, load_manifests
+
+GOOD = textwrap.dedent("""\
+    name: sd-test
+    source:
+      repo: org/tiny-sd
+      revision: main
+    license: creativeml-openrail-m
+    resolution: 512
+    publish:
+      - repo: "{namespace}/coreml-tiny"
+        precision: {type: float16}
+        attention: [ORIGINAL, SPLIT_EINSUM]
+      - repo: "{namespace}/coreml-tiny-palettized"
+        precision:
+          type: palettize
+          nbits: 6
+        attention: [ORIGINAL, SPLIT_EINSUM_V2]
+    """)
+
+
+def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def errors_of(tmp_path: Path, text: str) -> list[str]:
+    path = write(tmp_path, text)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return [line.replace(str(path), "m.yaml") for line in info.value.lines]
+
+
+def test_good_manifest_has_defaults(tmp_path: Path) -> None:
+    m = load_manifest(write(tmp_path, GOOD)).manifest
+    float16, palettized = m.publish
+    assert float16.deployment_target is DeploymentTarget.iOS16
+    assert palettized.deployment_target is DeploymentTarget.iOS17
+    assert float16.compute_unit(Attention.ORIGINAL) is ComputeUnit.CPU_AND_GPU
+    assert palettized.compute_unit(Attention.SPLIT_EINSUM_V2) is ComputeUnit.ALL
+    assert [c.value for c in m.components_for(float16)] == [
+        "text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker"]
+    assert [x.value for x in float16.layouts] == ["packages", "compiled", "zip"]
+    assert float16.repo_id("me") == "me/coreml-tiny"
+
+
+CASES = [
+    # (replace old -> new in GOOD, expected error line)
+    ("      nbits: 6", "      nbits: 5", "m.yaml:14: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"),
+    ("resolution: 512", "resolution: 500", "m.yaml:6: resolution: input should be a multiple of 64"),
+    ("resolution: 512", "resolution: 1180591620717411303424", "m.yaml:6: resolution: input should be less than or "
+     "equal to 2048"),
+    ("resolution: 512", "resolution: '512'", "m.yaml:6: resolution: input should be a valid integer"),
+    ("license: creativeml-openrail-m", "license: creativeml-openrail-m\ncolour: blue", "m.yaml:6: colour: unknown field"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT]",
+     "m.yaml:10: publish[0].attention[1]: must be one of ORIGINAL, SPLIT_EINSUM, SPLIT_EINSUM_V2"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, ORIGINAL]",
+     "m.yaml:10: publish[0].attention[1]: duplicate 'ORIGINAL'"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: []",
+     "m.yaml:10: publish[0].attention: list should have at least 1 item after validation, not 0"),
+    ('repo: "{namespace}/coreml-tiny-palettized"', 'repo: "{namespace}/coreml-tiny"',
+     "m.yaml:11: publish[1].repo: duplicate of publish[0].repo"),
+    ('repo: "{namespace}/coreml-tiny-palettized"', 'repo: "../etc/passwd"',
+     "m.yaml:11: publish[1].repo: must be 'namespace/name' (letters, digits, '-', '_', '.'; the namespace may be "
+     "'{namespace}')"),
+    ('repo: "{namespace}/coreml-tiny-palettized"', 'repo: "just-a-name"',
+     "m.yaml:11: publish[1].repo: must be 'namespace/name' (letters, digits, '-', '_', '.'; the namespace may be "
+     "'{namespace}')"),
+    ("  repo: org/tiny-sd", "  repo: tiny-sd",
+     "m.yaml:3: source.repo: does not match [A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
+     "[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"),
+    ("    attention: [ORIGINAL, SPLIT_EINSUM_V2]",
+     "    attention: [ORIGINAL, SPLIT_EINSUM_V2]\n    chunk_unet: true",
+     "m.yaml:16: publish[1].chunk_unet: a 6-bit palettized UNet is small enough: chunking is refused"),
+    ("      nbits: 6", "      nbits: 6\n      granularity: per_grouped_channel\n      group_size: 32\n"
+     "    minimum_deployment_target: iOS17",
+     "m.yaml:15: publish[1].precision.granularity: per_grouped_channel needs minimum_deployment_target "
+     "iOS18/macOS15 or later"),
+    ("    attention: [ORIGINAL, SPLIT_EINSUM_V2]",
+     "    attention: [ORIGINAL, SPLIT_EINSUM_V2]\n    minimum_deployment_target: iOS16",
+     "m.yaml:16: publish[1].minimum_deployment_target: palettized weights need iOS17/macOS14 or later"),
+    ("precision: {type: float16}", "precision: {type: float16, nbits: 8}",
+     "m.yaml:9: publish[0].precision.nbits: only allowed when type is 'palettize'"),
+    ("      nbits: 6", "      granularity: per_tensor",
+     "m.yaml:12: publish[1].precision.nbits: required when type is 'palettize'"),
+    ("precision: {type: float16}", "precision: {type: float8}",
+     "m.yaml:9: publish[0].precision.type: must be one of float16, palettize"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    components: [unet, tokenizer]",
+     "m.yaml:11: publish[0].components[1]: must be one of text_encoder, unet, vae_decoder, vae_encoder, "
+     "safety_checker"),
+    ("  revision: main", "  revision: main\n  components: [text_encoder, unet, vae_decoder]",
+     None),  # fine on its own; see the subset rule below
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    layouts: [packages, zip]",
+     "m.yaml:11: publish[0].layouts: 'zip' needs 'compiled' (the zip holds the compiled Resources)"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]",
+     "attention: [ORIGINAL]\n    compute_units: {SPLIT_EINSUM: CPU_AND_NE}",
+     "m.yaml:11: publish[0].compute_units.SPLIT_EINSUM: 'SPLIT_EINSUM' is not in this repo's attention list"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    chunk_unet: 'yes'",
+     "m.yaml:11: publish[0].chunk_unet: input should be a valid boolean"),
+    ("name: sd-test", "name: SD Test!", "m.yaml:1: name: does not match ^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$"),
+    ("name: sd-test\n", "", "m.yaml:1: name: required field is missing"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), CASES, ids=[c[2] or c[1] for c in CASES])
+def test_rule(tmp_path: Path, old: str, new: str, expected: str | None) -> None:
+    assert old in GOOD
+    text = GOOD.replace(old, new, 1)
+    if expected is None:
+        load_manifest(write(tmp_path, text))
+    else:
+        assert errors_of(tmp_path, text) == [expected]
+
+
+def test_component_not_in_source(tmp_path: Path) -> None:
+    text = GOOD.replace("  revision: main", "  revision: main\n  components: [text_encoder, unet, vae_decoder]")
+    text = text.replace("attention: [ORIGINAL, SPLIT_EINSUM]",
+                        "attention: [ORIGINAL, SPLIT_EINSUM]\n    components: [unet, safety_checker]")
+    assert errors_of(tmp_path, text) == [
+        "m.yaml:12: publish[0].components[1]: 'safety_checker' is not provided by the source (see source.components)"]
+
+
+def test_several_errors_are_all_reported(tmp_path: Path) -> None:
+    text = GOOD.replace("resolution: 512", "resolution: 128").replace("      nbits: 6", "      nbits: 3")
+    assert errors_of(tmp_path, text) == [
+        "m.yaml:6: resolution: input should be greater than or equal to 256",
+        "m.yaml:14: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8",
+    ]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"", "m.yaml:1: (root): the manifest is empty"),
+    (b"name: [unclosed\n", "m.yaml:2: (yaml): expected ',' or ']', but got '<stream end>'"),
+    (b"- a\n- b\n", "m.yaml:1: (root): must be a mapping of fields, not CommentedSeq"),
+    (b"name: x\nname: y\n", "m.yaml:2: (yaml): found duplicate key \"name\" with value \"y\" (original value: \"x\")"),
+    (b"name: sd\n\xff\xfe\n", "m.yaml:2: (file): not UTF-8 text (byte 9)"),
+])
+def test_unparseable_files(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert [line.replace(str(path), "m.yaml") for line in info.value.lines] == [expected]
+
+
+def test_two_manifests_may_not_share_a_repo(tmp_path: Path) -> None:
+    write(tmp_path, GOOD, "a.yaml")
+    write(tmp_path, GOOD.replace("name: sd-test", "name: other"), "b.yaml")
+    with pytest.raises(ManifestError) as info:
+        load_manifests([tmp_path])
+    assert info.value.lines == [
+        f"{tmp_path / 'b.yaml'}:1: publish[0].repo: '{{namespace}}/coreml-tiny' is also published by {tmp_path / 'a.yaml'}",
+        f"{tmp_path / 'b.yaml'}:1: publish[1].repo: '{{namespace}}/coreml-tiny-palettized' is also published by "
+        f"{tmp_path / 'a.yaml'}",
+    ]
+
+
+def test_repo_manifests_are_valid() -> None:
+    loaded = load_manifests([Path(__file__).parent.parent / "manifests"])
+    assert sorted(item.manifest.source.repo for item in loaded) == [
+        "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1-base",
+        "stabilityai/stable-diffusion-2-base", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    for item in loaded:
+        assert item.path.read_text().startswith("# yaml-language-server: $schema=./manifest.schema.json\n")

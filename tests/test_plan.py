@@ -1,0 +1,65 @@
+"""Plan expansion over the repo's four manifests: variants, shared conversions, the GitHub matrix."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from publisher.manifest import load_manifests
+from publisher.plan import build_plan
+
+MANIFESTS = Path(__file__).parent.parent / "manifests"
+
+
+def test_every_variant_of_the_four_base_models() -> None:
+    plan = build_plan(load_manifests([MANIFESTS]), "me")
+    ids = sorted(v.id for v in plan.variants)
+    expected = []
+    for model in ("stable-diffusion-v1-4", "stable-diffusion-v1-5", "stable-diffusion-2-base",
+                  "stable-diffusion-2-1-base"):
+        expected += [f"me/coreml-{model}/original", f"me/coreml-{model}/split_einsum",
+                     f"me/coreml-{model}-palettized/original", f"me/coreml-{model}-palettized/split_einsum_v2"]
+    assert ids == sorted(expected)
+
+
+def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
+    plan = build_plan(load_manifests([MANIFESTS]), "me")
+    counts = plan.counts()
+    # per SD 1.x model: 3 attentions x 5 components; SD 2.x: 3 x 4 (no safety checker)
+    assert counts["convert"] == 2 * 15 + 2 * 12
+    assert counts["fetch"] == 4
+    # only text encoder and UNet are palettized: 2 per palettized variant
+    assert counts["palettize"] == 8 * 2
+    assert counts["assemble"] == counts["zip"] == 16
+    shared = [s for s in plan.steps_of("convert") if s.params["attention"] == "ORIGINAL"]
+    assert len(shared) == 18
+    for step in shared:
+        repos = {variant.rsplit("/", 1)[0] for variant in step.variants}
+        assert len(repos) == 2, step.id  # the float16 and the palettized repo
+        assert step.params["deployment_target"] == "iOS16"
+
+
+def test_steps_come_after_their_inputs() -> None:
+    plan = build_plan(load_manifests([MANIFESTS]), "me")
+    seen: set[str] = set()
+    for step in plan.steps.values():
+        assert set(step.inputs) <= seen, step.id
+        seen.add(step.id)
+
+
+def test_github_matrix_has_each_variant_once() -> None:
+    plan = build_plan(load_manifests([MANIFESTS]), "me")
+    matrix = plan.github_matrix()
+    variants = Counter(job["variant"] for job in matrix["include"])
+    assert set(variants) == {v.id for v in plan.variants}
+    assert set(variants.values()) == {1}
+    assert plan.github_matrix(only=[]) == {"include": []}
+
+
+def test_palettized_without_float16_sibling_converts_at_its_own_target(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "name: t\nsource: {repo: o/t}\nlicense: mit\npublish:\n"
+        "  - repo: o/p\n    precision: {type: palettize, nbits: 4}\n    attention: [SPLIT_EINSUM_V2]\n")
+    plan = build_plan(load_manifests([tmp_path]), "me")
+    targets = {s.params["deployment_target"] for s in plan.steps_of("convert")}
+    assert targets == {"iOS17"}
