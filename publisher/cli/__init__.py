@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from publisher.cli import manifests
+from publisher.cli import manifests, staging
 from publisher.errors import PublisherError
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ def _root(
 app.command()(manifests.validate)
 app.command()(manifests.schema)
 app.command()(manifests.plan)
+app.add_typer(staging.app, name="staging")
 
 
 def _debug_requested(argv: list[str]) -> bool:

@@ -1,0 +1,1 @@
+"""The staging Hub: a Hub-protocol server that the unmodified huggingface_hub client publishes to."""

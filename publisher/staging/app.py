@@ -1,0 +1,707 @@
+"""The staging Hub's HTTP API: the part of the Hub's protocol that huggingface_hub 2.x uses (LFS path, no Xet).
+
+Routing runs on the raw (still percent-encoded) path, because revisions such as `refs%2Fpr%2F1` must stay one
+segment. Every refused request still has its body drained, so a keep-alive connection survives it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlencode
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from publisher.staging.cards import validate_card
+from publisher.staging.storage import (
+    FileEntry,
+    HubStore,
+    Repo,
+    StoreError,
+    check_path,
+    git_blob_oid,
+    is_ignored,
+)
+
+logger = logging.getLogger("publisher.staging")
+TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+UPLOAD_URL_TTL_S = 3600
+MULTIPART_THRESHOLD = 256 * 1024 * 1024
+MULTIPART_CHUNK = 64 * 1024 * 1024
+TREE_PAGE = 1000
+TREE_PAGE_EXPANDED = 50
+USER = "staging"
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+@dataclass
+class Faults:
+    """Test-only fault injection: fail the Nth request of a kind (`{"commit": [[2, 500]], "lfs_put": [[1, "drop"]]}`).
+
+    Kinds: the handler names (`commit`, `preupload`, `lfs_batch`, `lfs_put`, `resolve`, ...). Actions: an HTTP
+    status (429 carries Retry-After: 1), or `"drop"` to close the connection after reading part of the body.
+    """
+
+    plan: dict[str, dict[int, Any]] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        raw = os.environ.get("PUBLISHER_STAGING_FAULTS", "")
+        if not raw:
+            return cls()
+        spec = json.loads(raw)
+        return cls(plan={kind: {int(n): action for n, action in items} for kind, items in spec.items()})
+
+    def next(self, kind: str) -> Any:
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        return self.plan.get(kind, {}).get(self.seen[kind])
+
+
+class DropConnection(Exception):
+    """Injected fault: abort the response so the client sees a connection reset."""
+
+
+class HubApp:
+    def __init__(self, store: HubStore, token: str | None = None, faults: Faults | None = None) -> None:
+        self.store = store
+        self.token = token
+        self.faults = faults or Faults.from_env()
+        t = r"(?P<t>models|datasets|spaces)"
+        repo = r"(?P<repo>[^/]+/[^/]+?)"
+        self.routes: list[tuple[str, re.Pattern[str], str]] = [
+            ("POST", re.compile(r"/api/repos/create"), "create_repo"),
+            ("DELETE", re.compile(r"/api/repos/delete"), "delete_repo"),
+            ("GET", re.compile(r"/api/whoami-v2"), "whoami"),
+            ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
+            ("PUT", re.compile(rf"/api/{t}/{repo}/settings"), "settings"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/preupload/(?P<rev>[^/]+)"), "preupload"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/commit/(?P<rev>[^/]+)"), "commit"),
+            ("GET", re.compile(rf"/api/{t}/{repo}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"), "tree"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/paths-info/(?P<rev>[^/]+)"), "paths_info"),
+            ("GET", re.compile(rf"/api/{t}/{repo}/refs"), "refs"),
+            ("GET", re.compile(rf"/api/{t}/{repo}/commits/(?P<rev>[^/]+)"), "commits"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/branch/(?P<branch>.+)"), "create_branch"),
+            ("DELETE", re.compile(rf"/api/{t}/{repo}/branch/(?P<branch>.+)"), "delete_branch"),
+            ("GET", re.compile(rf"/api/{t}/{repo}/discussions"), "discussions"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/discussions"), "open_discussion"),
+            ("GET", re.compile(rf"/api/{t}/{repo}/revision/(?P<rev>[^/]+)"), "repo_info"),
+            ("GET", re.compile(rf"/api/{t}/{repo}"), "repo_info"),
+            ("POST", re.compile(r"/(?P<prefix>datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
+             "lfs_batch"),
+            ("PUT", re.compile(r"/lfs/upload/(?P<oid>[0-9a-f]{64})"), "lfs_put"),
+            ("POST", re.compile(r"/lfs/upload/(?P<oid>[0-9a-f]{64})"), "lfs_complete"),
+            ("PUT", re.compile(r"/lfs/part/(?P<oid>[0-9a-f]{64})/(?P<part>\d+)"), "lfs_put_part"),
+            ("POST", re.compile(r"/lfs/verify/(?P<oid>[0-9a-f]{64})"), "lfs_verify"),
+            ("HEAD", re.compile(r"/(?P<prefix>datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
+             "resolve"),
+            ("GET", re.compile(r"/(?P<prefix>datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"),
+             "resolve"),
+        ]
+        methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
+        self.app = Starlette(routes=[Route("/{rest:path}", self.dispatch, methods=methods)])
+
+    # -- dispatch, errors, auth ---------------------------------------------------------------------------
+
+    async def dispatch(self, request: Request) -> Response:
+        request_id = uuid.uuid4().hex
+        raw_path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1").split("?", 1)[0]
+        try:
+            for method, pattern, name in self.routes:
+                match = pattern.fullmatch(raw_path)
+                if match and method == request.method:
+                    args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                    action = self.faults.next(name)
+                    if action is not None:
+                        response = await self._inject(request, action, name)
+                    else:
+                        response = await getattr(self, name)(request, **args)
+                    break
+            else:
+                raise StoreError(404, f"Not found: {request.method} {raw_path}")
+        except Exception as exc:
+            if not isinstance(exc, StoreError):
+                logger.exception("request %s %s failed (request id %s)", request.method, raw_path, request_id)
+                exc = StoreError(500, f"Internal error (request id {request_id})")
+            await _drain(request)
+            response = JSONResponse({"error": exc.message}, status_code=exc.status)
+            if exc.code:
+                response.headers["X-Error-Code"] = exc.code
+            response.headers["X-Error-Message"] = exc.message[:200]
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    async def _inject(self, request: Request, action: Any, name: str) -> Response:
+        if action == "drop":
+            # read part of the body, then promise a response body and break off: the client sees the
+            # connection drop in the middle of the exchange
+            async for _chunk in request.stream():
+                break
+
+            async def broken() -> AsyncIterator[bytes]:
+                yield b"{"
+                raise DropConnection(f"injected connection drop on {name}")
+
+            return StreamingResponse(broken(), headers={"Content-Length": "1000", "Connection": "close"})
+        await _drain(request)
+        response = JSONResponse({"error": f"injected fault on {name}"}, status_code=int(action))
+        if int(action) == 429:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    def _bearer(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+    def _authenticated(self, request: Request) -> bool:
+        given = self._bearer(request)
+        if self.token is None:
+            return given is not None
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _require_write(self, request: Request) -> None:
+        if self.token is not None and not self._authenticated(request):
+            raise StoreError(401, "Invalid credentials in Authorization header" if self._bearer(request)
+                             else "A valid token is required to write to this Hub", "Unauthorized")
+
+    def _repo(self, request: Request, t: str, repo: str, write: bool = False) -> Repo:
+        repo_type = TYPES.get(t, t)
+        found = self.store.get_repo(repo_type, repo)
+        if write:
+            self._require_write(request)
+        if found is None or (found.private and not self._authenticated(request)):
+            # a private repo is indistinguishable from a missing one to anyone without the token
+            raise StoreError(401 if not self._authenticated(request) else 404,
+                             f"Repository Not Found for url: {request.url}.", "RepoNotFound")
+        return found
+
+    def _base(self, request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    # -- repos --------------------------------------------------------------------------------------------
+
+    async def create_repo(self, request: Request) -> Response:
+        self._require_write(request)
+        body = await _json(request)
+        name, org = body.get("name"), body.get("organization")
+        if not isinstance(name, str):
+            raise StoreError(400, "'name' is required")
+        repo_id = f"{org}/{name}" if org else name
+        if "/" not in repo_id:
+            repo_id = f"{USER}/{repo_id}"
+        repo_type = body.get("type") or "model"
+        if repo_type not in PREFIXES:
+            raise StoreError(400, f"Invalid repo type '{repo_type}'")
+        repo, created = self.store.create_repo(repo_type, repo_id, bool(body.get("private", False)), USER)
+        url = f"{self._base(request)}/{PREFIXES[repo_type]}{repo.id}"
+        if not created:
+            return JSONResponse({"error": "You already created this model repo", "url": url}, status_code=409)
+        return JSONResponse({"url": url, "name": repo.id})
+
+    async def delete_repo(self, request: Request) -> Response:
+        self._require_write(request)
+        body = await _json(request)
+        name, org = body.get("name"), body.get("organization")
+        repo_id = f"{org}/{name}" if org else str(name)
+        repo_type = body.get("type") or "model"
+        repo = self._repo(request, repo_type + "s", repo_id)
+        self.store.delete_repo(repo)
+        return JSONResponse({})
+
+    async def settings(self, request: Request, t: str, repo: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request)
+        if "private" in body:
+            self.store.set_private(found, bool(body["private"]))
+        return JSONResponse({})
+
+    async def whoami(self, request: Request) -> Response:
+        if not self._authenticated(request):
+            raise StoreError(401, "Invalid credentials in Authorization header")
+        return JSONResponse({"type": "user", "name": USER, "fullname": "Staging Hub user", "orgs": [],
+                             "auth": {"type": "access_token",
+                                      "accessToken": {"displayName": "staging", "role": "write"}}})
+
+    async def validate_yaml(self, request: Request) -> Response:
+        body = await _json(request)
+        errors, warnings = validate_card(str(body.get("content", "")))
+        payload = {"errors": [{"message": e} for e in errors], "warnings": [{"message": w} for w in warnings]}
+        if errors:
+            payload["error"] = "Invalid metadata in README.md: " + "; ".join(errors)
+        return JSONResponse(payload, status_code=400 if errors else 200)
+
+    async def repo_info(self, request: Request, t: str, repo: str, rev: str = "main") -> Response:
+        found = self._repo(request, t, repo)
+        commit = self.store.resolve(found, rev)
+        info = self.store.commit_info(commit)
+        siblings = []
+        for entry in self.store.files(commit):
+            sibling: dict[str, Any] = {"rfilename": entry.path, "size": entry.size, "blobId": entry.git_oid}
+            if entry.lfs:
+                sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": len(entry.pointer)}
+            siblings.append(sibling)
+        return JSONResponse({
+            "_id": str(found.pk), "id": found.id, "modelId": found.id, "author": found.id.split("/")[0],
+            "sha": commit, "lastModified": info.get("date"), "createdAt": found.created, "private": found.private,
+            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
+        })
+
+    async def refs(self, request: Request, t: str, repo: str) -> Response:
+        found = self._repo(request, t, repo)
+        branches, prs = [], []
+        for name, oid in self.store.refs(found).items():
+            if name.startswith("refs/pr/"):
+                prs.append({"name": name.removeprefix("refs/pr/"), "ref": name, "targetCommit": oid})
+            else:
+                branches.append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid})
+        payload: dict[str, Any] = {"branches": branches, "tags": [], "converts": []}
+        if request.query_params.get("include_prs"):
+            payload["pullRequests"] = prs
+        return JSONResponse(payload)
+
+    async def commits(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo)
+        log = self.store.history(self.store.resolve(found, rev))
+        return JSONResponse([{"id": c["oid"], "title": c["title"], "message": c["message"], "date": c["date"],
+                              "authors": [{"user": c["author"]}]} for c in log])
+
+    async def create_branch(self, request: Request, t: str, repo: str, branch: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request, allow_empty=True)
+        self.store.create_branch(found, branch, body.get("startingPoint"))
+        return JSONResponse({})
+
+    async def delete_branch(self, request: Request, t: str, repo: str, branch: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        self.store.delete_branch(found, branch)
+        return JSONResponse({})
+
+    async def discussions(self, request: Request, t: str, repo: str) -> Response:
+        found = self._repo(request, t, repo)
+        items = [{"num": d["num"], "title": d["title"], "status": d["status"], "isPullRequest": bool(d["is_pr"]),
+                  "createdAt": d["created"], "author": {"name": d["author"]}, "numComments": 0, "pinned": False,
+                  "repo": {"name": found.id, "type": found.type}}
+                 for d in self.store.discussions(found)]
+        return JSONResponse({"discussions": items, "count": len(items), "start": 0, "numClosedDiscussions": 0})
+
+    async def open_discussion(self, request: Request, t: str, repo: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request)
+        number = self.store.open_discussion(found, str(body.get("title", "")), USER)
+        return JSONResponse({"num": number, "title": body.get("title", ""), "status": "open",
+                             "isPullRequest": False, "createdAt": "", "author": {"name": USER}})
+
+    # -- trees --------------------------------------------------------------------------------------------
+
+    def _entries(self, found: Repo, commit: str, files: list[FileEntry], folder: str, recursive: bool,
+                 expand: bool) -> list[dict[str, Any]]:
+        """Tree entries under `folder` (files and the folders that hold them)."""
+        prefix = folder.rstrip("/") + "/" if folder else ""
+        children: dict[str, list[FileEntry]] = {}
+        listed: list[FileEntry] = []
+        for entry in files:
+            if not entry.path.startswith(prefix):
+                continue
+            rest = entry.path[len(prefix):].split("/")
+            for depth in range(1, len(rest)):
+                if depth == 1 or recursive:
+                    children.setdefault(prefix + "/".join(rest[:depth]), []).append(entry)
+            if len(rest) == 1 or recursive:
+                listed.append(entry)
+        items: list[dict[str, Any]] = []
+        for path, under in children.items():
+            oid = hashlib.sha1("".join(f"{f.path}\0{f.git_oid}\n" for f in under).encode()).hexdigest()
+            item: dict[str, Any] = {"type": "directory", "oid": oid, "size": 0, "path": path}
+            if expand:
+                latest = max(under, key=lambda f: self.store.commit_info(f.last_commit).get("seq", 0))
+                item["lastCommit"] = self._last_commit(latest.last_commit)
+            items.append(item)
+        for entry in listed:
+            items.append(self._file_item(entry, expand))
+        return sorted(items, key=lambda i: i["path"])
+
+    def _file_item(self, entry: FileEntry, expand: bool) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "file", "oid": entry.git_oid, "size": entry.size, "path": entry.path}
+        if entry.lfs:
+            item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": len(entry.pointer)}
+        if expand:
+            item["lastCommit"] = self._last_commit(entry.last_commit)
+        return item
+
+    def _last_commit(self, oid: str) -> dict[str, Any]:
+        info = self.store.commit_info(oid)
+        return {"id": oid, "title": info.get("title", ""), "date": info.get("date")}
+
+    async def tree(self, request: Request, t: str, repo: str, rev: str, path: str = "") -> Response:
+        found = self._repo(request, t, repo)
+        commit = self.store.resolve(found, rev)
+        path = path.strip("/")
+        if path:
+            check_path(path)
+        recursive = _flag(request.query_params.get("recursive"))
+        expand = _flag(request.query_params.get("expand"))
+        files = self.store.files(commit, path) if path else self.store.files(commit)
+        if path and not any(f.path.startswith(path + "/") for f in files):
+            raise StoreError(404, f"Entry not found: {path}", "EntryNotFound")
+        items = self._entries(found, commit, files, path, recursive, expand)
+        limit = TREE_PAGE_EXPANDED if expand else TREE_PAGE
+        try:
+            limit = max(1, min(limit, int(request.query_params.get("limit", limit))))
+            start = int(request.query_params.get("cursor", "0"))
+        except ValueError as exc:
+            raise StoreError(400, "cursor and limit must be integers") from exc
+        page = items[start:start + limit]
+        response = JSONResponse(page)
+        if start + limit < len(items):
+            params = dict(request.query_params)
+            params["cursor"] = str(start + limit)
+            response.headers["Link"] = f'<{request.url.replace(query=urlencode(params))}>; rel="next"'
+        return response
+
+    async def paths_info(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo)
+        commit = self.store.resolve(found, rev)
+        # urlencoded form (the client's `data=`), parsed here: no multipart dependency for one endpoint
+        form = parse_qs((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+        paths = form.get("paths", [])
+        expand = _flag((form.get("expand") or [""])[0])
+        files = self.store.files(commit)
+        by_path = {f.path: f for f in files}
+        items = []
+        for path in paths:
+            path = path.strip("/")
+            if path in by_path:
+                items.append(self._file_item(by_path[path], expand))
+            elif path and any(f.path.startswith(path + "/") for f in files):
+                parent = path.rsplit("/", 1)[0] if "/" in path else ""
+                items.extend(i for i in self._entries(found, commit, files, parent, False, expand) if i["path"] == path)
+        return JSONResponse(items)
+
+    # -- uploads ------------------------------------------------------------------------------------------
+
+    async def preupload(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request)
+        create_pr = _flag(request.query_params.get("create_pr"))
+        commit = self.store.resolve(found, "main" if create_pr and rev == "main" else rev)
+        files = body.get("files")
+        if not isinstance(files, list) or len(files) > 256:
+            raise StoreError(400, "'files' must be a list of at most 256 entries")
+        gitignore = body.get("gitIgnore")
+        gitignore = gitignore if isinstance(gitignore, str) else self.store.gitignore(commit)
+        current = {f.path: f for f in self.store.files(commit)}
+        answers = []
+        for item in files:
+            if not isinstance(item, dict) or not isinstance(item.get("size"), int):
+                raise StoreError(400, "each file needs 'path' and an integer 'size'")
+            path = check_path(str(item.get("path", "")))
+            mode = self.store.upload_mode(found, commit, path, item["size"])
+            remote = current.get(path)
+            oid = None
+            if remote is not None:
+                oid = remote.sha256 if mode == "lfs" else remote.git_oid
+                if remote.lfs != (mode == "lfs"):
+                    oid = None  # storage kind changes: the file must be sent again
+            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": is_ignored(gitignore, path), "oid": oid})
+        return JSONResponse({"files": answers, "commitOid": commit})
+
+    def _sign(self, oid: str, size: int, expires: int) -> str:
+        return hmac.new(self.store.secret, f"{oid}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def _signed_query(self, oid: str, size: int) -> str:
+        expires = int(time.time()) + UPLOAD_URL_TTL_S
+        return urlencode({"size": size, "expires": expires, "sig": self._sign(oid, size, expires)})
+
+    def _check_signature(self, request: Request, oid: str) -> int:
+        try:
+            size = int(request.query_params["size"])
+            expires = int(request.query_params["expires"])
+            signature = request.query_params["sig"]
+        except (KeyError, ValueError) as exc:
+            raise StoreError(403, "Upload URL is not signed") from exc
+        if not hmac.compare_digest(signature, self._sign(oid, size, expires)):
+            raise StoreError(403, "Upload URL signature does not match")
+        if expires < time.time():
+            raise StoreError(403, "Upload URL has expired")
+        return size
+
+    async def lfs_batch(self, request: Request, repo: str, prefix: str = "") -> Response:
+        self._repo(request, _url_type(prefix), repo, write=True)
+        body = await _json(request)
+        if body.get("operation") != "upload":
+            raise StoreError(400, "only the 'upload' operation is served (downloads use /resolve)")
+        objects = body.get("objects")
+        if not isinstance(objects, list) or len(objects) > 256:
+            raise StoreError(400, "'objects' must be a list of at most 256 entries")
+        base = self._base(request)
+        answers = []
+        for obj in objects:
+            oid, size = str(obj.get("oid", "")) if isinstance(obj, dict) else "", obj.get("size") if isinstance(
+                obj, dict) else None
+            if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or size < 0:
+                answers.append({"oid": oid, "size": size, "error": {"code": 422, "message": "invalid oid or size"}})
+                continue
+            if self.store.has_blob(oid, size):
+                answers.append({"oid": oid, "size": size})  # already stored: no actions, nothing is sent
+                continue
+            query = self._signed_query(oid, size)
+            upload: dict[str, Any] = {"href": f"{base}/lfs/upload/{oid}?{query}"}
+            if size > MULTIPART_THRESHOLD:
+                parts = math.ceil(size / MULTIPART_CHUNK)
+                upload["header"] = {"chunk_size": str(MULTIPART_CHUNK),
+                                    **{str(n): f"{base}/lfs/part/{oid}/{n}?{query}" for n in range(1, parts + 1)}}
+            answers.append({"oid": oid, "size": size, "authenticated": True, "actions": {
+                "upload": upload, "verify": {"href": f"{base}/lfs/verify/{oid}?{query}"}}})
+        return JSONResponse({"transfer": "basic", "objects": answers, "hash_algo": "sha256"},
+                            media_type="application/vnd.git-lfs+json")
+
+    async def lfs_put(self, request: Request, oid: str) -> Response:
+        size = self._check_signature(request, oid)
+        if self.store.has_blob(oid, size):
+            await _drain(request)
+            return Response(status_code=200)
+        fd, temp = self.store.new_temp()
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                async for chunk in request.stream():
+                    written += len(chunk)
+                    if written > size:
+                        raise StoreError(400, f"Body is larger than the announced {size} bytes")
+                    digest.update(chunk)
+                    handle.write(chunk)
+            if written != size or digest.hexdigest() != oid:
+                raise StoreError(400, f"Uploaded content does not match: got {written} bytes with sha256 "
+                                      f"{digest.hexdigest()}, expected {size} bytes with sha256 {oid}")
+            self.store.adopt_temp(temp, oid)
+        finally:
+            temp.unlink(missing_ok=True)
+        return Response(status_code=200)
+
+    def _part_file(self, oid: str) -> Any:
+        return self.store.tmp / f"multipart-{oid}"
+
+    async def lfs_put_part(self, request: Request, oid: str, part: str) -> Response:
+        size = self._check_signature(request, oid)
+        number = int(part)
+        offset = (number - 1) * MULTIPART_CHUNK
+        expected = min(MULTIPART_CHUNK, size - offset)
+        if number < 1 or expected <= 0:
+            raise StoreError(400, f"Part {number} is out of range")
+        path = self._part_file(oid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        digest = hashlib.md5(usedforsecurity=False)
+        written = 0
+        try:
+            async for chunk in request.stream():
+                if written + len(chunk) > expected:
+                    raise StoreError(400, f"Part {number} is larger than {expected} bytes")
+                os.pwrite(fd, chunk, offset + written)
+                digest.update(chunk)
+                written += len(chunk)
+        finally:
+            os.close(fd)
+        if written != expected:
+            raise StoreError(400, f"Part {number} has {written} bytes, expected {expected}")
+        return Response(status_code=200, headers={"ETag": f'"{digest.hexdigest()}"'})
+
+    async def lfs_complete(self, request: Request, oid: str) -> Response:
+        size = self._check_signature(request, oid)
+        body = await _json(request)
+        parts = body.get("parts")
+        if body.get("oid") != oid or not isinstance(parts, list) or len(parts) != math.ceil(size / MULTIPART_CHUNK):
+            raise StoreError(400, "Completion must name the object and every part")
+        path = self._part_file(oid)
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                while block := handle.read(8 * 1024 * 1024):
+                    digest.update(block)
+            actual = path.stat().st_size
+        except FileNotFoundError as exc:
+            raise StoreError(400, "No part was uploaded") from exc
+        if actual != size or digest.hexdigest() != oid:
+            path.unlink(missing_ok=True)
+            raise StoreError(400, f"Assembled object does not match: {actual} bytes with sha256 {digest.hexdigest()}")
+        self.store.adopt_temp(path, oid)
+        return JSONResponse({})
+
+    async def lfs_verify(self, request: Request, oid: str) -> Response:
+        size = self._check_signature(request, oid)
+        await _drain(request)
+        if not self.store.has_blob(oid, size):
+            raise StoreError(404, f"LFS object {oid} is not stored", "EntryNotFound")
+        return JSONResponse({"oid": oid, "size": size})
+
+    async def commit(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        create_pr = _flag(request.query_params.get("create_pr"))
+        header: dict[str, Any] | None = None
+        operations: list[tuple[str, dict[str, Any]]] = []
+        number = 0
+        async for line in _lines(request):
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                key, value = item["key"], item["value"]
+                if not isinstance(value, dict):
+                    raise TypeError("value must be an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(400, f"Malformed NDJSON at line {number}: {exc}") from exc
+            if key == "header":
+                header = value
+            elif key == "file":
+                if value.get("encoding", "base64") != "base64":
+                    raise StoreError(400, f"line {number}: only base64 encoding is accepted")
+                try:
+                    data = base64.b64decode(value.get("content", ""), validate=True)
+                except ValueError as exc:
+                    raise StoreError(400, f"line {number}: content is not valid base64") from exc
+                check_path(str(value.get("path", "")))
+                value = {"path": value["path"], "_sha256": self.store.put_bytes(data), "_size": len(data),
+                         "_git_oid": git_blob_oid(data)}
+                operations.append((key, value))
+            elif key in ("lfsFile", "deletedFile", "deletedFolder"):
+                operations.append((key, value))
+            else:
+                raise StoreError(400, f"line {number}: unknown key '{key}'")
+        if header is None or not str(header.get("summary", "")).strip():
+            raise StoreError(400, "The commit needs a header with a summary")
+        oid, pr = self.store.commit(found, rev, operations, str(header["summary"]), str(header.get("description", "")),
+                                    header.get("parentCommit"), create_pr, USER)
+        base = f"{self._base(request)}/{PREFIXES[found.type]}{found.id}"
+        return JSONResponse({"success": True, "commitOid": oid, "commitUrl": f"{base}/commit/{oid}",
+                             "commitMessage": header["summary"],
+                             "pullRequestUrl": f"{base}/discussions/{pr}" if pr else None})
+
+    # -- downloads ----------------------------------------------------------------------------------------
+
+    async def resolve(self, request: Request, repo: str, rev: str, path: str, prefix: str = "") -> Response:
+        found = self._repo(request, _url_type(prefix), repo)
+        commit = self.store.resolve(found, rev)
+        path = check_path(path)
+        entry = self.store.file(commit, path)
+        if entry is None:
+            error = StoreError(404, f"Entry not found: {path}", "EntryNotFound")
+            response = JSONResponse({"error": error.message}, status_code=404,
+                                    headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+            return response
+        headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "ETag": f'"{entry.git_oid}"',
+                   "Content-Type": "application/octet-stream"}
+        if entry.lfs:
+            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size),
+                            "ETag": f'"{entry.sha256}"'})
+        start, end = 0, entry.size - 1
+        status = 200
+        range_header = request.headers.get("range")
+        if range_header and entry.size > 0:
+            match = re.fullmatch(r"bytes=(\d*)-(\d*)", range_header.strip())
+            if not match or (not match.group(1) and not match.group(2)):
+                raise StoreError(416, f"Invalid range {range_header}")
+            if match.group(1):
+                start = int(match.group(1))
+                end = min(int(match.group(2)), entry.size - 1) if match.group(2) else entry.size - 1
+            else:
+                start = max(0, entry.size - int(match.group(2)))
+            if start >= entry.size or start > end:
+                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{entry.size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{entry.size}"
+        length = max(0, end - start + 1)
+        headers["Content-Length"] = str(length)
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers)
+        blob = self.store.blob_path(entry.sha256)
+        return StreamingResponse(_file_chunks(blob, start, length), status_code=status, headers=headers)
+
+
+async def _file_chunks(path: Any, start: int, length: int) -> AsyncIterator[bytes]:
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        remaining = length
+        while remaining > 0:
+            block = handle.read(min(remaining, 1024 * 1024))
+            if not block:
+                break
+            remaining -= len(block)
+            yield block
+
+
+async def _drain(request: Request) -> None:
+    try:
+        async for _chunk in request.stream():
+            pass
+    except Exception:  # already consumed or disconnected: nothing left to drain
+        pass
+
+
+async def _json(request: Request, allow_empty: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw and allow_empty:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise StoreError(400, f"Body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise StoreError(400, "Body must be a JSON object")
+    return value
+
+
+async def _lines(request: Request, max_line: int = 256 * 1024 * 1024) -> AsyncIterator[str]:
+    buffer = bytearray()
+    async for chunk in request.stream():
+        searched = len(buffer)
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", max(start, searched))) != -1:
+            yield _decode_line(buffer[start:end])
+            start = end + 1
+        del buffer[:start]
+        if len(buffer) > max_line:
+            raise StoreError(413, "NDJSON line too long")
+    if buffer:
+        yield _decode_line(buffer)
+
+
+def _decode_line(line: bytearray) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreError(400, "NDJSON is not UTF-8") from exc
+
+
+def _url_type(prefix: str) -> str:
+    """`datasets/` -> `datasets`; no prefix (a model repo) -> `models`."""
+    return prefix.rstrip("/") or "models"
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def create_app(root: Any, token: str | None = None, faults: Faults | None = None) -> Starlette:
+    from pathlib import Path
+
+    hub = HubApp(HubStore(Path(root)), token=token, faults=faults)
+    return hub.app
+

@@ -1,0 +1,82 @@
+"""Model-card metadata checks, as the Hub's `validate-yaml` endpoint applies them to a README's front matter."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+_FRONT_MATTER = re.compile(r"\A\s*---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
+_STR_OR_LIST = ("language", "datasets", "base_model", "metrics", "license_name", "license_link", "new_version")
+_LIST_OF_STR = ("tags", "datasets", "metrics", "language", "base_model")
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _model_index_errors(index: Any) -> list[str]:
+    if not isinstance(index, list):
+        return ['"model-index" must be an array']
+    errors: list[str] = []
+    for i, entry in enumerate(index):
+        at = f'"model-index[{i}]"'
+        if not isinstance(entry, dict):
+            errors.append(f"{at} must be an object")
+            continue
+        if not isinstance(entry.get("name"), str):
+            errors.append(f'{at}.name must be a string')
+        results = entry.get("results")
+        if not isinstance(results, list):
+            errors.append(f"{at}.results must be an array")
+            continue
+        for j, result in enumerate(results):
+            where = f"{at}.results[{j}]"
+            if not isinstance(result, dict):
+                errors.append(f"{where} must be an object")
+                continue
+            task = result.get("task")
+            if not isinstance(task, dict) or not isinstance(task.get("type"), str):
+                errors.append(f"{where}.task.type must be a string")
+            dataset = result.get("dataset")
+            if not isinstance(dataset, dict) or not isinstance(dataset.get("type"), str) \
+                    or not isinstance(dataset.get("name"), str):
+                errors.append(f"{where}.dataset must have string 'type' and 'name'")
+            metrics = result.get("metrics")
+            if not isinstance(metrics, list) or not metrics:
+                errors.append(f"{where}.metrics must be a non-empty array")
+                continue
+            for k, metric in enumerate(metrics):
+                if not isinstance(metric, dict) or not isinstance(metric.get("type"), str) or "value" not in metric:
+                    errors.append(f"{where}.metrics[{k}] must have a string 'type' and a 'value'")
+    return errors
+
+
+def validate_card(content: str) -> tuple[list[str], list[str]]:
+    """Return (errors, warnings) for a README's metadata block."""
+    match = _FRONT_MATTER.match(content)
+    if match is None:
+        return [], ["empty or missing yaml metadata in repo card"]
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 2})" if mark is not None else ""
+        return [f"Invalid YAML in metadata{where}: {getattr(exc, 'problem', None) or exc}"], []
+    if data is None:
+        return [], ["empty or missing yaml metadata in repo card"]
+    if not isinstance(data, dict):
+        return ["metadata must be a YAML mapping"], []
+    errors: list[str] = []
+    for key in ("license", "pipeline_tag", "library_name", "thumbnail"):
+        if key in data and not isinstance(data[key], str):
+            errors.append(f'"{key}" must be a string')
+    for key in _LIST_OF_STR:
+        if key in data and not ((isinstance(data[key], str) and key in _STR_OR_LIST) or _is_str_list(data[key])):
+            errors.append(f'"{key}" must be {"a string or " if key in _STR_OR_LIST else ""}an array of strings')
+    if "model-index" in data:
+        errors.extend(_model_index_errors(data["model-index"]))
+    if "widget" in data and not isinstance(data["widget"], list):
+        errors.append('"widget" must be an array')
+    return errors, []

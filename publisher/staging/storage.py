@@ -1,0 +1,460 @@
+"""The staging Hub's storage: content-addressed blobs on disk, repos/commits/refs/trees in SQLite.
+
+Blobs are written to a temp file while hashing and renamed into place only once their sha256 is known (and,
+for LFS uploads, equal to what the client announced), so a blob path that exists always holds the right bytes.
+A commit is one SQLite transaction: readers see the branch before it or after it, never half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import os
+import re
+import secrets
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB in LFS whatever their name
+SEED_COMMIT_TITLE = "initial commit"
+
+# The Hub seeds a new repo with a .gitattributes that sends common binary formats to LFS.
+DEFAULT_LFS_PATTERNS = (
+    "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*", "*.mlmodel",
+    "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt",
+    "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm",
+    "*.xz", "*.zip", "*.zst", "*tfevents*",
+)
+DEFAULT_GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in DEFAULT_LFS_PATTERNS)
+
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class StoreError(Exception):
+    """A refused operation: HTTP status, the Hub's X-Error-Code (if any), a message."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Repo:
+    pk: int
+    type: str
+    id: str
+    private: bool
+    created: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    git_oid: str
+    lfs: bool
+    last_commit: str
+
+    @property
+    def pointer(self) -> bytes:
+        return lfs_pointer(self.sha256, self.size)
+
+
+def git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def check_repo_id(repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(_SEGMENT_RE.fullmatch(p) for p in parts) or ".." in repo_id:
+        raise StoreError(400, f"Invalid repo id '{repo_id}': expected 'namespace/name'", "InvalidRepoId")
+
+
+def check_path(path: str) -> str:
+    """A file path inside a repo: relative, no '..' segment (either slash), no NUL, no empty segment."""
+    if not path or "\0" in path or path.startswith(("/", "\\")) or len(path) > 1024:
+        raise StoreError(422, f"Invalid path '{path}'", "InvalidPath")
+    for segment in re.split(r"[/\\]", path):
+        if segment in ("", ".", ".."):
+            raise StoreError(422, f"Invalid path '{path}': no empty, '.' or '..' segments", "InvalidPath")
+    return path
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    """Git-style pattern: without '/', match the basename; with '/', match from the root ('**' spans folders)."""
+    pattern = pattern.rstrip("/")
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(PurePosixPath(path).name, pattern) or any(
+            fnmatch.fnmatchcase(part, pattern) for part in PurePosixPath(path).parts[:-1])
+    regex = ""
+    i = 0
+    pattern = pattern.lstrip("/")
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            regex += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            regex += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            regex += "[^/]"
+            i += 1
+        else:
+            regex += re.escape(pattern[i])
+            i += 1
+    return re.fullmatch(regex + "(?:/.*)?", path) is not None
+
+
+def lfs_patterns(gitattributes: str) -> list[str]:
+    patterns = []
+    for line in gitattributes.splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#") and "filter=lfs" in fields[1:]:
+            patterns.append(fields[0])
+    return patterns
+
+
+def is_ignored(gitignore: str, path: str) -> bool:
+    ignored = False
+    for raw in gitignore.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        if _pattern_matches(line[1:] if negate else line, path):
+            ignored = not negate
+    return ignored
+
+
+class HubStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        for folder in (self.blobs, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "hub.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS repos(pk INTEGER PRIMARY KEY, type TEXT NOT NULL, id TEXT NOT NULL,
+                key TEXT NOT NULL, private INTEGER NOT NULL, created TEXT NOT NULL, UNIQUE(type, key));
+            CREATE TABLE IF NOT EXISTS commits(oid TEXT PRIMARY KEY, repo INTEGER NOT NULL, parent TEXT,
+                seq INTEGER NOT NULL, title TEXT NOT NULL, message TEXT NOT NULL, date TEXT NOT NULL,
+                author TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS files(commit_oid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+                sha256 TEXT NOT NULL, git_oid TEXT NOT NULL, lfs INTEGER NOT NULL, last_commit TEXT NOT NULL,
+                PRIMARY KEY(commit_oid, path));
+            CREATE TABLE IF NOT EXISTS refs(repo INTEGER NOT NULL, name TEXT NOT NULL, commit_oid TEXT NOT NULL,
+                PRIMARY KEY(repo, name));
+            CREATE TABLE IF NOT EXISTS discussions(repo INTEGER NOT NULL, num INTEGER NOT NULL, title TEXT NOT NULL,
+                is_pr INTEGER NOT NULL, status TEXT NOT NULL, created TEXT NOT NULL, author TEXT NOT NULL,
+                PRIMARY KEY(repo, num));
+            CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """)
+        secret = self._db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
+        if secret is None:
+            self._db.execute("INSERT INTO meta VALUES('secret', ?)", (secrets.token_hex(32),))
+            secret = self._db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
+        self.secret = bytes.fromhex(secret["value"])
+        self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM commits").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- blobs ------------------------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        if not _SHA256_RE.fullmatch(sha256):
+            raise StoreError(400, f"Invalid sha256 '{sha256}'")
+        return self.blobs / sha256[:2] / sha256
+
+    def has_blob(self, sha256: str, size: int) -> bool:
+        try:
+            return self.blob_path(sha256).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def new_temp(self) -> tuple[int, Path]:
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
+        return fd, Path(name)
+
+    def adopt_temp(self, temp: Path, sha256: str) -> None:
+        """Move a fully written, verified temp file into the blob store (fsync first: never lose a commit's data)."""
+        target = self.blob_path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+
+    def put_bytes(self, data: bytes) -> str:
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not self.has_blob(sha256, len(data)):
+            fd, temp = self.new_temp()
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            self.adopt_temp(temp, sha256)
+        return sha256
+
+    def read_blob(self, sha256: str) -> bytes:
+        return self.blob_path(sha256).read_bytes()
+
+    # -- repos -------------------------------------------------------------------------------------------
+
+    def _repo_from_row(self, row: sqlite3.Row) -> Repo:
+        return Repo(pk=row["pk"], type=row["type"], id=row["id"], private=bool(row["private"]), created=row["created"])
+
+    def get_repo(self, repo_type: str, repo_id: str) -> Repo | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_id.lower())).fetchone()
+        return self._repo_from_row(row) if row else None
+
+    def create_repo(self, repo_type: str, repo_id: str, private: bool, author: str) -> tuple[Repo, bool]:
+        check_repo_id(repo_id)
+        with self._lock, self._transaction():
+            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_id.lower())).fetchone()
+            if row:
+                return self._repo_from_row(row), False
+            created = now_iso()
+            cursor = self._db.execute("INSERT INTO repos(type, id, key, private, created) VALUES(?,?,?,?,?)",
+                                      (repo_type, repo_id, repo_id.lower(), int(private), created))
+            repo = Repo(pk=int(cursor.lastrowid or 0), type=repo_type, id=repo_id, private=private, created=created)
+            content = DEFAULT_GITATTRIBUTES.encode()
+            sha256 = self.put_bytes(content)
+            oid = self._new_commit(repo, None, SEED_COMMIT_TITLE, "", author)
+            self._db.execute("INSERT INTO files VALUES(?,?,?,?,?,?,?)",
+                             (oid, ".gitattributes", len(content), sha256, git_blob_oid(content), 0, oid))
+            self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, "main", oid))
+            return repo, True
+
+    def delete_repo(self, repo: Repo) -> None:
+        with self._lock, self._transaction():
+            oids = [r[0] for r in self._db.execute("SELECT oid FROM commits WHERE repo=?", (repo.pk,))]
+            self._db.executemany("DELETE FROM files WHERE commit_oid=?", [(o,) for o in oids])
+            for table, column in (("commits", "repo"), ("refs", "repo"), ("discussions", "repo"), ("repos", "pk")):
+                self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (repo.pk,))
+
+    def set_private(self, repo: Repo, private: bool) -> None:
+        with self._lock:
+            self._db.execute("UPDATE repos SET private=? WHERE pk=?", (int(private), repo.pk))
+
+    # -- refs and revisions ------------------------------------------------------------------------------
+
+    def refs(self, repo: Repo) -> dict[str, str]:
+        with self._lock:
+            return {r["name"]: r["commit_oid"] for r in
+                    self._db.execute("SELECT name, commit_oid FROM refs WHERE repo=? ORDER BY name", (repo.pk,))}
+
+    def resolve(self, repo: Repo, revision: str) -> str:
+        name = revision.removeprefix("refs/heads/")
+        with self._lock:
+            row = self._db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name=?", (repo.pk, name)).fetchone()
+            if row:
+                return str(row[0])
+            if re.fullmatch(r"[0-9a-f]{7,40}", revision):
+                rows = self._db.execute("SELECT oid FROM commits WHERE repo=? AND oid LIKE ?",
+                                        (repo.pk, revision + "%")).fetchall()
+                if len(rows) == 1:
+                    return str(rows[0][0])
+        raise StoreError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def create_branch(self, repo: Repo, name: str, starting_point: str | None) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", name) or ".." in name or name.startswith("refs/"):
+            raise StoreError(400, f"Invalid branch name '{name}'")
+        with self._lock, self._transaction():
+            if name in self.refs(repo):
+                raise StoreError(409, f"Branch '{name}' already exists")
+            oid = self.resolve(repo, starting_point or "main")
+            self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, name, oid))
+
+    def delete_branch(self, repo: Repo, name: str) -> None:
+        if name == "main":
+            raise StoreError(403, "Cannot delete the main branch")
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM refs WHERE repo=? AND name=?", (repo.pk, name))
+        if cursor.rowcount == 0:
+            raise StoreError(404, f"Branch '{name}' not found", "RevisionNotFound")
+
+    # -- trees and history -------------------------------------------------------------------------------
+
+    def files(self, commit: str, prefix: str = "") -> list[FileEntry]:
+        with self._lock:
+            if prefix:
+                rows = self._db.execute("SELECT * FROM files WHERE commit_oid=? AND (path=? OR substr(path, 1, ?)=?) "
+                                        "ORDER BY path", (commit, prefix, len(prefix) + 1, prefix + "/")).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM files WHERE commit_oid=? ORDER BY path", (commit,)).fetchall()
+        return [FileEntry(path=r["path"], size=r["size"], sha256=r["sha256"], git_oid=r["git_oid"], lfs=bool(r["lfs"]),
+                          last_commit=r["last_commit"]) for r in rows]
+
+    def file(self, commit: str, path: str) -> FileEntry | None:
+        found = [f for f in self.files(commit, path) if f.path == path]
+        return found[0] if found else None
+
+    def commit_info(self, oid: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM commits WHERE oid=?", (oid,)).fetchone()
+        return dict(row) if row else {}
+
+    def history(self, commit: str) -> list[dict[str, Any]]:
+        log = []
+        oid: str | None = commit
+        while oid:
+            info = self.commit_info(oid)
+            if not info:
+                break
+            log.append(info)
+            oid = info["parent"]
+        return log
+
+    def discussions(self, repo: Repo) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC",
+                                                      (repo.pk,))]
+
+    # -- commits -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _new_commit(self, repo: Repo, parent: str | None, title: str, message: str, author: str) -> str:
+        self._seq += 1
+        date = now_iso()
+        oid = hashlib.sha1(f"{repo.pk}\0{parent}\0{title}\0{message}\0{date}\0{self._seq}\0{secrets.token_hex(8)}"
+                           .encode()).hexdigest()
+        self._db.execute("INSERT INTO commits VALUES(?,?,?,?,?,?,?,?)",
+                         (oid, repo.pk, parent, self._seq, title, message, date, author))
+        return oid
+
+    def commit(self, repo: Repo, revision: str, operations: Iterable[tuple[str, dict[str, Any]]], summary: str,
+               description: str, parent_commit: str | None, create_pr: bool, author: str) -> tuple[str, int | None]:
+        """Apply operations as one commit on `revision` (or on a new PR ref). Returns (commit oid, PR number)."""
+        ops = list(operations)
+        with self._lock, self._transaction():
+            head = self.resolve(repo, revision)
+            branch = revision.removeprefix("refs/heads/")
+            branches = self.refs(repo)
+            if branch not in branches:
+                raise StoreError(400, f"Revision '{revision}' is not a branch: commits go to a branch", "RevisionNotFound")
+            base = head
+            if parent_commit:
+                if create_pr:
+                    base = self.resolve(repo, parent_commit)
+                elif not head.startswith(parent_commit):
+                    raise StoreError(412, "The branch was updated since you opened this page. "
+                                          "Please refresh and try again.")
+            current = {f.path: f for f in self.files(base)}
+            changes: dict[str, FileEntry | None] = {}
+            for kind, value in ops:
+                path = check_path(str(value.get("path", "")))
+                if kind == "file":
+                    sha256, size, git_oid = value["_sha256"], value["_size"], value["_git_oid"]
+                    changes[path] = FileEntry(path, size, sha256, git_oid, False, "")
+                elif kind == "lfsFile":
+                    sha256, size = str(value.get("oid", "")), value.get("size")
+                    if value.get("algo", "sha256") != "sha256" or not isinstance(size, int):
+                        raise StoreError(400, f"lfsFile '{path}': algo must be sha256 and size an integer")
+                    if not self.has_blob(sha256, size):
+                        raise StoreError(422, f"lfsFile '{path}': LFS object {sha256} of {size} bytes was not uploaded",
+                                         "LfsObjectNotFound")
+                    changes[path] = FileEntry(path, size, sha256, git_blob_oid(lfs_pointer(sha256, size)), True, "")
+                elif kind == "deletedFile":
+                    exists = path in current and changes.get(path, current[path]) is not None
+                    if not exists and changes.get(path) is None:
+                        raise StoreError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+                    changes[path] = None
+                elif kind == "deletedFolder":
+                    folder = path.rstrip("/") + "/"
+                    for existing in list(current) + list(changes):
+                        if existing.startswith(folder):
+                            changes[existing] = None
+                else:
+                    raise StoreError(400, f"Unknown operation '{kind}'")
+            oid = self._new_commit(repo, base, summary, description, author)
+            self._db.execute("INSERT INTO files SELECT ?, path, size, sha256, git_oid, lfs, last_commit FROM files "
+                             "WHERE commit_oid=?", (oid, base))
+            for path, entry in changes.items():
+                self._db.execute("DELETE FROM files WHERE commit_oid=? AND path=?", (oid, path))
+                if entry is None:
+                    continue
+                previous = current.get(path)
+                unchanged = previous is not None and previous.sha256 == entry.sha256 and previous.lfs == entry.lfs
+                last = previous.last_commit if unchanged and previous else oid
+                self._db.execute("INSERT INTO files VALUES(?,?,?,?,?,?,?)",
+                                 (oid, path, entry.size, entry.sha256, entry.git_oid, int(entry.lfs), last))
+            number: int | None = None
+            if create_pr:
+                number = 1 + int(self._db.execute("SELECT COALESCE(MAX(num), 0) FROM discussions WHERE repo=?",
+                                                  (repo.pk,)).fetchone()[0])
+                self._db.execute("INSERT INTO discussions VALUES(?,?,?,?,?,?,?)",
+                                 (repo.pk, number, summary, 1, "open", now_iso(), author))
+                self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, f"refs/pr/{number}", oid))
+            else:
+                self._db.execute("UPDATE refs SET commit_oid=? WHERE repo=? AND name=?", (oid, repo.pk, branch))
+            return oid, number
+
+    def open_discussion(self, repo: Repo, title: str, author: str) -> int:
+        with self._lock, self._transaction():
+            number = 1 + int(self._db.execute("SELECT COALESCE(MAX(num), 0) FROM discussions WHERE repo=?",
+                                              (repo.pk,)).fetchone()[0])
+            self._db.execute("INSERT INTO discussions VALUES(?,?,?,?,?,?,?)",
+                             (repo.pk, number, title, 0, "open", now_iso(), author))
+            return number
+
+    def upload_mode(self, repo: Repo, commit: str, path: str, size: int) -> str:
+        if size > LFS_SIZE_THRESHOLD:
+            return "lfs"
+        attributes = self.file(commit, ".gitattributes")
+        patterns = lfs_patterns(self.read_blob(attributes.sha256).decode("utf-8", "replace")) if attributes else []
+        return "lfs" if any(_pattern_matches(p, path) for p in patterns) else "regular"
+
+    def gitignore(self, commit: str) -> str:
+        entry = self.file(commit, ".gitignore")
+        return self.read_blob(entry.sha256).decode("utf-8", "replace") if entry else ""
+
+    def clean_temp(self, older_than_s: float = 3600.0) -> int:
+        """Remove upload temp files left by aborted uploads."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for temp in self.tmp.iterdir():
+            try:
+                if temp.stat().st_mtime < cutoff:
+                    temp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
