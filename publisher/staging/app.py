@@ -83,12 +83,14 @@ class HubApp:
         self.store = store
         self.token = token
         self.faults = faults or Faults.from_env()
+        self.bytes_received: dict[str, int] = {}
         t = r"(?P<t>models|datasets|spaces)"
         repo = r"(?P<repo>[^/]+/[^/]+?)"
         self.routes: list[tuple[str, re.Pattern[str], str]] = [
             ("POST", re.compile(r"/api/repos/create"), "create_repo"),
             ("DELETE", re.compile(r"/api/repos/delete"), "delete_repo"),
             ("GET", re.compile(r"/api/whoami-v2"), "whoami"),
+            ("GET", re.compile(r"/api/staging/stats"), "stats"),
             ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
             ("PUT", re.compile(rf"/api/{t}/{repo}/settings"), "settings"),
             ("POST", re.compile(rf"/api/{t}/{repo}/preupload/(?P<rev>[^/]+)"), "preupload"),
@@ -165,6 +167,9 @@ class HubApp:
             response.headers["Retry-After"] = "1"
         return response
 
+    def _count(self, kind: str, size: int) -> None:
+        self.bytes_received[kind] = self.bytes_received.get(kind, 0) + size
+
     def _bearer(self, request: Request) -> str | None:
         header = request.headers.get("authorization", "")
         return header[7:].strip() if header.lower().startswith("bearer ") else None
@@ -208,7 +213,7 @@ class HubApp:
         repo_type = body.get("type") or "model"
         if repo_type not in PREFIXES:
             raise StoreError(400, f"Invalid repo type '{repo_type}'")
-        repo, created = self.store.create_repo(repo_type, repo_id, bool(body.get("private", False)), USER)
+        repo, created = self.store.create_repo(repo_type, repo_id, _private(body), USER)
         url = f"{self._base(request)}/{PREFIXES[repo_type]}{repo.id}"
         if not created:
             return JSONResponse({"error": "You already created this model repo", "url": url}, status_code=409)
@@ -227,9 +232,13 @@ class HubApp:
     async def settings(self, request: Request, t: str, repo: str) -> Response:
         found = self._repo(request, t, repo, write=True)
         body = await _json(request)
-        if "private" in body:
-            self.store.set_private(found, bool(body["private"]))
+        if "private" in body or "visibility" in body:
+            self.store.set_private(found, _private(body))
         return JSONResponse({})
+
+    async def stats(self, request: Request) -> Response:
+        """Not part of the Hub's API: request and byte counts, so tests can prove that nothing was re-sent."""
+        return JSONResponse({"requests": self.faults.seen, "bytes_received": self.bytes_received})
 
     async def whoami(self, request: Request) -> Response:
         if not self._authenticated(request):
@@ -482,6 +491,7 @@ class HubApp:
         try:
             with os.fdopen(fd, "wb") as handle:
                 async for chunk in request.stream():
+                    self._count("lfs_put", len(chunk))
                     written += len(chunk)
                     if written > size:
                         raise StoreError(400, f"Body is larger than the announced {size} bytes")
@@ -513,6 +523,7 @@ class HubApp:
             async for chunk in request.stream():
                 if written + len(chunk) > expected:
                     raise StoreError(400, f"Part {number} is larger than {expected} bytes")
+                self._count("lfs_put_part", len(chunk))
                 os.pwrite(fd, chunk, offset + written)
                 digest.update(chunk)
                 written += len(chunk)
@@ -557,6 +568,7 @@ class HubApp:
         operations: list[tuple[str, dict[str, Any]]] = []
         number = 0
         async for line in _lines(request):
+            self._count("commit", len(line) + 1)
             number += 1
             if not line.strip():
                 continue
@@ -688,6 +700,13 @@ def _decode_line(line: bytearray) -> str:
         return line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StoreError(400, "NDJSON is not UTF-8") from exc
+
+
+def _private(body: dict[str, Any]) -> bool:
+    """huggingface_hub 2.x sends `visibility`; older clients sent `private`."""
+    if "visibility" in body:
+        return body["visibility"] in ("private", "protected")
+    return bool(body.get("private", False))
 
 
 def _url_type(prefix: str) -> str:

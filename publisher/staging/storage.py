@@ -379,7 +379,8 @@ class HubStore:
             current = {f.path: f for f in self.files(base)}
             changes: dict[str, FileEntry | None] = {}
             for kind, value in ops:
-                path = check_path(str(value.get("path", "")))
+                path = str(value.get("path", ""))
+                path = check_path(path.rstrip("/") if kind == "deletedFolder" else path)
                 if kind == "file":
                     sha256, size, git_oid = value["_sha256"], value["_size"], value["_git_oid"]
                     changes[path] = FileEntry(path, size, sha256, git_oid, False, "")
@@ -397,7 +398,7 @@ class HubStore:
                         raise StoreError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                     changes[path] = None
                 elif kind == "deletedFolder":
-                    folder = path.rstrip("/") + "/"
+                    folder = path + "/"
                     for existing in list(current) + list(changes):
                         if existing.startswith(folder):
                             changes[existing] = None

@@ -1,0 +1,60 @@
+"""Shared fixtures. The staging Hub's address and the client's settings are fixed before huggingface_hub is
+imported anywhere: the client reads HF_ENDPOINT and HF_HUB_DISABLE_XET at import time."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+STAGING_PORT = _free_port()
+STAGING_TOKEN = "staging-test-token-0123456789"
+_HF_HOME = tempfile.mkdtemp(prefix="publisher-hf-home-")
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{STAGING_PORT}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
+from publisher.staging.process import StagingHub, start_staging_hub  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def staging_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StagingHub]:
+    """One staging Hub for the session, on the port HF_ENDPOINT names, writes guarded by STAGING_TOKEN."""
+    root = tmp_path_factory.mktemp("staging-hub")
+    with start_staging_hub(root, port=STAGING_PORT, token=STAGING_TOKEN) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hf_api(staging_hub: StagingHub):  # type: ignore[no-untyped-def]
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=staging_hub.url, token=staging_hub.token)
+
+
+@pytest.fixture
+def repo_id(request: pytest.FixtureRequest, hf_api) -> str:  # type: ignore[no-untyped-def]
+    """A fresh repo named after the test."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:80].strip("-")
+    repo = f"tester/{name}"
+    hf_api.create_repo(repo, exist_ok=False)
+    return repo
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,323 @@
+"""The staging Hub through the unmodified huggingface_hub client (and raw HTTP where the client cannot go)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    hf_hub_download,
+    snapshot_download,
+)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from publisher.staging.process import StagingHub
+
+
+def stats(hub: StagingHub) -> dict:
+    conn = _conn(hub)
+    conn.request("GET", "/api/staging/stats")
+    return json.loads(conn.getresponse().read())
+
+
+def _conn(hub: StagingHub) -> http.client.HTTPConnection:
+    url = urlparse(hub.url)
+    return http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "upload"
+    (root / "original" / "packages" / "Model.mlpackage" / "Data" / "com.apple.CoreML" / "weights").mkdir(parents=True)
+    (root / "notes.txt").write_text("hello staging\n")
+    (root / "original" / "packages" / "Model.mlpackage" / "Manifest.json").write_text('{"a": 1}\n')
+    weights = root / "original" / "packages" / "Model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    weights.write_bytes(os.urandom(20 * 1024 * 1024))
+    (root / "split_einsum_v2" / "packages").mkdir(parents=True)
+    (root / "split_einsum_v2" / "packages" / "other.txt").write_text("other\n")
+    return root
+
+
+def test_create_repo_twice(hf_api: HfApi) -> None:
+    url = hf_api.create_repo("tester/twice")
+    assert url.repo_id == "tester/twice"
+    again = hf_api.create_repo("tester/twice", exist_ok=True)
+    assert again.repo_id == "tester/twice"
+    with pytest.raises(HfHubHTTPError) as info:
+        hf_api.create_repo("tester/twice")
+    assert info.value.response.status_code == 409
+    # the Hub matches repo ids case-insensitively
+    assert hf_api.repo_info("Tester/Twice").id == "tester/twice"
+
+
+def test_upload_folder_tree_paths_info_and_downloads(hf_api: HfApi, repo_id: str, folder: Path,
+                                                     tmp_path: Path, staging_hub: StagingHub) -> None:
+    info = hf_api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="first")
+    assert info.oid
+    entries = {e.path: e for e in hf_api.list_repo_tree(repo_id, recursive=True, expand=True)}
+    weight_path = "original/packages/Model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    weight = folder / weight_path
+    assert entries[weight_path].lfs is not None
+    assert entries[weight_path].lfs.sha256 == sha256_of(weight)
+    assert entries[weight_path].size == weight.stat().st_size
+    assert entries[weight_path].last_commit.oid == info.oid
+    assert entries["notes.txt"].lfs is None
+    assert {"original", "original/packages", "split_einsum_v2"} <= set(entries)
+    assert entries[".gitattributes"].last_commit.title == "initial commit"
+    # non-recursive listing of a sub-folder
+    top = [e.path for e in hf_api.list_repo_tree(repo_id, path_in_repo="original/packages")]
+    assert top == ["original/packages/Model.mlpackage"]
+
+    paths = hf_api.get_paths_info(repo_id, ["notes.txt", "original", "missing.txt"], expand=True)
+    assert sorted(p.path for p in paths) == ["notes.txt", "original"]
+
+    downloaded = hf_hub_download(repo_id, "notes.txt", token=staging_hub.token)
+    assert Path(downloaded).read_text() == "hello staging\n"
+
+    local = tmp_path / "snapshot"
+    snapshot_download(repo_id, allow_patterns="original/packages/*", local_dir=local, token=staging_hub.token)
+    got = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert got == sorted(["original/packages/Model.mlpackage/Manifest.json", weight_path])
+    assert sha256_of(local / weight_path) == sha256_of(weight)
+
+
+def test_second_identical_upload_sends_no_bytes(hf_api: HfApi, repo_id: str, folder: Path,
+                                                staging_hub: StagingHub) -> None:
+    first = hf_api.upload_folder(folder_path=folder, repo_id=repo_id)
+    before = stats(staging_hub)["bytes_received"]
+    second = hf_api.upload_folder(folder_path=folder, repo_id=repo_id)
+    after = stats(staging_hub)["bytes_received"]
+    assert second.oid == first.oid  # no new commit
+    assert after == before  # no LFS bytes, no commit payload
+
+
+def test_create_commit_adds_and_deletes(hf_api: HfApi, repo_id: str, folder: Path) -> None:
+    hf_api.upload_folder(folder_path=folder, repo_id=repo_id)
+    hf_api.create_commit(repo_id, commit_message="swap", operations=[
+        CommitOperationAdd("new/file.txt", b"new content"),
+        CommitOperationDelete("notes.txt"),
+        CommitOperationDelete("split_einsum_v2/", is_folder=True),
+    ])
+    files = set(hf_api.list_repo_files(repo_id))
+    assert "new/file.txt" in files
+    assert "notes.txt" not in files
+    assert not any(f.startswith("split_einsum_v2/") for f in files)
+    with pytest.raises(EntryNotFoundError):
+        hf_api.create_commit(repo_id, commit_message="bad", operations=[CommitOperationDelete("never-there.txt")])
+
+
+def test_stale_parent_commit_is_refused(hf_api: HfApi, repo_id: str) -> None:
+    base = hf_api.repo_info(repo_id).sha
+    hf_api.create_commit(repo_id, commit_message="a", operations=[CommitOperationAdd("a.txt", b"a")],
+                         parent_commit=base)
+    with pytest.raises(HfHubHTTPError) as info:
+        hf_api.create_commit(repo_id, commit_message="b", operations=[CommitOperationAdd("b.txt", b"b")],
+                             parent_commit=base)
+    assert info.value.response.status_code == 412
+    assert "The branch was updated since you opened this page" in str(info.value)
+    assert "b.txt" not in hf_api.list_repo_files(repo_id)
+
+
+def test_writes_need_the_token(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    anonymous = HfApi(endpoint=staging_hub.url, token=False)
+    with pytest.raises(HfHubHTTPError) as info:
+        anonymous.create_commit(repo_id, commit_message="x", operations=[CommitOperationAdd("x.txt", b"x")])
+    assert info.value.response.status_code == 401
+    wrong = HfApi(endpoint=staging_hub.url, token="not-the-token")
+    with pytest.raises(HfHubHTTPError):
+        wrong.create_repo("tester/not-allowed")
+    # reads of public repos stay open
+    assert anonymous.repo_info(repo_id).id == repo_id
+    assert wrong.whoami is not None
+    assert hf_api.whoami()["name"] == "staging"
+
+
+def test_private_repo_is_invisible_without_token(hf_api: HfApi, staging_hub: StagingHub) -> None:
+    hf_api.create_repo("tester/secret", private=True)
+    hf_api.upload_file(path_or_fileobj=b"s", path_in_repo="s.txt", repo_id="tester/secret")
+    anonymous = HfApi(endpoint=staging_hub.url, token=False)
+    with pytest.raises(RepositoryNotFoundError):
+        anonymous.repo_info("tester/secret")
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("tester/secret", "s.txt", token=False)
+    assert hf_api.repo_info("tester/secret").private is True
+
+
+def test_model_card_push_and_yaml_validation(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    card = ModelCard("---\nlicense: mit\ntags: [coreml]\n---\n# Card\n")
+    card.push_to_hub(repo_id, token=staging_hub.token)
+    assert "# Card" in Path(hf_hub_download(repo_id, "README.md", token=staging_hub.token)).read_text()
+    bad = ModelCard("---\nlicense: 5\ntags: [1, 2]\n---\n# Card\n")
+    with pytest.raises(ValueError, match=r"Invalid metadata in README\.md") as info:
+        bad.push_to_hub(repo_id, token=staging_hub.token)
+    assert 'tags\\" must be an array of strings' in str(info.value)
+    assert 'license\\" must be a string' in str(info.value)
+    # a malformed model-index, sent as the client sends any README (the client's own parser refuses it earlier)
+    conn = _conn(staging_hub)
+    conn.request("POST", "/api/validate-yaml", body=json.dumps(
+        {"content": "---\nmodel-index: {name: x}\n---\n", "repoType": "model"}), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 400
+    assert json.loads(response.read())["errors"] == [{"message": '"model-index" must be an array'}]
+    conn.request("POST", "/api/validate-yaml", body=json.dumps({"content": "---\nlicense: [unclosed\n---\n"}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 400
+    assert json.loads(response.read())["errors"][0]["message"].startswith("Invalid YAML in metadata (line 2)")
+
+
+def test_create_pr(hf_api: HfApi, repo_id: str) -> None:
+    main_before = hf_api.repo_info(repo_id).sha
+    info = hf_api.create_commit(repo_id, commit_message="proposal", create_pr=True,
+                                operations=[CommitOperationAdd("pr.txt", b"pr")])
+    assert info.pr_url and info.pr_url.endswith("/discussions/1")
+    assert info.pr_revision == "refs/pr/1"
+    assert hf_api.repo_info(repo_id).sha == main_before
+    assert "pr.txt" in hf_api.list_repo_files(repo_id, revision="refs/pr/1")
+    refs = hf_api.list_repo_refs(repo_id, include_pull_requests=True)
+    assert [r.ref for r in refs.pull_requests] == ["refs/pr/1"]
+    discussions = list(hf_api.get_repo_discussions(repo_id))
+    assert [(d.num, d.is_pull_request) for d in discussions] == [(1, True)]
+
+
+def test_branches_and_delete_repo(hf_api: HfApi, repo_id: str) -> None:
+    hf_api.create_branch(repo_id, branch="dev")
+    hf_api.upload_file(path_or_fileobj=b"d", path_in_repo="d.txt", repo_id=repo_id, revision="dev")
+    assert "d.txt" in hf_api.list_repo_files(repo_id, revision="dev")
+    assert "d.txt" not in hf_api.list_repo_files(repo_id)
+    hf_api.delete_branch(repo_id, branch="dev")
+    with pytest.raises(RevisionNotFoundError):
+        hf_api.list_repo_files(repo_id, revision="dev")
+    hf_api.delete_repo(repo_id)
+    with pytest.raises(RepositoryNotFoundError):
+        hf_api.repo_info(repo_id)
+    hf_api.delete_repo(repo_id, missing_ok=True)
+
+
+def test_resumed_download_uses_range(hf_api: HfApi, repo_id: str, staging_hub: StagingHub, tmp_path: Path) -> None:
+    content = os.urandom(3 * 1024 * 1024)
+    hf_api.upload_file(path_or_fileobj=content, path_in_repo="big.bin", repo_id=repo_id)
+    conn = _conn(staging_hub)
+    path = f"/{repo_id}/resolve/main/big.bin"
+    conn.request("GET", path, headers={"Range": "bytes=1000-"})
+    response = conn.getresponse()
+    assert response.status == 206
+    assert response.getheader("Content-Range") == f"bytes 1000-{len(content) - 1}/{len(content)}"
+    assert response.read() == content[1000:]
+    # the client resumes from its .incomplete file: a marked prefix that survives proves only the rest was fetched
+    cache = tmp_path / "cache"
+    sha = hashlib.sha256(content).hexdigest()
+    blob = cache / f"models--{repo_id.replace('/', '--')}" / "blobs" / f"{sha}.incomplete"
+    blob.parent.mkdir(parents=True)
+    half = len(content) // 2
+    blob.write_bytes(content[:half])
+    before = stats(staging_hub)
+    result = Path(hf_hub_download(repo_id, "big.bin", cache_dir=cache, token=staging_hub.token))
+    assert result.read_bytes() == content
+    assert stats(staging_hub)["requests"].get("resolve", 0) - before["requests"].get("resolve", 0) >= 1
+    conn.request("HEAD", path)
+    head = conn.getresponse()
+    head.read()
+    assert head.getheader("X-Linked-Etag") == f'"{sha}"'
+    assert head.getheader("X-Linked-Size") == str(len(content))
+    assert head.getheader("X-Repo-Commit") == hf_api.repo_info(repo_id).sha
+
+
+def test_missing_entry_and_revision_codes(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download(repo_id, "nope.txt", token=staging_hub.token)
+    with pytest.raises(RevisionNotFoundError):
+        hf_hub_download(repo_id, "README.md", revision="no-such-branch", token=staging_hub.token)
+
+
+def test_bad_input_is_refused_and_nothing_partial_is_visible(hf_api: HfApi, repo_id: str,
+                                                             staging_hub: StagingHub) -> None:
+    head_before = hf_api.repo_info(repo_id).sha
+    auth = {"Authorization": f"Bearer {staging_hub.token}"}
+    conn = _conn(staging_hub)
+
+    def post(path: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict, dict]:
+        conn.request("POST", path, body=body, headers={**auth, "Content-Type": content_type})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(data) if data else {}
+
+    # path traversal, either slash
+    for bad in ("../escape.txt", "a/..\\b.txt", "/abs.txt", "a//b.txt"):
+        line = json.dumps({"key": "file", "value": {"path": bad, "content": "eA==", "encoding": "base64"}})
+        status, headers, body = post(f"/api/models/{repo_id}/commit/main",
+                                     b'{"key":"header","value":{"summary":"x"}}\n' + line.encode(),
+                                     "application/x-ndjson")
+        assert status == 422, (bad, body)
+        assert headers.get("x-request-id")
+    # malformed NDJSON: 400 with a message, and the same keep-alive connection still works afterwards
+    status, _, body = post(f"/api/models/{repo_id}/commit/main", b"{not json\n", "application/x-ndjson")
+    assert status == 400 and "Malformed NDJSON at line 1" in body["error"]
+    # an LFS object announced but never uploaded cannot be committed
+    ghost = {"key": "lfsFile", "value": {"path": "ghost.bin", "algo": "sha256", "oid": "0" * 64, "size": 5}}
+    status, _, body = post(f"/api/models/{repo_id}/commit/main",
+                           b'{"key":"header","value":{"summary":"x"}}\n' + json.dumps(ghost).encode(),
+                           "application/x-ndjson")
+    assert status == 422
+    # an upload whose bytes do not match the announced sha256 is refused and not stored
+    data = b"real content"
+    oid = hashlib.sha256(data).hexdigest()
+    status, _, batch = post(f"/{repo_id}.git/info/lfs/objects/batch",
+                            json.dumps({"operation": "upload", "transfers": ["basic"],
+                                        "objects": [{"oid": oid, "size": len(data)}]}).encode())
+    href = urlparse(batch["objects"][0]["actions"]["upload"]["href"])
+    conn.request("PUT", f"{href.path}?{href.query}", body=b"fake content")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 400
+    conn.request("PUT", f"{href.path}?{href.query.replace('sig=', 'sig=0')}", body=data)
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 403  # a tampered signature
+    status, _, batch = post(f"/{repo_id}.git/info/lfs/objects/batch",
+                            json.dumps({"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]}).encode())
+    assert "actions" in batch["objects"][0], "a refused upload must not count as stored"
+    # an upload cut off mid-body leaves nothing behind
+    raw = _conn(staging_hub)
+    raw.putrequest("PUT", f"{href.path}?{href.query}")
+    raw.putheader("Content-Length", str(len(data)))
+    raw.endheaders()
+    raw.send(data[:4])
+    raw.close()
+    assert hf_api.repo_info(repo_id).sha == head_before
+    assert not list((staging_hub.root / "blobs").rglob(oid))
+
+
+def test_hf_cli_upload_and_download(repo_id: str, staging_hub: StagingHub, folder: Path, tmp_path: Path) -> None:
+    hf = Path(sys.executable).parent / "hf"
+    env = {**os.environ, "HF_TOKEN": staging_hub.token or ""}
+    upload = subprocess.run([str(hf), "upload", repo_id, str(folder), ".", "--commit-message", "cli"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert upload.returncode == 0, upload.stderr
+    out = tmp_path / "cli-download"
+    download = subprocess.run([str(hf), "download", repo_id, "--include", "original/packages/*", "--local-dir",
+                               str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert download.returncode == 0, download.stderr
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert files == ["original/packages/Model.mlpackage/Data/com.apple.CoreML/weights/weight.bin",
+                     "original/packages/Model.mlpackage/Manifest.json"]
