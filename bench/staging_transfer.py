@@ -1,0 +1,84 @@
+"""Upload and download a 1 GiB LFS file through the staging Hub on loopback, next to a raw disk copy.
+
+Run by hand (not in CI):  python bench/staging_transfer.py [--size-mib 1024]
+Prints MiB/s for: raw copy, upload (client hash + LFS PUT + commit), download (hf_hub_download), and the
+server's RSS before and after (peak from /proc/PID/status VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mib", type=int, default=1024)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="staging-bench-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_XET": "1",
+                       "HF_HOME": str(work / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from publisher.staging.process import start_staging_hub
+
+    size = args.size_mib * 1024 * 1024
+    source = work / "payload.bin"
+    with open(source, "wb") as handle:
+        block = os.urandom(16 * 1024 * 1024)
+        for _ in range(size // len(block)):
+            handle.write(block)
+        handle.write(os.urandom(size % len(block)))
+
+    start = time.perf_counter()
+    shutil.copyfile(source, work / "copy.bin")
+    os.sync()
+    raw_s = time.perf_counter() - start
+    (work / "copy.bin").unlink()
+    mib = size / 2**20
+
+    token = "bench-token"
+    with start_staging_hub(work / "hub", port=port, token=token) as hub:
+        api = HfApi(endpoint=hub.url, token=token)
+        api.create_repo("bench/transfer")
+        rss_start, _ = rss_kib(hub.process.pid)
+        start = time.perf_counter()
+        api.upload_file(path_or_fileobj=str(source), path_in_repo="payload.bin", repo_id="bench/transfer")
+        up_s = time.perf_counter() - start
+        start = time.perf_counter()
+        path = hf_hub_download("bench/transfer", "payload.bin", token=token, cache_dir=work / "cache")
+        down_s = time.perf_counter() - start
+        rss_end, peak = rss_kib(hub.process.pid)
+        assert Path(path).stat().st_size == size
+    print(f"file: {mib:.0f} MiB")
+    print(f"raw disk copy : {raw_s:6.2f} s  {mib / raw_s:7.1f} MiB/s")
+    print(f"upload        : {up_s:6.2f} s  {mib / up_s:7.1f} MiB/s  ({raw_s / up_s:.2f}x raw copy; includes the "
+          "client's sha256 pass)")
+    print(f"download      : {down_s:6.2f} s  {mib / down_s:7.1f} MiB/s  ({raw_s / down_s:.2f}x raw copy)")
+    print(f"server RSS    : start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB "
+          f"(growth {(peak - rss_start) / 1024:.1f} MiB)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
