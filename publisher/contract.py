@@ -1,0 +1,111 @@
+"""The apps' contract (../shared/docs/swift-app-contract.md) as data: file names, folder names, and each
+model's input/output names and shapes. Conversion produces it, layout and verification check against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from publisher.manifest import Attention, Component
+
+# Apple's Python pipeline opens Stable_Diffusion_version_<model version>_<submodule>.mlpackage
+PACKAGE_TEMPLATE = "Stable_Diffusion_version_{model_version}_{submodule}.mlpackage"
+RESOURCE_NAMES = {
+    "text_encoder": "TextEncoder",
+    "unet": "Unet",
+    "unet_chunk1": "UnetChunk1",
+    "unet_chunk2": "UnetChunk2",
+    "vae_decoder": "VAEDecoder",
+    "vae_encoder": "VAEEncoder",
+    "safety_checker": "SafetyChecker",
+}
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TEXT_SEQUENCE_LENGTH = 77
+UNET_BATCH = 2  # classifier-free guidance: unconditional + conditional
+SAFETY_CLIP_SIZE = 224
+LATENT_CHANNELS = 4
+
+
+def package_name(model_version: str, submodule: str) -> str:
+    return PACKAGE_TEMPLATE.format(model_version=model_version, submodule=submodule)
+
+
+def compiled_name(submodule: str) -> str:
+    return f"{RESOURCE_NAMES[submodule]}.mlmodelc"
+
+
+def zip_folder_name(repo_name: str, attention: Attention) -> str:
+    return f"{repo_name}_{attention.folder}_compiled"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Names and shapes the apps use for one component (a chunked UNet's halves are described elsewhere)."""
+
+    component: Component
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few model dimensions the contract's shapes depend on, read from the source's configs."""
+
+    resolution: int
+    text_hidden: int  # 768 for SD 1.x, 1024 for SD 2.x
+    latent_channels: int = LATENT_CHANNELS
+    unet_out_channels: int = LATENT_CHANNELS
+
+    @property
+    def latent(self) -> int:
+        return self.resolution // 8
+
+
+def model_spec(component: Component, dims: ModelDims) -> ModelSpec:
+    latent, res, hidden, ch = dims.latent, dims.resolution, dims.text_hidden, dims.latent_channels
+    if component is Component.TEXT_ENCODER:
+        return ModelSpec(component, (
+            TensorSpec("input_ids", (1, TEXT_SEQUENCE_LENGTH), "CLIP token ids of the prompt (float32)"),
+        ), (
+            TensorSpec("last_hidden_state", (1, TEXT_SEQUENCE_LENGTH, hidden), "per-token text embeddings"),
+            TensorSpec("pooled_outputs", (1, hidden), "embedding at the end-of-text token"),
+        ), "CLIP text encoder")
+    if component is Component.UNET:
+        return ModelSpec(component, (
+            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents"),
+            TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep"),
+            TensorSpec("encoder_hidden_states", (UNET_BATCH, hidden, 1, TEXT_SEQUENCE_LENGTH),
+                       "text embeddings as (B, C, 1, S)"),
+        ), (
+            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
+        ), "denoising UNet")
+    if component is Component.VAE_DECODER:
+        return ModelSpec(component, (
+            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)"),
+        ), (
+            TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
+        ), "VAE decoder")
+    if component is Component.VAE_ENCODER:
+        return ModelSpec(component, (
+            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]"),
+        ), (
+            TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
+        ), "VAE encoder")
+    if component is Component.SAFETY_CHECKER:
+        return ModelSpec(component, (
+            TensorSpec("clip_input", (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE), "CLIP-preprocessed image"),
+            TensorSpec("images", (1, res, res, 3), "the generated image, NHWC"),
+            TensorSpec("adjustment", (1,), "added to every concept score (0 by default)"),
+        ), (
+            TensorSpec("filtered_images", (1, res, res, 3), "images, blacked out where a concept was found"),
+            TensorSpec("has_nsfw_concepts", (1,), "1 where a concept was found"),
+            TensorSpec("concept_scores", (1, 17), "per-concept score; > 0 means found"),
+        ), "safety checker")
+    raise ValueError(component)

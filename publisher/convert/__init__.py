@@ -1,0 +1,1 @@
+"""PyTorch/diffusers -> Core ML: component wrappers, attention implementations, trace + convert."""

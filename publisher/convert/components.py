@@ -1,0 +1,194 @@
+"""Per-component wrappers: load the diffusers/transformers module, give it the contract's inputs and outputs.
+
+Each wrapper takes float32 inputs in the shapes of publisher.contract and returns outputs in the contract's
+order. `load_component` builds the PyTorch reference (attention rewritten as asked) that conversion traces and
+verification compares against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from publisher.contract import ModelDims, ModelSpec, model_spec
+from publisher.convert.attention import apply_attention
+from publisher.errors import SourceError
+from publisher.manifest import Attention, Component
+
+SUBFOLDERS = {
+    Component.TEXT_ENCODER: "text_encoder",
+    Component.UNET: "unet",
+    Component.VAE_DECODER: "vae",
+    Component.VAE_ENCODER: "vae",
+    Component.SAFETY_CHECKER: "safety_checker",
+}
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_model(input_ids.to(torch.int32), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class Unet(nn.Module):
+    """encoder_hidden_states arrive as (B, C, 1, S) for every attention implementation (the Swift pipeline's
+    layout); ORIGINAL turns them back into (B, S, C), SPLIT_EINSUM* consumes them as they are."""
+
+    def __init__(self, unet: nn.Module, attention: Attention) -> None:
+        super().__init__()
+        self.unet = unet
+        self.attention = attention
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.attention is Attention.ORIGINAL:
+            encoder_hidden_states = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+
+class SafetyChecker(nn.Module):
+    """Traceable safety checker: the concept-score rule of diffusers' checker, tensors only (no numpy, no loops).
+
+    score_i = cos(image_embedding, concept_i) - threshold_i + adjustment (+ 0.01 for every concept once any
+    special-care concept fires); an image is flagged when any score is > 0, and a flagged image is blacked out.
+    """
+
+    def __init__(self, checker: nn.Module) -> None:
+        super().__init__()
+        self.vision_model = checker.vision_model
+        self.visual_projection = checker.visual_projection
+        self.concept_embeds = checker.concept_embeds
+        self.special_care_embeds = checker.special_care_embeds
+        self.concept_embeds_weights = checker.concept_embeds_weights
+        self.special_care_embeds_weights = checker.special_care_embeds_weights
+
+    @staticmethod
+    def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a / a.norm(dim=-1, keepdim=True)
+        b = b / b.norm(dim=-1, keepdim=True)
+        return a @ b.T
+
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor,
+                adjustment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled = self.vision_model(clip_input)[1]
+        embeds = self.visual_projection(pooled)
+        special = self._cosine(embeds, self.special_care_embeds) - self.special_care_embeds_weights + adjustment
+        special_found = (special > 0).any(dim=1, keepdim=True).to(embeds.dtype)
+        scores = self._cosine(embeds, self.concept_embeds) - self.concept_embeds_weights + adjustment
+        scores = scores + special_found * 0.01
+        has_nsfw = (scores > 0).any(dim=1).to(embeds.dtype)
+        keep = (1.0 - has_nsfw)[:, None, None, None]
+        return images * keep, has_nsfw, scores
+
+
+@dataclass
+class LoadedComponent:
+    module: nn.Module
+    spec: ModelSpec
+    dims: ModelDims
+
+
+def source_dims(source: Path, resolution: int) -> ModelDims:
+    """Read the dimensions the contract's shapes depend on from the source's configs."""
+    hidden = None
+    for folder, key in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
+        config = Path(source) / folder / "config.json"
+        if config.exists():
+            value = json.loads(config.read_text()).get(key)
+            hidden = value[0] if isinstance(value, list) else value
+            break
+    if not isinstance(hidden, int):
+        raise SourceError(f"{source}: cannot tell the text embedding size (no unet/ or text_encoder/ config)")
+    latent_channels, out_channels = 4, 4
+    unet_config = Path(source) / "unet" / "config.json"
+    if unet_config.exists():
+        data = json.loads(unet_config.read_text())
+        latent_channels, out_channels = data.get("in_channels", 4), data.get("out_channels", 4)
+    return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=latent_channels,
+                     unet_out_channels=out_channels)
+
+
+def check_component_present(source: Path, component: Component, label: str) -> None:
+    folder = Path(source) / SUBFOLDERS[component]
+    if not (folder / "config.json").exists():
+        raise SourceError(f"source {label} has no {component.value} (folder {SUBFOLDERS[component]}/ with a "
+                          "config.json is missing); drop it from the manifest's components")
+
+
+def load_component(source: Path, component: Component, attention: Attention, resolution: int,
+                   label: str | None = None) -> LoadedComponent:
+    """The PyTorch module for one component in float32 eval mode, attention rewritten, contract spec attached."""
+    check_component_present(source, component, label or str(source))
+    dims = source_dims(source, resolution)
+    folder = Path(source) / SUBFOLDERS[component]
+    module: nn.Module
+    if component is Component.TEXT_ENCODER:
+        from transformers import CLIPTextModel
+
+        module = TextEncoder(CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False))
+    elif component is Component.UNET:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        module = Unet(apply_attention(unet, attention), attention)
+    elif component in (Component.VAE_DECODER, Component.VAE_ENCODER):
+        from diffusers import AutoencoderKL
+
+        vae = apply_attention(AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False), attention)
+        module = VAEDecoder(vae) if component is Component.VAE_DECODER else VAEEncoder(vae)
+    else:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        module = SafetyChecker(StableDiffusionSafetyChecker.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False))
+    return LoadedComponent(module=module.eval().float(), spec=model_spec(component, dims), dims=dims)
+
+
+def example_inputs(spec: ModelSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded random inputs in the contract's shapes and value ranges."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for tensor in spec.inputs:
+        if tensor.name == "input_ids":
+            ids = torch.randint(0, 500, tensor.shape, generator=generator)
+            ids[:, -1] = ids.max() + 1  # an end-of-text token with the largest id
+            values = ids.to(torch.float32)
+        elif tensor.name == "timestep":
+            values = torch.randint(1, 999, tensor.shape, generator=generator).to(torch.float32)
+        elif tensor.name == "adjustment":
+            values = torch.zeros(tensor.shape)
+        elif tensor.name in ("x", "images", "clip_input"):
+            values = torch.rand(tensor.shape, generator=generator) * 2 - 1
+        else:
+            values = torch.randn(tensor.shape, generator=generator)
+        tensors.append(values)
+    return tuple(tensors)
+
+

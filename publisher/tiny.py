@@ -1,0 +1,123 @@
+"""A tiny Stable-Diffusion-shaped pipeline (random weights) in diffusers layout, for tests and the demo.
+
+Every component has the real architecture (UNet2DConditionModel with cross-attention, CLIPTextModel,
+AutoencoderKL with the 8x down-sampling, StableDiffusionSafetyChecker) at toy widths, so conversion, the
+contract's names and shapes, palettization and publishing all run on it in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from publisher.manifest import ALL_COMPONENTS, Component
+
+TINY_TEXT_HIDDEN = 32
+TINY_MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-character table of byte-level BPE (every byte gets a visible stand-in)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A small but real CLIP BPE vocabulary: every byte (alone and word-final) plus a few merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges = [("a", "n</w>"), ("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
+    for left, right in merges:
+        vocab.append(left + right)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": TINY_MAX_LENGTH, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "do_lower_case": True}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>"}))
+    return len(vocab)
+
+
+def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component, ...] = ALL_COMPONENTS,
+                        sample_size: int = 32, cross_attention_dim: int = TINY_TEXT_HIDDEN) -> Path:
+    """Write a tiny SD pipeline with random weights to `folder` (diffusers layout) and return it.
+
+    `sample_size` is the latent size (resolution / 8): 32 -> 256x256 images, 1024 tokens at the first
+    attention level, more than SPLIT_EINSUM_V2's 512-query chunk.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    model_index: dict[str, object] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+                                      "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if Component.TEXT_ENCODER in components:
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=cross_attention_dim, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH, eos_token_id=vocab_size - 1,
+            bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1, projection_dim=cross_attention_dim))
+        text.eval().save_pretrained(folder / "text_encoder")
+        model_index["text_encoder"] = ["transformers", "CLIPTextModel"]
+    if Component.UNET in components:
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+            attention_head_dim=2, norm_num_groups=8)
+        unet.eval().save_pretrained(folder / "unet")
+        model_index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    if Component.VAE_DECODER in components or Component.VAE_ENCODER in components:
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
+        vae.eval().save_pretrained(folder / "vae")
+        model_index["vae"] = ["diffusers", "AutoencoderKL"]
+    if Component.SAFETY_CHECKER in components:
+        config = CLIPConfig(
+            text_config=CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24,
+                                       num_hidden_layers=1, num_attention_heads=2, eos_token_id=vocab_size - 1,
+                                       bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1).to_dict(),
+            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=224, patch_size=32).to_dict(),
+            projection_dim=16)
+        checker = StableDiffusionSafetyChecker(config)
+        with torch.no_grad():  # concept thresholds in a range where some random images are flagged
+            checker.concept_embeds_weights.uniform_(0.0, 0.3)
+            checker.special_care_embeds_weights.uniform_(0.0, 0.3)
+        checker.eval().save_pretrained(folder / "safety_checker")
+        model_index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    model_index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "skip_prk_steps": True}))
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder
+
+
+def push_tiny_source(folder: Path, repo_id: str, endpoint: str, token: str | None) -> str:
+    """Upload a tiny pipeline folder as a source repo; returns the commit it landed as."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="tiny SD-shaped source model")
+    return str(info.oid)

@@ -1,0 +1,183 @@
+"""Conversion on a tiny SD-shaped model: rewritten attention matches diffusers, packages meet the contract."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from publisher.contract import ModelDims, model_spec
+from publisher.convert.attention import SplitEinsumSpatialAttention, SplitEinsumTransformer2D
+from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs, convert_unet_chunks
+from publisher.convert.components import example_inputs, load_component
+from publisher.convert.coreml import PackageMetadata, convert_component, convert_isolated
+from publisher.engine.source import fetch_source
+from publisher.errors import SourceError
+from publisher.manifest import Attention, Component, DeploymentTarget
+from publisher.metrics import psnr
+from publisher.mlpackage import load_program, main_operations, package_info
+from publisher.tiny import build_tiny_pipeline
+
+RESOLUTION = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "source")
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[Attention, Component], Path]:
+    out = tmp_path_factory.mktemp("packages")
+    packages = {}
+    for attention in Attention:
+        for component in Component:
+            path = out / attention.folder / f"{component.value}.mlpackage"
+            convert_component(tiny_source, component, attention, RESOLUTION, DeploymentTarget.iOS16, path,
+                              PackageMetadata("tiny/sd@main", "mit", attention))
+            packages[attention, component] = path
+    return packages
+
+
+def _outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:
+    with torch.no_grad():
+        result = module(*inputs)
+    result = result if isinstance(result, tuple) else (result,)
+    return tuple(r.numpy() for r in result)
+
+
+@pytest.mark.parametrize("component", list(Component))
+@pytest.mark.parametrize("attention", [Attention.SPLIT_EINSUM, Attention.SPLIT_EINSUM_V2])
+def test_rewritten_attention_matches_diffusers(tiny_source: Path, component: Component, attention: Attention) -> None:
+    reference = load_component(tiny_source, component, Attention.ORIGINAL, RESOLUTION)
+    rewritten = load_component(tiny_source, component, attention, RESOLUTION)
+    assert reference.module.state_dict().keys() == rewritten.module.state_dict().keys()
+    if component in (Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER):
+        kinds = (SplitEinsumTransformer2D, SplitEinsumSpatialAttention)
+        assert any(isinstance(m, kinds) for m in rewritten.module.modules()), "nothing was rewritten"
+    inputs = example_inputs(reference.spec)
+    for ref, out in zip(_outputs(reference.module, inputs), _outputs(rewritten.module, inputs), strict=True):
+        assert psnr(ref, out) >= 60
+
+
+def test_safety_checker_agrees_with_diffusers(tiny_source: Path) -> None:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    original = StableDiffusionSafetyChecker.from_pretrained(tiny_source / "safety_checker").eval()
+    wrapper = load_component(tiny_source, Component.SAFETY_CHECKER, Attention.ORIGINAL, RESOLUTION).module
+    samples = []
+    for seed in range(12):
+        generator = torch.Generator().manual_seed(seed)
+        samples.append((torch.rand((1, 3, 224, 224), generator=generator) * 2 - 1,
+                        torch.rand((1, RESOLUTION, RESOLUTION, 3), generator=generator)))
+    # thresholds that flag about half of the samples: concept 0 at the median score, the rest never
+    with torch.no_grad():
+        embeds = torch.cat([original.visual_projection(original.vision_model(c)[1]) for c, _ in samples])
+        cosine = torch.nn.functional.normalize(embeds) @ torch.nn.functional.normalize(original.concept_embeds).T
+        for checker in (original, wrapper):
+            checker.concept_embeds_weights.fill_(2.0)
+            checker.concept_embeds_weights[0] = cosine[:, 0].median()
+            checker.special_care_embeds_weights.fill_(2.0)
+    flags = []
+    for clip_input, images in samples:
+        with torch.no_grad():
+            _, expected = original(clip_input=clip_input, images=images.numpy().copy())
+            filtered, has_nsfw, _ = wrapper(clip_input, images, torch.zeros(1))
+        flags.append(bool(expected[0]))
+        assert bool(has_nsfw[0] > 0.5) == bool(expected[0])
+        assert torch.equal(filtered, torch.zeros_like(images) if expected[0] else images)
+    assert any(flags) and not all(flags), "the sample should contain flagged and clean images"
+
+
+@pytest.mark.parametrize("attention", list(Attention))
+@pytest.mark.parametrize("component", list(Component))
+def test_package_interface_is_the_contract(converted: dict, tiny_source: Path, attention: Attention,
+                                           component: Component) -> None:
+    info = package_info(converted[attention, component])
+    spec = model_spec(component, ModelDims(resolution=RESOLUTION, text_hidden=32))
+    assert info.is_mlprogram
+    assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, "float32") for t in spec.inputs]
+    assert [(t.name, t.shape, t.dtype) for t in info.outputs] == [(t.name, t.shape, "float32") for t in spec.outputs]
+    assert info.metadata["com.github.coreml-publisher.attention"] == attention.value
+
+
+def _ops_with_two_long_axes(package: Path, limit: int = 512) -> list[str]:
+    found = []
+    for op in main_operations(load_program(package)):
+        for value in op.outputs:
+            shape = getattr(value, "shape", ()) or ()
+            if sum(1 for d in shape if isinstance(d, int) and d > limit) >= 2:
+                found.append(f"{op.op_type} {op.name} {shape}")
+    return found
+
+
+def test_split_einsum_v2_keeps_query_chunks_at_512(converted: dict) -> None:
+    # the tiny UNet attends over 32x32 = 1024 positions at its first level: more than one chunk
+    assert _ops_with_two_long_axes(converted[Attention.SPLIT_EINSUM_V2, Component.UNET]) == []
+    assert _ops_with_two_long_axes(converted[Attention.SPLIT_EINSUM_V2, Component.VAE_DECODER]) == []
+    # the check can fail: SPLIT_EINSUM builds (1024 keys x 1024 queries) score tensors
+    assert _ops_with_two_long_axes(converted[Attention.SPLIT_EINSUM, Component.UNET])
+
+
+def test_chunked_unet_composes_to_the_whole(tiny_source: Path, tmp_path: Path) -> None:
+    loaded = load_component(tiny_source, Component.UNET, Attention.SPLIT_EINSUM, RESOLUTION)
+    example = example_inputs(loaded.spec)
+    specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
+    with torch.no_grad():
+        whole = loaded.module(*example).numpy()
+        composed = UnetChunk2(loaded.module)(example[2], *intermediates).numpy()
+        assert len(UnetChunk1(loaded.module)(*example)) == len(specs.chunk1_outputs)
+    assert psnr(whole, composed) > 100
+    paths = convert_unet_chunks(tiny_source, Attention.SPLIT_EINSUM, RESOLUTION, DeploymentTarget.iOS16,
+                                (tmp_path / "c1.mlpackage", tmp_path / "c2.mlpackage"),
+                                PackageMetadata("tiny/sd@main", "mit", Attention.SPLIT_EINSUM))
+    first, second = (package_info(Path(p)) for p in paths)
+    assert [t.name for t in first.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    chained = {(t.name, t.shape, t.dtype) for t in first.outputs} | {
+        (t.name, t.shape, t.dtype) for t in first.inputs}
+    assert {(t.name, t.shape, t.dtype) for t in second.inputs} <= chained
+    assert [t.name for t in second.outputs] == ["noise_pred"]
+    assert second.outputs[0].shape == (2, 4, 32, 32)
+
+
+def _tree_digest(package: Path) -> dict[str, str]:
+    return {str(p.relative_to(package)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(package.rglob("*")) if p.is_file()}
+
+
+def test_isolated_conversion_is_byte_identical(tiny_source: Path, converted: dict, tmp_path: Path) -> None:
+    again = tmp_path / "te.mlpackage"
+    result = convert_isolated(tiny_source, Component.TEXT_ENCODER, Attention.ORIGINAL, RESOLUTION,
+                              DeploymentTarget.iOS16, again, PackageMetadata("tiny/sd@main", "mit", Attention.ORIGINAL))
+    assert result.outputs == ["last_hidden_state", "pooled_outputs"]
+    assert _tree_digest(again) == _tree_digest(converted[Attention.ORIGINAL, Component.TEXT_ENCODER])
+
+
+def test_missing_component_is_one_clear_line(tmp_path: Path) -> None:
+    source = build_tiny_pipeline(tmp_path / "sd2", components=(Component.TEXT_ENCODER, Component.UNET))
+    with pytest.raises(SourceError) as info:
+        load_component(source, Component.SAFETY_CHECKER, Attention.ORIGINAL, RESOLUTION, label="org/sd2@main")
+    assert str(info.value) == ("source org/sd2@main has no safety_checker (folder safety_checker/ with a config.json "
+                               "is missing); drop it from the manifest's components")
+
+
+def test_fetch_source_from_the_hub(tiny_source: Path, hf_api, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    hf_api.create_repo("tiny/sd-source", exist_ok=True)
+    commit = hf_api.upload_folder(folder_path=tiny_source, repo_id="tiny/sd-source").oid
+    fetched = fetch_source("tiny/sd-source", "main", [Component.UNET, Component.TEXT_ENCODER], tmp_path / "cache",
+                           endpoint=staging_hub.url, token=staging_hub.token)
+    assert fetched.commit == commit
+    assert (fetched.path / "unet" / "config.json").exists()
+    assert (fetched.path / "tokenizer" / "merges.txt").exists()
+    assert not (fetched.path / "safety_checker").exists()  # only what the components need
+    with pytest.raises(SourceError, match="^source tiny/sd-source has no revision 'v9'$"):
+        fetch_source("tiny/sd-source", "v9", [Component.UNET], tmp_path / "cache", endpoint=staging_hub.url,
+                     token=staging_hub.token)
+    hf_api.create_repo("tiny/sd2-source", exist_ok=True)
+    hf_api.upload_folder(folder_path=tiny_source, repo_id="tiny/sd2-source", ignore_patterns=["safety_checker/*"])
+    with pytest.raises(SourceError, match=r"^source tiny/sd2-source@main has no safety_checker"):
+        fetch_source("tiny/sd2-source", "main", [Component.SAFETY_CHECKER], tmp_path / "cache",
+                     endpoint=staging_hub.url, token=staging_hub.token)
