@@ -173,7 +173,7 @@ def test_fetch_source_from_the_hub(tiny_source: Path, hf_api, staging_hub, tmp_p
     assert (fetched.path / "unet" / "config.json").exists()
     assert (fetched.path / "tokenizer" / "merges.txt").exists()
     assert not (fetched.path / "safety_checker").exists()  # only what the components need
-    with pytest.raises(SourceError, match="^source tiny/sd-source has no revision 'v9'$"):
+    with pytest.raises(SourceError, match=r"^source tiny/sd-source has no revision 'v9'$"):
         fetch_source("tiny/sd-source", "v9", [Component.UNET], tmp_path / "cache", endpoint=staging_hub.url,
                      token=staging_hub.token)
     hf_api.create_repo("tiny/sd2-source", exist_ok=True)

@@ -19,6 +19,7 @@ from publisher.convert.attention import apply_attention
 from publisher.errors import SourceError
 from publisher.manifest import Attention, Component
 
+_LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
 SUBFOLDERS = {
     Component.TEXT_ENCODER: "text_encoder",
     Component.UNET: "unet",
@@ -153,21 +154,21 @@ def load_component(source: Path, component: Component, attention: Attention, res
     if component is Component.TEXT_ENCODER:
         from transformers import CLIPTextModel
 
-        module = TextEncoder(CLIPTextModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False))
+        module = TextEncoder(CLIPTextModel.from_pretrained(folder, **_LOAD))
     elif component is Component.UNET:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        unet = UNet2DConditionModel.from_pretrained(folder, **_LOAD)
         module = Unet(apply_attention(unet, attention), attention)
     elif component in (Component.VAE_DECODER, Component.VAE_ENCODER):
         from diffusers import AutoencoderKL
 
-        vae = apply_attention(AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False), attention)
+        vae = apply_attention(AutoencoderKL.from_pretrained(folder, **_LOAD), attention)
         module = VAEDecoder(vae) if component is Component.VAE_DECODER else VAEEncoder(vae)
     else:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        module = SafetyChecker(StableDiffusionSafetyChecker.from_pretrained(folder, torch_dtype=torch.float32, low_cpu_mem_usage=False))
+        module = SafetyChecker(StableDiffusionSafetyChecker.from_pretrained(folder, **_LOAD))
     return LoadedComponent(module=module.eval().float(), spec=model_spec(component, dims), dims=dims)
 
 
