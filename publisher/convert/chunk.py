@@ -102,9 +102,9 @@ def convert_unet_chunks(source: Path, attention: Attention, resolution: int, tar
     example = example_inputs(loaded.spec)
     assert isinstance(loaded.module, Unet)
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
-    first = convert_module(UnetChunk1(loaded.module), loaded.spec, example, target, metadata,  # type: ignore[arg-type]
+    first = convert_module([UnetChunk1(loaded.module)], loaded.spec, example, target, metadata,  # type: ignore[arg-type]
                            outputs[0], specs.chunk1_inputs, specs.chunk1_outputs)
     context = example[2]
-    second = convert_module(UnetChunk2(loaded.module), loaded.spec, (context, *intermediates), target,  # type: ignore[arg-type]
+    second = convert_module([UnetChunk2(loaded.module)], loaded.spec, (context, *intermediates), target,  # type: ignore[arg-type]
                             metadata, outputs[1], specs.chunk2_inputs, specs.chunk2_outputs)  # type: ignore[arg-type]
     return [first.path, second.path]

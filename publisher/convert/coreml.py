@@ -118,58 +118,110 @@ def describe(model: Any, spec_inputs: Sequence[TensorSpec], spec_outputs: Sequen
     })
 
 
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
 def trace(module: Any, inputs: tuple[Any, ...]) -> Any:
     import torch
 
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():  # no autograd graph: activations are freed as they go
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return torch.jit.trace(module, inputs, check_trace=False, strict=False)
 
 
-def to_mlprogram(traced: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 target: DeploymentTarget) -> Any:
+def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
+    """Replace large float32 constants by float16 ones (followed by a cast back, which the float16 pass later
+    folds away). Each float32 array is released as soon as its replacement exists, so the program never holds
+    both copies of all weights at once."""
     import numpy as np
 
     ct = import_coremltools()
-    return ct.convert(
-        traced,
+    from coremltools.converters.mil.mil import Builder as mb
+
+    replaced = 0
+    function = prog.functions["main"]
+    with function:
+        for op in list(function.operations):
+            if op.op_type != "const":
+                continue
+            value = op.outputs[0].val
+            if not isinstance(value, np.ndarray) or value.dtype != np.float32 or value.size < min_elements:
+                continue
+            half = mb.const(val=value.astype(np.float16), before_op=op, name=op.name + "_fp16")
+            back = mb.cast(x=half, dtype="fp32", before_op=op, name=op.name + "_fp32")
+            function.replace_uses_of_var_after_op(anchor_op=back.op, old_var=op.outputs[0], new_var=back,
+                                                  no_check_var_types=True)
+            function.remove_ops([op])
+            del value
+            replaced += 1
+    del ct
+    return replaced
+
+
+def to_mlprogram(traced: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 target: DeploymentTarget, progress: Progress = _quiet) -> Any:
+    """Convert in two phases so that the traced module's float32 weights can be released early: the frontend
+    gives a MIL program, the caller's last reference to the traced module goes, weights become float16 one at
+    a time, then the usual pass pipeline and the ML Program backend run."""
+    import numpy as np
+
+    ct = import_coremltools()
+    holder = [traced]
+    del traced
+    prog = ct.convert(
+        holder.pop(),
         inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=np.float32) for t in inputs],
         # float32 outputs, like the inputs: the apps and the next chunk read float32 arrays
         outputs=[ct.TensorType(name=t.name, dtype=np.float32) for t in outputs],
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16,
+        convert_to="milinternal",
+        compute_precision=ct.precision.FLOAT32,
         minimum_deployment_target=deployment_target(ct, target),
-        skip_model_load=True,  # Core ML cannot load models on Linux; nothing here needs it loaded
+        pass_pipeline=ct.PassPipeline.EMPTY,
     )
+    gc.collect()
+    progress("frontend")
+    _weights_to_float16(prog)
+    gc.collect()
+    progress("weights float16")
+    return ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                      minimum_deployment_target=deployment_target(ct, target), skip_model_load=True)
 
 
-def convert_module(module: Any, spec: ModelSpec, example: tuple[Any, ...], target: DeploymentTarget,
+def convert_module(module_holder: list[Any], spec: ModelSpec, example: tuple[Any, ...], target: DeploymentTarget,
                    metadata: PackageMetadata, output: Path, spec_inputs: Sequence[TensorSpec] | None = None,
-                   spec_outputs: Sequence[TensorSpec] | None = None) -> ConvertResult:
+                   spec_outputs: Sequence[TensorSpec] | None = None, progress: Progress = _quiet) -> ConvertResult:
+    """Trace and convert the module in `module_holder` (a one-item list this function empties, so that the last
+    reference to the PyTorch module is dropped before conversion)."""
     inputs = list(spec_inputs or spec.inputs)
     outputs = list(spec_outputs or spec.outputs)
-    traced = trace(module, example)
-    del module
-    gc.collect()  # the traced graph holds the weights it needs; drop everything else before converting
-    model = to_mlprogram(traced, inputs, outputs, target)
-    del traced
+    traced = [trace(module_holder.pop(), example)]
     gc.collect()
+    progress("trace")
+    model = to_mlprogram(traced.pop(), inputs, outputs, target, progress)
+    gc.collect()
+    progress("convert")
     describe(model, inputs, outputs, spec.description, metadata)
     save_package(model, output)
+    progress("save")
     return ConvertResult(path=str(output), inputs=[t.name for t in inputs], outputs=[t.name for t in outputs])
 
 
 def convert_component(source: Path, component: Component, attention: Attention, resolution: int,
-                      target: DeploymentTarget, output: Path, metadata: PackageMetadata) -> ConvertResult:
+                      target: DeploymentTarget, output: Path, metadata: PackageMetadata,
+                      progress: Progress = _quiet) -> ConvertResult:
     """Convert one component of a diffusers checkpoint folder to `output` (an .mlpackage folder)."""
     from publisher.convert.components import example_inputs, load_component
 
-    loaded = load_component(Path(source), component, attention, resolution, label=metadata.source)
-    example = example_inputs(loaded.spec)
-    spec = loaded.spec
-    module = loaded.module
-    del loaded
-    return convert_module(module, spec, example, target, metadata, Path(output))
+    loaded = [load_component(Path(source), component, attention, resolution, label=metadata.source)]
+    spec = loaded[0].spec
+    example = example_inputs(spec)
+    holder = [loaded.pop().module]
+    progress("load")
+    return convert_module(holder, spec, example, target, metadata, Path(output), progress=progress)
 
 
 def _child_init() -> None:
