@@ -133,43 +133,88 @@ def trace(module: Any, inputs: tuple[Any, ...]) -> Any:
         return torch.jit.trace(module, inputs, check_trace=False, strict=False)
 
 
+@contextlib.contextmanager
+def _no_constant_folding() -> Iterator[None]:
+    """While creating a cast of a constant, skip its value inference (the folding happens later, in float16)."""
+    from coremltools.converters.mil.mil.ops.defs.iOS15.elementwise_unary import cast as cast15
+    from coremltools.converters.mil.mil.ops.defs.iOS17.elementwise_unary import cast as cast17
+
+    def refuse(self: Any) -> Any:
+        raise NotImplementedError
+
+    originals = {op_class: op_class.value_inference for op_class in (cast15, cast17)}
+    for op_class in originals:
+        op_class.value_inference = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for op_class, method in originals.items():
+            op_class.value_inference = method  # type: ignore[method-assign]
+
+
 def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
-    """Replace large float32 constants by float16 ones (followed by a cast back, which the float16 pass later
-    folds away). Each float32 array is released as soon as its replacement exists, so the program never holds
-    both copies of all weights at once."""
+    """Replace large float32 constants by float16 ones. Each float32 array is released as soon as its
+    replacement exists, so the program never holds both copies of all weights at once."""
     import numpy as np
 
     ct = import_coremltools()
     from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.scope import ScopeInfo
 
     replaced = 0
     function = prog.functions["main"]
+    # a list of the ops to replace, each slot cleared once done: a removed op must not stay referenced here,
+    # or its float32 array would live on to the end of the loop
+    pending: list[Any] = [op for op in function.operations if op.op_type == "const"]
     with function:
-        for op in list(function.operations):
-            if op.op_type != "const":
-                continue
+        for index in range(len(pending)):
+            op = pending[index]
+            pending[index] = None
             value = op.outputs[0].val
             if not isinstance(value, np.ndarray) or value.dtype != np.float32 or value.size < min_elements:
                 continue
-            half = mb.const(val=value.astype(np.float16), before_op=op, name=op.name + "_fp16")
-            back = mb.cast(x=half, dtype="fp32", before_op=op, name=op.name + "_fp32")
+            scopes = [ScopeInfo(source=source, data=list(data)) for source, data in op.scopes.items()]
+            with contextlib.ExitStack() as stack:
+                if scopes:  # keep the torch module scopes: later passes require them on every op
+                    stack.enter_context(mb.scope(*scopes))
+                half = mb.const(val=value.astype(np.float16), before_op=op, name=op.name + "_fp16")
+                with _no_constant_folding():  # a folded cast would materialise the float32 copy again
+                    back = mb.cast(x=half, dtype="fp32", before_op=op, name=op.name + "_fp32")
             function.replace_uses_of_var_after_op(anchor_op=back.op, old_var=op.outputs[0], new_var=back,
                                                   no_check_var_types=True)
             function.remove_ops([op])
-            del value
+            del value, op, half, back
             replaced += 1
     del ct
     return replaced
 
 
+def _split_pipeline(ct: Any) -> tuple[Any, Any]:
+    """coremltools' default pipeline cut where float16 begins. The first half runs on the float32 program as
+    it would in a plain conversion; the second half starts with the float16 cast, immediately followed by cast
+    merging, so that float16 weights (cast back to float32 by us) meet their float16 casts before any constant
+    folding could expand them to float32 again."""
+    names = list(ct.PassPipeline.DEFAULT.passes)
+    cut = names.index("common::add_fp16_cast")
+    first = ct.PassPipeline(pass_names=names[:cut], pipeline_name="publisher_float32_part")
+    second_names = [names[cut], "common::cast_optimization", "common::dead_code_elimination", *names[cut + 1:]]
+    second = ct.PassPipeline(pass_names=second_names, pipeline_name="publisher_float16_part")
+    return first, second
+
+
 def to_mlprogram(traced: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  target: DeploymentTarget, progress: Progress = _quiet) -> Any:
-    """Convert in two phases so that the traced module's float32 weights can be released early: the frontend
-    gives a MIL program, the caller's last reference to the traced module goes, weights become float16 one at
-    a time, then the usual pass pipeline and the ML Program backend run."""
+    """Convert with coremltools' own passes, in an order that lets the float32 weights go early.
+
+    The traced module's last reference goes as soon as the frontend has produced the MIL program; the float32
+    half of the pipeline runs; then each float32 weight is replaced by its float16 value one at a time (each
+    float32 array is freed as its replacement appears); then the float16 half and the ML Program backend run.
+    The weights are the same float16 values as in a plain conversion (checked by the tests), at a lower peak.
+    """
     import numpy as np
 
     ct = import_coremltools()
+    first, second = _split_pipeline(ct)
     holder = [traced]
     del traced
     prog = ct.convert(
@@ -180,14 +225,14 @@ def to_mlprogram(traced: Any, inputs: Sequence[TensorSpec], outputs: Sequence[Te
         convert_to="milinternal",
         compute_precision=ct.precision.FLOAT32,
         minimum_deployment_target=deployment_target(ct, target),
-        pass_pipeline=ct.PassPipeline.EMPTY,
+        pass_pipeline=first,
     )
     gc.collect()
-    progress("frontend")
+    progress("frontend + float32 passes")
     _weights_to_float16(prog)
     gc.collect()
     progress("weights float16")
-    return ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+    return ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16, pass_pipeline=second,
                       minimum_deployment_target=deployment_target(ct, target), skip_model_load=True)
 
 

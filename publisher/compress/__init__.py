@@ -1,0 +1,1 @@
+"""Post-training palettization: exact 1-D k-means LUTs from fp16 histograms, packed indices, fidelity reports."""
