@@ -16,6 +16,7 @@ from publisher.manifest import (
     Component,
     ComputeUnit,
     DeploymentTarget,
+    Granularity,
     Layout,
     LoadedManifest,
     Precision,
@@ -47,6 +48,7 @@ class Variant:
     source_repo: str
     source_revision: str
     resolution: int
+    license: str = "other"
 
     @property
     def id(self) -> str:
@@ -77,6 +79,7 @@ class Variant:
             "layouts": [layout.value for layout in self.layouts],
             "source": {"repo": self.source_repo, "revision": self.source_revision},
             "resolution": self.resolution,
+            "license": self.license,
         }
 
 
@@ -166,6 +169,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     source_repo=manifest.source.repo,
                     source_revision=manifest.source.revision,
                     resolution=manifest.resolution,
+                    license=manifest.license,
                 ))
     return variants
 
@@ -174,7 +178,8 @@ def _conversion_target(variant: Variant, float16_targets: dict[tuple[Any, ...], 
                        base: tuple[Any, ...]) -> DeploymentTarget:
     """A palettized variant reuses the float16 conversion of the same source/attention/component when one is
     planned at a deployment target it can run on; otherwise it converts at its own target."""
-    if variant.precision.is_palettized:
+    grouped = variant.precision.granularity is Granularity.PER_GROUPED_CHANNEL
+    if variant.precision.is_palettized and not grouped:  # grouped LUTs need an iOS18 program from the start
         usable = [t for t in float16_targets.get(base, []) if t.level <= variant.deployment_target.level]
         if usable:
             return min(usable, key=lambda t: (t.level, t.value))
@@ -199,22 +204,25 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         for component in v.components:
             base = (v.source_repo, v.source_revision, v.attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
-            convert = builder.add(
-                f"convert:{source}:{v.attention.value}:{component.value}:{v.resolution}:{target.value}", "convert",
-                [fetch], {"attention": v.attention.value, "component": component.value, "resolution": v.resolution,
-                          "deployment_target": target.value}, v.id)
-            chunked = v.chunk_unet and component is Component.UNET
-            pieces = [(component.value, convert)]
-            if chunked:
-                pieces = [(name, builder.add(f"chunk:{convert}:{name}", "chunk", [convert], {"chunk": name}, v.id))
-                          for name in submodules(component, chunked=True)]
+            common = {"attention": v.attention.value, "component": component.value, "resolution": v.resolution,
+                      "deployment_target": target.value}
+            if v.chunk_unet and component is Component.UNET:
+                # the chunks are converted from the source as two modules, not cut from a converted UNet
+                pieces = [(name, builder.add(
+                    f"chunk:{source}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", [fetch],
+                    {**common, "chunk": name}, v.id)) for name in submodules(component, chunked=True)]
+            else:
+                pieces = [(component.value, builder.add(
+                    f"convert:{source}:{v.attention.value}:{component.value}:{v.resolution}:{target.value}",
+                    "convert", [fetch], common, v.id))]
             for submodule, package in pieces:
                 if v.precision.is_palettized and component in PALETTIZED_COMPONENTS:
                     params = v.precision.model_dump(mode="json", exclude_none=True)
                     params["deployment_target"] = v.deployment_target.value
                     package = builder.add(f"palettize:{package}:{v.precision.label}:{v.deployment_target.value}",
                                           "palettize", [package], params, v.id)
-                verify = builder.add(f"verify:{package}", "verify", [package], {"component": component.value}, v.id)
+                verify = builder.add(f"verify:{package}", "verify", [package],
+                                     {"component": component.value, "submodule": submodule}, v.id)
                 packages.append((submodule, verify))
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:

@@ -58,3 +58,14 @@ def repo_id(request: pytest.FixtureRequest, hf_api) -> str:  # type: ignore[no-u
 @pytest.fixture
 def work_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_source_repo(staging_hub: StagingHub, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny SD-shaped source model published on the staging Hub (diffusers layout)."""
+    from publisher.tiny import build_tiny_pipeline, push_tiny_source
+    from tests.helpers import TINY_SOURCE_REPO
+
+    folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-source") / "sd")
+    push_tiny_source(folder, TINY_SOURCE_REPO, staging_hub.url, staging_hub.token)
+    return TINY_SOURCE_REPO

@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from publisher.cli import manifests, staging
+from publisher.cli import build, manifests, staging
 from publisher.errors import PublisherError
 
 app = typer.Typer(
@@ -30,6 +30,8 @@ def _root(
 app.command()(manifests.validate)
 app.command()(manifests.schema)
 app.command()(manifests.plan)
+app.command("build")(build.build_command)
+app.command("compile")(build.compile_command)
 app.add_typer(staging.app, name="staging")
 
 

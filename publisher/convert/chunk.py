@@ -91,9 +91,9 @@ def chunk_specs(wrapper: Unet, unet_inputs: tuple[TensorSpec, ...], unet_outputs
     return ChunkSpecs(unet_inputs, middle, (context, *middle), unet_outputs), intermediates
 
 
-def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: object, outputs: tuple[Path, Path],
-                        metadata: object) -> list[str]:
-    """Convert the UNet of `source` into two chunk packages."""
+def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: object,
+                        outputs: tuple[Path | None, Path | None], metadata: object) -> list[str]:
+    """Convert the UNet of `source` into its two chunk packages (a None output skips that chunk)."""
     from publisher.convert.components import example_inputs, load_component
     from publisher.convert.coreml import convert_module
     from publisher.manifest import Component
@@ -102,9 +102,13 @@ def convert_unet_chunks(source: Path, attention: Attention, resolution: int, tar
     example = example_inputs(loaded.spec)
     assert isinstance(loaded.module, Unet)
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
-    first = convert_module([UnetChunk1(loaded.module)], loaded.spec, example, target, metadata,  # type: ignore[arg-type]
-                           outputs[0], specs.chunk1_inputs, specs.chunk1_outputs)
-    context = example[2]
-    second = convert_module([UnetChunk2(loaded.module)], loaded.spec, (context, *intermediates), target,  # type: ignore[arg-type]
-                            metadata, outputs[1], specs.chunk2_inputs, specs.chunk2_outputs)  # type: ignore[arg-type]
-    return [first.path, second.path]
+    paths = []
+    if outputs[0] is not None:
+        paths.append(convert_module([UnetChunk1(loaded.module)], loaded.spec, example, target,  # type: ignore[arg-type]
+                                    metadata, outputs[0], specs.chunk1_inputs, specs.chunk1_outputs).path)  # type: ignore[arg-type]
+    if outputs[1] is not None:
+        context = example[2]
+        paths.append(convert_module([UnetChunk2(loaded.module)], loaded.spec, (context, *intermediates),  # type: ignore[arg-type]
+                                    target, metadata, outputs[1], specs.chunk2_inputs,  # type: ignore[arg-type]
+                                    specs.chunk2_outputs).path)
+    return paths

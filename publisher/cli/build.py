@@ -1,0 +1,88 @@
+"""`publisher build` and `publisher compile`: thin over publisher.engine.build."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
+from publisher.engine.build import BuildOptions, BuildResult, build
+from publisher.errors import PublisherError
+from publisher.manifest import load_manifests
+
+OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
+StoreOpt = Annotated[Path, typer.Option("--store", help="The build store (cached step outputs).")]
+SourceEndpointOpt = Annotated[str | None, typer.Option(
+    "--source-endpoint", envvar="PUBLISHER_SOURCE_ENDPOINT",
+    help="Hub the source models are read from (default: HF_ENDPOINT, else huggingface.co).")]
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def print_build_table(result: BuildResult) -> None:
+    rows = [(r.variant.id, str(r.files), _human(r.size), f"{r.seconds:.1f} s", r.status) for r in result.variants]
+    header = ("variant", "files", "size", "time", "status")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    typer.echo(f"steps: {len(result.built)} built, {len(result.cached)} cached")
+    for r in result.variants:
+        if r.error:
+            typer.echo(f"error: {r.variant.id}: {r.error}", err=True)
+
+
+def build_command(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Variant id or pattern (repeatable).")] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Packages only (Linux): skip .mlmodelc and zips.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the output checks.")] = False,
+    out: OutOpt = Path("build"),
+    store: StoreOpt = Path(".publisher/store"),
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    source_endpoint: SourceEndpointOpt = None,
+) -> None:
+    """Build every (or the chosen) variant of the manifests into OUT/<repo>/, redoing only what changed."""
+    options = BuildOptions(out=out, store=store, namespace=namespace, compile=not no_compile, verify=not no_verify,
+                           variants=variant, endpoint=source_endpoint, token=os.environ.get("HF_TOKEN") or None)
+    result = build(load_manifests(manifests), options)
+    print_build_table(result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def compile_command(
+    build_dir: Annotated[Path, typer.Argument(help="A build output folder (with build-info.json files).")],
+    store: StoreOpt = Path(".publisher/store"),
+    source_endpoint: SourceEndpointOpt = None,
+) -> None:
+    """Compile already-built packages (macOS): rebuilds the same variants with compilation on; cached steps are
+    reused from the store, so only compile, Resources and zips are new."""
+    infos = sorted(build_dir.glob("*/*/*/build-info.json"))
+    if not infos:
+        raise PublisherError(f"{build_dir}: no build-info.json found (run `publisher build` first)")
+    by_manifest: dict[str, list[str]] = {}
+    namespace = None
+    for path in infos:
+        info = json.loads(path.read_text())
+        by_manifest.setdefault(info["manifest"]["path"], []).append(info["variant"]["id"])
+        namespace = info["variant"]["repo"].split("/")[0]
+    ok = True
+    for manifest, ids in by_manifest.items():
+        options = BuildOptions(out=build_dir, store=store, namespace=namespace or DEFAULT_NAMESPACE, compile=True,
+                               variants=ids, endpoint=source_endpoint, token=os.environ.get("HF_TOKEN") or None)
+        result = build(load_manifests([Path(manifest)]), options)
+        print_build_table(result)
+        ok = ok and result.ok
+    if not ok:
+        raise typer.Exit(1)

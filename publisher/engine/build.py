@@ -1,0 +1,346 @@
+"""Run a plan: fetch -> convert/chunk -> palettize -> verify -> compile -> assemble -> zip, through the store.
+
+Each step's output is keyed by the hash of its inputs, its parameters and the tool versions, so a rerun redoes only
+what changed, and a killed run resumes: finished steps are in the store, half-written ones never are. The variant
+folders under `out/<repo>/` are the repo as it will be published.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from publisher.compile import compile_package, require_compiler
+from publisher.contract import TOKENIZER_FILES, compiled_name, package_name, zip_folder_name
+from publisher.errors import PublisherError
+from publisher.layout import link_or_copy, link_tree, replace_folder, write_zip
+from publisher.manifest import Attention, Component, DeploymentTarget, Granularity, Layout, LoadedManifest
+from publisher.plan import Plan, Step, Variant, build_plan
+from publisher.store import BuildStore, StoredOutput, step_key, tool_versions, tree_files
+from publisher.util.atomic import atomic_write_text
+
+PACKAGE = "model.mlpackage"
+BUILD_INFO = "build-info.json"
+
+
+class BuildError(PublisherError):
+    """A step failed; the message names the step and the reason."""
+
+
+@dataclass
+class BuildOptions:
+    out: Path = Path("build")
+    store: Path = Path(".publisher/store")
+    namespace: str = "local"
+    compile: bool = True
+    verify: bool = True
+    variants: Sequence[str] | None = None  # variant ids or fnmatch patterns
+    endpoint: str | None = None  # the Hub the sources are read from (None: HF_ENDPOINT / huggingface.co)
+    token: str | None = None
+    isolate: bool = True  # convert each component in its own process
+    progress: bool = True
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    status: str = "pending"  # built | cached | failed
+    files: int = 0
+    size: int = 0
+    seconds: float = 0.0
+    path: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class BuildResult:
+    plan: Plan
+    variants: list[VariantResult]
+    built: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(v.status != "failed" for v in self.variants)
+
+
+@dataclass
+class _Fetched:
+    key: str
+    path: Path
+    commit: str
+    repo: str
+    revision: str
+
+
+def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]:
+    if not patterns:
+        return list(plan.variants)
+    chosen = [v for v in plan.variants if any(v.id == p or fnmatch.fnmatchcase(v.id, p) for p in patterns)]
+    if not chosen:
+        raise BuildError(f"no variant matches {', '.join(patterns)} (see `publisher plan`)")
+    return chosen
+
+
+class _Runner:
+    def __init__(self, plan: Plan, manifests: Sequence[LoadedManifest], options: BuildOptions,
+                 report: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.options = options
+        self.store = BuildStore(options.store)
+        self.versions = tool_versions()
+        self.keys: dict[str, str] = {}
+        self.outputs: dict[str, StoredOutput] = {}
+        self.fetched: dict[str, _Fetched] = {}
+        self.failed: dict[str, str] = {}
+        self.built: list[str] = []
+        self.cached: list[str] = []
+        self.report = report
+        self.manifest_sha = {str(m.path): m.sha256 for m in manifests}
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def run_step(self, step: Step) -> None:
+        broken = [i for i in step.inputs if i in self.failed]
+        if broken:
+            self.failed[step.id] = self.failed[broken[0]]
+            return
+        if step.kind == "fetch":
+            self._fetch(step)
+            return
+        if step.kind == "assemble":
+            return  # per variant, after its steps
+        params = dict(step.params)
+        if step.kind in ("convert", "chunk"):
+            params["license"] = self._variant_of(step).license
+        key = step_key(step.kind, params, [self.keys[i] for i in step.inputs], self.versions)
+        self.keys[step.id] = key
+        stored = self.store.get(key)
+        if stored is not None:
+            self.outputs[step.id] = stored
+            self.cached.append(step.id)
+            return
+        self.report(f"{step.kind} {step.id.split(':', 1)[1]}")
+        try:
+            with self.store.building(key, {"step": step.id, "kind": step.kind, "params": params}) as work:
+                getattr(self, f"_do_{step.kind}")(step, work)
+        except PublisherError as exc:
+            self.failed[step.id] = f"{step.kind} {step.id}: {exc}"
+            return
+        except Exception as exc:  # a tool's own failure: keep the step name and the message, one line
+            text = str(exc).strip().splitlines()
+            self.failed[step.id] = f"{step.kind} {step.id}: {type(exc).__name__}: {text[-1] if text else ''}"
+            return
+        stored = self.store.get(key)
+        if stored is None:
+            raise BuildError(f"{step.id}: the stored output did not verify right after it was written")
+        self.outputs[step.id] = stored
+        self.built.append(step.id)
+
+    def _variant_of(self, step: Step) -> Variant:
+        return next(v for v in self.plan.variants if v.id in step.variants)
+
+    def _fetch(self, step: Step) -> None:
+        from publisher.engine.source import fetch_source
+
+        components = sorted({c for v in self.plan.variants if v.id in step.variants for c in v.components},
+                            key=lambda c: list(Component).index(c))
+        try:
+            fetched = fetch_source(step.params["repo"], step.params["revision"], components,
+                                   self.options.store / "hub-cache", endpoint=self.options.endpoint,
+                                   token=self.options.token)
+        except PublisherError as exc:
+            self.failed[step.id] = str(exc)
+            return
+        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit}, [], {})
+        self.keys[step.id] = key
+        self.fetched[step.id] = _Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision)
+
+    def _source(self, step: Step) -> _Fetched:
+        return self.fetched[step.inputs[0]]
+
+    def _metadata(self, step: Step) -> Any:
+        from publisher.convert.coreml import PackageMetadata
+
+        source = self._source(step)
+        return PackageMetadata(source=f"{source.repo}@{source.commit}", license=self._variant_of(step).license,
+                               attention=Attention(step.params["attention"]))
+
+    def _do_convert(self, step: Step, work: Path) -> None:
+        from publisher.convert.coreml import convert_component, convert_isolated
+
+        convert = convert_isolated if self.options.isolate else convert_component
+        convert(self._source(step).path, Component(step.params["component"]), Attention(step.params["attention"]),
+                int(step.params["resolution"]), DeploymentTarget(step.params["deployment_target"]), work / PACKAGE,
+                self._metadata(step))
+
+    def _do_chunk(self, step: Step, work: Path) -> None:
+        from publisher.convert.chunk import convert_unet_chunks
+        from publisher.convert.coreml import run_isolated
+
+        outputs = (work / PACKAGE, None) if step.params["chunk"] == "unet_chunk1" else (None, work / PACKAGE)
+        args = (self._source(step).path, Attention(step.params["attention"]), int(step.params["resolution"]),
+                DeploymentTarget(step.params["deployment_target"]), outputs, self._metadata(step))
+        if self.options.isolate:
+            run_isolated(convert_unet_chunks, *args)
+        else:
+            convert_unet_chunks(*args)
+
+    def _do_palettize(self, step: Step, work: Path) -> None:
+        from publisher.compress.palettize import PalettizeConfig, load_recipe, palettize_package
+
+        params = step.params
+        recipe: dict[str, int] = {}
+        if params.get("recipe"):
+            manifest = Path(self._variant_of(step).manifest_path)
+            recipe = load_recipe(manifest.parent / params["recipe"])
+        config = PalettizeConfig(nbits=int(params["nbits"]), granularity=Granularity(params.get("granularity",
+                                 "per_tensor")), group_size=int(params.get("group_size") or 16), recipe=recipe,
+                                 deployment_target=DeploymentTarget(params["deployment_target"]))
+        report = palettize_package(self.outputs[step.inputs[0]].path / PACKAGE, work / PACKAGE, config,
+                                   progress=self.options.progress)
+        atomic_write_text(work / "palettization.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    def _do_verify(self, step: Step, work: Path) -> None:
+        from publisher.convert.components import source_dims
+        from publisher.verify.contract import contract_problems
+
+        variant = self._variant_of(step)
+        fetch_step = next(s for s in self.plan.steps.values() if s.kind == "fetch" and variant.id in s.variants)
+        dims = source_dims(self.fetched[fetch_step.id].path, variant.resolution)
+        package = self.outputs[step.inputs[0]].path / PACKAGE
+        problems = contract_problems(package, step.params["submodule"], dims)
+        if problems:
+            raise BuildError(f"{step.params['submodule']} breaks the apps' contract: {'; '.join(problems)}")
+        link_tree(package, work / PACKAGE)
+        atomic_write_text(work / "verify.json", json.dumps({"contract": "ok"}, indent=2) + "\n")
+
+    def _do_compile(self, step: Step, work: Path) -> None:
+        compiled = compile_package(self.outputs[step.inputs[0]].path / PACKAGE, work)
+        if compiled.name != "model.mlmodelc":
+            compiled.rename(work / "model.mlmodelc")
+
+    def _do_zip(self, step: Step, work: Path) -> None:
+        variant = self._variant_of(step)
+        resources = self.options.out / variant.repo_id / variant.attention.folder / "compiled"
+        write_zip(resources, work / "archive.zip", zip_folder_name(variant.repo_name, variant.attention))
+
+    # -- variants ------------------------------------------------------------------------------------------
+
+    def variant_steps(self, variant: Variant) -> list[Step]:
+        return [s for s in self.plan.steps.values() if variant.id in s.variants]
+
+    def assemble(self, variant: Variant, result: VariantResult) -> None:
+        steps = self.variant_steps(variant)
+        failures = [self.failed[s.id] for s in steps if s.id in self.failed]
+        if failures:
+            result.status, result.error = "failed", failures[0]
+            return
+        fetch = next(s for s in steps if s.kind == "fetch")
+        source = self.fetched[fetch.id]
+        repo_dir = self.options.out / variant.repo_id
+        folder = repo_dir / variant.attention.folder
+        staged = Path(tempfile.mkdtemp(prefix=f".{variant.attention.folder}.", dir=repo_dir if repo_dir.exists()
+                                       else _mkdir(repo_dir)))
+        try:
+            fidelity: dict[str, Any] = {}
+            compiled_layout = Layout.COMPILED in variant.layouts and self.options.compile
+            verify_steps = [s for s in steps if s.kind == "verify"]
+            for verify in verify_steps:
+                submodule = verify.params["submodule"]
+                stored = self.outputs[verify.id]
+                if Layout.PACKAGES in variant.layouts:
+                    link_tree(stored.path / PACKAGE, staged / "packages" / package_name(
+                        variant.source_repo.replace("/", "_"), submodule))
+                report = self._palettization_report(verify)
+                if report is not None:
+                    fidelity[submodule] = {k: report[k] for k in ("nbits", "granularity", "palettized_ops",
+                                                                  "min_snr_db", "mean_snr_db") if k in report}
+                if compiled_layout:
+                    compile_step = next(s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id)
+                    link_tree(self.outputs[compile_step.id].path / "model.mlmodelc",
+                              staged / "compiled" / compiled_name(submodule))
+            if compiled_layout:
+                for name in TOKENIZER_FILES:
+                    link_or_copy(source.path / "tokenizer" / name, staged / "compiled" / name)
+            replace_folder(staged, folder)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        zip_path = repo_dir / variant.zip_name
+        zip_step = next((s for s in steps if s.kind == "zip"), None)
+        if zip_step is not None and compiled_layout:
+            # the zip is keyed by the content of the Resources it holds
+            assemble_step = next(s for s in steps if s.kind == "assemble")
+            resources = tree_files(folder / "compiled")
+            self.keys[assemble_step.id] = step_key("assemble", {"resources": resources}, [], {})
+            self.run_step(zip_step)
+            if zip_step.id in self.failed:
+                result.status, result.error = "failed", self.failed[zip_step.id]
+                return
+            zip_path.unlink(missing_ok=True)
+            link_or_copy(self.outputs[zip_step.id].path / "archive.zip", zip_path)
+        files = tree_files(folder)
+        if zip_path.exists() and zip_step is not None and compiled_layout:
+            files[f"../{variant.zip_name}"] = tree_files(zip_path.parent)[variant.zip_name]
+        seconds = sum(self.outputs[s.id].seconds for s in steps if s.id in self.outputs)
+        info = {
+            "variant": variant.to_json(),
+            "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit},
+            "manifest": {"path": variant.manifest_path, "sha256": self.manifest_sha.get(variant.manifest_path)},
+            "tools": self.versions,
+            "compiled": compiled_layout,
+            "files": {name: {"sha256": sha, "size": size} for name, (sha, size) in sorted(files.items())},
+            "fidelity": fidelity,
+            "build_seconds": round(seconds, 1),
+        }
+        atomic_write_text(folder / BUILD_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        built_here = any(s.id in self.built for s in steps)
+        result.status = "built" if built_here else "cached"
+        result.files = len(files) + 1
+        result.size = sum(size for _, size in files.values())
+        result.seconds = round(seconds, 1)
+        result.path = folder
+
+    def _palettization_report(self, verify: Step) -> dict[str, Any] | None:
+        package_step = self.plan.steps[verify.inputs[0]]
+        if package_step.kind != "palettize":
+            return None
+        return json.loads((self.outputs[package_step.id].path / "palettization.json").read_text())
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
+          report: Callable[[str], None] | None = None) -> BuildResult:
+    """Build the selected variants of the manifests. Failures are per variant (see BuildResult.ok)."""
+    from tqdm import tqdm
+
+    plan = build_plan(manifests, options.namespace)
+    chosen = select_variants(plan, options.variants)
+    ids = {v.id for v in chosen}
+    needs_compiler = options.compile and any(Layout.COMPILED in v.layouts for v in chosen)
+    if needs_compiler:
+        require_compiler()
+    runner = _Runner(plan, manifests, options, report or (lambda _: None))
+    runner.store.clean_temp()
+    steps = [s for s in plan.steps.values() if ids & set(s.variants) and s.kind not in ("assemble", "zip")
+             and (options.compile or s.kind != "compile")]
+    bar = tqdm(steps, desc="build", unit="step", disable=not options.progress)
+    for step in bar:
+        bar.set_postfix_str(f"{step.kind} {step.params.get('component', step.params.get('repo', ''))}"[:40])
+        runner.run_step(step)
+    results = []
+    for variant in chosen:
+        result = VariantResult(variant)
+        runner.assemble(variant, result)
+        results.append(result)
+    return BuildResult(plan=plan, variants=results, built=runner.built, cached=runner.cached)

@@ -1,0 +1,32 @@
+"""Does a saved package have exactly the inputs and outputs the apps use?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from publisher.contract import ModelDims, model_spec
+from publisher.manifest import Component
+from publisher.mlpackage import package_info
+
+
+def contract_problems(package: Path, submodule: str, dims: ModelDims) -> list[str]:
+    """Differences between the package's interface and the contract, one line each (empty: conforms)."""
+    info = package_info(package)
+    problems = []
+    if not info.is_mlprogram:
+        problems.append("not an ML Program")
+    component = Component.UNET if submodule.startswith("unet") else Component(submodule)
+    spec = model_spec(component, dims)
+    got_in = [(t.name, t.shape, t.dtype) for t in info.inputs]
+    got_out = [(t.name, t.shape, t.dtype) for t in info.outputs]
+    want_in = [(t.name, t.shape, "float32") for t in spec.inputs]
+    want_out = [(t.name, t.shape, "float32") for t in spec.outputs]
+    if submodule == "unet_chunk1":
+        want_out = None  # intermediates; chunk 2's inputs are checked against them by the chunk tests
+    elif submodule == "unet_chunk2":
+        want_in = None
+    if want_in is not None and got_in != want_in:
+        problems.append(f"inputs {got_in} != contract {want_in}")
+    if want_out is not None and got_out != want_out:
+        problems.append(f"outputs {got_out} != contract {want_out}")
+    return problems

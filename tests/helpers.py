@@ -1,0 +1,33 @@
+"""Test helpers shared by the build, publish and reliability tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_SOURCE_REPO = "tiny/sd"
+
+TWO_REPO_MANIFEST = """\
+name: tiny-sd
+description: tiny SD-shaped model for tests
+source:
+  repo: {source}
+  revision: main
+license: mit
+resolution: 256
+publish:
+  - repo: "{{namespace}}/coreml-tiny-sd"
+    precision: {{type: float16}}
+    attention: [ORIGINAL, SPLIT_EINSUM_V2]
+    layouts: [packages]
+  - repo: "{{namespace}}/coreml-tiny-sd-palettized"
+    precision: {{type: palettize, nbits: 6}}
+    attention: [ORIGINAL, SPLIT_EINSUM_V2]
+    layouts: [packages]
+"""
+
+
+def write_manifest(folder: Path, source: str = TINY_SOURCE_REPO, text: str = TWO_REPO_MANIFEST) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny-sd.yaml"
+    path.write_text(text.format(source=source))
+    return path

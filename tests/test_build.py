@@ -1,0 +1,186 @@
+"""The build engine on a tiny model: contract layout, caching, corruption, kill and resume, zips, compile errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from publisher.engine.build import BuildOptions, build
+from publisher.errors import ToolchainError
+from publisher.layout import write_zip
+from publisher.manifest import load_manifests
+from publisher.store import BuildStore
+from tests.helpers import write_manifest
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
+
+
+def options(tmp: Path, hub, **extra) -> BuildOptions:  # type: ignore[no-untyped-def]
+    return BuildOptions(out=tmp / "out", store=tmp / "store", namespace="tester", compile=False,
+                        endpoint=hub.url, token=hub.token, isolate=False, progress=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source_repo) -> tuple[Path, object]:  # type: ignore[no-untyped-def]
+    work = tmp_path_factory.mktemp("build")
+    manifest = write_manifest(work / "manifests")
+    result = build(load_manifests([manifest]), options(work, staging_hub))
+    assert result.ok, [v.error for v in result.variants]
+    return work, result
+
+
+def test_layout_follows_the_contract(built) -> None:  # type: ignore[no-untyped-def]
+    work, result = built
+    out = work / "out" / "tester"
+    for repo in ("coreml-tiny-sd", "coreml-tiny-sd-palettized"):
+        for folder in ("original", "split_einsum_v2"):
+            packages = out / repo / folder / "packages"
+            names = sorted(p.name for p in packages.iterdir())
+            assert names == sorted(f"Stable_Diffusion_version_tiny_sd_{c}.mlpackage" for c in COMPONENTS)
+            for package in packages.iterdir():
+                assert (package / "Manifest.json").is_file()
+                assert (package / "Data" / "com.apple.CoreML" / "model.mlmodel").is_file()
+            info = json.loads((out / repo / folder / "build-info.json").read_text())
+            assert info["source"]["repo"] == "tiny/sd" and len(info["source"]["commit"]) == 40
+            assert info["compiled"] is False
+            listed = {name for name in info["files"]}
+            on_disk = {p.relative_to(out / repo / folder).as_posix() for p in (out / repo / folder).rglob("*")
+                       if p.is_file() and p.name != "build-info.json"}
+            assert listed == on_disk
+            for name, entry in info["files"].items():
+                assert hashlib.sha256((out / repo / folder / name).read_bytes()).hexdigest() == entry["sha256"]
+            if repo.endswith("palettized"):
+                assert set(info["fidelity"]) == {"text_encoder", "unet"}
+                assert info["fidelity"]["unet"]["nbits"] == 6
+            assert not (out / repo / folder / "compiled").exists()  # nothing pretends to be compiled on Linux
+    assert {r.status for r in result.variants} == {"built"}
+    # one float16 conversion per (attention, component) serves both repos
+    assert len([s for s in result.built if s.startswith("convert:")]) == 2 * len(COMPONENTS)
+
+
+def test_second_run_converts_nothing(built, staging_hub) -> None:  # type: ignore[no-untyped-def]
+    work, _ = built
+    manifest = work / "manifests" / "tiny-sd.yaml"
+    before = {p: p.read_bytes() for p in (work / "out").rglob("build-info.json")}
+    start = time.perf_counter()
+    again = build(load_manifests([manifest]), options(work, staging_hub))
+    elapsed = time.perf_counter() - start
+    assert again.ok
+    assert again.built == []
+    assert {r.status for r in again.variants} == {"cached"}
+    assert elapsed < 30, elapsed
+    assert {p: p.read_bytes() for p in (work / "out").rglob("build-info.json")} == before  # reproducible bytes
+
+
+def test_corrupted_store_output_is_rebuilt(built, staging_hub) -> None:  # type: ignore[no-untyped-def]
+    work, first = built
+    store = BuildStore(work / "store")
+    step = next(s for s in first.built if s.startswith("palettize:") and "text_encoder" in s)
+    key = next(k for k in (p.name for p in store.objects.glob("*/*"))
+               if json.loads((store.path(k) / "record.json").read_text())["step"] == step)
+    weight = next(store.path(key).rglob("weight.bin"))
+    data = bytearray(weight.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(weight, 0o644)
+    weight.unlink()  # break the hard links first: the published copy keeps its bytes
+    weight.write_bytes(bytes(data))
+    again = build(load_manifests([work / "manifests" / "tiny-sd.yaml"]), options(work, staging_hub))
+    assert again.ok
+    assert step in again.built
+    assert hashlib.sha256(weight.read_bytes()).hexdigest() != hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_kill_during_conversion_then_resume(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
+    manifest = write_manifest(tmp_path / "manifests")
+    env = {**os.environ, "HF_TOKEN": staging_hub.token, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
+    command = [sys.executable, "-m", "publisher", "build", str(manifest), "--no-compile", "--namespace", "tester",
+               "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    objects = tmp_path / "store" / "objects"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(objects.glob("*/*/record.json"))) < 2:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the build and its conversion worker
+    process.wait()
+    finished = {p.parent.name for p in objects.glob("*/*/record.json")}
+    assert len(finished) >= 2
+    result = build(load_manifests([manifest]), options(tmp_path, staging_hub))
+    assert result.ok
+    reused = set(finished) & {BuildStore(tmp_path / "store").path(k).name for k in finished}
+    assert reused == finished
+    assert len(result.cached) >= len(finished)
+    assert not list((tmp_path / "store" / "tmp").iterdir())  # half-written work was cleaned, not reused
+
+
+def test_compile_on_linux_is_a_clear_error(built, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    work, _ = built
+    manifest = work / "manifests" / "tiny-sd.yaml"
+    text = manifest.read_text().replace("layouts: [packages]", "layouts: [packages, compiled, zip]")
+    compiled_manifest = tmp_path / "compiled.yaml"
+    compiled_manifest.write_text(text)
+    opts = options(work, staging_hub)
+    opts.compile = True
+    with pytest.raises(ToolchainError, match="needs macOS with Xcode"):
+        build(load_manifests([compiled_manifest]), opts)
+    env = {**os.environ, "PATH": os.environ["PATH"], "HF_TOKEN": staging_hub.token,
+           "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
+    cli = subprocess.run([sys.executable, "-m", "publisher", "build", str(compiled_manifest), "--namespace", "tester",
+                          "--out", str(work / "out"), "--store", str(work / "store")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1
+    assert cli.stderr.strip().splitlines() == [
+        "error: compiling to .mlmodelc needs macOS with Xcode (xcrun coremlcompiler), not found here; build with "
+        "--no-compile and run `publisher compile BUILD_DIR` on a macOS machine"]
+
+
+def test_failing_compiler_is_reported(built, staging_hub, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a stand-in xcrun, only to test error handling: it fails like a broken Xcode install would
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "xcrun").write_text("#!/bin/sh\necho 'coremlcompiler: error: model is invalid' >&2\nexit 3\n")
+    (fake / "xcrun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    work, _ = built
+    text = (work / "manifests" / "tiny-sd.yaml").read_text().replace("layouts: [packages]",
+                                                                     "layouts: [packages, compiled, zip]")
+    manifest = tmp_path / "compiled.yaml"
+    manifest.write_text(text)
+    opts = options(work, staging_hub)
+    opts.compile = True
+    opts.out = tmp_path / "out"
+    result = build(load_manifests([manifest]), opts)
+    assert not result.ok
+    errors = {r.error for r in result.variants}
+    assert all("coremlcompiler failed" in (e or "") and "(exit 3)" in (e or "") for e in errors)
+    assert not list((tmp_path / "out").rglob("*.mlmodelc"))
+
+
+def test_zip_is_deterministic_with_one_top_folder(tmp_path: Path) -> None:
+    resources = tmp_path / "compiled"
+    for name in ("TextEncoder.mlmodelc", "Unet.mlmodelc"):
+        (resources / name / "weights").mkdir(parents=True)
+        (resources / name / "weights" / "weight.bin").write_bytes(os.urandom(100_000))
+        (resources / name / "model.mil").write_text("program")
+    (resources / "vocab.json").write_text("{}")
+    (resources / "merges.txt").write_text("#version: 0.2\n")
+    write_zip(resources, tmp_path / "a.zip", "repo_original_compiled")
+    os.utime(resources / "vocab.json", (1, 1))  # times on disk do not matter
+    write_zip(resources, tmp_path / "b.zip", "repo_original_compiled")
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.zip") as archive:
+        names = archive.namelist()
+        assert {n.split("/")[0] for n in names} == {"repo_original_compiled"}
+        assert "repo_original_compiled/vocab.json" in names
+        assert "repo_original_compiled/Unet.mlmodelc/weights/weight.bin" in names
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
+        assert archive.testzip() is None
