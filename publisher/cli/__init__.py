@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from publisher.cli import build, manifests, staging
+from publisher.cli import build, manifests, publish, staging
 from publisher.errors import PublisherError
 
 app = typer.Typer(
@@ -32,6 +32,9 @@ app.command()(manifests.schema)
 app.command()(manifests.plan)
 app.command("build")(build.build_command)
 app.command("compile")(build.compile_command)
+app.command("publish")(publish.publish_command)
+app.command("status")(publish.status_command)
+app.command("demo")(publish.demo_command)
 app.add_typer(staging.app, name="staging")
 
 

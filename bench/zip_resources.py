@@ -1,0 +1,67 @@
+"""Zip a ~2 GiB Resources-shaped folder the way the build does and compare with a raw copy of the same files.
+
+Run by hand (not in CI):  python bench/zip_resources.py [--gib 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from publisher.layout import write_zip  # noqa: E402
+
+# relative sizes of an SD 1.5 Resources folder (float16): UNet dominates
+SHARES = {"Unet.mlmodelc": 0.72, "TextEncoder.mlmodelc": 0.11, "VAEDecoder.mlmodelc": 0.045,
+          "VAEEncoder.mlmodelc": 0.032, "SafetyChecker.mlmodelc": 0.093}
+
+
+def make_resources(root: Path, total: int) -> None:
+    block = os.urandom(16 * 1024 * 1024)
+    for name, share in SHARES.items():
+        folder = root / name / "weights"
+        folder.mkdir(parents=True)
+        remaining = int(total * share)
+        with open(folder / "weight.bin", "wb") as handle:
+            while remaining > 0:
+                handle.write(block[: min(remaining, len(block))])
+                remaining -= len(block)
+        for small in ("model.mil", "coremldata.bin", "metadata.json"):
+            (root / name / small).write_bytes(os.urandom(20_000))
+    (root / "vocab.json").write_bytes(os.urandom(800_000))
+    (root / "merges.txt").write_bytes(os.urandom(500_000))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gib", type=float, default=2.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="zip-bench-"))
+    resources = work / "compiled"
+    make_resources(resources, int(args.gib * 2**30))
+    size = sum(p.stat().st_size for p in resources.rglob("*") if p.is_file())
+    os.sync()
+    start = time.perf_counter()
+    shutil.copytree(resources, work / "copy")
+    os.sync()
+    copy_s = time.perf_counter() - start
+    start = time.perf_counter()
+    write_zip(resources, work / "resources.zip", "repo_original_compiled")
+    os.sync()
+    zip_s = time.perf_counter() - start
+    mib = size / 2**20
+    print(f"folder: {mib:.0f} MiB")
+    print(f"raw copy: {copy_s:6.2f} s  {mib / copy_s:7.1f} MiB/s")
+    print(f"zip     : {zip_s:6.2f} s  {mib / zip_s:7.1f} MiB/s  ({copy_s / zip_s:.2f}x raw copy; goal >= 0.8x)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

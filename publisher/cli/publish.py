@@ -1,0 +1,83 @@
+"""`publisher publish | status | demo`: thin over publisher.publish and publisher.demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
+from publisher.manifest import load_manifests
+
+TargetOpt = Annotated[str, typer.Option("--target", help="staging (the local staging Hub; default) or hub.")]
+EndpointOpt = Annotated[str | None, typer.Option("--endpoint", help="Hub URL (default: the target's).")]
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def publish_command(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
+    out: Annotated[Path, typer.Option("--out", help="The build output folder.")] = Path("build"),
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Variant id or pattern (repeatable).")] = None,
+    target: TargetOpt = "staging",
+    endpoint: EndpointOpt = None,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would change; send nothing.")] = False,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of writing main.")] = False,
+) -> None:
+    """Publish built variants: only changed files, one commit per variant, the model card with the last."""
+    from publisher.publish import PublishOptions, publish
+
+    outcomes = publish(load_manifests(manifests), PublishOptions(
+        out=out, namespace=namespace, target=target, endpoint=endpoint, token=_token(), variants=variant,
+        dry_run=dry_run, create_pr=create_pr), say=typer.echo)
+    for outcome in outcomes:
+        for diff in outcome.diffs:
+            typer.echo(f"{outcome.repo_id}/{diff.folder}: {len(diff.added)} added, {len(diff.changed)} changed, "
+                       f"{len(diff.removed)} removed, {diff.upload_bytes} bytes to send")
+        card = "card changes" if outcome.card_changed else "card unchanged"
+        done = "dry run: nothing sent" if dry_run else f"{len(outcome.commits)} commits"
+        typer.echo(f"{outcome.repo_id}: {card}; {done}" + (f"; PR {outcome.pr_url}" if outcome.pr_url else ""))
+
+
+def status_command(
+    manifests: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders.")] = None,
+    target: TargetOpt = "staging",
+    endpoint: EndpointOpt = None,
+    source_endpoint: Annotated[str | None, typer.Option("--source-endpoint", envvar="PUBLISHER_SOURCE_ENDPOINT",
+                                                        help="Hub of the source models (default: the target).")] = None,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    github_matrix: Annotated[bool, typer.Option("--github-matrix", help="Print the matrix of variants that are not "
+                                                                        "current (for the workflow).")] = False,
+) -> None:
+    """What is published for each variant, at which revision, and whether it is current with the manifest."""
+    from publisher.plan import build_plan
+    from publisher.publish import resolve_endpoint, status
+
+    loaded = load_manifests(manifests or [Path("manifests")])
+    url = resolve_endpoint(target, endpoint)
+    rows = status(loaded, namespace, url, _token(), source_endpoint=source_endpoint)
+    if github_matrix:
+        stale = [r.variant.id for r in rows if not r.current]
+        typer.echo(json.dumps(build_plan(loaded, namespace).github_matrix(only=stale), separators=(",", ":")))
+        return
+    header = ("variant", "published", "revision", "current")
+    table = [(r.variant.id, "yes" if r.published else "no", (r.revision or "-")[:12],
+              "yes" if r.current else f"no ({r.reason})") for r in rows]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(4)]
+    for row in [header, *table]:
+        typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def demo_command(
+    keep: Annotated[Path | None, typer.Option("--keep", help="Work in this folder and keep it afterwards.")] = None,
+) -> None:
+    """Run the whole job offline: staging Hub, tiny model, build, publish, download, check."""
+    from publisher.demo import run_demo
+
+    run_demo(keep, say=typer.echo)

@@ -1,0 +1,124 @@
+"""Publishing built variants to a Hub (huggingface.co or the staging Hub), and reading back what is published."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from publisher.engine.build import select_variants
+from publisher.errors import PublisherError
+from publisher.manifest import LoadedManifest
+from publisher.plan import Variant, build_plan
+
+STAGING_ENDPOINT = "http://127.0.0.1:8765"
+HUB_ENDPOINT = "https://huggingface.co"
+TARGETS = {"staging": STAGING_ENDPOINT, "hub": HUB_ENDPOINT}
+
+
+def resolve_endpoint(target: str, endpoint: str | None) -> str:
+    if target not in TARGETS:
+        raise PublisherError(f"target must be one of {', '.join(TARGETS)}, not '{target}'")
+    if target == "staging":
+        # the staging Hub speaks LFS only: the client must not try Xet (read when huggingface_hub is imported)
+        os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+    return (endpoint or TARGETS[target]).rstrip("/")
+
+
+def hub_api(endpoint: str, token: str | None) -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token or False)
+
+
+@dataclass
+class PublishOptions:
+    out: Path = Path("build")
+    namespace: str = "local"
+    target: str = "staging"
+    endpoint: str | None = None
+    token: str | None = None
+    variants: Sequence[str] | None = None
+    dry_run: bool = False
+    create_pr: bool = False
+
+
+def group_by_repo(variants: Sequence[Variant]) -> dict[str, list[Variant]]:
+    groups: dict[str, list[Variant]] = {}
+    for variant in variants:
+        groups.setdefault(variant.repo_id, []).append(variant)
+    return groups
+
+
+def publish(manifests: Sequence[LoadedManifest], options: PublishOptions,
+            say: Callable[[str], None] = lambda _: None) -> list[Any]:
+    from publisher.publish.hub import publish_repo
+
+    endpoint = resolve_endpoint(options.target, options.endpoint)
+    plan = build_plan(manifests, options.namespace)
+    chosen = select_variants(plan, options.variants)
+    api = hub_api(endpoint, options.token)
+    outcomes = []
+    for repo_id, variants in group_by_repo(chosen).items():
+        outcomes.append(publish_repo(api, repo_id, options.out / repo_id, variants, endpoint,
+                                     dry_run=options.dry_run, create_pr=options.create_pr, say=say))
+    return outcomes
+
+
+@dataclass
+class VariantStatus:
+    variant: Variant
+    published: bool
+    revision: str | None
+    current: bool
+    reason: str
+
+
+def status(manifests: Sequence[LoadedManifest], namespace: str, endpoint: str, token: str | None,
+           source_endpoint: str | None = None, variants: Sequence[str] | None = None) -> list[VariantStatus]:
+    """For each variant: is it published, at which repo revision, and is it current with the manifest (same
+    variant settings, same source commit, same tools)?"""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from publisher.store import tool_versions
+
+    plan = build_plan(manifests, namespace)
+    chosen = select_variants(plan, variants)
+    api = hub_api(endpoint, token)
+    source_api = hub_api(source_endpoint or endpoint, token)
+    versions = tool_versions()
+    source_commits: dict[tuple[str, str], str | None] = {}
+    results = []
+    for variant in chosen:
+        key = (variant.source_repo, variant.source_revision)
+        if key not in source_commits:
+            try:
+                source_commits[key] = source_api.repo_info(variant.source_repo, revision=variant.source_revision).sha
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                source_commits[key] = None
+        try:
+            revision = api.repo_info(variant.repo_id).sha
+            local = hf_hub_download(variant.repo_id, f"{variant.attention.folder}/build-info.json", revision=revision,
+                                    endpoint=endpoint, token=token or False)
+            info = json.loads(Path(local).read_text())
+        except RepositoryNotFoundError:
+            results.append(VariantStatus(variant, False, None, False, "repo does not exist"))
+            continue
+        except EntryNotFoundError:
+            results.append(VariantStatus(variant, False, revision, False, "variant not published"))
+            continue
+        reasons = []
+        if info.get("variant") != variant.to_json():
+            reasons.append("manifest settings changed")
+        if source_commits[key] is None:
+            reasons.append("source unreachable")
+        elif info.get("source", {}).get("commit") != source_commits[key]:
+            reasons.append("source has a new commit")
+        if info.get("tools") != versions:
+            reasons.append("tool versions changed")
+        results.append(VariantStatus(variant, True, revision, not reasons, ", ".join(reasons) or "current"))
+    return results

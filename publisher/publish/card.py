@@ -1,0 +1,112 @@
+"""The model card of a published repo, built with huggingface_hub's ModelCard / ModelCardData.
+
+Its text is a function of the build-infos alone (no dates), so an unchanged repo gets a byte-identical card and a
+republish sends nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> str:
+    """README.md for `repo_id` from the build-infos of its variants (sorted by folder)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    infos = sorted(infos, key=lambda info: info["variant"]["folder"])
+    first = infos[0]
+    variant0 = first["variant"]
+    source = first["source"]
+    data = ModelCardData(license=variant0.get("license", "other"), tags=TAGS, base_model=source["repo"],
+                         pipeline_tag="text-to-image", library_name="coreml")
+    repo_name = repo_id.split("/", 1)[1]
+    lines = [
+        f"# {repo_name}",
+        "",
+        f"Core ML conversion of [{source['repo']}]({endpoint}/{source['repo']}) for Apple's "
+        "[StableDiffusion Swift package](https://github.com/apple/ml-stable-diffusion) and Python pipeline, "
+        "built by coreml-publisher.",
+        "",
+        "## Variants",
+        "",
+        "| folder | attention | compute unit | precision | minimum OS | size | compiled zip |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for info in infos:
+        v = info["variant"]
+        size = sum(entry["size"] for entry in info["files"].values())
+        zip_name = f"{repo_name}_{v['folder']}_compiled.zip"
+        has_zip = any(name.endswith(zip_name) for name in info["files"])
+        zip_cell = f"[{zip_name}]({endpoint}/{repo_id}/resolve/main/{zip_name})" if has_zip else "not built"
+        lines.append(f"| `{v['folder']}/` | {v['attention']} | {v['compute_unit']} | {v['precision_label']} | "
+                     f"{v['minimum_deployment_target']} | {_human(size)} | {zip_cell} |")
+    folder = infos[0]["variant"]["folder"]
+    lines += [
+        "",
+        "## Use from Python",
+        "",
+        "Download one variant's packages (huggingface_hub 1.x/2.x):",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "",
+        f'path = snapshot_download("{repo_id}", allow_patterns="{folder}/packages/*", local_dir="models")',
+        "```",
+        "",
+        "then run Apple's pipeline on the packages folder:",
+        "",
+        "```bash",
+        f"python -m python_coreml_stable_diffusion.pipeline -i models/{folder}/packages "
+        f"--model-version {source['repo']} --prompt \"a photo of an astronaut riding a horse\" -o out",
+        "```",
+        "",
+        "## Use from a Swift app",
+        "",
+        "Download `<repo>_<attention>_compiled.zip`, unzip it next to itself and point "
+        "`StableDiffusionPipeline(resourcesAt:)` at the folder it contains (TextEncoder.mlmodelc, Unet.mlmodelc, "
+        "VAEDecoder.mlmodelc, ... and the tokenizer's vocab.json and merges.txt).",
+        "",
+        "## Compression fidelity",
+        "",
+    ]
+    fidelity_rows = []
+    for info in infos:
+        for submodule, figures in sorted(info.get("fidelity", {}).items()):
+            fidelity_rows.append(f"| `{info['variant']['folder']}` | {submodule} | {figures.get('nbits')} | "
+                                 f"{figures.get('palettized_ops')} | {figures.get('min_snr_db')} | "
+                                 f"{figures.get('mean_snr_db')} | {figures.get('output_psnr_db', 'n/a')} |")
+    if fidelity_rows:
+        lines += ["| folder | model | bits | palettized weights | min weight SNR (dB) | mean weight SNR (dB) | "
+                  "output PSNR (dB) |", "|---|---|---|---|---|---|---|", *fidelity_rows]
+    else:
+        lines.append("float16 weights: no palettization.")
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- source: `{source['repo']}` at revision `{source['revision']}` (commit `{source['commit']}`)",
+        "- tools: " + ", ".join(f"{name} {version}" for name, version in sorted(first["tools"].items())),
+        "- every file's sha256 is listed in `<folder>/build-info.json`",
+        "",
+    ]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
+    return str(card)
+
+
+def validate_card_text(text: str, endpoint: str, token: str | None) -> None:
+    """The Hub's own metadata validation (raises ValueError with the Hub's message)."""
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=endpoint, token=token)._validate_yaml(text, repo_type="model", token=token)

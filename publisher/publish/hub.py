@@ -1,0 +1,213 @@
+"""Publish built repos to a Hub: diff against the remote tree, one commit per variant, the card with the last.
+
+Only files whose content differs are sent; files gone from a variant are deleted in the same commit. Every commit
+names its parent, so two publishers racing on one repo cannot interleave: the second is refused and can rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from publisher.errors import PublisherError
+from publisher.plan import Variant
+from publisher.store import sha256_file
+
+BUILD_INFO = "build-info.json"
+CARD = "README.md"
+
+
+class PublishError(PublisherError):
+    """Publishing stopped; the message says why and what to do."""
+
+
+@dataclass
+class RemoteFile:
+    size: int
+    sha256: str | None  # LFS files
+    git_oid: str | None
+
+
+@dataclass
+class FileChange:
+    path: str
+    local: Path | None  # None: delete
+    size: int
+
+
+@dataclass
+class VariantDiff:
+    variant_id: str
+    folder: str
+    added: list[FileChange] = field(default_factory=list)
+    changed: list[FileChange] = field(default_factory=list)
+    removed: list[FileChange] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.changed or self.removed)
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(c.size for c in self.added + self.changed)
+
+
+@dataclass
+class RepoOutcome:
+    repo_id: str
+    diffs: list[VariantDiff]
+    card_changed: bool
+    commits: list[str] = field(default_factory=list)
+    pr_url: str | None = None
+
+
+def git_blob_sha1(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def local_variant_files(repo_dir: Path, variant: Variant) -> dict[str, Path]:
+    """Repo path -> local file for one variant: its folder and its zip."""
+    folder = repo_dir / variant.attention.folder
+    if not (folder / BUILD_INFO).exists():
+        raise PublishError(f"{variant.id} is not built in {repo_dir} (run `publisher build` first)")
+    files = {p.relative_to(repo_dir).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    zip_path = repo_dir / variant.zip_name
+    info = json.loads((folder / BUILD_INFO).read_text())
+    if f"../{variant.zip_name}" in info["files"]:
+        if not zip_path.exists():
+            raise PublishError(f"{variant.id}: {variant.zip_name} is listed in build-info.json but missing")
+        files[variant.zip_name] = zip_path
+    return files
+
+
+def _same(local: Path, remote: RemoteFile, sha256: str | None) -> bool:
+    if local.stat().st_size != remote.size:
+        return False
+    if remote.sha256 is not None:
+        return (sha256 or sha256_file(local)) == remote.sha256
+    return remote.git_oid == git_blob_sha1(local)
+
+
+def diff_variant(variant: Variant, local: dict[str, Path], remote: dict[str, RemoteFile]) -> VariantDiff:
+    folder = variant.attention.folder
+    info = json.loads(local[f"{folder}/{BUILD_INFO}"].read_text())
+    known = {f"{folder}/{name}" if not name.startswith("../") else name[3:]: entry["sha256"]
+             for name, entry in info["files"].items()}
+    diff = VariantDiff(variant.id, folder)
+    for path, file in local.items():
+        size = file.stat().st_size
+        if path not in remote:
+            diff.added.append(FileChange(path, file, size))
+        elif not _same(file, remote[path], known.get(path)):
+            diff.changed.append(FileChange(path, file, size))
+    for path, entry in remote.items():
+        owned = path.startswith(folder + "/") or path == variant.zip_name
+        if owned and path not in local:
+            diff.removed.append(FileChange(path, None, entry.size))
+    return diff
+
+
+def remote_tree(api: Any, repo_id: str, revision: str) -> dict[str, RemoteFile]:
+    from huggingface_hub.hf_api import RepoFile
+
+    tree: dict[str, RemoteFile] = {}
+    for entry in api.list_repo_tree(repo_id, recursive=True, revision=revision):
+        if isinstance(entry, RepoFile):
+            tree[entry.path] = RemoteFile(size=entry.size, sha256=entry.lfs.sha256 if entry.lfs else None,
+                                          git_oid=entry.blob_id)
+    return tree
+
+
+def _operations(diff: VariantDiff) -> list[Any]:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    ops: list[Any] = [CommitOperationAdd(path_in_repo=c.path, path_or_fileobj=str(c.local))
+                      for c in diff.added + diff.changed]
+    ops += [CommitOperationDelete(path_in_repo=c.path) for c in diff.removed]
+    return ops
+
+
+def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
+                 dry_run: bool = False, create_pr: bool = False,
+                 say: Callable[[str], None] = lambda _: None) -> RepoOutcome:
+    """Publish the given variants of one repo (one commit each; the card rides with the last commit)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from publisher.publish.card import card_text
+
+    try:
+        info = api.repo_info(repo_id)
+        head: str | None = info.sha
+        remote = remote_tree(api, repo_id, head)
+    except RepositoryNotFoundError:
+        head, remote = None, {}
+    locals_ = {v.id: local_variant_files(repo_dir, v) for v in variants}
+    diffs = [diff_variant(v, locals_[v.id], remote) for v in variants]
+    infos = []
+    for folder in sorted(p for p in repo_dir.iterdir() if (p / BUILD_INFO).exists()):
+        infos.append(json.loads((folder / BUILD_INFO).read_text()))
+    card = card_text(repo_id, infos, endpoint)
+    card_bytes = card.encode()
+    remote_card = remote.get(CARD)
+    card_changed = remote_card is None or remote_card.git_oid != hashlib.sha1(
+        b"blob %d\0" % len(card_bytes) + card_bytes).hexdigest()
+    outcome = RepoOutcome(repo_id, diffs, card_changed)
+    if dry_run:
+        return outcome
+    if head is None:
+        api.create_repo(repo_id, exist_ok=True)
+        head = api.repo_info(repo_id).sha
+    pending = [d for d in diffs if not d.empty]
+    revision = None
+    for index, diff in enumerate(pending):
+        ops = _operations(diff)
+        last = index == len(pending) - 1
+        if last and card_changed:
+            from huggingface_hub import CommitOperationAdd
+
+            ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card_bytes))
+        say(f"{repo_id}: committing {diff.folder} ({len(diff.added)} added, {len(diff.changed)} changed, "
+            f"{len(diff.removed)} removed)")
+        head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome)
+        revision = outcome.pr_url and _pr_revision(outcome.pr_url)
+    if not pending and card_changed:
+        from huggingface_hub import CommitOperationAdd
+
+        say(f"{repo_id}: updating the model card")
+        _commit(api, repo_id, [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card_bytes)],
+                "Update model card", head, create_pr, revision, outcome)
+    return outcome
+
+
+def _pr_revision(pr_url: str) -> str:
+    return f"refs/pr/{pr_url.rstrip('/').rsplit('/', 1)[1]}"
+
+
+def _commit(api: Any, repo_id: str, ops: list[Any], message: str, parent: str | None, create_pr: bool,
+            pr_revision: str | None, outcome: RepoOutcome) -> str:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        if pr_revision:  # later variants go on the PR the first one opened
+            info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=pr_revision)
+        else:
+            info = api.create_commit(repo_id, operations=ops, commit_message=message, parent_commit=parent,
+                                     create_pr=create_pr)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 412:
+            raise PublishError(f"{repo_id} changed while publishing (another publisher committed first); "
+                               "nothing of this variant was written: rerun to publish on top of it") from exc
+        if status in (401, 403):
+            raise PublishError(f"{repo_id}: the Hub refused the write ({status}): check HF_TOKEN's permissions") \
+                from exc
+        raise PublishError(f"{repo_id}: commit failed ({status}): {str(exc).splitlines()[0]}") from exc
+    outcome.commits.append(info.oid)
+    if info.pr_url:
+        outcome.pr_url = info.pr_url
+    return str(info.oid)
