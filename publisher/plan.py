@@ -63,10 +63,10 @@ class Variant:
         return f"{self.repo_name}_{self.attention.folder}_compiled.zip"
 
     def to_json(self) -> dict[str, Any]:
+        """Everything that defines this variant (not where its manifest file happens to lie)."""
         return {
             "id": self.id,
             "manifest": self.manifest_name,
-            "manifest_path": self.manifest_path,
             "repo": self.repo_id,
             "attention": self.attention.value,
             "folder": self.attention.folder,

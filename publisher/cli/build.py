@@ -63,26 +63,24 @@ def build_command(
 
 def compile_command(
     build_dir: Annotated[Path, typer.Argument(help="A build output folder (with build-info.json files).")],
+    manifests: Annotated[list[Path] | None, typer.Argument(help="The manifests it was built from.")] = None,
     store: StoreOpt = Path(".publisher/store"),
     source_endpoint: SourceEndpointOpt = None,
 ) -> None:
-    """Compile already-built packages (macOS): rebuilds the same variants with compilation on; cached steps are
-    reused from the store, so only compile, Resources and zips are new."""
+    """Compile already-built packages (macOS): rebuilds the variants found in BUILD_DIR with compilation on;
+    cached steps are reused from the store, so only compile, Resources and zips are new."""
     infos = sorted(build_dir.glob("*/*/*/build-info.json"))
     if not infos:
         raise PublisherError(f"{build_dir}: no build-info.json found (run `publisher build` first)")
-    by_manifest: dict[str, list[str]] = {}
-    namespace = None
+    ids = []
+    namespace = DEFAULT_NAMESPACE
     for path in infos:
-        info = json.loads(path.read_text())
-        by_manifest.setdefault(info["manifest"]["path"], []).append(info["variant"]["id"])
-        namespace = info["variant"]["repo"].split("/")[0]
-    ok = True
-    for manifest, ids in by_manifest.items():
-        options = BuildOptions(out=build_dir, store=store, namespace=namespace or DEFAULT_NAMESPACE, compile=True,
-                               variants=ids, endpoint=source_endpoint, token=os.environ.get("HF_TOKEN") or None)
-        result = build(load_manifests([Path(manifest)]), options)
-        print_build_table(result)
-        ok = ok and result.ok
-    if not ok:
+        variant = json.loads(path.read_text())["variant"]
+        ids.append(variant["id"])
+        namespace = variant["repo"].split("/")[0]
+    options = BuildOptions(out=build_dir, store=store, namespace=namespace, compile=True, variants=ids,
+                           endpoint=source_endpoint, token=os.environ.get("HF_TOKEN") or None)
+    result = build(load_manifests(manifests or [Path("manifests")]), options)
+    print_build_table(result)
+    if not result.ok:
         raise typer.Exit(1)

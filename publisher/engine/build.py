@@ -8,6 +8,7 @@ folders under `out/<repo>/` are the repo as it will be published.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import shutil
 import tempfile
@@ -89,8 +90,7 @@ def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]
 
 
 class _Runner:
-    def __init__(self, plan: Plan, manifests: Sequence[LoadedManifest], options: BuildOptions,
-                 report: Callable[[str], None]) -> None:
+    def __init__(self, plan: Plan, options: BuildOptions, report: Callable[[str], None]) -> None:
         self.plan = plan
         self.options = options
         self.store = BuildStore(options.store)
@@ -102,7 +102,6 @@ class _Runner:
         self.built: list[str] = []
         self.cached: list[str] = []
         self.report = report
-        self.manifest_sha = {str(m.path): m.sha256 for m in manifests}
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -292,7 +291,9 @@ class _Runner:
         info = {
             "variant": variant.to_json(),
             "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit},
-            "manifest": {"path": variant.manifest_path, "sha256": self.manifest_sha.get(variant.manifest_path)},
+            # this variant's settings, hashed: editing another variant of the manifest leaves this file alone
+            "manifest": {"name": variant.manifest_name, "variant_sha256": hashlib.sha256(json.dumps(
+                variant.to_json(), sort_keys=True).encode()).hexdigest()},
             "tools": self.versions,
             "compiled": compiled_layout,
             "files": {name: {"sha256": sha, "size": size} for name, (sha, size) in sorted(files.items())},
@@ -330,7 +331,7 @@ def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
     needs_compiler = options.compile and any(Layout.COMPILED in v.layouts for v in chosen)
     if needs_compiler:
         require_compiler()
-    runner = _Runner(plan, manifests, options, report or (lambda _: None))
+    runner = _Runner(plan, options, report or (lambda _: None))
     runner.store.clean_temp()
     steps = [s for s in plan.steps.values() if ids & set(s.variants) and s.kind not in ("assemble", "zip")
              and (options.compile or s.kind != "compile")]

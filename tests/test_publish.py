@@ -1,0 +1,157 @@
+"""Publishing end to end through the unmodified client: build tiny -> publish -> download -> card -> republish."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+
+from publisher.engine.build import BuildOptions, build
+from publisher.manifest import load_manifests
+from publisher.publish import PublishOptions, publish, status
+from tests.helpers import write_manifest
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): _sha(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and ".cache" not in p.parts}
+
+
+def _stats(hub) -> dict:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    with urllib.request.urlopen(f"{hub.url}/api/staging/stats") as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source_repo):  # type: ignore[no-untyped-def]
+    work = tmp_path_factory.mktemp("publish")
+    manifest = write_manifest(work / "manifests")
+    loaded = load_manifests([manifest])
+    build_options = BuildOptions(out=work / "out", store=work / "store", namespace="pub", compile=False,
+                                 endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False)
+    result = build(loaded, build_options)
+    assert result.ok
+    options = PublishOptions(out=work / "out", namespace="pub", target="staging", endpoint=staging_hub.url,
+                             token=staging_hub.token)
+    outcomes = publish(loaded, options)
+    return work, manifest, build_options, options, outcomes
+
+
+def test_download_returns_exactly_the_built_files(published, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    work, *_ = published
+    for repo in ("pub/coreml-tiny-sd", "pub/coreml-tiny-sd-palettized"):
+        for folder in ("original", "split_einsum_v2"):
+            local = tmp_path / repo / folder
+            snapshot_download(repo, allow_patterns=f"{folder}/packages/*", local_dir=local, endpoint=staging_hub.url,
+                              token=staging_hub.token)
+            built = _files(work / "out" / repo / folder / "packages")
+            got = _files(local / folder / "packages")
+            assert got == built and len(built) >= 15
+
+
+def test_one_commit_per_variant_and_card(published, hf_api: HfApi, staging_hub) -> None:  # type: ignore[no-untyped-def]
+    *_, outcomes = published
+    for outcome in outcomes:
+        assert len(outcome.commits) == 2  # original, split_einsum_v2 (the card rode with the last)
+        titles = [c.title for c in hf_api.list_repo_commits(outcome.repo_id)]
+        assert titles[:2] == ["Publish split_einsum_v2", "Publish original"]
+        files = hf_api.list_repo_files(outcome.repo_id, revision=outcome.commits[0])
+        assert "README.md" not in files and not any(f.startswith("split_einsum_v2/") for f in files)
+    card_path = hf_hub_download("pub/coreml-tiny-sd-palettized", "README.md", endpoint=staging_hub.url,
+                                token=staging_hub.token)
+    card = ModelCard.load(card_path)
+    card.validate()  # the staging Hub's validate-yaml, as on huggingface.co
+    assert card.data.license == "mit"
+    assert set(card.data.tags) == {"coreml", "core-ml", "stable-diffusion", "text-to-image"}
+    assert card.data.base_model == "tiny/sd"
+    assert card.data.pipeline_tag == "text-to-image"
+    assert '| `split_einsum_v2/` | SPLIT_EINSUM_V2 | ALL | 6-bit | iOS17 |' in card.text
+    assert 'snapshot_download("pub/coreml-tiny-sd-palettized", allow_patterns="original/packages/*"' in card.text
+    assert "| `original` | unet | 6 |" in card.text
+
+
+def test_republish_sends_nothing(published, staging_hub, hf_api: HfApi) -> None:  # type: ignore[no-untyped-def]
+    _work, manifest, _, options, _ = published
+    heads = {r: hf_api.repo_info(r).sha for r in ("pub/coreml-tiny-sd", "pub/coreml-tiny-sd-palettized")}
+    before = _stats(staging_hub)["bytes_received"]
+    outcomes = publish(load_manifests([manifest]), options)
+    assert [o.commits for o in outcomes] == [[], []]
+    assert _stats(staging_hub)["bytes_received"] == before
+    assert {r: hf_api.repo_info(r).sha for r in heads} == heads
+
+
+def test_changed_variant_republishes_alone(published, staging_hub, hf_api: HfApi, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _work, manifest, build_options, options, _ = published
+    # SPLIT_EINSUM_V2 of the float16 repo runs on CPU_AND_NE now: only that variant's build-info and card change
+    text = manifest.read_text().replace(
+        "    attention: [ORIGINAL, SPLIT_EINSUM_V2]\n    layouts: [packages]\n  - repo",
+        "    attention: [ORIGINAL, SPLIT_EINSUM_V2]\n    compute_units: {SPLIT_EINSUM_V2: CPU_AND_NE}\n"
+        "    layouts: [packages]\n  - repo", 1)
+    assert text != manifest.read_text()
+    changed = tmp_path / "tiny-sd.yaml"
+    changed.write_text(text)
+    loaded = load_manifests([changed])
+    assert build(loaded, build_options).ok
+    before = hf_api.repo_info("pub/coreml-tiny-sd").sha
+    other = hf_api.repo_info("pub/coreml-tiny-sd-palettized").sha
+    outcomes = publish(loaded, options)
+    by_repo = {o.repo_id: o for o in outcomes}
+    assert len(by_repo["pub/coreml-tiny-sd"].commits) == 1
+    assert by_repo["pub/coreml-tiny-sd-palettized"].commits == []
+    assert hf_api.repo_info("pub/coreml-tiny-sd-palettized").sha == other
+    commit = hf_api.list_repo_commits("pub/coreml-tiny-sd")[0]
+    assert commit.title == "Publish split_einsum_v2"
+    diff = [d for d in by_repo["pub/coreml-tiny-sd"].diffs if not d.empty]
+    assert [d.folder for d in diff] == ["split_einsum_v2"]
+    assert {c.path for c in diff[0].changed} == {"split_einsum_v2/build-info.json"}
+    assert hf_api.repo_info("pub/coreml-tiny-sd").sha != before
+    rows = {r.variant.id: r for r in status(loaded, "pub", staging_hub.url, staging_hub.token)}
+    assert all(r.published for r in rows.values())
+    assert rows["pub/coreml-tiny-sd/split_einsum_v2"].current
+    stale = {r.variant.id: r for r in status(load_manifests([manifest]), "pub", staging_hub.url, staging_hub.token)}
+    assert stale["pub/coreml-tiny-sd/split_einsum_v2"].reason == "manifest settings changed"
+    assert stale["pub/coreml-tiny-sd/original"].current
+
+
+def test_dry_run_and_create_pr(published, staging_hub, hf_api: HfApi, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _work, manifest, build_options, options, _ = published
+    text = manifest.read_text().replace("description: tiny SD-shaped model for tests", "description: changed")
+    text = text.replace("nbits: 6", "nbits: 4")
+    changed = tmp_path / "tiny-sd.yaml"
+    changed.write_text(text)
+    loaded = load_manifests([changed])
+    assert build(loaded, build_options).ok
+    head = hf_api.repo_info("pub/coreml-tiny-sd-palettized").sha
+    dry = publish(loaded, PublishOptions(**{**options.__dict__, "dry_run": True}))
+    palettized = next(o for o in dry if o.repo_id.endswith("palettized"))
+    assert palettized.commits == [] and all(not d.empty for d in palettized.diffs)
+    assert hf_api.repo_info("pub/coreml-tiny-sd-palettized").sha == head
+    outcomes = publish(loaded, PublishOptions(**{**options.__dict__, "create_pr": True}))
+    palettized = next(o for o in outcomes if o.repo_id.endswith("palettized"))
+    assert palettized.pr_url and palettized.pr_url.endswith("/discussions/1")
+    assert len(palettized.commits) == 2
+    assert hf_api.repo_info("pub/coreml-tiny-sd-palettized").sha == head  # main untouched
+    pr_files = hf_api.list_repo_files("pub/coreml-tiny-sd-palettized", revision="refs/pr/1")
+    assert "README.md" in pr_files
+
+
+def test_publish_cli_dry_run(published, staging_hub) -> None:  # type: ignore[no-untyped-def]
+    work, manifest, *_ = published
+    result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(manifest), "--out", str(work / "out"),
+                             "--namespace", "pub", "--endpoint", staging_hub.url, "--dry-run"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_TOKEN": staging_hub.token})
+    assert result.returncode == 0, result.stderr
+    assert staging_hub.token not in result.stdout + result.stderr
+    assert "dry run: nothing sent" in result.stdout
