@@ -155,3 +155,18 @@ def test_publish_cli_dry_run(published, staging_hub) -> None:  # type: ignore[no
     assert result.returncode == 0, result.stderr
     assert staging_hub.token not in result.stdout + result.stderr
     assert "dry run: nothing sent" in result.stdout
+
+
+def test_current_repos_give_an_empty_matrix(published, staging_hub) -> None:  # type: ignore[no-untyped-def]
+    work, manifest, build_options, *_ = published
+    env = {**__import__("os").environ, "HF_TOKEN": staging_hub.token}
+    command = [sys.executable, "-m", "publisher", "status", str(manifest), "--namespace", "pub", "--endpoint",
+               staging_hub.url]
+    # the tests above built and published edited manifests: rebuild (all cached) and publish this one again
+    assert build(load_manifests([manifest]), build_options).built == []
+    publish(load_manifests([manifest]), PublishOptions(out=work / "out", namespace="pub", target="staging",
+                                                       endpoint=staging_hub.url, token=staging_hub.token))
+    table = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert table.returncode == 0, table.stderr
+    matrix = subprocess.run(command + ["--github-matrix"], capture_output=True, text=True, timeout=300, env=env)
+    assert json.loads(matrix.stdout) == {"include": []}, table.stdout

@@ -43,11 +43,15 @@ def plan(
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     as_json: JsonOpt = False,
     github_matrix: Annotated[bool, typer.Option("--github-matrix", help="Print the GitHub Actions matrix JSON.")] = False,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Only these variant ids or patterns.")] = None,
 ) -> None:
     """Expand manifests into variants and the build steps they share."""
+    from publisher.engine.build import select_variants
+
     result = build_plan(load_manifests(manifest_paths(paths)), namespace)
     if github_matrix:
-        typer.echo(json.dumps(result.github_matrix(), separators=(",", ":")))
+        only = [v.id for v in select_variants(result, variant)] if variant else None
+        typer.echo(json.dumps(result.github_matrix(only=only), separators=(",", ":")))
         return
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))

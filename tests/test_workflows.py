@@ -1,0 +1,82 @@
+"""The scheduled workflow is correct before it ever runs: timeouts, token scope, pull-request guard, matrix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((WORKFLOWS / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["ci.yml", "publish.yml"])
+def test_every_job_has_a_timeout_and_least_permissions(name: str) -> None:
+    workflow = load(name)
+    assert workflow["permissions"] == {}
+    for job_name, job in workflow["jobs"].items():
+        assert isinstance(job.get("timeout-minutes"), int), f"{name}:{job_name} has no timeout"
+        assert job.get("permissions") == {"contents": "read"}, f"{name}:{job_name} asks for more than it needs"
+        for step in job["steps"]:
+            uses = step.get("uses")
+            if uses:
+                ref = uses.split("@", 1)[1]
+                assert len(ref) == 40 and all(c in "0123456789abcdef" for c in ref), f"{uses} is not pinned by SHA"
+
+
+def test_only_the_publish_job_sees_the_token_and_never_on_pull_requests() -> None:
+    workflow = load("publish.yml")
+    text = (WORKFLOWS / "publish.yml").read_text()
+    assert text.count("secrets.") == 1
+    for job_name, job in workflow["jobs"].items():
+        dumped = json.dumps(job)
+        if job_name == "publish":
+            assert "secrets.HF_TOKEN" in dumped
+            assert job["if"] == "github.event_name != 'pull_request'"
+            assert job["environment"] == "hub-publish"
+            assert job["concurrency"]["group"] == "publish-${{ matrix.repo }}"
+        else:
+            assert "secrets." not in dumped, job_name
+    dry = workflow["jobs"]["publish-dry-run"]
+    assert dry["if"] == "github.event_name == 'pull_request'"
+    assert "--dry-run" in json.dumps(dry)
+
+
+def test_matrix_comes_from_the_plan_and_never_fails_fast() -> None:
+    workflow = load("publish.yml")
+    for job_name in ("convert", "compile"):
+        strategy = workflow["jobs"][job_name]["strategy"]
+        assert strategy["fail-fast"] is False
+        assert strategy["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
+    assert workflow["jobs"]["convert"]["if"] == "needs.plan.outputs.count != '0'"
+    assert "--no-compile" in json.dumps(workflow["jobs"]["convert"])
+    assert workflow["jobs"]["compile"]["runs-on"].startswith("macos")
+
+
+def test_plan_emits_the_matrix_the_workflow_reads() -> None:
+    result = subprocess.run([sys.executable, "-m", "publisher", "plan", "manifests/", "--namespace", "ns",
+                             "--github-matrix"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    matrix = json.loads(result.stdout)
+    assert len(matrix["include"]) == 16
+    assert {"variant", "manifest", "repo"} <= set(matrix["include"][0])
+    assert len({job["variant"] for job in matrix["include"]}) == 16
+
+
+@pytest.mark.skipif(shutil.which("actionlint") is None and not (Path(sys.executable).parent / "actionlint").exists(),
+                    reason="actionlint is installed by .ci/run")
+def test_actionlint_and_zizmor_pass() -> None:
+    bin_dir = Path(sys.executable).parent
+    for command in ([str(bin_dir / "actionlint")], [str(bin_dir / "zizmor"), "--offline", "--quiet"]):
+        files = [str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "publish.yml")]
+        result = subprocess.run(command + files, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
