@@ -118,6 +118,8 @@ class _Runner:
         params = dict(step.params)
         if step.kind in ("convert", "chunk"):
             params["license"] = self._variant_of(step).license
+        if step.kind == "verify":
+            params["fidelity"] = self.options.verify
         key = step_key(step.kind, params, [self.keys[i] for i in step.inputs], self.versions)
         self.keys[step.id] = key
         stored = self.store.get(key)
@@ -214,11 +216,24 @@ class _Runner:
         fetch_step = next(s for s in self.plan.steps.values() if s.kind == "fetch" and variant.id in s.variants)
         dims = source_dims(self.fetched[fetch_step.id].path, variant.resolution)
         package = self.outputs[step.inputs[0]].path / PACKAGE
-        problems = contract_problems(package, step.params["submodule"], dims)
+        submodule = step.params["submodule"]
+        problems = contract_problems(package, submodule, dims)
         if problems:
-            raise BuildError(f"{step.params['submodule']} breaks the apps' contract: {'; '.join(problems)}")
+            raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
+        report: dict[str, Any] = {"contract": "ok"}
+        if self.options.verify:
+            from publisher.verify.fidelity import PSNR_BAR_DB, verify_package
+
+            package_step = self.plan.steps[step.inputs[0]]
+            float16 = self.outputs[package_step.inputs[0]].path / PACKAGE if package_step.kind == "palettize" else None
+            fidelity = verify_package(package, self.fetched[fetch_step.id].path, submodule,
+                                      variant.attention, variant.resolution, float16_package=float16)
+            report["fidelity"] = fidelity.to_json()
+            if not fidelity.passed:
+                raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "
+                                 f"{PSNR_BAR_DB:.0f} dB bar: not published")
         link_tree(package, work / PACKAGE)
-        atomic_write_text(work / "verify.json", json.dumps({"contract": "ok"}, indent=2) + "\n")
+        atomic_write_text(work / "verify.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
 
     def _do_compile(self, step: Step, work: Path) -> None:
         compiled = compile_package(self.outputs[step.inputs[0]].path / PACKAGE, work)
@@ -258,9 +273,17 @@ class _Runner:
                     link_tree(stored.path / PACKAGE, staged / "packages" / package_name(
                         variant.source_repo.replace("/", "_"), submodule))
                 report = self._palettization_report(verify)
+                figures: dict[str, Any] = {}
                 if report is not None:
-                    fidelity[submodule] = {k: report[k] for k in ("nbits", "granularity", "palettized_ops",
-                                                                  "min_snr_db", "mean_snr_db") if k in report}
+                    figures = {k: report[k] for k in ("nbits", "granularity", "palettized_ops", "min_snr_db",
+                                                      "mean_snr_db") if k in report}
+                checked = json.loads((stored.path / "verify.json").read_text()).get("fidelity")
+                if checked:
+                    figures["output_psnr_db"] = checked["min_psnr_db"]
+                    if "psnr_vs_float_db" in checked:
+                        figures["output_psnr_vs_float_db"] = min(checked["psnr_vs_float_db"].values())
+                if figures:
+                    fidelity[submodule] = figures
                 if compiled_layout:
                     compile_step = next(s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id)
                     link_tree(self.outputs[compile_step.id].path / "model.mlmodelc",
