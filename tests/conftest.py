@@ -69,3 +69,30 @@ def tiny_source_repo(staging_hub: StagingHub, tmp_path_factory: pytest.TempPathF
     folder = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-source") / "sd")
     push_tiny_source(folder, TINY_SOURCE_REPO, staging_hub.url, staging_hub.token)
     return TINY_SOURCE_REPO
+
+
+RESOLUTION = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from publisher.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "source")
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every component x attention implementation converted once (float16, iOS16)."""
+    from publisher.convert.coreml import PackageMetadata, convert_component
+    from publisher.manifest import Attention, Component, DeploymentTarget
+
+    out = tmp_path_factory.mktemp("packages")
+    packages = {}
+    for attention in Attention:
+        for component in Component:
+            path = out / attention.folder / f"{component.value}.mlpackage"
+            convert_component(tiny_source, component, attention, RESOLUTION, DeploymentTarget.iOS16, path,
+                              PackageMetadata("tiny/sd@main", "mit", attention))
+            packages[attention, component] = path
+    return packages

@@ -13,7 +13,7 @@ from publisher.contract import ModelDims, model_spec
 from publisher.convert.attention import SplitEinsumSpatialAttention, SplitEinsumTransformer2D
 from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs, convert_unet_chunks
 from publisher.convert.components import example_inputs, load_component
-from publisher.convert.coreml import PackageMetadata, convert_component, convert_isolated
+from publisher.convert.coreml import PackageMetadata, convert_isolated
 from publisher.engine.source import fetch_source
 from publisher.errors import SourceError
 from publisher.manifest import Attention, Component, DeploymentTarget
@@ -22,24 +22,6 @@ from publisher.mlpackage import load_program, main_operations, package_info
 from publisher.tiny import build_tiny_pipeline
 
 RESOLUTION = 256
-
-
-@pytest.fixture(scope="session")
-def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "source")
-
-
-@pytest.fixture(scope="session")
-def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[Attention, Component], Path]:
-    out = tmp_path_factory.mktemp("packages")
-    packages = {}
-    for attention in Attention:
-        for component in Component:
-            path = out / attention.folder / f"{component.value}.mlpackage"
-            convert_component(tiny_source, component, attention, RESOLUTION, DeploymentTarget.iOS16, path,
-                              PackageMetadata("tiny/sd@main", "mit", attention))
-            packages[attention, component] = path
-    return packages
 
 
 def _outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, ...]:

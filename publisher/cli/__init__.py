@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from publisher.cli import build, manifests, publish, staging
+from publisher.cli import build, manifests, publish, staging, verify
 from publisher.errors import PublisherError
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.command("compile")(build.compile_command)
 app.command("publish")(publish.publish_command)
 app.command("status")(publish.status_command)
 app.command("demo")(publish.demo_command)
+app.command("verify")(verify.verify_command)
 app.add_typer(staging.app, name="staging")
 
 

@@ -99,38 +99,52 @@ def _run(package: Path, inputs: tuple, runtime: str) -> dict[str, np.ndarray]:
     return run_package(package, feed)
 
 
-def _dequantized_module(module: Any, package: Path, float16_package: Path) -> int:
-    """Load the weights the palettized package decodes to into `module` (matched to parameters through the
-    float16 package's weights, byte for byte). Returns how many parameters were replaced."""
+def _dequantized_module(module: Any, package: Path, float16_package: Path | None) -> int:
+    """Load the weights the palettized package decodes to into `module`. Each palettized weight is matched to
+    its parameter through the float16 package's weights, byte for byte; without that package, to the parameter
+    of the same size whose values are nearest. Returns how many parameters were replaced."""
     import torch
 
     from publisher.compress.palettize import read_palettized_weights
     from publisher.mlpackage import load_program, main_operations
 
-    originals = {op.name: op.outputs[0].val for op in main_operations(load_program(float16_package))
-                 if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray)}
-    by_bytes = {}
-    for param in module.parameters():
-        by_bytes.setdefault(param.detach().half().numpy().tobytes(), []).append(param)
+    params = list(module.parameters())
+    originals: dict[str, np.ndarray] = {}
+    if float16_package is not None:
+        originals = {op.name: op.outputs[0].val for op in main_operations(load_program(float16_package))
+                     if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray)}
+    by_bytes: dict[bytes, list[Any]] = {}
+    by_size: dict[int, list[Any]] = {}
+    for param in params:
+        if float16_package is not None:
+            by_bytes.setdefault(param.detach().half().numpy().tobytes(), []).append(param)
+        by_size.setdefault(param.numel(), []).append(param)
     replaced = 0
     for name, (_, _, dense) in read_palettized_weights(package).items():
-        original = originals.get(name)
-        if original is None:
-            continue
-        for param in by_bytes.get(np.ascontiguousarray(original).tobytes(), []):
+        values = np.asarray(dense, dtype=np.float32)
+        if name in originals:
+            targets = by_bytes.get(np.ascontiguousarray(originals[name]).tobytes(), [])
+        else:
+            candidates = by_size.get(values.size, [])
+            flat = values.reshape(-1)
+            targets = [min(candidates, key=lambda p: float(np.mean((p.detach().numpy().reshape(-1) - flat) ** 2)))] \
+                if candidates else []
+        for param in targets:
             with torch.no_grad():
-                param.copy_(torch.from_numpy(np.asarray(dense, dtype=np.float32).reshape(param.shape)))
+                param.copy_(torch.from_numpy(values.reshape(param.shape)))
             replaced += 1
     return replaced
 
 
 def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                    runtime: str = "reference", float16_package: Path | None = None) -> Fidelity:
+    from publisher.compress.palettize import read_palettized_weights
+
     module, inputs, names = _reference(source, submodule, attention, resolution)
     got = _run(package, inputs, runtime)
     reference = _torch_outputs(module, inputs, names)
     float_psnr = {name: psnr(reference[name], got[name]) for name in names}
-    if float16_package is None:
+    if float16_package is None and not read_palettized_weights(package):
         return Fidelity(submodule, runtime, float_psnr)
     replaced = _dequantized_module(module, package, float16_package)
     dequantized = _torch_outputs(module, inputs, names)
