@@ -129,7 +129,7 @@ class Precision(_Model):
 
 
 class Source(_Model):
-    repo: Annotated[StrictStr, Field(pattern=REPO_ID_RE.pattern, description="diffusers repo id, `org/name`")]
+    repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="diffusers repo id, `org/name`")]
     revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
     components: list[Component] = Field(
         default_factory=lambda: list(ALL_COMPONENTS), min_length=1, description="what the source provides"

@@ -78,8 +78,8 @@ CASES = [
      "m.yaml:11: publish[1].repo: must be 'namespace/name' (letters, digits, '-', '_', '.'; the namespace may be "
      "'{namespace}')"),
     ("  repo: org/tiny-sd", "  repo: tiny-sd",
-     "m.yaml:3: source.repo: does not match [A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
-     "[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"),
+     "m.yaml:3: source.repo: does not match ^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/"
+     "[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$"),
     ("    attention: [ORIGINAL, SPLIT_EINSUM_V2]",
      "    attention: [ORIGINAL, SPLIT_EINSUM_V2]\n    chunk_unet: true",
      "m.yaml:16: publish[1].chunk_unet: a 6-bit palettized UNet is small enough: chunking is refused"),

@@ -36,6 +36,7 @@ app.command("publish")(publish.publish_command)
 app.command("status")(publish.status_command)
 app.command("demo")(publish.demo_command)
 app.command("verify")(verify.verify_command)
+app.command("fetch")(publish.fetch_command)
 app.add_typer(staging.app, name="staging")
 
 

@@ -81,3 +81,22 @@ def demo_command(
     from publisher.demo import run_demo
 
     run_demo(keep, say=typer.echo)
+
+
+def fetch_command(
+    repo: Annotated[str, typer.Argument(help="Repo id, e.g. org/coreml-stable-diffusion-v1-5-palettized.")],
+    variant: Annotated[str, typer.Option("--variant", help="original/packages, original/compiled, or a "
+                                                           "<repo>_<attention>_compiled.zip")],
+    to: Annotated[Path, typer.Option("--to", help="Target folder.")],
+    target: TargetOpt = "hub",
+    endpoint: EndpointOpt = None,
+    revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit.")] = "main",
+) -> None:
+    """Download one variant, check every file against the Hub's checksums, unzip safely; exit 1 on a mismatch."""
+    from publisher.fetch import fetch_variant
+    from publisher.publish import resolve_endpoint
+
+    url = resolve_endpoint(target, endpoint)
+    result = fetch_variant(repo, variant, to, endpoint=url, token=_token(), revision=revision)
+    typer.echo(f"{repo}@{result.commit[:12]} {variant}: {len(result.files)} files, {result.bytes} bytes verified"
+               + (f", extracted into {result.extracted}" if result.extracted else ""))

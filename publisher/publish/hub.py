@@ -24,6 +24,10 @@ CARD = "README.md"
 class PublishError(PublisherError):
     """Publishing stopped; the message says why and what to do."""
 
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
 
 @dataclass
 class RemoteFile:
@@ -132,10 +136,65 @@ def _operations(diff: VariantDiff) -> list[Any]:
     return ops
 
 
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth another try: the Hub was overloaded or the connection broke (not a refusal)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, PublishError):
+        return exc.transient
+    if isinstance(exc, HfHubHTTPError):
+        return exc.response is not None and exc.response.status_code in TRANSIENT_STATUS
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"TransportError", "ConnectionError", "TimeoutError", "RemoteDisconnected",
+                         "IncompleteRead"}) or isinstance(exc, OSError)
+
+
 def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
-                 dry_run: bool = False, create_pr: bool = False,
-                 say: Callable[[str], None] = lambda _: None) -> RepoOutcome:
-    """Publish the given variants of one repo (one commit each; the card rides with the last commit)."""
+                 dry_run: bool = False, create_pr: bool = False, say: Callable[[str], None] = lambda _: None,
+                 attempts: int = 4, backoff_s: float = 1.0) -> RepoOutcome:
+    """Publish the given variants of one repo (one commit each; the card rides with the last commit).
+
+    A transient failure (5xx, 429, a dropped connection) is retried with backoff; each attempt diffs against the
+    remote tree again, so what already landed is not sent twice and a commit that landed before its answer was
+    lost is recognised. A refusal (412: someone else committed; 401/403) stops at once with one clear line."""
+    import time
+
+    last: BaseException | None = None
+    commits: list[str] = []
+    pr_url: str | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            outcome = _publish_once(api, repo_id, repo_dir, variants, endpoint, dry_run, create_pr, say)
+            outcome.commits = commits + outcome.commits
+            outcome.pr_url = outcome.pr_url or pr_url
+            return outcome
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts:
+                if is_transient(exc):
+                    raise PublishError(f"{repo_id}: gave up after {attempts} attempts: {_first_line(exc)}; "
+                                       "what landed is complete per variant, rerun to finish") from exc
+                raise
+            partial = getattr(exc, "outcome", None)
+            if partial is not None:
+                commits += partial.commits
+                pr_url = pr_url or partial.pr_url
+            last = exc
+            delay = backoff_s * 2 ** (attempt - 1)
+            say(f"{repo_id}: attempt {attempt} failed ({_first_line(exc)}); retrying in {delay:.0f} s")
+            time.sleep(delay)
+    raise PublishError(f"{repo_id}: publishing failed: {_first_line(last)}")  # pragma: no cover
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip().splitlines() if exc is not None else []
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
+                  dry_run: bool, create_pr: bool, say: Callable[[str], None]) -> RepoOutcome:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     from publisher.publish.card import card_text
@@ -173,7 +232,11 @@ def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Vari
             ops.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card_bytes))
         say(f"{repo_id}: committing {diff.folder} ({len(diff.added)} added, {len(diff.changed)} changed, "
             f"{len(diff.removed)} removed)")
-        head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome)
+        try:
+            head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome)
+        except Exception as exc:
+            exc.outcome = outcome  # type: ignore[attr-defined]  # the commits that did land, for the retry
+            raise
         revision = outcome.pr_url and _pr_revision(outcome.pr_url)
     if not pending and card_changed:
         from huggingface_hub import CommitOperationAdd
