@@ -13,6 +13,7 @@ from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
 from publisher.engine.build import BuildOptions, BuildResult, build
 from publisher.errors import PublisherError
 from publisher.manifest import load_manifests
+from publisher.util.sizes import human_size
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="The build store (cached step outputs).")]
@@ -21,17 +22,8 @@ SourceEndpointOpt = Annotated[str | None, typer.Option(
     help="Hub the source models are read from (default: HF_ENDPOINT, else huggingface.co).")]
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
 def print_build_table(result: BuildResult) -> None:
-    rows = [(r.variant.id, str(r.files), _human(r.size), f"{r.seconds:.1f} s", r.status) for r in result.variants]
+    rows = [(r.variant.id, str(r.files), human_size(r.size), f"{r.seconds:.1f} s", r.status) for r in result.variants]
     header = ("variant", "files", "size", "time", "status")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -9,16 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from publisher.util.sizes import human_size
+
 TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> str:
@@ -51,7 +44,7 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         has_zip = any(name.endswith(zip_name) for name in info["files"])
         zip_cell = f"[{zip_name}]({endpoint}/{repo_id}/resolve/main/{zip_name})" if has_zip else "not built"
         lines.append(f"| `{v['folder']}/` | {v['attention']} | {v['compute_unit']} | {v['precision_label']} | "
-                     f"{v['minimum_deployment_target']} | {_human(size)} | {zip_cell} |")
+                     f"{v['minimum_deployment_target']} | {human_size(size)} | {zip_cell} |")
     folder = infos[0]["variant"]["folder"]
     lines += [
         "",
