@@ -1,0 +1,94 @@
+"""Execute a full-size SD 1.5-shaped UNet package with the reference executor, next to one PyTorch CPU forward.
+
+Run by hand (not in CI):  python bench/verify_unet.py [--source DIR --package PKG]
+Without arguments it makes a random-weight SD 1.5 UNet and converts it first (ORIGINAL attention). Each side runs in
+its own process; both print wall time and peak RSS, and the PSNR between them is printed (>= 35 dB expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def peak_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def child(mode: str, source: Path, package: Path, out: Path) -> None:
+    import torch
+
+    from publisher.convert.components import example_inputs, load_component
+    from publisher.manifest import Attention, Component
+
+    loaded = load_component(source, Component.UNET, Attention.ORIGINAL, 512)
+    inputs = example_inputs(loaded.spec)
+    start = time.perf_counter()
+    if mode == "torch":
+        with torch.no_grad():
+            result = loaded.module(*inputs).numpy()
+    else:
+        from publisher.verify.executor import run_package
+
+        del loaded
+        result = run_package(package, {"sample": inputs[0].numpy(), "timestep": inputs[1].numpy(),
+                                        "encoder_hidden_states": inputs[2].numpy()})["noise_pred"]
+    seconds = time.perf_counter() - start
+    np.save(out, result)
+    print(json.dumps({"mode": mode, "seconds": round(seconds, 1), "peak_gib": round(peak_gib(), 2)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--source", type=Path)
+    parser.add_argument("--package", type=Path)
+    parser.add_argument("--child", choices=["torch", "executor"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.source, args.package, args.out)
+        return
+    work = Path(tempfile.mkdtemp(prefix="verify-bench-"))
+    source, package = args.source, args.package
+    if source is None or package is None:
+        from bench.convert_unet import make_source  # type: ignore[import-not-found]
+        from publisher.convert.coreml import PackageMetadata, convert_isolated
+        from publisher.manifest import Attention, Component, DeploymentTarget
+
+        source = work / "source"
+        make_source(source)
+        package = work / "unet.mlpackage"
+        convert_isolated(source, Component.UNET, Attention.ORIGINAL, 512, DeploymentTarget.iOS16, package,
+                         PackageMetadata("bench/sd15@random", "mit", Attention.ORIGINAL))
+    results = {}
+    for mode in ("torch", "executor"):
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--source", str(source), "--package",
+                               str(package), "--out", str(work / f"{mode}.npy")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(results[mode], flush=True)
+    from publisher.metrics import psnr
+
+    value = psnr(np.load(work / "torch.npy"), np.load(work / "executor.npy"))
+    t, e = results["torch"], results["executor"]
+    print(f"PyTorch forward : {t['seconds']:7.1f} s  peak {t['peak_gib']:.2f} GiB")
+    print(f"executor        : {e['seconds']:7.1f} s  peak {e['peak_gib']:.2f} GiB")
+    print(f"ratio executor/PyTorch: {e['seconds'] / t['seconds']:.2f}x (goal <= 3x); PSNR {value:.1f} dB")
+
+
+if __name__ == "__main__":
+    main()
