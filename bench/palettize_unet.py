@@ -54,7 +54,9 @@ def child(mode: str, source: Path, output: Path) -> None:
 def luts(package: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from publisher.compress.palettize import read_palettized_weights
 
-    return {name: (lut.reshape(-1), dense) for name, (lut, _, dense) in read_palettized_weights(package).items()}
+    # stock coremltools names the palettized op after the weight plus "_palettized"
+    return {name.removesuffix("_palettized"): (lut.reshape(-1), dense)
+            for name, (lut, _, dense) in read_palettized_weights(package).items()}
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def _float16_weights(package: Path, min_elements: int = 2048) -> dict[str, np.nd
     found = {}
     for op in main_operations(load_program(package)):
         value = op.outputs[0].val if op.op_type == "const" else None
-        if isinstance(value, np.ndarray) and value.dtype == np.float16 and value.size >= min_elements:
+        if isinstance(value, np.ndarray) and value.dtype == np.float16 and value.size >= min_elements \
+                and value.ndim >= 2:
             if not any(c.op_type.startswith("gather") for c in op.outputs[0].child_ops):
                 found[op.name] = value
     return found
@@ -97,7 +98,7 @@ def test_every_nbits_per_tensor(unet16: Path, tmp_path: Path, nbits: int) -> Non
     out = tmp_path / f"unet{nbits}.mlpackage"
     report = palettize_package(unet16, out, PalettizeConfig(nbits, deployment_target=DeploymentTarget.iOS17),
                                progress=False)
-    weights = read_palettized_weights(out)
+    weights = read_palettized_weights(out, decoder="coremltools")
     originals = _float16_weights(unet16)
     assert set(weights) == set(originals) == {op["op"] for op in report["ops"]}
     for name, (lut, indices, dense) in weights.items():
@@ -136,7 +137,7 @@ def test_grouped_channel_needs_and_uses_ios18(source: Path, unet16: Path, tmp_pa
     out = tmp_path / "grouped.mlpackage"
     report = palettize_package(ios18, out, PalettizeConfig(4, Granularity.PER_GROUPED_CHANNEL, 16,
                                                            deployment_target=DeploymentTarget.iOS18), progress=False)
-    weights = read_palettized_weights(out)
+    weights = read_palettized_weights(out, decoder="coremltools")
     assert set(weights) == set(_float16_weights(ios18))
     grouped = [name for name, (lut, _, _) in weights.items() if lut.shape[0] > 1]
     assert grouped, "weights with a multiple of 16 output channels get one LUT per group"

@@ -28,7 +28,21 @@ def pack_indices(indices: np.ndarray, nbits: int) -> np.ndarray:
 
 
 def unpack_indices(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
-    """Inverse of pack_indices (for reading packages back)."""
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")[: count * nbits]
-    weights = (1 << np.arange(nbits, dtype=np.uint16)).astype(np.uint16)
-    return (bits.reshape(count, nbits).astype(np.uint16) @ weights).astype(np.uint8)
+    """Inverse of pack_indices (for reading packages back), vectorised by the same whole-byte groups."""
+    data = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if nbits == 8:
+        return data[:count].copy()
+    per_group = 8 // math.gcd(nbits, 8)
+    group_bytes = per_group * nbits // 8
+    groups = math.ceil(count / per_group)
+    padded = np.zeros(groups * group_bytes, dtype=np.uint8)
+    padded[: min(data.size, padded.size)] = data[: padded.size]
+    grouped = padded.reshape(groups, group_bytes).astype(np.uint32)
+    word = np.zeros(groups, dtype=np.uint32)
+    for b in range(group_bytes):
+        word |= grouped[:, b] << np.uint32(8 * b)
+    mask = np.uint32((1 << nbits) - 1)
+    out = np.empty((groups, per_group), dtype=np.uint8)
+    for j in range(per_group):
+        out[:, j] = (word >> np.uint32(j * nbits)) & mask
+    return out.reshape(-1)[:count]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,8 @@ def _candidates(function: Any, min_elements: int) -> list[Any]:
         value = op.outputs[0].val
         if not isinstance(value, np.ndarray) or value.dtype != np.float16 or value.size < min_elements:
             continue
+        if value.ndim < 2:  # biases and norms stay float16, as in Apple's converter
+            continue
         if any(child.op_type in _LOOKUP_OPS for child in op.outputs[0].child_ops):
             continue
         ops.append(op)
@@ -104,6 +108,32 @@ def _copy_descriptions(source_model: Any, model: Any) -> None:
     for name in source_model.output_description:
         model.output_description[name] = source_model.output_description[name]
     model.user_defined_metadata.update(dict(source_model.user_defined_metadata))
+
+
+def _replace(function: Any, op: Any, solution: Any, config: PalettizeConfig, originals: dict[str, np.ndarray],
+             mb: Any, types: Any, ct: Any) -> None:
+    """Put a constexpr_lut_to_dense op in place of one float16 weight."""
+    value = op.outputs[0].val
+    name = op.name
+    bits = config.nbits_for(name)
+    op.name = name + "_float16"
+    if isinstance(solution, tuple):  # one LUT per group of channels (iOS18)
+        luts, indices = solution
+        lut_shape = [luts.shape[0]] + [1] * (value.ndim - 1) + [1 << bits, 1]
+        index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
+        new = mb.constexpr_lut_to_dense(indices=indices.astype(index_dtype), lut=luts.reshape(lut_shape),
+                                        before_op=op, name=name)
+    elif function.opset_version >= ct.target.iOS18:
+        index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
+        lut_shape = [1] * value.ndim + [1 << bits, 1]
+        new = mb.constexpr_lut_to_dense(indices=solution.indices.astype(index_dtype),
+                                        lut=solution.lut.reshape(lut_shape), before_op=op, name=name)
+    else:
+        new = mb.constexpr_lut_to_dense(indices=pack_indices(solution.indices, bits), lut=solution.lut,
+                                        shape=np.array(value.shape, dtype=np.uint32), before_op=op, name=name)
+    function.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
+    function.remove_ops([op])
+    originals[name] = value
 
 
 def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
@@ -136,36 +166,22 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
         raise PalettizeError(f"{source}: per_grouped_channel needs an iOS18 program (convert with "
                              "minimum_deployment_target iOS18)")
     originals: dict[str, np.ndarray] = {}
-    candidates = _candidates(function, config.min_elements)
-    with function:
-        for op in tqdm(candidates, desc=f"palettize {Path(source).name}", unit="op", disable=not progress):
-            bits = config.nbits_for(op.name)
-            if bits == 0:
-                continue
-            value = op.outputs[0].val
-            name = op.name
-            if grouped and value.ndim >= 2 and value.shape[0] % config.group_size == 0:
-                luts, indices = palettize_grouped(value, bits, config.group_size, axis=0)
-                lut_shape = [luts.shape[0]] + [1] * (value.ndim - 1) + [1 << bits, 1]
-                index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-                op.name = name + "_float16"
-                new = mb.constexpr_lut_to_dense(indices=indices.astype(index_dtype), lut=luts.reshape(lut_shape),
-                                                before_op=op, name=name)
-            else:
-                palette = palettize_tensor(value, bits)
-                op.name = name + "_float16"
-                if function.opset_version >= ct.target.iOS18:
-                    index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-                    lut_shape = [1] * value.ndim + [1 << bits, 1]
-                    new = mb.constexpr_lut_to_dense(indices=palette.indices.astype(index_dtype),
-                                                    lut=palette.lut.reshape(lut_shape), before_op=op, name=name)
-                else:
-                    new = mb.constexpr_lut_to_dense(indices=pack_indices(palette.indices, bits), lut=palette.lut,
-                                                    shape=np.array(value.shape, dtype=np.uint32), before_op=op,
-                                                    name=name)
-            function.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
-            function.remove_ops([op])
-            originals[name] = value
+    candidates = [op for op in _candidates(function, config.min_elements) if config.nbits_for(op.name) != 0]
+
+    def solve(op: Any) -> Any:
+        value, bits = op.outputs[0].val, config.nbits_for(op.name)
+        if grouped and value.ndim >= 2 and value.shape[0] % config.group_size == 0:
+            return palettize_grouped(value, bits, config.group_size, axis=0)
+        return palettize_tensor(value, bits)
+
+    # the solver (C, called through ctypes) and numpy release the GIL: two tensors at a time on two cores
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        solutions = pool.map(solve, candidates)
+        bar = tqdm(zip(candidates, solutions, strict=True), total=len(candidates),
+                   desc=f"palettize {Path(source).name}", unit="op", disable=not progress)
+        with function:
+            for op, solution in bar:
+                _replace(function, op, solution, config, originals, mb, types, ct)
     if not originals:
         raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
     model = ct.convert(program, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
@@ -179,22 +195,24 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
     return report
 
 
-def read_palettized_weights(package: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def read_palettized_weights(package: Path, decoder: str = "project"
+                            ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every constexpr_lut_to_dense op of a saved package: name -> (lut, indices as uint8 of the weight's shape,
-    dense weight as coremltools itself decompresses it)."""
+    dense weight). With `decoder="coremltools"` coremltools itself decompresses each weight (the tests compare the
+    two); by default it is the LUT lookup of the unpacked indices, several times faster."""
     from publisher.mlpackage import load_program, main_operations
 
     weights = {}
     for op in main_operations(load_program(package)):
         if op.op_type != "constexpr_lut_to_dense":
             continue
-        dense = op.materialized_val_inference()
         lut = np.asarray(op.lut.val)
         if getattr(op, "shape", None) is not None:  # iOS16 form: packed bytes
             bits = int(math.log2(lut.size))
             indices = unpack_indices(op.indices.val, bits, int(np.prod(op.shape.val))).reshape(tuple(op.shape.val))
         else:  # iOS18 form: uintN tensor of the weight's shape
             indices = np.asarray(op.indices.val).astype(np.uint8)
+        dense = op.materialized_val_inference() if decoder == "coremltools" else lut_lookup(lut, indices)
         weights[op.name] = (lut, indices, dense)
     return weights
 
