@@ -84,20 +84,26 @@ def write_zip(resources: Path, zip_path: Path, top_folder: str) -> None:
     central = []
     with ThreadPoolExecutor(max_workers=1) as pool, open(zip_path, "wb") as sink:
         crcs = {name: pool.submit(_crc32, path) for name, path in entries if path is not None}
+        headers = []
         for name, path in entries:
             encoded = name.encode("utf-8")
             size = path.stat().st_size if path is not None else 0
-            crc = crcs[name].result() if path is not None else 0
             offset = sink.tell()
             big = size >= _ZIP32_LIMIT
             extra = struct.pack("<HHQQ", 1, 16, size, size) if big else b""
             shown = _ZIP32_LIMIT if big else size
             flags = 0x800  # names are UTF-8
-            sink.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, flags, 0, 0, date, crc, shown, shown,
+            # the CRC is patched in below, once the second thread has it: copying never waits for it
+            sink.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, flags, 0, 0, date, 0, shown, shown,
                                    len(encoded), len(extra)) + encoded + extra)
             if path is not None:
                 _copy_into(path, sink)
             attributes = ((0o40755 << 16) | 0x10) if path is None else (0o100644 << 16)
+            headers.append((name, path, encoded, size, offset, attributes))
+        sink.flush()
+        for name, path, encoded, size, offset, attributes in headers:
+            crc = crcs[name].result() if path is not None else 0
+            os.pwrite(sink.fileno(), struct.pack("<I", crc), offset + 14)
             central.append((encoded, crc, size, offset, attributes))
         directory_start = sink.tell()
         for encoded, crc, size, offset, attributes in central:

@@ -31,13 +31,12 @@ def _val(op: Any, name: str, values: Mapping[str, np.ndarray]) -> Any:
 
 
 def _conv(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
-    import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(_val(op, "x", v), dtype=np.float32))
-    weight = torch.from_numpy(np.ascontiguousarray(_val(op, "weight", v), dtype=np.float32))
+    x = _t(_val(op, "x", v))
+    weight = _t(_val(op, "weight", v))
     bias = _val(op, "bias", v)
-    bias_t = torch.from_numpy(np.asarray(bias, dtype=np.float32)) if bias is not None else None
+    bias_t = _t(bias) if bias is not None else None
     strides = [int(s) for s in _val(op, "strides", v)]
     dilations = [int(d) for d in _val(op, "dilations", v)]
     groups = int(_val(op, "groups", v))
@@ -119,6 +118,75 @@ def _argmax(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.expand_dims(result, axis) if bool(_val(op, "keep_dims", v)) else result
 
 
+def _t(value: Any) -> Any:
+    """A float32 torch view or copy; float16 weights are widened by torch (multi-threaded)."""
+    import torch
+
+    array = np.ascontiguousarray(value)
+    if array.dtype == np.float16:
+        return torch.from_numpy(array).float()
+    return torch.from_numpy(array.astype(np.float32, copy=False))
+
+
+def _matmul(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    x, y = _t(_val(op, "x", v)), _t(_val(op, "y", v))
+    if bool(_val(op, "transpose_x", v)):
+        x = x.transpose(-1, -2)
+    if bool(_val(op, "transpose_y", v)):
+        y = y.transpose(-1, -2)
+    return torch.matmul(x, y).numpy()
+
+
+def _linear(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
+    import torch.nn.functional as F
+
+    bias = _val(op, "bias", v)
+    return F.linear(_t(_val(op, "x", v)), _t(_val(op, "weight", v)), None if bias is None else _t(bias)).numpy()
+
+
+def _einsum(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
+    import torch
+
+    values = op.inputs["values"]
+    operands = [_t(v[var.name] if var.name in v else var.val) for var in values]
+    return torch.einsum(str(_val(op, "equation", v)), *operands).numpy()
+
+
+def _softmax(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
+    return _t(_val(op, "x", v)).softmax(dim=int(_val(op, "axis", v))).numpy()
+
+
+def _layer_norm(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
+    x = _t(_val(op, "x", v))
+    axes = [int(a) % x.dim() for a in np.atleast_1d(_val(op, "axes", v))]
+    epsilon = float(_val(op, "epsilon", v))
+    mean = x.mean(dim=axes, keepdim=True)
+    variance = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+    out = (x - mean) / (variance + epsilon).sqrt()
+    gamma, beta = _val(op, "gamma", v), _val(op, "beta", v)
+    shape = [x.shape[a] if a in axes else 1 for a in range(x.dim())]
+    if gamma is not None:
+        out = out * _t(gamma).reshape(shape)
+    if beta is not None:
+        out = out + _t(beta).reshape(shape)
+    return out.numpy()
+
+
+def _gelu(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    x = _t(_val(op, "x", v))
+    mode = str(_val(op, "mode", v) or "EXACT")
+    if mode == "TANH_APPROXIMATION":
+        return F.gelu(x, approximate="tanh").numpy()
+    if mode == "SIGMOID_APPROXIMATION":
+        return (x * torch.sigmoid(1.702 * x)).numpy()
+    return F.gelu(x).numpy()
+
+
 def _cast(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
     """Reference numerics stay float32: float casts keep the values; integer and bool casts convert."""
     x = np.asarray(_val(op, "x", v))
@@ -132,6 +200,13 @@ def _cast(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 KERNELS: dict[str, Callable[[Any, Mapping[str, np.ndarray]], np.ndarray]] = {
+    # heavy ops run through torch's CPU kernels (float32): numpy's einsum and matmul paths are far slower
+    "matmul": _matmul,
+    "linear": _linear,
+    "einsum": _einsum,
+    "softmax": _softmax,
+    "layer_norm": _layer_norm,
+    "gelu": _gelu,
     "conv": _conv,
     "silu": _silu,
     "upsample_nearest_neighbor": _upsample_nearest,
@@ -210,7 +285,11 @@ def run_program(program: Any, inputs: Mapping[str, np.ndarray], keep: Callable[[
         if len(results) != len(op.outputs) or any(r is None for r in results):
             raise ExecutorError(f"cannot evaluate op {op.name} of type {op.op_type}: no value")
         for var, value in zip(op.outputs, results, strict=True):
-            values[var.name] = _as_float32(np.asarray(value) if not isinstance(value, np.ndarray) else value)
+            value = np.asarray(value) if not isinstance(value, np.ndarray) else value
+            # large float16 weights stay float16 until a kernel widens them (torch does it on both cores);
+            # everything computed is float32
+            keep16 = op.op_type in ("const", "constexpr_lut_to_dense") and value.size >= 4096
+            values[var.name] = value if keep16 else _as_float32(value)
         # free intermediates nobody reads any more (the full UNet would not fit otherwise)
         for var in op.inputs.values():
             for item in var if isinstance(var, (list, tuple)) else [var]:
