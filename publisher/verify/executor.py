@@ -223,7 +223,12 @@ KERNELS: dict[str, Callable[[Any, Mapping[str, np.ndarray]], np.ndarray]] = {
 
 def _builtin(var: Any, value: np.ndarray) -> Any:
     holder = var.sym_type()
-    holder.val = value
+    if hasattr(holder, "_val") or type(holder).__name__.startswith("tensor"):
+        # set the value as it is: the setter would cast it to the var's declared dtype (float16 in a float16
+        # program), and the reference numerics are float32
+        holder._val = value
+    else:
+        holder.val = value
     return holder
 
 
