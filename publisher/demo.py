@@ -45,6 +45,7 @@ def run_demo(work: Path | None = None, say: Callable[[str], None] = print) -> di
     os.environ["HF_HUB_DISABLE_XET"] = "1"  # before huggingface_hub is imported: the staging Hub speaks LFS
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' pass-by-pass bars: the demo prints its own steps
     os.environ["HF_HOME"] = str(work / "hf-home")
     token = secrets.token_hex(16)
     from publisher.staging.process import start_staging_hub

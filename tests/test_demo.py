@@ -1,0 +1,19 @@
+"""The README's first command: `publisher demo` runs the whole job offline and exits 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # its own Hub, its own cache
+    result = subprocess.run([sys.executable, "-m", "publisher", "demo", "--keep", str(tmp_path / "demo")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("5. downloaded demo/coreml-tiny-sd-palettized split_einsum_v2/packages") for line in lines)
+    assert "6. republished: 0 new commits (nothing had changed)" in lines
+    assert "Running MIL" not in result.stdout + result.stderr
