@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,12 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def peak_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
+from bench._common import peak_gib, run_child  # noqa: E402
 
 
 def run_stock(source: Path, output: Path) -> None:
@@ -72,11 +66,7 @@ def main() -> None:
     results = {}
     for mode in ("stock", "project"):
         out = work / f"{mode}.mlpackage"
-        proc = subprocess.run([sys.executable, __file__, str(args.package), "--child", mode, "--output", str(out)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[mode] = run_child(__file__, [str(args.package), "--child", mode, "--output", str(out)], mode)
         print(results[mode], flush=True)
     from publisher.metrics import snr
     from publisher.mlpackage import load_program, main_operations

@@ -1,0 +1,24 @@
+"""Helpers shared by the benchmarks: peak RSS of this process, and running one side in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def peak_gib() -> float:
+    """VmHWM of this process in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def run_child(script: str, args: list[str], label: str) -> dict:
+    """Run `script args` in a fresh process; its last stdout line is a JSON result."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
