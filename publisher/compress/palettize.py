@@ -11,8 +11,10 @@ import fnmatch
 import json
 import math
 import os
+import tempfile
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
+from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
-from publisher.convert.coreml import import_coremltools, save_package
+from publisher.convert.coreml import import_coremltools
 from publisher.errors import PublisherError
 from publisher.manifest import DeploymentTarget, Granularity
-from publisher.metrics import snr
 
 # Below this many elements a weight stays float16 (the LUT would not pay for itself); coremltools' default too.
 MIN_ELEMENTS = 2048
@@ -70,179 +72,292 @@ def load_recipe(path: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
-def _candidates(function: Any, min_elements: int) -> list[Any]:
-    ops = []
-    for op in function.operations:
-        if op.op_type != "const":
-            continue
-        value = op.outputs[0].val
-        if not isinstance(value, np.ndarray) or value.dtype != np.float16 or value.size < min_elements:
-            continue
-        if value.ndim < 2:  # biases and norms stay float16, as in Apple's converter
-            continue
-        if any(child.op_type in _LOOKUP_OPS for child in op.outputs[0].child_ops):
-            continue
-        ops.append(op)
-    return ops
+def _lookup_inputs(block: Any) -> set[str]:
+    """Names of the values that lookup ops (the embedding table's gather) read."""
+    from publisher.milfile import walk_operations
+
+    names = set()
+    for op in walk_operations(block):
+        if op.type in _LOOKUP_OPS:
+            names.update(binding.name for argument in op.inputs.values() for binding in argument.arguments
+                         if binding.name)
+    return names
 
 
-def _check_float16_program(program: Any, package: Path) -> None:
-    function = program.functions["main"]
-    fp32_weights = [op.name for op in function.operations if op.op_type == "const"
-                    and isinstance(op.outputs[0].val, np.ndarray) and op.outputs[0].val.dtype == np.float32
-                    and op.outputs[0].val.size >= MIN_ELEMENTS]
+def _is_float16_weight(op: Any) -> bool:
+    from publisher.milfile import data_type_name
+
+    value = op.attributes["val"] if op.type == "const" else None
+    return value is not None and value.WhichOneof("value") == "blobFileValue" and data_type_name(value.type) == "FLOAT16"
+
+
+def _candidates(block: Any, config: PalettizeConfig) -> list[Any]:
+    from publisher.milfile import op_name, value_shape
+
+    lookups = _lookup_inputs(block)
+    chosen = []
+    for op in block.operations:
+        if not _is_float16_weight(op):
+            continue
+        shape = value_shape(op.attributes["val"].type)
+        if math.prod(shape) < config.min_elements or len(shape) < 2:  # biases and norms stay float16, as in Apple's
+            continue
+        if op.outputs[0].name in lookups or config.nbits_for(op_name(op)) == 0:
+            continue
+        chosen.append(op)
+    return chosen
+
+
+def _check_float16_program(block: Any, package: Path) -> None:
+    from publisher.milfile import data_type_name, op_name, value_shape, walk_operations
+
+    fp32_weights = [op_name(op) for op in walk_operations(block) if op.type == "const"
+                    and data_type_name(op.attributes["val"].type) == "FLOAT32"
+                    and math.prod(value_shape(op.attributes["val"].type)) >= MIN_ELEMENTS]
     if fp32_weights:
         raise PalettizeError(f"{package}: not a float16 ML Program ({len(fp32_weights)} float32 weights, e.g. "
                              f"{fp32_weights[0]})")
-    if any(op.op_type.startswith("constexpr_") for op in function.operations):
+    if any(op.type.startswith("constexpr_") for op in walk_operations(block)):
         raise PalettizeError(f"{package}: already compressed (constexpr ops present)")
 
 
-def _copy_descriptions(source_model: Any, model: Any) -> None:
-    model.short_description = source_model.short_description
-    model.author = source_model.author
-    model.license = source_model.license
-    model.version = source_model.version
-    for name in source_model.input_description:
-        model.input_description[name] = source_model.input_description[name]
-    for name in source_model.output_description:
-        model.output_description[name] = source_model.output_description[name]
-    model.user_defined_metadata.update(dict(source_model.user_defined_metadata))
+def _set_specification_version(spec: Any, version: int) -> None:
+    """Raise the program's deployment target: spec version and opset name (the ops themselves are unchanged)."""
+    from coremltools import _OPSET
+
+    function = spec.mlProgram.functions["main"]
+    block = function.block_specializations[function.opset]
+    opset = _OPSET[version]
+    function.block_specializations[opset].CopyFrom(block)
+    if function.opset != opset:
+        del function.block_specializations[function.opset]
+    function.opset = opset
+    spec.specificationVersion = version
 
 
-def _replace(function: Any, op: Any, solution: Any, config: PalettizeConfig, originals: dict[str, np.ndarray],
-             mb: Any, types: Any, ct: Any) -> None:
-    """Put a constexpr_lut_to_dense op in place of one float16 weight."""
-    value = op.outputs[0].val
-    name = op.name
-    bits = config.nbits_for(name)
-    op.name = name + "_float16"
-    if isinstance(solution, tuple):  # one LUT per group of channels (iOS18)
-        luts, indices = solution
-        lut_shape = [luts.shape[0]] + [1] * (value.ndim - 1) + [1 << bits, 1]
-        index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-        new = mb.constexpr_lut_to_dense(indices=indices.astype(index_dtype), lut=luts.reshape(lut_shape),
-                                        before_op=op, name=name)
-    elif function.opset_version >= ct.target.iOS18:
-        index_dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{bits}"))
-        lut_shape = [1] * value.ndim + [1 << bits, 1]
-        new = mb.constexpr_lut_to_dense(indices=solution.indices.astype(index_dtype),
-                                        lut=solution.lut.reshape(lut_shape), before_op=op, name=name)
-    else:
-        new = mb.constexpr_lut_to_dense(indices=pack_indices(solution.indices, bits), lut=solution.lut,
-                                        shape=np.array(value.shape, dtype=np.uint32), before_op=op, name=name)
-    function.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
-    function.remove_ops([op])
-    originals[name] = value
+@dataclass(frozen=True)
+class _Solution:
+    nbits: int
+    lut: np.ndarray  # float16 in the shape the op stores
+    indices: np.ndarray  # packed bytes (iOS16 form) or one uint8 per element in the weight's shape (iOS18 form)
+    packed: bool
+
+
+def _solve(value: np.ndarray, bits: int, config: PalettizeConfig, ios18: bool) -> _Solution:
+    if config.granularity is Granularity.PER_GROUPED_CHANNEL and value.shape[0] % config.group_size == 0:
+        luts, indices = palettize_grouped(value, bits, config.group_size, axis=0)
+        return _Solution(bits, luts.reshape([luts.shape[0]] + [1] * (value.ndim - 1) + [1 << bits, 1]), indices, False)
+    palette = palettize_tensor(value, bits)
+    if ios18:  # iOS18 form: uintN indices in the weight's shape, LUT shaped for broadcasting
+        return _Solution(bits, palette.lut.reshape([1] * value.ndim + [1 << bits, 1]), palette.indices, False)
+    return _Solution(bits, palette.lut, pack_indices(palette.indices, bits), True)
+
+
+def _lut_operation(const: Any, name: str, shape: tuple[int, ...], solution: _Solution, writer: Any) -> Any:
+    """The constexpr_lut_to_dense op that replaces one const: same output (name and type), so no consumer changes."""
+    from coremltools.converters.mil.backend.mil.helper import create_scalar_value, create_tensor_value
+    from coremltools.proto import MIL_pb2
+
+    def tensor(array: np.ndarray, dtype_name: str) -> Any:
+        # as coremltools' serializer: tensors of 10 or more elements go to the weight file
+        return writer.write(array, dtype_name) if array.size >= 10 else create_tensor_value(array)
+
+    op = MIL_pb2.Operation(type="constexpr_lut_to_dense")
+    op.outputs.extend(const.outputs)
+    op.attributes["name"].CopyFrom(create_scalar_value(name))
+    if solution.packed:  # the iOS16 op: every operand is an attribute
+        op.attributes["lut"].CopyFrom(tensor(solution.lut, "FLOAT16"))
+        op.attributes["indices"].CopyFrom(writer.write(solution.indices, "UINT8"))
+        op.attributes["shape"].CopyFrom(create_tensor_value(np.array(shape, dtype=np.uint32)))
+    else:  # the iOS18 op: operands are inputs bound to inline values
+        op.inputs["lut"].arguments.add().value.CopyFrom(tensor(solution.lut, "FLOAT16"))
+        op.inputs["indices"].arguments.add().value.CopyFrom(writer.write(solution.indices, f"UINT{solution.nbits}"))
+    return op
+
+
+def _ordered_map(pool: ThreadPoolExecutor, function: Any, items: Iterable[Any], window: int) -> Iterator[Any]:
+    """pool.map with at most `window` results waiting: memory stays bounded on packages of any size."""
+    pending: deque[Any] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
     """Write a palettized copy of `source` to `output`; returns the report (see `read_report_from_package`)."""
     from tqdm import tqdm
 
-    from publisher.mlpackage import load_model, load_program
+    from publisher.milfile import (
+        PackageFiles,
+        WeightReader,
+        WeightWriter,
+        data_type_name,
+        main_block,
+        op_name,
+        read_spec,
+        value_shape,
+        walk_operations,
+        write_package,
+    )
 
     ct = import_coremltools()
-    from coremltools.converters.mil.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
-
     for bits in {config.nbits, *config.recipe.values()} - {0}:
         if bits not in SUPPORTED_NBITS:
             raise PalettizeError(f"nbits must be one of {', '.join(map(str, SUPPORTED_NBITS))}, not {bits}")
     start = time.perf_counter()
-    source_model = load_model(source)
-    if source_model.get_spec().WhichOneof("Type") != "mlProgram":
-        raise PalettizeError(f"{source}: not an ML Program (neural network models cannot be palettized here)")
-    program = load_program(source)
-    _check_float16_program(program, source)
-    function = program.functions["main"]
-    target = config.deployment_target
-    if target is not None:
-        wanted = getattr(ct.target, target.value)
-        if function.opset_version is None or wanted > function.opset_version:
-            function.opset_version = wanted
-    grouped = config.granularity is Granularity.PER_GROUPED_CHANNEL
-    if grouped and function.opset_version < ct.target.iOS18:
+    source, output = Path(source), Path(output)
+    spec = read_spec(source)
+    block = main_block(spec, source)
+    _check_float16_program(block, source)
+    if config.deployment_target is not None:
+        wanted = int(getattr(ct.target, config.deployment_target.value))
+        if wanted > spec.specificationVersion:
+            _set_specification_version(spec, wanted)
+            block = main_block(spec, source)
+    ios18 = spec.specificationVersion >= int(ct.target.iOS18)
+    if config.granularity is Granularity.PER_GROUPED_CHANNEL and not ios18:
         raise PalettizeError(f"{source}: per_grouped_channel needs an iOS18 program (convert with "
                              "minimum_deployment_target iOS18)")
-    originals: dict[str, np.ndarray] = {}
-    candidates = [op for op in _candidates(function, config.min_elements) if config.nbits_for(op.name) != 0]
-
-    def solve(op: Any) -> Any:
-        value, bits = op.outputs[0].val, config.nbits_for(op.name)
-        if grouped and value.ndim >= 2 and value.shape[0] % config.group_size == 0:
-            return palettize_grouped(value, bits, config.group_size, axis=0)
-        return palettize_tensor(value, bits)
-
-    # the solver (C, called through ctypes) and numpy release the GIL: two tensors at a time on two cores
-    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
-        solutions = pool.map(solve, candidates)
-        bar = tqdm(zip(candidates, solutions, strict=True), total=len(candidates),
-                   desc=f"palettize {Path(source).name}", unit="op", disable=not progress)
-        with function:
-            for op, solution in bar:
-                _replace(function, op, solution, config, originals, mb, types, ct)
-    if not originals:
+    candidates = _candidates(block, config)
+    if not candidates:
         raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
-    model = ct.convert(program, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
-                       minimum_deployment_target=function.opset_version, skip_model_load=True)
-    _copy_descriptions(source_model, model)
-    save_package(model, output)
-    report = read_report_from_package(output, originals)
-    report.update({"source": str(Path(source).name), "nbits": config.nbits, "granularity": config.granularity.value,
-                   "group_size": config.group_size if grouped else None, "mixed": bool(config.recipe),
-                   "seconds": round(time.perf_counter() - start, 2)})
+    reader = WeightReader(PackageFiles.of(source))
+
+    def solve(op: Any) -> _Solution:
+        return _solve(reader.read(op.attributes["val"]), config.nbits_for(op_name(op)), config, ios18)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, weights_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".bin", dir=output.parent)
+    os.close(handle)
+    weights = Path(weights_name)
+    try:
+        writer = WeightWriter(weights)
+        copied: dict[int, Any] = {}  # source offset -> value in the new file (a blob shared by two ops stays shared)
+        chosen = {id(op) for op in candidates}
+        # the solver and packing kernels release the GIL: two tensors at a time on two cores, written in order
+        with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+            solutions = _ordered_map(pool, solve, candidates, window=8)
+            bar = tqdm(total=len(candidates), desc=f"palettize {source.name}", unit="op", disable=not progress)
+            for op in walk_operations(block):
+                if id(op) in chosen:
+                    shape = value_shape(op.attributes["val"].type)
+                    op.CopyFrom(_lut_operation(op, op_name(op), shape, next(solutions), writer))
+                    bar.update()
+                    continue
+                for value in _blob_values(op):
+                    offset = value.blobFileValue.offset
+                    if offset not in copied:
+                        copied[offset] = writer.write(reader.read(value), data_type_name(value.type))
+                    value.CopyFrom(copied[offset])
+            bar.close()
+        writer.close()
+        write_package(source, spec, weights, output)
+    finally:
+        weights.unlink(missing_ok=True)
+    report = read_report_from_package(output, source)
+    report.update({"source": source.name, "nbits": config.nbits, "granularity": config.granularity.value,
+                   "group_size": config.group_size if config.granularity is Granularity.PER_GROUPED_CHANNEL else None,
+                   "mixed": bool(config.recipe), "seconds": round(time.perf_counter() - start, 2)})
     return report
+
+
+def _blob_values(op: Any) -> Iterator[Any]:
+    """The Values of an op that live in the weight file (attributes and inline input bindings)."""
+    for value in op.attributes.values():
+        if value.WhichOneof("value") == "blobFileValue":
+            yield value
+    for argument in op.inputs.values():
+        for binding in argument.arguments:
+            if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
+                yield binding.value
+
+
+def _read_lut_op(reader: Any, op: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...] | None]:
+    """The stored pieces of a constexpr_lut_to_dense op: LUT, stored indices, and the shape when packed (iOS16)."""
+    from publisher.milfile import operand_values
+
+    values = operand_values(op)
+    shape = tuple(int(d) for d in reader.read(values["shape"])) if "shape" in values else None
+    return reader.read(values["lut"]), reader.read(values["indices"]), shape
+
+
+def _decode_indices(lut: np.ndarray, stored: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
+    """Indices as uint8 in the weight's shape: unpacked from the iOS16 bit stream, or the iOS18 uintN tensor."""
+    if shape is None:
+        return stored.astype(np.uint8, copy=False)
+    return unpack_indices(stored, int(math.log2(lut.size)), math.prod(shape)).reshape(shape)
+
+
+def _lut_ops(package: Path) -> tuple[Any, list[Any]]:
+    from publisher.milfile import PackageFiles, WeightReader, main_block, read_spec
+
+    block = main_block(read_spec(package), package)
+    return WeightReader(PackageFiles.of(package)), [op for op in block.operations if op.type == "constexpr_lut_to_dense"]
+
+
+def iter_palettized_weights(package: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Every constexpr_lut_to_dense op of a saved package, read from its files: (name, lut, indices as uint8 in
+    the weight's shape), in program order."""
+    from publisher.milfile import op_name
+
+    reader, ops = _lut_ops(package)
+    for op in ops:
+        lut, stored, shape = _read_lut_op(reader, op)
+        yield op_name(op), lut, _decode_indices(lut, stored, shape)
 
 
 def read_palettized_weights(package: Path, decoder: str = "project"
                             ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every constexpr_lut_to_dense op of a saved package: name -> (lut, indices as uint8 of the weight's shape,
-    dense weight). With `decoder="coremltools"` coremltools itself decompresses each weight (the tests compare the
-    two); by default it is the LUT lookup of the unpacked indices, several times faster."""
-    from publisher.mlpackage import load_program, main_operations
+    dense weight). With `decoder="coremltools"` coremltools itself loads the program and decompresses each weight
+    (the tests compare the two); by default the package's files are read directly and the dense weight is the LUT
+    lookup of the unpacked indices, several times faster."""
+    weights = {name: (lut, indices, lut_lookup(lut, indices)) for name, lut, indices in iter_palettized_weights(package)}
+    if decoder == "coremltools":
+        from publisher.mlpackage import load_program, main_operations
 
-    weights = {}
-    for op in main_operations(load_program(package)):
-        if op.op_type != "constexpr_lut_to_dense":
-            continue
-        lut = np.asarray(op.lut.val)
-        if getattr(op, "shape", None) is not None:  # iOS16 form: packed bytes
-            bits = int(math.log2(lut.size))
-            indices = unpack_indices(op.indices.val, bits, int(np.prod(op.shape.val))).reshape(tuple(op.shape.val))
-        else:  # iOS18 form: uintN tensor of the weight's shape
-            indices = np.asarray(op.indices.val).astype(np.uint8)
-        dense = op.materialized_val_inference() if decoder == "coremltools" else lut_lookup(lut, indices)
-        weights[op.name] = (lut, indices, dense)
+        for op in main_operations(load_program(package)):
+            if op.op_type == "constexpr_lut_to_dense":
+                lut, indices, _ = weights[op.name]
+                weights[op.name] = (lut, indices, op.materialized_val_inference())
     return weights
 
 
-def lut_lookup(lut: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Dense weight from a LUT and indices, for both the per-tensor and the grouped LUT layout."""
-    palette = lut.shape[-2] if lut.ndim >= 2 else lut.size
-    if lut.ndim <= 1 or lut.size == palette:
-        return lut.reshape(-1)[indices]
-    groups = lut.shape[0]
-    flat = lut.reshape(groups, palette)
-    per_group = indices.shape[0] // groups
-    group_of_row = np.repeat(np.arange(groups), per_group).reshape((-1,) + (1,) * (indices.ndim - 1))
-    return flat[np.broadcast_to(group_of_row, indices.shape), indices]
+def read_report_from_package(package: Path, float16_package: Path | None = None) -> dict[str, Any]:
+    """Per-op figures read back from the package: LUT size, bits, and (given the float16 package it was made from)
+    the SNR of each dequantized weight against the original."""
+    from publisher.milfile import PackageFiles, WeightReader, main_block, op_name, read_spec
 
+    originals: dict[str, Any] = {}
+    if float16_package is not None:
+        originals = {op_name(op): op.attributes["val"] for op in main_block(read_spec(float16_package), float16_package
+                                                                             ).operations if _is_float16_weight(op)}
+        original_reader = WeightReader(PackageFiles.of(float16_package))
+    reader, lut_ops = _lut_ops(package)
 
-def read_report_from_package(package: Path, originals: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Per-op figures read back from the package: LUT size, bits, and (given the float16 originals) weight SNR."""
-    ops = []
-    total_elements = 0
-    for name, (lut, indices, dense) in sorted(read_palettized_weights(package).items()):
+    def stored(op: Any) -> tuple[Any, ...]:  # file reads stay on this thread; decoding runs in the pool
+        name = op_name(op)
+        original = original_reader.read(originals[name]) if name in originals else None
+        return (name, *_read_lut_op(reader, op), original)
+
+    def measure(item: tuple[Any, ...]) -> dict[str, Any]:
+        name, lut, stored_indices, shape, original = item
+        indices = _decode_indices(lut, stored_indices, shape)
         palette = lut.shape[-2] if lut.ndim >= 2 else lut.size
         entry: dict[str, Any] = {"op": name, "shape": list(indices.shape), "nbits": int(math.log2(palette)),
                                  "luts": int(lut.size // palette)}
-        if originals is not None and name in originals:
-            entry["snr_db"] = round(snr(originals[name], dense), 4)
-        ops.append(entry)
-        total_elements += int(indices.size)
+        if original is not None:
+            entry["snr_db"] = round(lut_snr(original, lut, indices), 4)
+        return entry
+
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        ops = sorted(_ordered_map(pool, measure, map(stored, lut_ops), window=4), key=lambda e: e["op"])
     size = sum(p.stat().st_size for p in Path(package).rglob("*") if p.is_file())
     snrs = [op["snr_db"] for op in ops if "snr_db" in op and math.isfinite(op["snr_db"])]
-    return {"package": Path(package).name, "palettized_ops": len(ops), "palettized_elements": total_elements,
-            "package_bytes": size, "min_snr_db": min(snrs) if snrs else None,
+    return {"package": Path(package).name, "palettized_ops": len(ops),
+            "palettized_elements": sum(math.prod(op["shape"]) for op in ops), "package_bytes": size,
+            "min_snr_db": min(snrs) if snrs else None,
             "mean_snr_db": round(float(np.mean(snrs)), 4) if snrs else None, "ops": ops}

@@ -106,13 +106,10 @@ def _dequantized_module(module: Any, package: Path, float16_package: Path | None
     import torch
 
     from publisher.compress.palettize import read_palettized_weights
-    from publisher.mlpackage import load_program, main_operations
+    from publisher.milfile import const_values
 
     params = list(module.parameters())
-    originals: dict[str, np.ndarray] = {}
-    if float16_package is not None:
-        originals = {op.name: op.outputs[0].val for op in main_operations(load_program(float16_package))
-                     if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray)}
+    originals = const_values(float16_package) if float16_package is not None else {}
     by_bytes: dict[bytes, list[Any]] = {}
     by_size: dict[int, list[Any]] = {}
     for param in params:
