@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from publisher.convert.coreml import import_coremltools, normalize_package
+from publisher.convert.coreml import import_coremltools, staged_package
 from publisher.errors import PublisherError
 
 WEIGHT_FILE_REFERENCE = "@model_path/weights/weight.bin"
@@ -192,11 +191,8 @@ def _immediate_tensor(value: Any) -> np.ndarray:
 def write_package(source: Path, spec: Any, weights: Path, output: Path) -> None:
     """Assemble a package from a spec and a finished weight file, atomically (temp folder, then rename).
     Manifest.json comes from `source` and the result is normalised as every package the project writes."""
-    output = Path(output)
     files = PackageFiles.of(source)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        package = staging / output.name
+    with staged_package(output) as package:
         spec_path = package / files.spec.relative_to(files.package)
         weights_dir = package / files.weights.relative_to(files.package)
         weights_dir.mkdir(parents=True)
@@ -204,9 +200,3 @@ def write_package(source: Path, spec: Any, weights: Path, output: Path) -> None:
         shutil.copyfile(files.package / "Manifest.json", package / "Manifest.json")
         spec_path.write_bytes(spec.SerializeToString(deterministic=True))
         os.replace(weights, weights_dir / WEIGHT_FILE_NAME)
-        normalize_package(package)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(package, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

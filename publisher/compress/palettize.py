@@ -257,6 +257,7 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
         write_package(source, spec, weights, output)
     finally:
         weights.unlink(missing_ok=True)
+    del reader  # unmaps the source weights before the report maps them again
     report = read_report_from_package(output, source)
     report.update({"source": source.name, "nbits": config.nbits, "granularity": config.granularity.value,
                    "group_size": config.group_size if config.granularity is Granularity.PER_GROUPED_CHANNEL else None,

@@ -86,20 +86,28 @@ def normalize_package(package: Path) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
 
 
-def save_package(model: Any, output: Path) -> None:
-    """Save atomically: into a temp folder beside the target, normalise, then rename over it."""
+@contextlib.contextmanager
+def staged_package(output: Path) -> Iterator[Path]:
+    """A path to write a package at, beside `output`; on success it is normalised and renamed over `output`
+    (a killed writer leaves only a hidden temp folder, never a half-written package)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         package = staging / output.name
-        model.save(str(package))
+        yield package
         normalize_package(package)
         if output.exists():
             shutil.rmtree(output)
         os.replace(package, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_package(model: Any, output: Path) -> None:
+    """Save a coremltools model atomically (see staged_package)."""
+    with staged_package(output) as package:
+        model.save(str(package))
 
 
 def describe(model: Any, spec_inputs: Sequence[TensorSpec], spec_outputs: Sequence[TensorSpec], description: str,
