@@ -170,3 +170,43 @@ def test_current_repos_give_an_empty_matrix(published, staging_hub) -> None:  # 
     assert table.returncode == 0, table.stderr
     matrix = subprocess.run(command + ["--github-matrix"], capture_output=True, text=True, timeout=300, env=env)
     assert json.loads(matrix.stdout) == {"include": []}, table.stdout
+
+
+def test_retry_after_a_pr_was_opened_continues_on_that_pr(published, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The first variant's commit opens a PR, the second one fails (500): the retry diffs against the PR and
+    commits the rest there, instead of opening a second PR against main."""
+    import shutil
+
+    from publisher.plan import build_plan
+    from publisher.publish.hub import publish_repo
+    from publisher.staging.process import start_staging_hub
+
+    work, manifest, *_ = published
+    repo_id = "pub/coreml-tiny-sd-palettized"
+    variants = [v for v in build_plan(load_manifests([manifest]), "pub").variants if v.repo_id == repo_id]
+    assert len(variants) == 2
+    repo_dir = tmp_path / "repo"
+    shutil.copytree(work / "out" / repo_id, repo_dir)
+    # commits 1 and 2 publish both variants to main; commit 3 opens the PR; commit 4 (the second variant) fails
+    with start_staging_hub(tmp_path / "hub", token="t", env={"PUBLISHER_STAGING_FAULTS": '{"commit": [[4, 500]]}'}) \
+            as hub:
+        api = HfApi(endpoint=hub.url, token="t")
+        first = publish_repo(api, repo_id, repo_dir, variants, hub.url, backoff_s=0.1)
+        assert len(first.commits) == 2 and first.pr_url is None
+        head = api.repo_info(repo_id).sha
+        for info_path in sorted(repo_dir.glob("*/build-info.json")):
+            info = json.loads(info_path.read_text())
+            info["note"] = "rebuilt"
+            info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        messages: list[str] = []
+        outcome = publish_repo(api, repo_id, repo_dir, variants, hub.url, create_pr=True, say=messages.append,
+                               backoff_s=0.1)
+        assert any("attempt 1 failed" in m for m in messages)
+        assert outcome.pr_url and outcome.pr_url.endswith("/discussions/1")
+        assert len(outcome.commits) == 2
+        assert [d.num for d in api.get_repo_discussions(repo_id)] == [1]  # no second PR
+        assert api.repo_info(repo_id).sha == head  # main untouched
+        on_pr = {p: json.loads(Path(hf_hub_download(repo_id, p, revision="refs/pr/1", endpoint=hub.url,
+                                                    cache_dir=tmp_path / "dl")).read_text())
+                 for p in api.list_repo_files(repo_id, revision="refs/pr/1") if p.endswith("build-info.json")}
+        assert len(on_pr) == 2 and all(info.get("note") == "rebuilt" for info in on_pr.values())

@@ -186,8 +186,10 @@ def _ordered_map(pool: ThreadPoolExecutor, function: Any, items: Iterable[Any], 
         yield pending.popleft().result()
 
 
-def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
-    """Write a palettized copy of `source` to `output`; returns the report (see `read_report_from_package`)."""
+def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any], config: PalettizeConfig,
+                      ios18: bool, output: Path, progress: bool) -> None:
+    """Rewrite the candidates as LUT ops and write the new weight file in program order, then the package.
+    (Its own function so that the source weights are unmapped before the report maps them again.)"""
     from tqdm import tqdm
 
     from publisher.milfile import (
@@ -195,35 +197,12 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
         WeightReader,
         WeightWriter,
         data_type_name,
-        main_block,
         op_name,
-        read_spec,
         value_shape,
         walk_operations,
         write_package,
     )
 
-    ct = import_coremltools()
-    for bits in {config.nbits, *config.recipe.values()} - {0}:
-        if bits not in SUPPORTED_NBITS:
-            raise PalettizeError(f"nbits must be one of {', '.join(map(str, SUPPORTED_NBITS))}, not {bits}")
-    start = time.perf_counter()
-    source, output = Path(source), Path(output)
-    spec = read_spec(source)
-    block = main_block(spec, source)
-    _check_float16_program(block, source)
-    if config.deployment_target is not None:
-        wanted = int(getattr(ct.target, config.deployment_target.value))
-        if wanted > spec.specificationVersion:
-            _set_specification_version(spec, wanted)
-            block = main_block(spec, source)
-    ios18 = spec.specificationVersion >= int(ct.target.iOS18)
-    if config.granularity is Granularity.PER_GROUPED_CHANNEL and not ios18:
-        raise PalettizeError(f"{source}: per_grouped_channel needs an iOS18 program (convert with "
-                             "minimum_deployment_target iOS18)")
-    candidates = _candidates(block, config)
-    if not candidates:
-        raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
     reader = WeightReader(PackageFiles.of(source))
 
     def solve(op: Any) -> _Solution:
@@ -257,7 +236,34 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
         write_package(source, spec, weights, output)
     finally:
         weights.unlink(missing_ok=True)
-    del reader  # unmaps the source weights before the report maps them again
+
+
+def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
+    """Write a palettized copy of `source` to `output`; returns the report (see `read_report_from_package`)."""
+    from publisher.milfile import main_block, read_spec
+
+    ct = import_coremltools()
+    for bits in {config.nbits, *config.recipe.values()} - {0}:
+        if bits not in SUPPORTED_NBITS:
+            raise PalettizeError(f"nbits must be one of {', '.join(map(str, SUPPORTED_NBITS))}, not {bits}")
+    start = time.perf_counter()
+    source, output = Path(source), Path(output)
+    spec = read_spec(source)
+    block = main_block(spec, source)
+    _check_float16_program(block, source)
+    if config.deployment_target is not None:
+        wanted = int(getattr(ct.target, config.deployment_target.value))
+        if wanted > spec.specificationVersion:
+            _set_specification_version(spec, wanted)
+            block = main_block(spec, source)
+    ios18 = spec.specificationVersion >= int(ct.target.iOS18)
+    if config.granularity is Granularity.PER_GROUPED_CHANNEL and not ios18:
+        raise PalettizeError(f"{source}: per_grouped_channel needs an iOS18 program (convert with "
+                             "minimum_deployment_target iOS18)")
+    candidates = _candidates(block, config)
+    if not candidates:
+        raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
+    _write_palettized(source, spec, block, candidates, config, ios18, output, progress)
     report = read_report_from_package(output, source)
     report.update({"source": source.name, "nbits": config.nbits, "granularity": config.granularity.value,
                    "group_size": config.group_size if config.granularity is Granularity.PER_GROUPED_CHANNEL else None,

@@ -167,7 +167,9 @@ def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Vari
     pr_url: str | None = None
     for attempt in range(1, attempts + 1):
         try:
-            outcome = _publish_once(api, repo_id, repo_dir, variants, endpoint, dry_run, create_pr, say)
+            # a retry after the first commit opened a PR continues on that PR instead of opening another
+            pr_revision = _pr_revision(pr_url) if pr_url else None
+            outcome = _publish_once(api, repo_id, repo_dir, variants, endpoint, dry_run, create_pr, say, pr_revision)
             outcome.commits = commits + outcome.commits
             outcome.pr_url = outcome.pr_url or pr_url
             return outcome
@@ -194,13 +196,15 @@ def _first_line(exc: BaseException | None) -> str:
 
 
 def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
-                  dry_run: bool, create_pr: bool, say: Callable[[str], None]) -> RepoOutcome:
+                  dry_run: bool, create_pr: bool, say: Callable[[str], None], pr_revision: str | None = None
+                  ) -> RepoOutcome:
+    """One attempt: diff against main (or against the PR a previous attempt opened) and commit what differs."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     from publisher.publish.card import card_text
 
     try:
-        info = api.repo_info(repo_id)
+        info = api.repo_info(repo_id, revision=pr_revision)
         head: str | None = info.sha
         remote = remote_tree(api, repo_id, head)
     except RepositoryNotFoundError:
@@ -222,7 +226,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
         api.create_repo(repo_id, exist_ok=True)
         head = api.repo_info(repo_id).sha
     pending = [d for d in diffs if not d.empty]
-    revision = None
+    revision = pr_revision
     for index, diff in enumerate(pending):
         ops = _operations(diff)
         last = index == len(pending) - 1
@@ -269,7 +273,9 @@ def _commit(api: Any, repo_id: str, ops: list[Any], message: str, parent: str | 
         if status in (401, 403):
             raise PublishError(f"{repo_id}: the Hub refused the write ({status}): check HF_TOKEN's permissions") \
                 from exc
-        raise PublishError(f"{repo_id}: commit failed ({status}): {str(exc).splitlines()[0]}") from exc
+        # a 5xx/429 is retried: the next attempt diffs again, so a commit that did land is not sent twice
+        raise PublishError(f"{repo_id}: commit failed ({status}): {str(exc).splitlines()[0]}",
+                           transient=status in TRANSIENT_STATUS) from exc
     outcome.commits.append(info.oid)
     if info.pr_url:
         outcome.pr_url = info.pr_url
