@@ -297,3 +297,41 @@ def test_lut_snr_equals_dense_snr() -> None:
     palette = palettize_tensor(reference, 2)
     assert lut_snr(reference, palette.lut, palette.indices) == pytest.approx(snr(reference, palette.dequantize()),
                                                                              abs=1e-3)
+
+
+def _brute_force_sse(values: np.ndarray, weights: np.ndarray, k: int) -> float:
+    """Least weighted squared error of k contiguous clusters, by the plain O(k n^2) DP."""
+    n = len(values)
+
+    def cost(a: int, b: int) -> float:
+        w, x = weights[a:b], values[a:b]
+        mean = float((w * x).sum() / w.sum())
+        return float((w * (x - mean) ** 2).sum())
+
+    best = [cost(0, i) if i else 0.0 for i in range(n + 1)]
+    for layer in range(2, k + 1):
+        best = [min(best[j] + cost(j, i) for j in range(layer - 1, i)) if i >= layer else np.inf
+                for i in range(n + 1)]
+    return best[n]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solver_reaches_the_brute_force_optimum(seed: int) -> None:
+    from publisher.compress.kmeans import solve_weighted
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 40))
+    values = np.sort(np.unique(np.round(rng.standard_normal(n) * 3, 2)))
+    weights = rng.integers(1, 50, size=len(values)).astype(np.float64)
+    if seed % 2:
+        weights[rng.integers(0, len(values))] = 10_000  # one heavy value, as in real weight histograms
+    for k in (2, 3, 5, len(values)):
+        clusters, centroids = solve_weighted(values, weights, k)
+        assert np.all(np.diff(clusters) >= 0) and len(centroids) == min(k, len(values))
+        sse = float((weights * (values - centroids[clusters]) ** 2).sum())
+        assert sse == pytest.approx(_brute_force_sse(values, weights, min(k, len(values))), rel=1e-9, abs=1e-12)
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        palettize_tensor(np.array([[1.0, np.inf], [0.5, 0.25]], dtype=np.float16), 2)

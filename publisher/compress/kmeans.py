@@ -116,14 +116,14 @@ def solve_weighted(values: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.n
 
 
 def histogram(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct float16 bit patterns (sorted by value) and their counts; NaN patterns are refused."""
+    """Distinct float16 bit patterns (sorted by value) and their counts; NaN and infinity are refused."""
     if tensor.dtype != np.float16:
         raise TypeError(f"expected a float16 tensor, got {tensor.dtype}")
     counts = _pattern_counts(np.ascontiguousarray(tensor).reshape(-1).view(np.uint16))
     patterns = np.flatnonzero(counts).astype(np.uint16)
     values = patterns.view(np.float16)
-    if np.isnan(values).any():
-        raise ValueError("tensor contains NaN")
+    if not np.isfinite(values).all():  # the squared-error DP is undefined there
+        raise ValueError("tensor contains NaN or infinity")
     order = np.argsort(values.astype(np.float32), kind="stable")
     return patterns[order], counts[patterns[order]]
 

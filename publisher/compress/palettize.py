@@ -206,7 +206,10 @@ def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any]
     reader = WeightReader(PackageFiles.of(source))
 
     def solve(op: Any) -> _Solution:
-        return _solve(reader.read(op.attributes["val"]), config.nbits_for(op_name(op)), config, ios18)
+        try:
+            return _solve(reader.read(op.attributes["val"]), config.nbits_for(op_name(op)), config, ios18)
+        except ValueError as exc:
+            raise PalettizeError(f"{source}: {op_name(op)}: {exc}") from exc
 
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, weights_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".bin", dir=output.parent)
