@@ -335,3 +335,17 @@ def test_solver_reaches_the_brute_force_optimum(seed: int) -> None:
 def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="NaN or infinity"):
         palettize_tensor(np.array([[1.0, np.inf], [0.5, 0.25]], dtype=np.float16), 2)
+
+
+def test_solver_is_exact_on_values_spanning_six_orders_of_magnitude() -> None:
+    from publisher.compress.kmeans import solve_weighted
+
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        mixed = np.concatenate([rng.standard_normal(25) * 1e-3, rng.standard_normal(6) * 1e3])
+        values = np.unique(mixed.astype(np.float16).astype(np.float64))
+        weights = rng.integers(1, 10**6, size=len(values)).astype(np.float64)
+        for k in (4, 16):
+            clusters, centroids = solve_weighted(values, weights, k)
+            sse = float((weights * (values - centroids[clusters]) ** 2).sum())
+            assert sse == pytest.approx(_brute_force_sse(values, weights, k), rel=1e-9)
