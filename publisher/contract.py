@@ -37,11 +37,18 @@ def zip_folder_name(repo_name: str, attention: Attention) -> str:
     return f"{repo_name}_{attention.folder}_compiled"
 
 
+# Apple's converter declares every model input float16 except the text encoder's token ids, and Apple's Python
+# pipeline refuses a package whose declared input dtype differs from what it feeds; every output is float32.
+FLOAT16 = "float16"
+FLOAT32 = "float32"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
     description: str
+    dtype: str = FLOAT32
 
 
 @dataclass(frozen=True)
@@ -72,40 +79,41 @@ def model_spec(component: Component, dims: ModelDims) -> ModelSpec:
     latent, res, hidden, ch = dims.latent, dims.resolution, dims.text_hidden, dims.latent_channels
     if component is Component.TEXT_ENCODER:
         return ModelSpec(component, (
-            TensorSpec("input_ids", (1, TEXT_SEQUENCE_LENGTH), "CLIP token ids of the prompt (float32)"),
+            TensorSpec("input_ids", (1, TEXT_SEQUENCE_LENGTH), "CLIP token ids of the prompt", FLOAT32),
         ), (
             TensorSpec("last_hidden_state", (1, TEXT_SEQUENCE_LENGTH, hidden), "per-token text embeddings"),
             TensorSpec("pooled_outputs", (1, hidden), "embedding at the end-of-text token"),
         ), "CLIP text encoder")
     if component is Component.UNET:
         return ModelSpec(component, (
-            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents"),
-            TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep"),
+            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
+            TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
             TensorSpec("encoder_hidden_states", (UNET_BATCH, hidden, 1, TEXT_SEQUENCE_LENGTH),
-                       "text embeddings as (B, C, 1, S)"),
+                       "text embeddings as (B, C, 1, S)", FLOAT16),
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
         ), "denoising UNet")
     if component is Component.VAE_DECODER:
         return ModelSpec(component, (
-            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)"),
+            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
         ), (
             TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
         ), "VAE decoder")
     if component is Component.VAE_ENCODER:
         return ModelSpec(component, (
-            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]"),
+            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]", FLOAT16),
         ), (
             TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
         ), "VAE encoder")
     if component is Component.SAFETY_CHECKER:
         return ModelSpec(component, (
-            TensorSpec("clip_input", (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE), "CLIP-preprocessed image"),
-            TensorSpec("images", (1, res, res, 3), "the generated image, NHWC"),
-            TensorSpec("adjustment", (1,), "added to every concept score (0 by default)"),
+            TensorSpec("clip_input", (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE), "CLIP-preprocessed image", FLOAT16),
+            TensorSpec("images", (1, res, res, 3), "the generated image, NHWC", FLOAT16),
+            TensorSpec("adjustment", (1,), "added to the special-care scores (0 by default; higher flags more)",
+                       FLOAT16),
         ), (
             TensorSpec("filtered_images", (1, res, res, 3), "images, blacked out where a concept was found"),
-            TensorSpec("has_nsfw_concepts", (1,), "1 where a concept was found"),
+            TensorSpec("has_nsfw_concepts", (1, 1, 1, 1), "1 where a concept was found"),
             TensorSpec("concept_scores", (1, 17), "per-concept score; > 0 means found"),
         ), "safety checker")
     raise ValueError(component)

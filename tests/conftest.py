@@ -91,8 +91,11 @@ def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     packages = {}
     for attention in Attention:
         for component in Component:
+            # the safety checker only exists at 512 (the Swift pipeline feeds it a 512x512 image)
+            resolution = 512 if component is Component.SAFETY_CHECKER else RESOLUTION
             path = out / attention.folder / f"{component.value}.mlpackage"
-            convert_component(tiny_source, component, attention, RESOLUTION, DeploymentTarget.iOS16, path,
+            convert_component(tiny_source, component, attention, resolution, DeploymentTarget.iOS16, path,
                               PackageMetadata("tiny/sd@main", "mit", attention))
             packages[attention, component] = path
+            packages["resolution", component] = resolution
     return packages

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from publisher.contract import ModelDims, model_spec
-from publisher.convert.attention import SplitEinsumSpatialAttention, SplitEinsumTransformer2D
+from publisher.convert.attention import SpatialAttention4D
 from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs, convert_unet_chunks
 from publisher.convert.components import example_inputs, load_component
 from publisher.convert.coreml import PackageMetadata, convert_isolated
@@ -31,15 +31,46 @@ def _outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple
     return tuple(r.numpy() for r in result)
 
 
-@pytest.mark.parametrize("component", list(Component))
+@pytest.mark.parametrize("attention", list(Attention))
+def test_ane_unet_matches_diffusers(tiny_source: Path, attention: Attention) -> None:
+    """Every attention implementation runs the ANE-shaped UNet; in float32 it is diffusers' UNet (>= 60 dB)."""
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(tiny_source / "unet").eval()
+    rewritten = load_component(tiny_source, Component.UNET, attention, RESOLUTION)
+    assert {k.removeprefix("unet.unet.") for k in rewritten.module.state_dict()} == set(reference.state_dict())
+    assert not any(isinstance(m, torch.nn.Linear) for m in rewritten.module.modules()), "a linear layer is left"
+    inputs = example_inputs(rewritten.spec)
+    sample, timestep, context = inputs
+    with torch.no_grad():
+        expected = reference(sample, timestep, context.squeeze(2).transpose(1, 2)).sample.numpy()
+    assert psnr(expected, _outputs(rewritten.module, inputs)[0]) >= 60
+
+
+def test_ane_unet_loads_a_diffusers_state_dict_unchanged(tiny_source: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from publisher.convert.attention import original_core
+    from publisher.convert.unet import AneUnet
+
+    trained = UNet2DConditionModel.from_pretrained(tiny_source / "unet").eval()
+    config = UNet2DConditionModel.load_config(tiny_source / "unet")
+    fresh = AneUnet(UNet2DConditionModel.from_config(config).eval(), original_core)
+    fresh.load_diffusers_state_dict(trained.state_dict())  # 2-D linear weights become 1x1 conv weights
+    inputs = example_inputs(model_spec(Component.UNET, ModelDims(resolution=RESOLUTION, text_hidden=32)))
+    with torch.no_grad():
+        expected = trained(inputs[0], inputs[1], inputs[2].squeeze(2).transpose(1, 2)).sample.numpy()
+        assert psnr(expected, fresh(*inputs).numpy()) >= 60
+
+
+@pytest.mark.parametrize("component", [Component.VAE_DECODER, Component.VAE_ENCODER])
 @pytest.mark.parametrize("attention", [Attention.SPLIT_EINSUM, Attention.SPLIT_EINSUM_V2])
-def test_rewritten_attention_matches_diffusers(tiny_source: Path, component: Component, attention: Attention) -> None:
+def test_rewritten_vae_attention_matches_diffusers(tiny_source: Path, component: Component,
+                                                   attention: Attention) -> None:
     reference = load_component(tiny_source, component, Attention.ORIGINAL, RESOLUTION)
     rewritten = load_component(tiny_source, component, attention, RESOLUTION)
     assert reference.module.state_dict().keys() == rewritten.module.state_dict().keys()
-    if component in (Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER):
-        kinds = (SplitEinsumTransformer2D, SplitEinsumSpatialAttention)
-        assert any(isinstance(m, kinds) for m in rewritten.module.modules()), "nothing was rewritten"
+    assert any(isinstance(m, SpatialAttention4D) for m in rewritten.module.modules()), "nothing was rewritten"
     inputs = example_inputs(reference.spec)
     for ref, out in zip(_outputs(reference.module, inputs), _outputs(rewritten.module, inputs), strict=True):
         assert psnr(ref, out) >= 60
@@ -69,9 +100,26 @@ def test_safety_checker_agrees_with_diffusers(tiny_source: Path) -> None:
             _, expected = original(clip_input=clip_input, images=images.numpy().copy())
             filtered, has_nsfw, _ = wrapper(clip_input, images, torch.zeros(1))
         flags.append(bool(expected[0]))
-        assert bool(has_nsfw[0] > 0.5) == bool(expected[0])
+        assert has_nsfw.shape == (1, 1, 1, 1)  # Apple's shape
+        assert bool(has_nsfw.flatten()[0] > 0.5) == bool(expected[0])
         assert torch.equal(filtered, torch.zeros_like(images) if expected[0] else images)
     assert any(flags) and not all(flags), "the sample should contain flagged and clean images"
+
+
+def test_safety_checker_adjustment_moves_the_special_care_scores_only(tiny_source: Path) -> None:
+    """Apple's semantics: `adjustment` is added to the special-care scores; a special-care hit adds 0.01 to every
+    concept score, never the adjustment itself."""
+    wrapper = load_component(tiny_source, Component.SAFETY_CHECKER, Attention.ORIGINAL, RESOLUTION).module
+    generator = torch.Generator().manual_seed(3)
+    clip_input = torch.rand((1, 3, 224, 224), generator=generator) * 2 - 1
+    images = torch.rand((1, RESOLUTION, RESOLUTION, 3), generator=generator)
+    with torch.no_grad():
+        wrapper.special_care_embeds_weights.fill_(1.5)  # no special-care hit without adjustment (cosine <= 1)
+        _, _, base = wrapper(clip_input, images, torch.zeros(1))
+        _, _, small = wrapper(clip_input, images, torch.full((1,), 0.25))
+        _, _, large = wrapper(clip_input, images, torch.full((1,), 3.0))
+    assert torch.equal(small, base)  # 0.25 does not lift any special-care score over 0
+    assert torch.allclose(large - base, torch.full_like(base, 0.01), atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", list(Attention))
@@ -79,11 +127,51 @@ def test_safety_checker_agrees_with_diffusers(tiny_source: Path) -> None:
 def test_package_interface_is_the_contract(converted: dict, tiny_source: Path, attention: Attention,
                                            component: Component) -> None:
     info = package_info(converted[attention, component])
-    spec = model_spec(component, ModelDims(resolution=RESOLUTION, text_hidden=32))
+    spec = model_spec(component, ModelDims(resolution=converted["resolution", component], text_hidden=32))
     assert info.is_mlprogram
-    assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, "float32") for t in spec.inputs]
-    assert [(t.name, t.shape, t.dtype) for t in info.outputs] == [(t.name, t.shape, "float32") for t in spec.outputs]
+    assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, t.dtype) for t in spec.inputs]
+    assert [(t.name, t.shape, t.dtype) for t in info.outputs] == [(t.name, t.shape, t.dtype) for t in spec.outputs]
+    # Apple's converter: every input float16 but the token ids; every output float32
+    assert [t.dtype for t in info.inputs] == ["float32" if t.name == "input_ids" else "float16" for t in info.inputs]
+    assert {t.dtype for t in info.outputs} == {"float32"}
     assert info.metadata["com.github.coreml-publisher.attention"] == attention.value
+
+
+def _op_counts(package: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in main_operations(load_program(package)):
+        counts[op.op_type] = counts.get(op.op_type, 0) + 1
+    return counts
+
+
+def _attention_layers(tiny_source: Path) -> int:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_source / "unet")
+    return sum(1 for m in unet.modules() if isinstance(m, DiffusersAttention))
+
+
+def _assert_ane_structure(package: Path, attention: Attention, layers: int) -> dict[str, int]:
+    counts = _op_counts(package)
+    assert counts.get("linear", 0) == 0, counts
+    if attention is Attention.ORIGINAL:
+        assert counts.get("transpose", 0) == 0, counts
+    else:
+        assert counts.get("matmul", 0) == 0, counts
+        assert counts.get("transpose", 0) <= layers, counts
+    return counts
+
+
+@pytest.mark.parametrize("attention", list(Attention))
+def test_unet_has_the_neural_engine_structure(converted: dict, tiny_source: Path, attention: Attention) -> None:
+    layers = _attention_layers(tiny_source)
+    counts = _assert_ane_structure(converted[attention, Component.UNET], attention, layers)
+    if attention is Attention.ORIGINAL:
+        assert counts.get("matmul", 0) == 2 * layers, counts  # scores and output, per layer
+    else:
+        assert counts.get("transpose", 0) == layers, counts  # the keys, once per layer
+        assert counts.get("einsum", 0) >= 2 * layers, counts
 
 
 def _ops_with_two_long_axes(package: Path, limit: int = 512) -> list[str]:
@@ -104,25 +192,33 @@ def test_split_einsum_v2_keeps_query_chunks_at_512(converted: dict) -> None:
     assert _ops_with_two_long_axes(converted[Attention.SPLIT_EINSUM, Component.UNET])
 
 
-def test_chunked_unet_composes_to_the_whole(tiny_source: Path, tmp_path: Path) -> None:
-    loaded = load_component(tiny_source, Component.UNET, Attention.SPLIT_EINSUM, RESOLUTION)
+@pytest.mark.parametrize("attention", list(Attention))
+def test_chunked_unet_composes_to_the_whole(tiny_source: Path, tmp_path: Path, attention: Attention) -> None:
+    loaded = load_component(tiny_source, Component.UNET, attention, RESOLUTION)
     example = example_inputs(loaded.spec)
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
     with torch.no_grad():
         whole = loaded.module(*example).numpy()
-        composed = UnetChunk2(loaded.module)(example[2], *intermediates).numpy()
-        assert len(UnetChunk1(loaded.module)(*example)) == len(specs.chunk1_outputs)
+        composed = UnetChunk2(loaded.module, specs.cut)(example[2], *intermediates).numpy()
+        assert len(UnetChunk1(loaded.module, specs.cut)(*example)) == len(specs.chunk1_outputs)
     assert psnr(whole, composed) > 100
-    paths = convert_unet_chunks(tiny_source, Attention.SPLIT_EINSUM, RESOLUTION, DeploymentTarget.iOS16,
+    paths = convert_unet_chunks(tiny_source, attention, RESOLUTION, DeploymentTarget.iOS16,
                                 (tmp_path / "c1.mlpackage", tmp_path / "c2.mlpackage"),
-                                PackageMetadata("tiny/sd@main", "mit", Attention.SPLIT_EINSUM))
+                                PackageMetadata("tiny/sd@main", "mit", attention))
     first, second = (package_info(Path(p)) for p in paths)
-    assert [t.name for t in first.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [(t.name, t.dtype) for t in first.inputs] == [
+        ("sample", "float16"), ("timestep", "float16"), ("encoder_hidden_states", "float16")]
+    assert {t.dtype for t in first.outputs} == {"float32"}
+    # the Swift pipeline feeds chunk 1's outputs merged with the UNet's inputs to chunk 2, by name
     chained = {(t.name, t.shape, t.dtype) for t in first.outputs} | {
         (t.name, t.shape, t.dtype) for t in first.inputs}
     assert {(t.name, t.shape, t.dtype) for t in second.inputs} <= chained
-    assert [t.name for t in second.outputs] == ["noise_pred"]
-    assert second.outputs[0].shape == (2, 4, 32, 32)
+    assert [(t.name, t.shape, t.dtype) for t in second.outputs] == [("noise_pred", (2, 4, 32, 32), "float32")]
+    layers = _attention_layers(tiny_source)
+    for path in paths:
+        _assert_ane_structure(Path(path), attention, layers)
+    sizes = [(Path(p) / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size for p in paths]
+    assert abs(sizes[0] - sizes[1]) <= 0.1 * max(sizes), sizes  # cut where the weight bytes split in half
 
 
 def _tree_digest(package: Path) -> dict[str, str]:

@@ -89,7 +89,8 @@ def test_an_op_nobody_can_evaluate_is_named(converted: dict, monkeypatch: pytest
 @pytest.mark.parametrize("component", list(Component))
 def test_float16_packages_meet_the_bar(converted: dict, tiny_source: Path, attention: Attention,
                                        component: Component) -> None:
-    result = verify_package(converted[attention, component], tiny_source, component.value, attention, RESOLUTION)
+    result = verify_package(converted[attention, component], tiny_source, component.value, attention,
+                            converted["resolution", component])
     assert result.passed, result.to_json()
     assert result.min_psnr_db >= PSNR_BAR_DB
 

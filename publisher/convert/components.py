@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from publisher.contract import ModelDims, ModelSpec, model_spec
-from publisher.convert.attention import apply_attention
+from publisher.contract import FLOAT16, ModelDims, ModelSpec, model_spec
+from publisher.convert.attention import apply_vae_attention, attention_core
+from publisher.convert.unet import AneUnet
 from publisher.errors import SourceError
 from publisher.manifest import Attention, Component
 
@@ -40,19 +41,17 @@ class TextEncoder(nn.Module):
 
 
 class Unet(nn.Module):
-    """encoder_hidden_states arrive as (B, C, 1, S) for every attention implementation (the Swift pipeline's
-    layout); ORIGINAL turns them back into (B, S, C), SPLIT_EINSUM* consumes them as they are."""
+    """The ANE-shaped UNet (publisher.convert.unet) for every attention implementation; encoder_hidden_states
+    arrive as (B, C, 1, S), the Swift pipeline's layout, and are consumed as they are."""
 
     def __init__(self, unet: nn.Module, attention: Attention) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = AneUnet(unet, attention_core(attention))
         self.attention = attention
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.attention is Attention.ORIGINAL:
-            encoder_hidden_states = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states)
 
 
 class VAEDecoder(nn.Module):
@@ -78,8 +77,9 @@ class VAEEncoder(nn.Module):
 class SafetyChecker(nn.Module):
     """Traceable safety checker: the concept-score rule of diffusers' checker, tensors only (no numpy, no loops).
 
-    score_i = cos(image_embedding, concept_i) - threshold_i + adjustment (+ 0.01 for every concept once any
-    special-care concept fires); an image is flagged when any score is > 0, and a flagged image is blacked out.
+    As Apple's converted checker: `adjustment` is added to the special-care scores only; score_i = cos(image
+    embedding, concept_i) - threshold_i (+ 0.01 for every concept once any special-care score is > 0); an image is
+    flagged when any score is > 0 (`has_nsfw_concepts` shaped (B, 1, 1, 1)) and a flagged image is blacked out.
     """
 
     def __init__(self, checker: nn.Module) -> None:
@@ -103,11 +103,10 @@ class SafetyChecker(nn.Module):
         embeds = self.visual_projection(pooled)
         special = self._cosine(embeds, self.special_care_embeds) - self.special_care_embeds_weights + adjustment
         special_found = (special > 0).any(dim=1, keepdim=True).to(embeds.dtype)
-        scores = self._cosine(embeds, self.concept_embeds) - self.concept_embeds_weights + adjustment
+        scores = self._cosine(embeds, self.concept_embeds) - self.concept_embeds_weights
         scores = scores + special_found * 0.01
-        has_nsfw = (scores > 0).any(dim=1).to(embeds.dtype)
-        keep = (1.0 - has_nsfw)[:, None, None, None]
-        return images * keep, has_nsfw, scores
+        has_nsfw = (scores > 0).any(dim=1).to(embeds.dtype)[:, None, None, None]
+        return images * (1.0 - has_nsfw), has_nsfw, scores
 
 
 @dataclass
@@ -158,12 +157,11 @@ def load_component(source: Path, component: Component, attention: Attention, res
     elif component is Component.UNET:
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(folder, **_LOAD)
-        module = Unet(apply_attention(unet, attention), attention)
+        module = Unet(UNet2DConditionModel.from_pretrained(folder, **_LOAD), attention)
     elif component in (Component.VAE_DECODER, Component.VAE_ENCODER):
         from diffusers import AutoencoderKL
 
-        vae = apply_attention(AutoencoderKL.from_pretrained(folder, **_LOAD), attention)
+        vae = apply_vae_attention(AutoencoderKL.from_pretrained(folder, **_LOAD), attention)
         module = VAEDecoder(vae) if component is Component.VAE_DECODER else VAEEncoder(vae)
     else:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -173,7 +171,9 @@ def load_component(source: Path, component: Component, attention: Attention, res
 
 
 def example_inputs(spec: ModelSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs in the contract's shapes and value ranges."""
+    """Seeded random inputs in the contract's shapes and value ranges, float32 tensors holding values the
+    declared input dtype represents exactly (float16 inputs are rounded to float16), so that PyTorch and the
+    package see the same numbers."""
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for tensor in spec.inputs:
@@ -189,6 +189,8 @@ def example_inputs(spec: ModelSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
             values = torch.rand(tensor.shape, generator=generator) * 2 - 1
         else:
             values = torch.randn(tensor.shape, generator=generator)
+        if tensor.dtype == FLOAT16:
+            values = values.half().float()
         tensors.append(values)
     return tuple(tensors)
 

@@ -227,9 +227,10 @@ def to_mlprogram(traced: Any, inputs: Sequence[TensorSpec], outputs: Sequence[Te
     del traced
     prog = ct.convert(
         holder.pop(),
-        inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=np.float32) for t in inputs],
-        # float32 outputs, like the inputs: the apps and the next chunk read float32 arrays
-        outputs=[ct.TensorType(name=t.name, dtype=np.float32) for t in outputs],
+        # the contract's dtypes: float16 inputs (Apple's pipeline refuses others) except the token ids and a
+        # chunk's float32 intermediates; float32 outputs, which the apps and the next chunk read
+        inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(t.dtype).type) for t in inputs],
+        outputs=[ct.TensorType(name=t.name, dtype=np.dtype(t.dtype).type) for t in outputs],
         convert_to="milinternal",
         compute_precision=ct.precision.FLOAT32,
         minimum_deployment_target=deployment_target(ct, target),

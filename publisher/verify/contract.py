@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from publisher.contract import ModelDims, model_spec
+from publisher.contract import FLOAT32, ModelDims, model_spec
 from publisher.manifest import Component
 from publisher.mlpackage import package_info
 
@@ -19,12 +19,19 @@ def contract_problems(package: Path, submodule: str, dims: ModelDims) -> list[st
     spec = model_spec(component, dims)
     got_in = [(t.name, t.shape, t.dtype) for t in info.inputs]
     got_out = [(t.name, t.shape, t.dtype) for t in info.outputs]
-    want_in = [(t.name, t.shape, "float32") for t in spec.inputs]
-    want_out = [(t.name, t.shape, "float32") for t in spec.outputs]
+    want_in = [(t.name, t.shape, t.dtype) for t in spec.inputs]
+    want_out = [(t.name, t.shape, t.dtype) for t in spec.outputs]
     if submodule == "unet_chunk1":
-        want_out = None  # intermediates; chunk 2's inputs are checked against them by the chunk tests
+        # intermediates (chunk 2's inputs are checked against them by the chunk tests): float32 like every output
+        want_out = None
+        problems += [f"output {name} is {dtype}, not float32" for name, _, dtype in got_out if dtype != FLOAT32]
     elif submodule == "unet_chunk2":
         want_in = None
+        by_name = {t.name: t for t in spec.inputs}
+        for name, _shape, dtype in got_in:
+            expected = by_name[name].dtype if name in by_name else FLOAT32  # an intermediate: chunk 1's output
+            if dtype != expected:
+                problems.append(f"input {name} is {dtype}, not {expected}")
     if want_in is not None and got_in != want_in:
         problems.append(f"inputs {got_in} != contract {want_in}")
     if want_out is not None and got_out != want_out:

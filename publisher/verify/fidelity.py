@@ -58,12 +58,12 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: i
     example = example_inputs(loaded.spec)
     if submodule == "unet_chunk1":
         specs, _ = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
-        return UnetChunk1(loaded.module), example, [t.name for t in specs.chunk1_outputs]
+        return UnetChunk1(loaded.module, specs.cut), example, [t.name for t in specs.chunk1_outputs]
     if submodule == "unet_chunk2":
         specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
         with torch.no_grad():
             inputs = (example[2], *intermediates)
-        return UnetChunk2(loaded.module), inputs, [t.name for t in specs.chunk2_outputs]
+        return UnetChunk2(loaded.module, specs.cut), inputs, [t.name for t in specs.chunk2_outputs]
     return loaded.module, example, [t.name for t in loaded.spec.outputs]
 
 
@@ -76,15 +76,14 @@ def _torch_outputs(module: Any, inputs: tuple, names: list[str]) -> dict[str, np
     return {name: r.float().numpy() for name, r in zip(names, result, strict=True)}
 
 
-def _input_names(package: Path) -> list[str]:
+def _declared_inputs(package: Path) -> list[tuple[str, str]]:
     from publisher.mlpackage import package_info
 
-    return [t.name for t in package_info(package).inputs]
+    return [(t.name, t.dtype) for t in package_info(package).inputs]
 
 
 def _run(package: Path, inputs: tuple, runtime: str) -> dict[str, np.ndarray]:
-    feed = {name: np.asarray(x.numpy(), dtype=np.float32) for name, x in zip(_input_names(package), inputs,
-                                                                            strict=True)}
+    declared = _declared_inputs(package)
     if runtime == "coreml":
         if platform.system() != "Darwin":
             raise ToolchainError("Core ML predictions need macOS; on Linux use the reference executor "
@@ -93,7 +92,11 @@ def _run(package: Path, inputs: tuple, runtime: str) -> dict[str, np.ndarray]:
 
         ct = import_coremltools()
         model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
+        # fed in the declared dtypes, as Apple's pipeline does (the values are already representable in them)
+        feed = {name: np.asarray(x.numpy(), dtype=np.dtype(dtype)) for (name, dtype), x in zip(declared, inputs,
+                                                                                              strict=True)}
         return {k: np.asarray(v, dtype=np.float32) for k, v in model.predict(feed).items()}
+    feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(declared, inputs, strict=True)}
     from publisher.verify.executor import run_package
 
     return run_package(package, feed)

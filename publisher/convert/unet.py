@@ -1,0 +1,242 @@
+"""The UNet in the Neural Engine's layout, for every attention implementation.
+
+Written from the published description of Apple's ANE-shaped UNet: activations stay 4-D, attention runs on
+(B, C, 1, S), every linear layer (attention projections, feed-forward, time embedding, the resnets' time
+projections, SD 2.x's proj_in/proj_out) is a 1x1 convolution, LayerNorm normalises over the channel axis. The
+three attention implementations differ only in the attention core (publisher.convert.attention).
+
+The module is built around a loaded diffusers `UNet2DConditionModel`: each `nn.Linear` becomes a `Conv1x1` whose
+weight is a (out, in, 1, 1) view of the same storage (no copy of the weights), and a diffusers state dict loads
+into it unchanged (2-D linear weights are reshaped at load). Its forward is a flat list of stages over one state
+(hidden states, time embedding, skip connections), so the UNet can be cut between any two stages: the chunked
+UNet (publisher.convert.chunk) cuts where the weight bytes split in half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from publisher.convert.attention import AttentionCore, channel_layer_norm
+
+
+class Conv1x1(nn.Conv2d):
+    """A Linear layer as a 1x1 convolution over the channel axis of a 4-D tensor."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Conv1x1:
+        conv = cls(linear.in_features, linear.out_features, 1, bias=linear.bias is not None, device="meta")
+        conv.weight = nn.Parameter(linear.weight.detach().view(linear.out_features, linear.in_features, 1, 1),
+                                   requires_grad=False)
+        if linear.bias is not None:
+            conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return conv
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a diffusers (out, in) linear weight
+            state_dict = dict(state_dict)  # type: ignore[assignment]
+            state_dict[prefix + "weight"] = weight[:, :, None, None]  # type: ignore[index]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+
+
+def linears_to_convs(module: nn.Module) -> int:
+    """Replace every nn.Linear under `module` by a Conv1x1 sharing its weights; returns how many."""
+    swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.Linear)]
+    for parent, name, child in swaps:
+        setattr(parent, name, Conv1x1.from_linear(child))
+    return len(swaps)
+
+
+def _unsupported(what: str) -> NotImplementedError:
+    return NotImplementedError(f"the ANE-shaped UNet supports SD 1.x/2.x UNets; this one has {what}")
+
+
+def _check_config(unet: nn.Module) -> None:
+    config = unet.config
+    for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
+        if config.get(key) is not None:
+            raise _unsupported(f"{key}={config.get(key)!r}")
+    for resnet in (m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"):
+        if resnet.time_embedding_norm != "default" or resnet.upsample is not None or resnet.downsample is not None:
+            raise _unsupported("resnets with scale-shift norms or built-in resampling")
+    for block in (m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"):
+        if block.norm_type != "layer_norm" or getattr(block, "pos_embed", None) is not None:
+            raise _unsupported(f"transformer blocks with norm_type {block.norm_type!r}")
+
+
+# -- the building blocks, on 4-D tensors ---------------------------------------------------------------------
+
+def resnet_forward(resnet: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """diffusers' ResnetBlock2D with the time embedding as (B, C, 1, 1) and its projection a 1x1 conv."""
+    h = resnet.conv1(resnet.nonlinearity(resnet.norm1(x)))
+    if resnet.time_emb_proj is not None:
+        h = h + resnet.time_emb_proj(emb if resnet.skip_time_act else resnet.nonlinearity(emb))
+    h = resnet.conv2(resnet.dropout(resnet.nonlinearity(resnet.norm2(h))))
+    if resnet.conv_shortcut is not None:
+        x = resnet.conv_shortcut(x)
+    return (x + h) / resnet.output_scale_factor
+
+
+def attention_forward(attn: nn.Module, x: torch.Tensor, context: torch.Tensor, core: AttentionCore) -> torch.Tensor:
+    """A diffusers `Attention` on (B, C, 1, S) queries and (B, C', 1, S') keys/values."""
+    q = attn.to_q(x) * attn.scale
+    out = core(q, attn.to_k(context), attn.to_v(context), attn.heads)
+    return attn.to_out[0](out)
+
+
+def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    projection = ff.net[0]
+    hidden = projection.proj(x)
+    if type(projection).__name__ == "GEGLU":
+        hidden, gate = hidden.chunk(2, dim=1)
+        hidden = hidden * F.gelu(gate)
+    else:  # GELU(approximate=...) with its own projection
+        hidden = F.gelu(hidden, approximate=getattr(projection, "approximate", "none"))
+    return ff.net[2](hidden)
+
+
+def transformer_forward(transformer: nn.Module, x: torch.Tensor, context: torch.Tensor,
+                        core: AttentionCore) -> torch.Tensor:
+    """diffusers' Transformer2DModel (continuous input) with (B, C, 1, H*W) tokens throughout."""
+    batch, _, height, width = x.shape
+    h = transformer.proj_in(transformer.norm(x))  # a 1x1 conv in SD 1.x, a linear-turned-conv in SD 2.x
+    h = h.reshape(batch, h.shape[1], 1, height * width)
+    for block in transformer.transformer_blocks:
+        self_context = channel_layer_norm(block.norm1, h)
+        h = attention_forward(block.attn1, self_context, context if block.only_cross_attention else self_context,
+                              core) + h
+        if block.attn2 is not None:
+            h = attention_forward(block.attn2, channel_layer_norm(block.norm2, h), context, core) + h
+        h = feed_forward(block.ff, channel_layer_norm(block.norm3, h)) + h
+    h = transformer.proj_out(h.reshape(batch, h.shape[1], height, width))
+    return h + x
+
+
+# -- the UNet as a list of stages ----------------------------------------------------------------------------
+
+@dataclass
+class UnetState:
+    """What flows between stages: the hidden states, the time embedding and the pending skip connections."""
+
+    hidden: torch.Tensor
+    emb: torch.Tensor
+    context: torch.Tensor
+    skips: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the UNet's forward: `run` maps the state's hidden states to new ones. `pop` concatenates the
+    newest skip connection first (up blocks); `push` stores the result as a skip connection (down blocks)."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    run: Callable[[UnetState], torch.Tensor]
+    pop: bool = False
+    push: bool = False
+
+    @property
+    def weight_elements(self) -> int:
+        return sum(p.numel() for m in self.modules for p in m.parameters())
+
+
+class AneUnet(nn.Module):
+    """A diffusers SD 1.x/2.x UNet in the Neural Engine's layout with a given attention core.
+
+    forward(sample (B, 4, H, W), timestep (B,), encoder_hidden_states (B, C, 1, S)) -> noise prediction.
+    """
+
+    def __init__(self, unet: nn.Module, core: AttentionCore) -> None:
+        super().__init__()
+        _check_config(unet)
+        linears_to_convs(unet)
+        self.unet = unet  # the diffusers module, its linears now 1x1 convs: the state dict keys are diffusers'
+        self.core = core
+        self.stages = self._stages()
+
+    def load_diffusers_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a diffusers UNet2DConditionModel state dict (keys as diffusers names them)."""
+        self.unet.load_state_dict(state_dict, strict=True)
+
+    def _time_embedding(self, timestep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        unet = self.unet
+        embedding = unet.time_embedding
+        if embedding.cond_proj is not None or embedding.post_act is not None:
+            raise _unsupported("a conditioned time embedding")
+        t = unet.time_proj(timestep.reshape(-1)).to(like.dtype)
+        t = t[:, :, None, None]
+        return embedding.linear_2(embedding.act(embedding.linear_1(t)))
+
+    def _stages(self) -> list[Stage]:
+        unet, core = self.unet, self.core
+        stages = [Stage("conv_in", (unet.conv_in,), lambda s: unet.conv_in(s.hidden), push=True)]
+
+        def resnet(module: nn.Module) -> Callable[[UnetState], torch.Tensor]:
+            return lambda s: resnet_forward(module, s.hidden, s.emb)
+
+        def transformer(module: nn.Module) -> Callable[[UnetState], torch.Tensor]:
+            return lambda s: transformer_forward(module, s.hidden, s.context, core)
+
+        def plain(module: nn.Module) -> Callable[[UnetState], torch.Tensor]:
+            return lambda s: module(s.hidden)
+
+        for b, block in enumerate(unet.down_blocks):
+            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for i, (res, attn) in enumerate(zip(block.resnets, attentions, strict=True)):
+                stages.append(Stage(f"down{b}.resnet{i}", (res,), resnet(res), push=attn is None))
+                if attn is not None:
+                    stages.append(Stage(f"down{b}.attention{i}", (attn,), transformer(attn), push=True))
+            for sampler in block.downsamplers or []:
+                stages.append(Stage(f"down{b}.downsample", (sampler,), plain(sampler), push=True))
+        mid = unet.mid_block
+        if mid is not None:
+            stages.append(Stage("mid.resnet0", (mid.resnets[0],), resnet(mid.resnets[0])))
+            for i, (attn, res) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
+                stages.append(Stage(f"mid.attention{i}", (attn,), transformer(attn)))
+                stages.append(Stage(f"mid.resnet{i + 1}", (res,), resnet(res)))
+        for b, block in enumerate(unet.up_blocks):
+            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for i, (res, attn) in enumerate(zip(block.resnets, attentions, strict=True)):
+                stages.append(Stage(f"up{b}.resnet{i}", (res,), resnet(res), pop=True))
+                if attn is not None:
+                    stages.append(Stage(f"up{b}.attention{i}", (attn,), transformer(attn)))
+            for sampler in block.upsamplers or []:
+                stages.append(Stage(f"up{b}.upsample", (sampler,), plain(sampler)))
+        head = tuple(m for m in (unet.conv_norm_out, unet.conv_out) if m is not None)
+
+        def output(s: UnetState) -> torch.Tensor:
+            h = s.hidden
+            if unet.conv_norm_out is not None:
+                h = unet.conv_act(unet.conv_norm_out(h))
+            return unet.conv_out(h)
+
+        stages.append(Stage("out", head, output))
+        return stages
+
+    @property
+    def time_modules(self) -> tuple[nn.Module, ...]:
+        return (self.unet.time_embedding,)
+
+    def start(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> UnetState:
+        return UnetState(hidden=sample, emb=self._time_embedding(timestep, sample), context=encoder_hidden_states)
+
+    def run(self, state: UnetState, first: int = 0, stop: int | None = None) -> UnetState:
+        """Run stages[first:stop] on `state` (in place) and return it."""
+        for stage in self.stages[first:stop]:
+            if stage.pop:
+                state.hidden = torch.cat([state.hidden, state.skips.pop()], dim=1)
+            state.hidden = stage.run(state)
+            if stage.push:
+                state.skips.append(state.hidden)
+        return state
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.run(self.start(sample, timestep, encoder_hidden_states)).hidden
