@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -22,6 +22,13 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from publisher.errors import ManifestError
 
 SCHEMA_FILE_NAME = "manifest.schema.json"
+# Bounds on what a manifest may make the loader do (a real one is ~1 KB, ~60 nodes, 4 levels deep): a YAML alias
+# bomb or a deeply nested document is refused in one line instead of hanging or crashing `validate`.
+MAX_MANIFEST_BYTES = 256 * 1024
+MAX_NODES = 20_000
+MAX_DEPTH = 32
+# The Swift pipeline feeds the safety checker a (1, 512, 512, 3) image whatever the model's resolution.
+SAFETY_CHECKER_RESOLUTION = 512
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 # An org or user name, or the run-time placeholder; then a repo name. Hub names: letters, digits, - _ .
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -154,8 +161,13 @@ class PublishRepo(_Model):
     minimum_deployment_target: DeploymentTarget | None = Field(
         default=None, description="default: iOS16 for float16, iOS17 for palettized, iOS18 for grouped channels"
     )
-    components: list[Component] | None = Field(default=None, min_length=1, description="default: the source's")
-    chunk_unet: StrictBool = False
+    components: list[Component] | None = Field(
+        default=None, min_length=1, description="default: the source's (the safety checker only at resolution 512)"
+    )
+    chunk_unet: Annotated[
+        Annotated[StrictBool, Tag("[bool]")] | Annotated[list[Attention], Tag("[list]")],
+        Discriminator(lambda value: "[list]" if isinstance(value, list) else "[bool]"),
+    ] = Field(default=False, description="UNet in two chunks (for iOS): true for every attention, or a list of them")
     layouts: list[Layout] = Field(default_factory=lambda: list(Layout), min_length=1)
 
     @property
@@ -165,6 +177,11 @@ class PublishRepo(_Model):
         if self.precision.granularity is Granularity.PER_GROUPED_CHANNEL:
             return DeploymentTarget.iOS18
         return DeploymentTarget.iOS17 if self.precision.is_palettized else DeploymentTarget.iOS16
+
+    def chunks_unet(self, attention: Attention) -> bool:
+        if isinstance(self.chunk_unet, bool):
+            return self.chunk_unet
+        return attention in self.chunk_unet
 
     def compute_unit(self, attention: Attention) -> ComputeUnit:
         return self.compute_units.get(attention, attention.default_compute_unit)
@@ -182,7 +199,10 @@ class Manifest(_Model):
     publish: list[PublishRepo] = Field(min_length=1)
 
     def components_for(self, target: PublishRepo) -> list[Component]:
-        return list(target.components) if target.components is not None else list(self.source.components)
+        if target.components is not None:
+            return list(target.components)
+        return [c for c in self.source.components
+                if c is not Component.SAFETY_CHECKER or self.resolution == SAFETY_CHECKER_RESOLUTION]
 
 
 @dataclass(frozen=True)
@@ -231,6 +251,11 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
             if component not in manifest.source.components:
                 errors.append((at + ("components", index),
                                f"'{component.value}' is not provided by the source (see source.components)"))
+            elif component is Component.SAFETY_CHECKER and manifest.resolution != SAFETY_CHECKER_RESOLUTION:
+                errors.append((at + ("components", index),
+                               f"a safety checker needs resolution {SAFETY_CHECKER_RESOLUTION} (the Swift pipeline "
+                               f"feeds it a {SAFETY_CHECKER_RESOLUTION}x{SAFETY_CHECKER_RESOLUTION} image), "
+                               f"not {manifest.resolution}"))
         for attention in target.compute_units:
             if attention not in target.attention:
                 errors.append((at + ("compute_units", attention.value),
@@ -253,6 +278,13 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                 errors.append((at + ("precision", "granularity"), "only allowed when type is 'palettize'"))
         if precision.group_size is not None and precision.granularity is not Granularity.PER_GROUPED_CHANNEL:
             errors.append((at + ("precision", "group_size"), "only allowed with granularity per_grouped_channel"))
+        if not isinstance(target.chunk_unet, bool):
+            for index, attention in enumerate(target.chunk_unet):
+                if attention not in target.attention:
+                    errors.append((at + ("chunk_unet", index),
+                                   f"'{attention.value}' is not in this repo's attention list"))
+            for index, item in _duplicates(target.chunk_unet):
+                errors.append((at + ("chunk_unet", index), f"duplicate '{_show(item)}'"))
         if target.chunk_unet:
             if Component.UNET not in manifest.components_for(target):
                 errors.append((at + ("chunk_unet",), "needs the 'unet' component"))
@@ -324,46 +356,81 @@ def _message(error: dict[str, Any]) -> str:
 
 
 def _clean_loc(loc: Sequence[Any]) -> Loc:
-    # pydantic appends '[key]' for errors on a dict's keys; they are reported at the key itself
-    return tuple(part for part in loc if part != "[key]")
+    # pydantic appends '[key]' for errors on a dict's keys (reported at the key itself), and a union's tag
+    return tuple(part for part in loc if part not in ("[key]", "[bool]", "[list]"))
 
 
 def parse_manifest(text: str, path: Path) -> tuple[Manifest | None, list[str]]:
     """Validate one manifest's text; returns the manifest or the error lines (`file:line: field: message`)."""
     name = str(path)
+    depth = 0
+    for number, char in enumerate(text):  # flow nesting, before the parser recurses into it
+        depth += 1 if char in "[{" else -1 if char in "]}" else 0
+        if depth > MAX_DEPTH:
+            return None, [f"{name}:{text.count(chr(10), 0, number) + 1}: (yaml): nested deeper than {MAX_DEPTH} "
+                          "levels"]
     try:
         document = YAML(typ="rt").load(text)
+    except RecursionError:
+        return None, [f"{name}:1: (yaml): nested deeper than this loader follows (a manifest needs {MAX_DEPTH} "
+                      "levels at most)"]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = (exc.problem or exc.context or "invalid YAML").strip().replace("\n", " ")
-        return None, [f"{name}:{line}: (yaml): {problem}"]
+        return None, [_one_line(f"{name}:{line}: (yaml): {problem}")]
     except YAMLError as exc:
-        return None, [f"{name}:1: (yaml): {str(exc).splitlines()[0] if str(exc) else 'invalid YAML'}"]
+        return None, [_one_line(f"{name}:1: (yaml): {str(exc).splitlines()[0] if str(exc) else 'invalid YAML'}")]
     if document is None:
         return None, [f"{name}:1: (root): the manifest is empty"]
     if not isinstance(document, CommentedMap):
         return None, [f"{name}:1: (root): must be a mapping of fields, not {type(document).__name__}"]
     try:
-        manifest = Manifest.model_validate(_plain(document))
+        plain = _plain(document, [MAX_NODES], 0)
+    except _TooLarge as exc:
+        return None, [f"{name}:1: (yaml): {exc}"]
+    try:
+        manifest = Manifest.model_validate(plain)
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_url=False):
             loc = _clean_loc(error["loc"])
-            lines.append(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {_message(error)}")
+            lines.append(_one_line(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {_message(error)}"))
         return None, lines
     errors = cross_field_errors(manifest)
     if errors:
-        return None, [f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {msg}" for loc, msg in errors]
+        return None, [_one_line(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {msg}")
+                      for loc, msg in errors]
     return manifest, []
 
 
-def _plain(node: Any) -> Any:
-    """ruamel's round-trip nodes -> plain dicts/lists (pydantic's strict mode wants builtin types)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (newlines, ANSI escapes) in names or values from the file are shown escaped, so that one
+    problem is always one line and a manifest cannot forge output."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _plain(node: Any, budget: list[int], depth: int) -> Any:
+    """ruamel's round-trip nodes -> plain dicts/lists (pydantic's strict mode wants builtin types). Aliases are
+    expanded here, so the node budget and the depth bound what an alias bomb can cost."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(f"expands to more than {MAX_NODES} values (YAML aliases?); a manifest is far smaller")
+    if depth > MAX_DEPTH:
+        raise _TooLarge(f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, dict):
-        return {(str(k) if not isinstance(k, (str, int, bool)) else k): _plain(v) for k, v in node.items()}
+        return {(str(k) if not isinstance(k, (str, int, bool)) else k): _plain(v, budget, depth + 1)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_plain(v) for v in node]
+        return [_plain(v, budget, depth + 1) for v in node]
     if isinstance(node, str):
         return str(node)
     return node
@@ -378,6 +445,9 @@ def load_manifest(path: Path) -> LoadedManifest:
 
 def _load(path: Path) -> tuple[LoadedManifest | None, list[str]]:
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            return None, [f"{path}:1: (file): {size} bytes; a manifest may have {MAX_MANIFEST_BYTES} at most"]
         raw = path.read_bytes()
     except OSError as exc:
         return None, [f"{path}:1: (file): cannot read: {exc.strerror or exc}"]

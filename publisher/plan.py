@@ -164,7 +164,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     components=tuple(manifest.components_for(target)),
                     compute_unit=target.compute_unit(attention),
                     deployment_target=target.deployment_target,
-                    chunk_unet=target.chunk_unet,
+                    chunk_unet=target.chunks_unet(attention),
                     layouts=tuple(target.layouts),
                     source_repo=manifest.source.repo,
                     source_revision=manifest.source.revision,

@@ -21,7 +21,8 @@ from publisher.manifest import load_manifests
 from publisher.store import BuildStore
 from tests.helpers import write_manifest
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "safety_checker")
+# the tiny manifests are at resolution 256: no safety checker by default (it only exists at 512)
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
 def options(tmp: Path, hub, **extra) -> BuildOptions:  # type: ignore[no-untyped-def]
@@ -104,7 +105,7 @@ def test_corrupted_store_output_is_rebuilt(built, staging_hub) -> None:  # type:
 
 def test_kill_during_conversion_then_resume(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
     manifest = write_manifest(tmp_path / "manifests")
-    env = {**os.environ, "HF_TOKEN": staging_hub.token, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
+    env = {**os.environ, "STAGING_HUB_TOKEN": staging_hub.token, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
     command = [sys.executable, "-m", "publisher", "build", str(manifest), "--no-compile", "--namespace", "tester",
                "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -135,7 +136,7 @@ def test_compile_on_linux_is_a_clear_error(built, staging_hub, tmp_path: Path) -
     opts.compile = True
     with pytest.raises(ToolchainError, match="needs macOS with Xcode"):
         build(load_manifests([compiled_manifest]), opts)
-    env = {**os.environ, "PATH": os.environ["PATH"], "HF_TOKEN": staging_hub.token,
+    env = {**os.environ, "PATH": os.environ["PATH"], "STAGING_HUB_TOKEN": staging_hub.token,
            "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
     cli = subprocess.run([sys.executable, "-m", "publisher", "build", str(compiled_manifest), "--namespace", "tester",
                           "--out", str(work / "out"), "--store", str(work / "store")],

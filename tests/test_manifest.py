@@ -108,6 +108,12 @@ CASES = [
      "m.yaml:11: publish[0].compute_units.SPLIT_EINSUM: 'SPLIT_EINSUM' is not in this repo's attention list"),
     ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    chunk_unet: 'yes'",
      "m.yaml:11: publish[0].chunk_unet: input should be a valid boolean"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    chunk_unet: [SPLIT_EINSUM_V2]",
+     "m.yaml:11: publish[0].chunk_unet[0]: 'SPLIT_EINSUM_V2' is not in this repo's attention list"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    chunk_unet: [FOO]",
+     "m.yaml:11: publish[0].chunk_unet[0]: must be one of ORIGINAL, SPLIT_EINSUM, SPLIT_EINSUM_V2"),
+    ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    chunk_unet: [SPLIT_EINSUM]",
+     None),
     ("name: sd-test", "name: SD Test!", "m.yaml:1: name: does not match ^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$"),
     ("name: sd-test\n", "", "m.yaml:1: name: required field is missing"),
 ]
@@ -173,3 +179,44 @@ def test_repo_manifests_are_valid() -> None:
         "stabilityai/stable-diffusion-2-base", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
     for item in loaded:
         assert item.path.read_text().startswith("# yaml-language-server: $schema=./manifest.schema.json\n")
+
+
+def test_safety_checker_only_at_512(tmp_path: Path) -> None:
+    """The Swift pipeline feeds the safety checker a 512x512 image: asking for one at another resolution is an
+    error that says why; by default it is left out there."""
+    at_256 = GOOD.replace("resolution: 512", "resolution: 256")
+    asked = at_256.replace("attention: [ORIGINAL, SPLIT_EINSUM]",
+                           "attention: [ORIGINAL, SPLIT_EINSUM]\n    components: [unet, safety_checker]")
+    assert errors_of(tmp_path, asked) == [
+        "m.yaml:11: publish[0].components[1]: a safety checker needs resolution 512 (the Swift pipeline feeds it a "
+        "512x512 image), not 256"]
+    default = load_manifest(write(tmp_path, at_256)).manifest
+    assert [c.value for c in default.components_for(default.publish[0])] == [
+        "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    at_512 = load_manifest(write(tmp_path, GOOD)).manifest
+    assert "safety_checker" in [c.value for c in at_512.components_for(at_512.publish[0])]
+
+
+def test_chunk_unet_per_attention(tmp_path: Path) -> None:
+    text = GOOD.replace("attention: [ORIGINAL, SPLIT_EINSUM]",
+                        "attention: [ORIGINAL, SPLIT_EINSUM]\n    chunk_unet: [SPLIT_EINSUM]")
+    target = load_manifest(write(tmp_path, text)).manifest.publish[0]
+    assert [target.chunks_unet(a) for a in target.attention] == [False, True]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("name: x\n" + "# padding\n" * 30_000, "m.yaml:1: (file): 300008 bytes; a manifest may have 262144 at most"),
+    ("name: " + "[" * 100_000 + "]" * 100_000 + "\n", "m.yaml:1: (yaml): nested deeper than 32 levels"),
+    ("name: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "m.yaml:1: (yaml): nested deeper than 32 levels"),
+    ("".join(" " * i + f"k{i}:\n" for i in range(40)) + " " * 40 + "v: 1\n",
+     "m.yaml:1: (yaml): nested deeper than 32 levels"),
+])
+def test_hostile_sizes_are_one_line_and_fast(tmp_path: Path, content: str, expected: str) -> None:
+    import time
+
+    path = write(tmp_path, content)
+    started = time.perf_counter()
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert time.perf_counter() - started < 2
+    assert [line.replace(str(path), "m.yaml") for line in info.value.lines] == [expected]

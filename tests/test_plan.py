@@ -25,8 +25,10 @@ def test_every_variant_of_the_four_base_models() -> None:
 def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     plan = build_plan(load_manifests([MANIFESTS]), "me")
     counts = plan.counts()
-    # per SD 1.x model: 3 attentions x 5 components; SD 2.x: 3 x 4 (no safety checker)
-    assert counts["convert"] == 2 * 15 + 2 * 12
+    # per SD 1.x model: 3 attentions x 5 components; SD 2.x: 3 x 4 (no safety checker); the float16 SPLIT_EINSUM
+    # UNet of each model is converted as two chunks (for iOS) instead of whole
+    assert counts["convert"] == 2 * 15 + 2 * 12 - 4
+    assert counts["chunk"] == 4 * 2
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: 2 per palettized variant
     assert counts["palettize"] == 8 * 2

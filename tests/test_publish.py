@@ -79,6 +79,11 @@ def test_one_commit_per_variant_and_card(published, hf_api: HfApi, staging_hub) 
     assert '| `split_einsum_v2/` | SPLIT_EINSUM_V2 | ALL | 6-bit | iOS17 |' in card.text
     assert 'snapshot_download("pub/coreml-tiny-sd-palettized", allow_patterns="original/packages/*"' in card.text
     assert "| `original` | unet | 6 |" in card.text
+    float16_card = ModelCard.load(hf_hub_download("pub/coreml-tiny-sd", "README.md", endpoint=staging_hub.url,
+                                                  token=staging_hub.token))
+    assert "None" not in float16_card.text and "None" not in card.text
+    assert "| `original` | unet | 16 (float) | 0 | n/a | n/a |" in float16_card.text
+    assert "| `original/` | ORIGINAL | CPU_AND_GPU | float16 | iOS16 | macOS (GPU) |" in float16_card.text
 
 
 def test_republish_sends_nothing(published, staging_hub, hf_api: HfApi) -> None:  # type: ignore[no-untyped-def]
@@ -151,7 +156,7 @@ def test_publish_cli_dry_run(published, staging_hub) -> None:  # type: ignore[no
     result = subprocess.run([sys.executable, "-m", "publisher", "publish", str(manifest), "--out", str(work / "out"),
                              "--namespace", "pub", "--endpoint", staging_hub.url, "--dry-run"],
                             capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "HF_TOKEN": staging_hub.token})
+                            env={**__import__("os").environ, "STAGING_HUB_TOKEN": staging_hub.token})
     assert result.returncode == 0, result.stderr
     assert staging_hub.token not in result.stdout + result.stderr
     assert "dry run: nothing sent" in result.stdout
@@ -159,7 +164,7 @@ def test_publish_cli_dry_run(published, staging_hub) -> None:  # type: ignore[no
 
 def test_current_repos_give_an_empty_matrix(published, staging_hub) -> None:  # type: ignore[no-untyped-def]
     work, manifest, build_options, *_ = published
-    env = {**__import__("os").environ, "HF_TOKEN": staging_hub.token}
+    env = {**__import__("os").environ, "STAGING_HUB_TOKEN": staging_hub.token}
     command = [sys.executable, "-m", "publisher", "status", str(manifest), "--namespace", "pub", "--endpoint",
                staging_hub.url]
     # the tests above built and published edited manifests: rebuild (all cached) and publish this one again

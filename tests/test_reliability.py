@@ -183,7 +183,7 @@ def test_two_publishers_race(built, staging_hub, tmp_path: Path) -> None:  # typ
 def test_token_never_leaks(built, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     work, manifest, _options = built
     sentinel = staging_hub.token
-    env = {**os.environ, "HF_TOKEN": sentinel, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
+    env = {**os.environ, "STAGING_HUB_TOKEN": sentinel, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
     base = [sys.executable, "-m", "publisher"]
     outputs = []
     commands = [
@@ -215,6 +215,70 @@ def test_token_never_leaks(built, staging_hub, tmp_path: Path) -> None:  # type:
         assert sentinel not in text
 
 
+class _Listener:
+    """A plain socket server that answers every request 404 and keeps every byte it received."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.received = bytearray()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    self.received += data
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+
+def test_real_hub_token_never_goes_to_another_endpoint(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """HF_TOKEN is for huggingface.co only: publish, dry runs, status, fetch and the source fetch of a build send
+    nothing of it to a listener standing where the staging Hub would be; STAGING_HUB_TOKEN does reach it."""
+    work, manifest, _ = built
+    listener = _Listener()
+    real = "hf_realtokenSENTINEL0123456789"
+    env = {k: v for k, v in os.environ.items() if k != "STAGING_HUB_TOKEN"}
+    env.update(HF_TOKEN=real, PUBLISHER_SOURCE_ENDPOINT=listener.url)
+    base = [sys.executable, "-m", "publisher"]
+    commands = [
+        ["publish", str(manifest), "--namespace", "rel", "--out", str(work / "out"), "--endpoint", listener.url,
+         "--dry-run"],
+        ["publish", str(manifest), "--namespace", "rel", "--out", str(work / "out"), "--endpoint", listener.url],
+        ["status", str(manifest), "--namespace", "rel", "--endpoint", listener.url],
+        ["fetch", "rel/coreml-tiny-sd", "--variant", "original/packages", "--to", str(tmp_path / "f"),
+         "--target", "staging", "--endpoint", listener.url],
+        ["build", str(manifest), "--no-compile", "--namespace", "other", "--out", str(tmp_path / "o"),
+         "--store", str(tmp_path / "s")],
+    ]
+    for command in commands:
+        subprocess.run(base + command, env=env, capture_output=True, text=True, timeout=300)
+    assert listener.received.count(b"\r\n\r\n") >= len(commands)  # every command did call the listener
+    assert real.encode() not in listener.received
+    # the check can fail: the staging token does travel to the same listener
+    env["STAGING_HUB_TOKEN"] = "staging-SENTINEL-42"
+    subprocess.run(base + commands[2], env=env, capture_output=True, text=True, timeout=300)
+    assert b"Bearer staging-SENTINEL-42" in listener.received
+    assert real.encode() not in listener.received
+
+
 def test_fetch_verifies_and_refuses_tampering(built, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     work, manifest, _ = built
     variant = _variant(manifest)
@@ -238,7 +302,7 @@ def test_fetch_verifies_and_refuses_tampering(built, staging_hub, tmp_path: Path
                       token=staging_hub.token)
     data[0] ^= 0xFF
     blob.write_bytes(bytes(data))
-    env = {**os.environ, "HF_TOKEN": staging_hub.token}
+    env = {**os.environ, "STAGING_HUB_TOKEN": staging_hub.token}
     missing = subprocess.run([sys.executable, "-m", "publisher", "fetch", variant.repo_id, "--variant", "nothing",
                               "--to", str(tmp_path / "n"), "--endpoint", staging_hub.url],
                              env=env, capture_output=True, text=True, timeout=120)
@@ -271,7 +335,7 @@ def test_unsafe_zip_entries_are_refused(tmp_path: Path, entry: str, message: str
 
 def test_kill_series_then_complete(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
     manifest = write_manifest(tmp_path / "manifests")
-    env = {**os.environ, "HF_TOKEN": staging_hub.token, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
+    env = {**os.environ, "STAGING_HUB_TOKEN": staging_hub.token, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
     command = [sys.executable, "-m", "publisher", "build", str(manifest), "--no-compile", "--namespace", "rel",
                "--variant", VARIANT, "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
     rng = random.Random(7)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ from publisher.engine.build import BuildOptions, BuildResult, build
 from publisher.errors import PublisherError
 from publisher.manifest import load_manifests
 from publisher.util.sizes import human_size
+from publisher.util.tokens import token_for
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="The build store (cached step outputs).")]
@@ -46,7 +46,7 @@ def build_command(
 ) -> None:
     """Build every (or the chosen) variant of the manifests into OUT/<repo>/, redoing only what changed."""
     options = BuildOptions(out=out, store=store, namespace=namespace, compile=not no_compile, verify=not no_verify,
-                           variants=variant, endpoint=source_endpoint, token=os.environ.get("HF_TOKEN") or None)
+                           variants=variant, endpoint=source_endpoint, token=token_for(source_endpoint))
     result = build(load_manifests(manifests), options)
     print_build_table(result)
     if not result.ok:
@@ -71,7 +71,7 @@ def compile_command(
         ids.append(variant["id"])
         namespace = variant["repo"].split("/")[0]
     options = BuildOptions(out=build_dir, store=store, namespace=namespace, compile=True, variants=ids,
-                           endpoint=source_endpoint, token=os.environ.get("HF_TOKEN") or None)
+                           endpoint=source_endpoint, token=token_for(source_endpoint))
     result = build(load_manifests(manifests or [Path("manifests")]), options)
     print_build_table(result)
     if not result.ok:

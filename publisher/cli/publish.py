@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,13 +10,10 @@ import typer
 
 from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
 from publisher.manifest import load_manifests
+from publisher.util.tokens import token_for
 
 TargetOpt = Annotated[str, typer.Option("--target", help="staging (the local staging Hub; default) or hub.")]
 EndpointOpt = Annotated[str | None, typer.Option("--endpoint", help="Hub URL (default: the target's).")]
-
-
-def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
 
 
 def publish_command(
@@ -31,10 +27,11 @@ def publish_command(
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of writing main.")] = False,
 ) -> None:
     """Publish built variants: only changed files, one commit per variant, the model card with the last."""
-    from publisher.publish import PublishOptions, publish
+    from publisher.publish import PublishOptions, publish, resolve_endpoint
 
+    url = resolve_endpoint(target, endpoint)
     outcomes = publish(load_manifests(manifests), PublishOptions(
-        out=out, namespace=namespace, target=target, endpoint=endpoint, token=_token(), variants=variant,
+        out=out, namespace=namespace, target=target, endpoint=endpoint, token=token_for(url), variants=variant,
         dry_run=dry_run, create_pr=create_pr), say=typer.echo)
     for outcome in outcomes:
         for diff in outcome.diffs:
@@ -61,7 +58,7 @@ def status_command(
 
     loaded = load_manifests(manifests or [Path("manifests")])
     url = resolve_endpoint(target, endpoint)
-    rows = status(loaded, namespace, url, _token(), source_endpoint=source_endpoint)
+    rows = status(loaded, namespace, url, token_for(url), source_endpoint=source_endpoint)
     if github_matrix:
         stale = [r.variant.id for r in rows if not r.current]
         typer.echo(json.dumps(build_plan(loaded, namespace).github_matrix(only=stale), separators=(",", ":")))
@@ -97,6 +94,6 @@ def fetch_command(
     from publisher.publish import resolve_endpoint
 
     url = resolve_endpoint(target, endpoint)
-    result = fetch_variant(repo, variant, to, endpoint=url, token=_token(), revision=revision)
+    result = fetch_variant(repo, variant, to, endpoint=url, token=token_for(url), revision=revision)
     typer.echo(f"{repo}@{result.commit[:12]} {variant}: {len(result.files)} files, {result.bytes} bytes verified"
                + (f", extracted into {result.extracted}" if result.extracted else ""))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from publisher.errors import PublisherError
+from publisher.util.tokens import token_for
 
 
 def verify_command(
@@ -42,7 +42,7 @@ def verify_command(
         typer.echo(f"{submodule}: {results[0][1].to_json()}")
     else:
         results = verify_build_dir(target, runtime, store / "hub-cache", source_endpoint,
-                                   os.environ.get("HF_TOKEN") or None, say=typer.echo)
+                                   token_for(source_endpoint), say=typer.echo)
     failed = [f"{variant} {result.submodule}" for variant, result in results if not result.passed]
     if failed:
         raise PublisherError(f"under the 35 dB bar: {', '.join(failed)}")

@@ -35,7 +35,7 @@ def fetch_source(repo: str, revision: str, components: list[Component] | tuple[C
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     label = f"{repo}@{revision}"
-    api = HfApi(endpoint=endpoint, token=token)
+    api = HfApi(endpoint=endpoint, token=token or False)  # never a token looked up on its own
     try:
         info = api.repo_info(repo, revision=revision, files_metadata=False)
     except RevisionNotFoundError as exc:
@@ -53,5 +53,5 @@ def fetch_source(repo: str, revision: str, components: list[Component] | tuple[C
         if name not in files:
             raise SourceError(f"source {label} has no {name} (the apps need the CLIP tokenizer files)")
     path = snapshot_download(repo, revision=commit, allow_patterns=source_patterns(components),
-                             cache_dir=str(cache_dir), endpoint=endpoint, token=token)
+                             cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
     return FetchedSource(repo=repo, revision=revision, commit=commit, path=Path(path))

@@ -13,6 +13,7 @@ from publisher.engine.build import select_variants
 from publisher.errors import PublisherError
 from publisher.manifest import LoadedManifest
 from publisher.plan import Variant, build_plan
+from publisher.util.tokens import token_for
 
 STAGING_ENDPOINT = "http://127.0.0.1:8765"
 HUB_ENDPOINT = "https://huggingface.co"
@@ -89,7 +90,9 @@ def status(manifests: Sequence[LoadedManifest], namespace: str, endpoint: str, t
     plan = build_plan(manifests, namespace)
     chosen = select_variants(plan, variants)
     api = hub_api(endpoint, token)
-    source_api = hub_api(source_endpoint or endpoint, token)
+    # the source may live on another Hub: it gets the token meant for it, never the target's
+    source_token = token if source_endpoint in (None, endpoint) else token_for(source_endpoint)
+    source_api = hub_api(source_endpoint or endpoint, source_token)
     versions = tool_versions()
     source_commits: dict[tuple[str, str], str | None] = {}
     results = []

@@ -34,8 +34,8 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
         "## Variants",
         "",
-        "| folder | attention | compute unit | precision | minimum OS | size | compiled zip |",
-        "|---|---|---|---|---|---|---|",
+        "| folder | attention | compute unit | precision | minimum OS | for | size | compiled zip |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for info in infos:
         v = info["variant"]
@@ -44,8 +44,9 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         has_zip = any(name.endswith(zip_name) for name in info["files"])
         zip_cell = f"[{zip_name}]({endpoint}/{repo_id}/resolve/main/{zip_name})" if has_zip else "not built"
         lines.append(f"| `{v['folder']}/` | {v['attention']} | {v['compute_unit']} | {v['precision_label']} | "
-                     f"{v['minimum_deployment_target']} | {human_size(size)} | {zip_cell} |")
+                     f"{v['minimum_deployment_target']} | {_meant_for(v)} | {human_size(size)} | {zip_cell} |")
     folder = infos[0]["variant"]["folder"]
+    chunked = [info["variant"]["folder"] for info in infos if info["variant"].get("chunk_unet")]
     lines += [
         "",
         "## Use from Python",
@@ -68,18 +69,31 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "## Use from a Swift app",
         "",
         "Download `<repo>_<attention>_compiled.zip`, unzip it next to itself and point "
-        "`StableDiffusionPipeline(resourcesAt:)` at the folder it contains (TextEncoder.mlmodelc, Unet.mlmodelc, "
-        "VAEDecoder.mlmodelc, ... and the tokenizer's vocab.json and merges.txt).",
+        "`StableDiffusionPipeline(resourcesAt:)` at the folder it contains (TextEncoder.mlmodelc, Unet.mlmodelc "
+        "or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc, VAEDecoder.mlmodelc, ... and the tokenizer's vocab.json "
+        "and merges.txt).",
         "",
+    ]
+    if chunked:
+        lines += [
+            "For iOS and iPadOS use " + ", ".join(f"`{name}/`" for name in chunked) + ": its UNet is in two "
+            "chunks (UnetChunk1 + UnetChunk2, each under the 1 GB an iOS app can load at once), which the Swift "
+            "pipeline loads whenever both are present. Apple's Python pipeline opens a whole `unet` package: use "
+            "a folder without chunks there.",
+            "",
+        ]
+    lines += [
         "## Compression fidelity",
         "",
     ]
     fidelity_rows = []
     for info in infos:
         for submodule, figures in sorted(info.get("fidelity", {}).items()):
-            fidelity_rows.append(f"| `{info['variant']['folder']}` | {submodule} | {figures.get('nbits')} | "
-                                 f"{figures.get('palettized_ops')} | {figures.get('min_snr_db')} | "
-                                 f"{figures.get('mean_snr_db')} | {figures.get('output_psnr_db', 'n/a')} |")
+            cells = [_cell(figures.get(key)) for key in ("nbits", "palettized_ops", "min_snr_db", "mean_snr_db",
+                                                            "output_psnr_db")]
+            if figures.get("nbits") is None:  # a float16 model: nothing palettized
+                cells[:2] = ["16 (float)", "0"]
+            fidelity_rows.append(f"| `{info['variant']['folder']}` | {submodule} | " + " | ".join(cells) + " |")
     if fidelity_rows:
         lines += ["| folder | model | bits | palettized weights | min weight SNR (dB) | mean weight SNR (dB) | "
                   "output PSNR (dB) |", "|---|---|---|---|---|---|---|", *fidelity_rows]
@@ -96,6 +110,18 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
     ]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
     return str(card)
+
+
+def _cell(value: Any) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _meant_for(variant: dict[str, Any]) -> str:
+    if variant.get("chunk_unet"):
+        return "iOS, iPadOS (UNet in 2 chunks)"
+    if variant["attention"] == "ORIGINAL":
+        return "macOS (GPU)"
+    return "macOS, iOS (Neural Engine)"
 
 
 def validate_card_text(text: str, endpoint: str, token: str | None) -> None:

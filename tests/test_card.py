@@ -1,0 +1,33 @@
+"""The model card's text from build-infos: no empty cells, and the folder meant for iOS is named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from publisher.publish.card import card_text
+
+
+def _info(folder: str, attention: str, chunked: bool, fidelity: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "variant": {"folder": folder, "attention": attention, "compute_unit": "ALL", "precision_label": "float16",
+                    "minimum_deployment_target": "iOS16", "chunk_unet": chunked, "license": "mit"},
+        "source": {"repo": "org/sd", "revision": "main", "commit": "0" * 40},
+        "files": {f"{folder}/packages/x.mlpackage/Manifest.json": {"size": 10, "sha256": "0" * 64}},
+        "fidelity": fidelity,
+        "tools": {"coremltools": "9.0"},
+    }
+
+
+def test_float16_card_names_the_ios_folder_and_has_no_none_cells() -> None:
+    infos = [
+        _info("original", "ORIGINAL", False, {"unet": {"output_psnr_db": 70.1}}),
+        _info("split_einsum", "SPLIT_EINSUM", True, {"unet_chunk1": {"output_psnr_db": 71.0},
+                                                    "unet_chunk2": {"output_psnr_db": 69.5}}),
+    ]
+    text = card_text("me/coreml-sd", infos, "http://hub")
+    assert "None" not in text
+    assert "| `split_einsum` | unet_chunk1 | 16 (float) | 0 | n/a | n/a | 71.0 |" in text
+    assert "For iOS and iPadOS use `split_einsum/`" in text
+    assert "| `split_einsum/` | SPLIT_EINSUM | ALL | float16 | iOS16 | iOS, iPadOS (UNet in 2 chunks) |" in text
+    without_chunks = card_text("me/coreml-sd", infos[:1], "http://hub")
+    assert "For iOS and iPadOS" not in without_chunks
