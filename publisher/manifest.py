@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError
@@ -62,6 +62,16 @@ class Component(str, Enum):
 
 
 ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
+
+
+# The diffusers folder each component is loaded from.
+COMPONENT_FOLDERS = {
+    Component.TEXT_ENCODER: "text_encoder",
+    Component.UNET: "unet",
+    Component.VAE_DECODER: "vae",
+    Component.VAE_ENCODER: "vae",
+    Component.SAFETY_CHECKER: "safety_checker",
+}
 
 
 class ComputeUnit(str, Enum):
@@ -140,6 +150,10 @@ class Source(_Model):
     revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
     components: list[Component] = Field(
         default_factory=lambda: list(ALL_COMPONENTS), min_length=1, description="what the source provides"
+    )
+    weights: Literal["auto", "fp16", "fp32"] = Field(
+        default="auto", description="which weight copy to download: auto prefers fp16 safetensors, then float32 "
+        "safetensors, then .bin"
     )
 
     @property
@@ -276,6 +290,8 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                     errors.append((at + ("precision", field), "only allowed when type is 'palettize'"))
             if precision.granularity is not Granularity.PER_TENSOR:
                 errors.append((at + ("precision", "granularity"), "only allowed when type is 'palettize'"))
+        if precision.recipe is not None and not _inside_folder(precision.recipe):
+            errors.append((at + ("precision", "recipe"), "must be a relative path inside the manifest's folder"))
         if precision.group_size is not None and precision.granularity is not Granularity.PER_GROUPED_CHANNEL:
             errors.append((at + ("precision", "group_size"), "only allowed with granularity per_grouped_channel"))
         if not isinstance(target.chunk_unet, bool):
@@ -298,6 +314,11 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading with line numbers
+
+
+def _inside_folder(relative: str) -> bool:
+    path = PurePosixPath(relative.replace("\\", "/"))
+    return not path.is_absolute() and ".." not in path.parts and ":" not in relative and not relative.startswith("~")
 
 
 def format_loc(loc: Loc) -> str:
@@ -503,10 +524,55 @@ def load_manifests(paths: Sequence[Path]) -> list[LoadedManifest]:
     return loaded
 
 
+def _hub_repo_id_problem(repo_id: str) -> str | None:
+    """huggingface_hub's own repo-id rule (it refuses '--' and '..', a leading or trailing '-' or '.', ...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
 def check_namespace(namespace: str) -> str:
-    if not NAMESPACE_RE.fullmatch(namespace):
-        raise ManifestError(f"namespace '{namespace}': must be letters, digits, '-', '_' or '.' (a Hub user or org)")
+    if not NAMESPACE_RE.fullmatch(namespace) or _hub_repo_id_problem(f"{namespace}/x") is not None:
+        raise ManifestError(_one_line(f"namespace '{namespace}': must be letters, digits, '-', '_' or '.', without "
+                                      "'--' or '..' (a Hub user or org)"))
     return namespace
+
+
+def _line_in_file(path: Path, loc: Loc) -> int:
+    try:
+        return _line_of(YAML(typ="rt").load(path.read_text(encoding="utf-8")), loc)
+    except Exception:  # the file validated a moment ago; a line number is a courtesy
+        return 1
+
+
+def check_resolved(loaded: Sequence[LoadedManifest], namespace: str) -> None:
+    """Rules on repo ids once `{namespace}` is filled in: each must pass huggingface_hub's validation, and no two
+    publish entries (in one file or across files) may name the same repo. Raises ManifestError with every line."""
+    check_namespace(namespace)
+    errors: list[str] = []
+    first: dict[str, tuple[Path, int]] = {}
+    for item in loaded:
+        for i, target in enumerate(item.manifest.publish):
+            repo_id = target.repo_id(namespace)
+            at = ("publish", i, "repo")
+            problem = _hub_repo_id_problem(repo_id)
+            if problem is not None:
+                errors.append(_one_line(f"{item.path}:{_line_in_file(item.path, at)}: {format_loc(at)}: "
+                                        f"'{repo_id}' is not a valid Hub repo id: {problem}"))
+            key = repo_id.lower()  # the Hub matches repo ids case-insensitively
+            if key in first:
+                other, index = first[key]
+                where = f"publish[{index}]" + ("" if other == item.path else f" of {other}")
+                errors.append(_one_line(f"{item.path}:{_line_in_file(item.path, at)}: {format_loc(at)}: "
+                                        f"'{repo_id}' is also published by {where}"))
+            first.setdefault(key, (item.path, i))
+    if errors:
+        raise ManifestError(errors[0], errors)
 
 
 def json_schema() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from publisher.manifest import (
     Layout,
     LoadedManifest,
     Precision,
-    check_namespace,
+    check_resolved,
 )
 
 StepKind = Literal["fetch", "convert", "chunk", "palettize", "verify", "compile", "assemble", "zip"]
@@ -48,6 +48,7 @@ class Variant:
     source_repo: str
     source_revision: str
     resolution: int
+    source_weights: str = "auto"
     license: str = "other"
 
     @property
@@ -77,7 +78,8 @@ class Variant:
             "minimum_deployment_target": self.deployment_target.value,
             "chunk_unet": self.chunk_unet,
             "layouts": [layout.value for layout in self.layouts],
-            "source": {"repo": self.source_repo, "revision": self.source_revision},
+            "source": {"repo": self.source_repo, "revision": self.source_revision,
+                       **({"weights": self.source_weights} if self.source_weights != "auto" else {})},
             "resolution": self.resolution,
             "license": self.license,
         }
@@ -149,7 +151,7 @@ class _Builder:
 
 
 def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Variant]:
-    check_namespace(namespace)
+    check_resolved(loaded, namespace)
     variants: list[Variant] = []
     for item in loaded:
         manifest = item.manifest
@@ -168,6 +170,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     layouts=tuple(target.layouts),
                     source_repo=manifest.source.repo,
                     source_revision=manifest.source.revision,
+                    source_weights=manifest.source.weights,
                     resolution=manifest.resolution,
                     license=manifest.license,
                 ))
@@ -192,17 +195,18 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     for v in variants:
         if not v.precision.is_palettized:
             for component in v.components:
-                key = (v.source_repo, v.source_revision, v.attention, component, v.resolution)
+                key = (v.source_repo, v.source_revision, v.source_weights, v.attention, component, v.resolution)
                 float16_targets.setdefault(key, []).append(v.deployment_target)
 
     builder = _Builder()
     for v in variants:
-        source = f"{v.source_repo}@{v.source_revision}"
-        fetch = builder.add(f"fetch:{source}", "fetch", [], {"repo": v.source_repo, "revision": v.source_revision},
-                            v.id)
+        # the weight copy is part of the source: the same repo read as fp32 is another source
+        source = f"{v.source_repo}@{v.source_revision}" + ("" if v.source_weights == "auto" else f"#{v.source_weights}")
+        fetch = builder.add(f"fetch:{source}", "fetch", [], {"repo": v.source_repo, "revision": v.source_revision,
+                                                             "weights": v.source_weights}, v.id)
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         for component in v.components:
-            base = (v.source_repo, v.source_revision, v.attention, component, v.resolution)
+            base = (v.source_repo, v.source_revision, v.source_weights, v.attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
             common = {"attention": v.attention.value, "component": component.value, "resolution": v.resolution,
                       "deployment_target": target.value}

@@ -113,6 +113,33 @@ def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component
     return folder
 
 
+def add_hub_copies(folder: Path, fp16: bool = True, decoys: bool = True) -> list[str]:
+    """Give a tiny pipeline the extra weight copies real Hub repos carry: an `fp16` safetensors variant per
+    component (the float32 weights cast to float16), and decoys of random bytes that no build may download
+    (`.bin` and `non_ema` copies, a single-file checkpoint at the root). Returns the decoys' paths."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    written = []
+    for weights in sorted(Path(folder).glob("*/*.safetensors")):
+        if fp16 and ".fp16." not in weights.name:
+            tensors = {k: v.half().contiguous() for k, v in load_file(weights).items()}
+            save_file(tensors, weights.with_name(weights.stem + ".fp16.safetensors"), metadata={"format": "pt"})
+        if decoys:
+            stem = weights.name.split(".")[0]
+            decoy_names = [f"{stem}.non_ema.safetensors", "pytorch_model.bin" if stem == "model" else f"{stem}.bin"]
+            if fp16:
+                decoy_names.append(f"{stem}.fp16.bin" if stem != "model" else "pytorch_model.fp16.bin")
+            for name in decoy_names:
+                (weights.parent / name).write_bytes(os.urandom(4096))
+                written.append(f"{weights.parent.name}/{name}")
+    if decoys:
+        (Path(folder) / "v1-5-pruned-emaonly.safetensors").write_bytes(os.urandom(8192))
+        written.append("v1-5-pruned-emaonly.safetensors")
+    return written
+
+
 def push_tiny_source(folder: Path, repo_id: str, endpoint: str, token: str | None) -> str:
     """Upload a tiny pipeline folder as a source repo; returns the commit it landed as."""
     from huggingface_hub import HfApi

@@ -220,3 +220,35 @@ def test_hostile_sizes_are_one_line_and_fast(tmp_path: Path, content: str, expec
         load_manifest(path)
     assert time.perf_counter() - started < 2
     assert [line.replace(str(path), "m.yaml") for line in info.value.lines] == [expected]
+
+
+def test_resolved_repo_ids_are_checked_across_files(tmp_path: Path) -> None:
+    from publisher.manifest import check_resolved
+
+    write(tmp_path, GOOD, "a.yaml")
+    write(tmp_path, GOOD.replace("name: sd-test", "name: other").replace('"{namespace}/coreml-tiny"', '"me/coreml-tiny"')
+          .replace('"{namespace}/coreml-tiny-palettized"', '"me/coreml--tiny"'), "b.yaml")
+    loaded = load_manifests([tmp_path])  # the templates differ: fine until the namespace is known
+    with pytest.raises(ManifestError) as other:
+        check_resolved(loaded, "other")
+    assert len(other.value.lines) == 1 and "'me/coreml--tiny' is not a valid Hub repo id" in other.value.lines[0]
+    with pytest.raises(ManifestError) as info:
+        check_resolved(loaded, "me")
+    assert info.value.lines == [
+        f"{tmp_path / 'b.yaml'}:8: publish[0].repo: 'me/coreml-tiny' is also published by publish[0] of "
+        f"{tmp_path / 'a.yaml'}",
+        f"{tmp_path / 'b.yaml'}:11: publish[1].repo: 'me/coreml--tiny' is not a valid Hub repo id: Cannot have -- or "
+        ".. in repo_id: 'me/coreml--tiny'.",
+    ]
+    for bad in ("a..b", "-x", "x\nFAKE"):
+        with pytest.raises(ManifestError, match=r"^namespace '.*': must be letters") as raised:
+            check_resolved(loaded, bad)
+        assert "\n" not in str(raised.value)
+
+
+def test_plan_refuses_resolved_duplicates(tmp_path: Path) -> None:
+    from publisher.plan import build_plan
+
+    text = GOOD.replace('"{namespace}/coreml-tiny-palettized"', '"me/coreml-tiny"')
+    with pytest.raises(ManifestError, match=r"publish\[1\].repo: 'me/coreml-tiny' is also published by publish\[0\]"):
+        build_plan([load_manifest(write(tmp_path, text))], "me")

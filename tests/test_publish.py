@@ -57,7 +57,7 @@ def test_download_returns_exactly_the_built_files(published, staging_hub, tmp_pa
                               token=staging_hub.token)
             built = _files(work / "out" / repo / folder / "packages")
             got = _files(local / folder / "packages")
-            assert got == built and len(built) >= 15
+            assert got == built and len(built) >= 12  # 4 packages (no safety checker at 256) x 3 files
 
 
 def test_one_commit_per_variant_and_card(published, hf_api: HfApi, staging_hub) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -286,7 +287,7 @@ def test_fetch_verifies_and_refuses_tampering(built, staging_hub, tmp_path: Path
     publish_repo(api, variant.repo_id, work / "out" / variant.repo_id, [variant], staging_hub.url)
     result = fetch_variant(variant.repo_id, "original/packages", tmp_path / "ok", endpoint=staging_hub.url,
                            token=staging_hub.token)
-    assert len(result.files) >= 15
+    assert len(result.files) >= 12  # 4 packages (no safety checker at 256) x 3 files
     built_files = {p.relative_to(work / "out" / variant.repo_id).as_posix(): p.read_bytes()
                    for p in (work / "out" / variant.repo_id / "original" / "packages").rglob("*") if p.is_file()}
     assert {p.relative_to(tmp_path / "ok").as_posix(): p.read_bytes() for p in result.files} == built_files
@@ -300,6 +301,13 @@ def test_fetch_verifies_and_refuses_tampering(built, staging_hub, tmp_path: Path
     with pytest.raises(FetchError, match="does not match the Hub's"):
         fetch_variant(variant.repo_id, "original/packages", tmp_path / "bad", endpoint=staging_hub.url,
                       token=staging_hub.token)
+    assert not (tmp_path / "bad").exists()  # all or nothing: no verified half of the variant is left behind
+    (tmp_path / "ok" / "keep.txt").write_text("mine")
+    with pytest.raises(FetchError, match="does not match the Hub's"):  # into a folder holding the good copy
+        fetch_variant(variant.repo_id, "original/packages", tmp_path / "ok", endpoint=staging_hub.url,
+                      token=staging_hub.token)
+    assert {p.relative_to(tmp_path / "ok").as_posix(): p.read_bytes() for p in result.files} == built_files
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["keep.txt", "original"]
     data[0] ^= 0xFF
     blob.write_bytes(bytes(data))
     env = {**os.environ, "STAGING_HUB_TOKEN": staging_hub.token}
@@ -307,6 +315,53 @@ def test_fetch_verifies_and_refuses_tampering(built, staging_hub, tmp_path: Path
                               "--to", str(tmp_path / "n"), "--endpoint", staging_hub.url],
                              env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stderr.startswith(f"error: {variant.repo_id}@")
+
+
+def _zip_bytes(entries: dict[str, bytes | None]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            if data is None:
+                archive.writestr(zipfile.ZipInfo(name), b"")
+            else:
+                archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_fetch_of_a_zip_owns_only_its_paths(hf_api, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    repo = "tester/zips"
+    hf_api.create_repo(repo, exist_ok=True)
+    top = "zips_original_compiled"
+    cases = {
+        "good": _zip_bytes({f"{top}/vocab.json": b"{}", f"{top}/Unet.mlmodelc/coremldata.bin": b"x" * 10}),
+        "cache": _zip_bytes({f"{top}/vocab.json": b"{}", ".cache/huggingface/x": b"wipe"}),
+        "clash": _zip_bytes({f"{top}/a": b"file", f"{top}/a/b": b"inside"}),
+        "bomb": _zip_bytes({f"{top}/zeros.bin": b"\0" * 3_000_000}),
+    }
+    target = tmp_path / "to"
+    (target / ".cache").mkdir(parents=True)
+    (target / ".cache" / "keep").write_text("download metadata")
+    (target / top).mkdir()
+    (target / top / "old.txt").write_text("the previous good copy")
+    expected = {
+        "cache": "refusing entry '.cache/huggingface/x' (everything must lie in zips_original_compiled/)",
+        "clash": "'zips_original_compiled/a' is both a file and a folder in the archive",
+        "bomb": "3000000 bytes uncompressed, more than the 1000000 allowed",
+    }
+    for name, message in expected.items():
+        hf_api.upload_file(path_or_fileobj=cases[name], path_in_repo=f"{top}.zip", repo_id=repo)
+        with pytest.raises(FetchError, match=re.escape(message)):
+            fetch_variant(repo, f"{top}.zip", target, endpoint=staging_hub.url, token=staging_hub.token,
+                          max_bytes=1_000_000)
+        assert sorted(p.name for p in target.iterdir()) == [".cache", top]  # untouched
+        assert (target / ".cache" / "keep").read_text() == "download metadata"
+        assert [p.name for p in (target / top).iterdir()] == ["old.txt"]
+    assert not list(tmp_path.glob(".extract-*"))
+    hf_api.upload_file(path_or_fileobj=cases["good"], path_in_repo=f"{top}.zip", repo_id=repo)
+    result = fetch_variant(repo, f"{top}.zip", target, endpoint=staging_hub.url, token=staging_hub.token)
+    assert result.extracted == target / top
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        ".cache/keep", f"{top}.zip", f"{top}/Unet.mlmodelc/coremldata.bin", f"{top}/vocab.json"]
 
 
 @pytest.mark.parametrize(("entry", "message"), [

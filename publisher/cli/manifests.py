@@ -9,14 +9,16 @@ from typing import Annotated
 import typer
 
 from publisher.cli._options import DEFAULT_NAMESPACE, JsonOpt, ManifestPaths, NamespaceOpt, manifest_paths
-from publisher.manifest import SCHEMA_FILE_NAME, json_schema, load_manifests
+from publisher.manifest import SCHEMA_FILE_NAME, check_resolved, json_schema, load_manifests
 from publisher.plan import build_plan
 from publisher.util.atomic import atomic_write_text
 
 
-def validate(paths: ManifestPaths = None) -> None:
-    """Validate manifests: exit 1 with one line per problem (file:line: field: message)."""
+def validate(paths: ManifestPaths = None, namespace: NamespaceOpt = DEFAULT_NAMESPACE) -> None:
+    """Validate manifests: exit 1 with one line per problem (file:line: field: message). Repo ids are checked
+    with `{namespace}` filled in."""
     loaded = load_manifests(manifest_paths(paths))
+    check_resolved(loaded, namespace)
     for item in loaded:
         m = item.manifest
         variants = sum(len(t.attention) for t in m.publish)

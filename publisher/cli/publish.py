@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
+from publisher.fetch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_UNCOMPRESSED
 from publisher.manifest import load_manifests
 from publisher.util.tokens import token_for
 
@@ -88,12 +89,18 @@ def fetch_command(
     target: TargetOpt = "hub",
     endpoint: EndpointOpt = None,
     revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit.")] = "main",
+    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Refuse a zip that expands to more bytes.")] = (
+        DEFAULT_MAX_UNCOMPRESSED),
+    max_entries: Annotated[int, typer.Option("--max-entries", help="Refuse a zip with more entries.")] = (
+        DEFAULT_MAX_ENTRIES),
 ) -> None:
-    """Download one variant, check every file against the Hub's checksums, unzip safely; exit 1 on a mismatch."""
+    """Download one variant, check every file against the Hub's checksums, unzip safely, then move it into place
+    in one step (a failure leaves TO as it was); exit 1 on a mismatch."""
     from publisher.fetch import fetch_variant
     from publisher.publish import resolve_endpoint
 
     url = resolve_endpoint(target, endpoint)
-    result = fetch_variant(repo, variant, to, endpoint=url, token=token_for(url), revision=revision)
+    result = fetch_variant(repo, variant, to, endpoint=url, token=token_for(url), revision=revision,
+                           max_bytes=max_bytes, max_entries=max_entries)
     typer.echo(f"{repo}@{result.commit[:12]} {variant}: {len(result.files)} files, {result.bytes} bytes verified"
                + (f", extracted into {result.extracted}" if result.extracted else ""))

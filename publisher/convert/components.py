@@ -17,17 +17,12 @@ from torch import nn
 from publisher.contract import FLOAT16, ModelDims, ModelSpec, model_spec
 from publisher.convert.attention import apply_vae_attention, attention_core
 from publisher.convert.unet import AneUnet
+from publisher.convert.weight_files import weights_variant
 from publisher.errors import SourceError
-from publisher.manifest import Attention, Component
+from publisher.manifest import COMPONENT_FOLDERS, Attention, Component
 
 _LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
-SUBFOLDERS = {
-    Component.TEXT_ENCODER: "text_encoder",
-    Component.UNET: "unet",
-    Component.VAE_DECODER: "vae",
-    Component.VAE_ENCODER: "vae",
-    Component.SAFETY_CHECKER: "safety_checker",
-}
+SUBFOLDERS = COMPONENT_FOLDERS
 
 
 class TextEncoder(nn.Module):
@@ -149,24 +144,26 @@ def load_component(source: Path, component: Component, attention: Attention, res
     check_component_present(source, component, label or str(source))
     dims = source_dims(source, resolution)
     folder = Path(source) / SUBFOLDERS[component]
+    # float32 modules whatever the stored copy (fp16 weights are widened on load: the trace runs in float32)
+    load = {**_LOAD, "variant": weights_variant(folder)}
     module: nn.Module
     if component is Component.TEXT_ENCODER:
         from transformers import CLIPTextModel
 
-        module = TextEncoder(CLIPTextModel.from_pretrained(folder, **_LOAD))
+        module = TextEncoder(CLIPTextModel.from_pretrained(folder, **load))
     elif component is Component.UNET:
         from diffusers import UNet2DConditionModel
 
-        module = Unet(UNet2DConditionModel.from_pretrained(folder, **_LOAD), attention)
+        module = Unet(UNet2DConditionModel.from_pretrained(folder, **load), attention)
     elif component in (Component.VAE_DECODER, Component.VAE_ENCODER):
         from diffusers import AutoencoderKL
 
-        vae = apply_vae_attention(AutoencoderKL.from_pretrained(folder, **_LOAD), attention)
+        vae = apply_vae_attention(AutoencoderKL.from_pretrained(folder, **load), attention)
         module = VAEDecoder(vae) if component is Component.VAE_DECODER else VAEEncoder(vae)
     else:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        module = SafetyChecker(StableDiffusionSafetyChecker.from_pretrained(folder, **_LOAD))
+        module = SafetyChecker(StableDiffusionSafetyChecker.from_pretrained(folder, **load))
     return LoadedComponent(module=module.eval().float(), spec=model_spec(component, dims), dims=dims)
 
 

@@ -21,7 +21,15 @@ from publisher.compile import compile_package, require_compiler
 from publisher.contract import TOKENIZER_FILES, compiled_name, package_name, zip_folder_name
 from publisher.errors import PublisherError
 from publisher.layout import link_or_copy, link_tree, replace_folder, write_zip
-from publisher.manifest import Attention, Component, DeploymentTarget, Granularity, Layout, LoadedManifest
+from publisher.manifest import (
+    COMPONENT_FOLDERS,
+    Attention,
+    Component,
+    DeploymentTarget,
+    Granularity,
+    Layout,
+    LoadedManifest,
+)
 from publisher.plan import Plan, Step, Variant, build_plan
 from publisher.store import BuildStore, StoredOutput, step_key, tool_versions, tree_files
 from publisher.util.atomic import atomic_write_text
@@ -78,6 +86,7 @@ class _Fetched:
     commit: str
     repo: str
     revision: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> size, sha256 of what was downloaded
 
 
 def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]:
@@ -155,13 +164,18 @@ class _Runner:
         try:
             fetched = fetch_source(step.params["repo"], step.params["revision"], components,
                                    self.options.store / "hub-cache", endpoint=self.options.endpoint,
-                                   token=self.options.token)
+                                   token=self.options.token, weights=step.params.get("weights", "auto"))
         except PublisherError as exc:
             self.failed[step.id] = str(exc)
             return
-        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit}, [], {})
+        for warning in fetched.warnings:
+            self.report(f"warning: {warning}")
+        # the commit and the weights setting decide every component's files (the choice is a function of both)
+        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit,
+                                 "weights": step.params.get("weights", "auto")}, [], {})
         self.keys[step.id] = key
-        self.fetched[step.id] = _Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision)
+        self.fetched[step.id] = _Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision,
+                                         {f.path: f.to_json() for f in fetched.files})
 
     def _source(self, step: Step) -> _Fetched:
         return self.fetched[step.inputs[0]]
@@ -199,8 +213,11 @@ class _Runner:
         params = step.params
         recipe: dict[str, int] = {}
         if params.get("recipe"):
-            manifest = Path(self._variant_of(step).manifest_path)
-            recipe = load_recipe(manifest.parent / params["recipe"])
+            folder = Path(self._variant_of(step).manifest_path).parent.resolve()
+            path = (folder / params["recipe"]).resolve()
+            if not path.is_relative_to(folder):  # a symlink out of the manifests' folder
+                raise BuildError(f"recipe {params['recipe']} leads outside the manifest's folder {folder}")
+            recipe = load_recipe(path)
         config = PalettizeConfig(nbits=int(params["nbits"]), granularity=Granularity(params.get("granularity",
                                  "per_tensor")), group_size=int(params.get("group_size") or 16), recipe=recipe,
                                  deployment_target=DeploymentTarget(params["deployment_target"]))
@@ -313,7 +330,9 @@ class _Runner:
         seconds = sum(self.outputs[s.id].seconds for s in steps if s.id in self.outputs)
         info = {
             "variant": variant.to_json(),
-            "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit},
+            "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit,
+                       "files": {name: entry for name, entry in sorted(source.files.items())
+                                 if name.split("/")[0] in self._folders_of(variant)}},
             # this variant's settings, hashed: editing another variant of the manifest leaves this file alone
             "manifest": {"name": variant.manifest_name, "variant_sha256": hashlib.sha256(json.dumps(
                 variant.to_json(), sort_keys=True).encode()).hexdigest()},
@@ -330,6 +349,11 @@ class _Runner:
         result.size = sum(size for _, size in files.values())
         result.seconds = round(seconds, 1)
         result.path = folder
+
+    @staticmethod
+    def _folders_of(variant: Variant) -> set[str]:
+        """The source's top-level entries a variant's packages come from."""
+        return {"model_index.json", "tokenizer", *(COMPONENT_FOLDERS[c] for c in variant.components)}
 
     def _palettization_report(self, verify: Step) -> dict[str, Any] | None:
         package_step = self.plan.steps[verify.inputs[0]]

@@ -1,13 +1,48 @@
-"""Fetch a diffusers checkpoint from a Hub at a revision, recording the commit it resolved to."""
+"""Fetch the files of a diffusers checkpoint that a build loads, at a revision resolved to a commit.
+
+The file list is decided from the repo's tree at that commit (one API call), the way diffusers decides what it
+loads: `model_index.json`, the tokenizer files, and per component folder its config plus one copy of the weights
+(a sharded copy: its index and its shards). A repo usually carries several copies of each weight (`.bin`,
+`.safetensors`, their `fp16` variants, `non_ema` copies, single-file checkpoints at the root); only the preferred
+copy is downloaded: the `fp16` safetensors (every output is float16), then float32 safetensors, then pickled `.bin`
+(with a warning). `weights: fp16 | fp32` in the manifest's source narrows the choice.
+
+The chosen files are hard-linked into a folder of their own, so the loaders see exactly one copy of each weight
+whatever else the download cache holds.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from publisher.convert.components import SUBFOLDERS
+from publisher.convert.weight_files import choose_weights
 from publisher.errors import SourceError
-from publisher.manifest import Component
+from publisher.manifest import COMPONENT_FOLDERS, Component
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # relative to the repo root
+    size: int
+    sha256: str | None  # the Hub's LFS oid (None for small files kept in git)
+    blob_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"size": self.size}
+        if self.sha256:
+            data["sha256"] = self.sha256
+        if self.blob_id:
+            data["git_oid"] = self.blob_id
+        return data
 
 
 @dataclass(frozen=True)
@@ -16,42 +51,93 @@ class FetchedSource:
     revision: str
     commit: str  # the revision resolved to a commit id
     path: Path
+    files: tuple[SourceFile, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def label(self) -> str:
         return f"{self.repo}@{self.revision}"
 
 
-def source_patterns(components: list[Component] | tuple[Component, ...]) -> list[str]:
-    folders = sorted({SUBFOLDERS[c] for c in components})
-    return ["model_index.json", "tokenizer/*", *(f"{folder}/*" for folder in folders)]
+def select_source_files(tree: dict[str, SourceFile], components: Sequence[Component], weights: str,
+                        label: str) -> tuple[list[SourceFile], list[str]]:
+    """What a build of `components` loads from a repo whose files are `tree` (path -> file); plus warnings."""
+    chosen = ["model_index.json"] if "model_index.json" in tree else []
+    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt"):
+        if name not in tree:
+            raise SourceError(f"source {label} has no {name} (the apps need the CLIP tokenizer files)")
+    chosen += [f"tokenizer/{n}" for n in TOKENIZER_FILES if f"tokenizer/{n}" in tree]
+    warnings = []
+    for folder in sorted({COMPONENT_FOLDERS[c] for c in components}):
+        if f"{folder}/config.json" not in tree:
+            component = next(c for c in components if COMPONENT_FOLDERS[c] == folder)
+            raise SourceError(f"source {label} has no {component.value} ({folder}/config.json is missing); "
+                              "drop it from the manifest's source.components")
+        names = [p[len(folder) + 1:] for p in tree if p.startswith(folder + "/") and "/" not in p[len(folder) + 1:]]
+        try:
+            files, warning = choose_weights(folder, names, weights)
+        except SourceError as exc:
+            raise SourceError(f"source {label}: {exc}") from exc
+        if warning:
+            warnings.append(f"source {label}: {warning}")
+        chosen += [f"{folder}/config.json"] + [f"{folder}/{n}" for n in files]
+    return [tree[p] for p in chosen], warnings
+
+
+def _link_tree(snapshot: Path, files: Sequence[SourceFile], target: Path) -> None:
+    """Hard-link exactly `files` from the download cache into `target` (staged, then renamed into place)."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for item in files:
+            source = (snapshot / item.path).resolve()
+            destination = staging / item.path
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copyfile(source, destination)
+        os.replace(staging, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fetch_source(repo: str, revision: str, components: list[Component] | tuple[Component, ...], cache_dir: Path,
-                 endpoint: str | None = None, token: str | bool | None = None) -> FetchedSource:
-    """snapshot_download the folders the components need; one-line errors for a missing repo, revision or
-    component."""
+                 endpoint: str | None = None, token: str | bool | None = None,
+                 weights: str = "auto") -> FetchedSource:
+    """Download the files a build of `components` loads (see the module doc); one-line errors for a missing repo,
+    revision, component or weight file."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     label = f"{repo}@{revision}"
     api = HfApi(endpoint=endpoint, token=token or False)  # never a token looked up on its own
     try:
-        info = api.repo_info(repo, revision=revision, files_metadata=False)
+        info = api.repo_info(repo, revision=revision, files_metadata=True)
     except RevisionNotFoundError as exc:
         raise SourceError(f"source {repo} has no revision '{revision}'") from exc
     except RepositoryNotFoundError as exc:
         raise SourceError(f"source repo {repo} not found (or private without a token) at {api.endpoint}") from exc
     commit = str(info.sha)
-    files = {s.rfilename for s in info.siblings or []}
-    for component in components:
-        folder = SUBFOLDERS[component]
-        if f"{folder}/config.json" not in files:
-            raise SourceError(f"source {label} has no {component.value} ({folder}/config.json is missing); "
-                              "drop it from the manifest's source.components")
-    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt"):
-        if name not in files:
-            raise SourceError(f"source {label} has no {name} (the apps need the CLIP tokenizer files)")
-    path = snapshot_download(repo, revision=commit, allow_patterns=source_patterns(components),
-                             cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
-    return FetchedSource(repo=repo, revision=revision, commit=commit, path=Path(path))
+    tree = {s.rfilename: SourceFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
+            for s in info.siblings or []}
+    files, warnings = select_source_files(tree, components, weights, label)
+    snapshot = snapshot_download(repo, revision=commit, allow_patterns=[f.path for f in files],
+                                 cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
+    digest = _file_list_digest(files)
+    folder = Path(cache_dir) / "sources" / f"{repo.replace('/', '--')}--{commit[:12]}--{digest[:12]}"
+    _link_tree(Path(snapshot), files, folder)
+    return FetchedSource(repo=repo, revision=revision, commit=commit, path=folder, files=tuple(files),
+                         warnings=tuple(warnings))
+
+
+def _file_list_digest(files: Sequence[SourceFile]) -> str:
+    import hashlib
+
+    text = json.dumps([[f.path, f.size, f.sha256 or f.blob_id] for f in files], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

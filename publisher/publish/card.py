@@ -104,12 +104,27 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "## Provenance",
         "",
         f"- source: `{source['repo']}` at revision `{source['revision']}` (commit `{source['commit']}`)",
+        *_source_files(infos),
         "- tools: " + ", ".join(f"{name} {version}" for name, version in sorted(first["tools"].items())),
         "- every file's sha256 is listed in `<folder>/build-info.json`",
         "",
     ]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
     return str(card)
+
+
+def _source_files(infos: Sequence[dict[str, Any]]) -> list[str]:
+    """The source files the packages were built from (the union over the variants), with sizes and sha256."""
+    files: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        files.update(info["source"].get("files", {}))
+    if not files:
+        return []
+    lines = ["- source files downloaded and loaded:"]
+    for name, entry in sorted(files.items()):
+        digest = f", sha256 `{entry['sha256']}`" if entry.get("sha256") else ""
+        lines.append(f"  - `{name}` ({human_size(entry['size'])}{digest})")
+    return lines
 
 
 def _cell(value: Any) -> str:
