@@ -21,3 +21,22 @@ class SourceError(PublisherError):
 
 class ToolchainError(PublisherError):
     """A tool the step needs is missing or failed (for example the Core ML compiler off macOS)."""
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's errors for a connection that failed, broke or timed out (huggingface_hub 2.x ships its
+    client as `httpx2`; older ones use `httpx`)."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def environment_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the world outside (files, network, a server's answer), as opposed to bugs of this program."""
+    return (OSError, *transport_errors())

@@ -119,15 +119,42 @@ class Plan:
         }
 
     def github_matrix(self, only: Sequence[str] | None = None) -> dict[str, Any]:
-        """The `strategy.matrix` the workflow consumes: one job per variant, so a failure reruns alone."""
+        """The `strategy.matrix` the workflow consumes: one job per group of variants that share a conversion
+        (the float16 ORIGINAL conversion feeds the float16 and the palettized repo), so each conversion runs once
+        and a failure reruns only its group. `variants` is space-separated, for `--variant` per id."""
         chosen = [v for v in self.variants if only is None or v.id in only]
-        if len(chosen) > GITHUB_MATRIX_LIMIT:
-            raise ValueError(f"{len(chosen)} variants exceed GitHub's matrix limit of {GITHUB_MATRIX_LIMIT}")
+        groups = self.shared_groups(chosen)
+        if len(groups) > GITHUB_MATRIX_LIMIT:
+            raise ValueError(f"{len(groups)} jobs exceed GitHub's matrix limit of {GITHUB_MATRIX_LIMIT}")
         return {"include": [
-            {"variant": v.id, "manifest": v.manifest_path, "repo": v.repo_id, "attention": v.attention.value,
-             "precision": v.precision.label, "compile": Layout.COMPILED in v.layouts}
-            for v in chosen
+            {"job": group[0].id if len(group) == 1 else
+             f"{group[0].manifest_name}/{'+'.join(sorted({v.attention.folder for v in group}))}",
+             "variants": " ".join(v.id for v in group), "manifest": group[0].manifest_path,
+             "repos": " ".join(sorted({v.repo_id for v in group})),
+             "compile": any(Layout.COMPILED in v.layouts for v in group)}
+            for group in groups
         ]}
+
+    def shared_groups(self, variants: Sequence[Variant]) -> list[list[Variant]]:
+        """`variants` partitioned so that two variants needing the same conversion share a group (the fetch, which
+        every variant of a source shares, does not join them: it is cached per job)."""
+        parent = {v.id: v.id for v in variants}
+
+        def root(item: str) -> str:
+            while parent[item] != item:
+                parent[item] = parent[parent[item]]
+                item = parent[item]
+            return item
+
+        for step in self.steps.values():
+            if step.kind in ("convert", "chunk"):
+                members = [v for v in step.variants if v in parent]
+                for other in members[1:]:
+                    parent[root(other)] = root(members[0])
+        grouped: dict[str, list[Variant]] = {}
+        for v in variants:
+            grouped.setdefault(root(v.id), []).append(v)
+        return list(grouped.values())
 
 
 def submodules(component: Component, chunked: bool) -> tuple[str, ...]:

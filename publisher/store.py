@@ -2,8 +2,9 @@
 
 A step's key is the hash of its kind, its parameters, its inputs' keys and the tool versions. Its output is
 built in a temp folder and renamed into `objects/<key>` together with `record.json` (the sha256 and size of every
-file, and how long the build took). A record whose files no longer hash to what it says is thrown away and the
-step is built again: a stored output is never reused on trust.
+file, its inode/size/mtime stamp, and how long the build took). A lookup trusts an output whose files all keep
+their stamps (the no-op rebuild of a full-size manifest reads nothing); any other is re-hashed, and one whose files
+no longer hash to the record is thrown away and built again. `verify=True` re-hashes everything.
 """
 
 from __future__ import annotations
@@ -34,14 +35,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_files(root: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, size) for every file under root (record.json excluded), sorted."""
+Stamp = tuple[int, int, int]  # (inode, size, mtime in ns): a file unchanged since it was hashed keeps all three
+
+
+def stamp_of(stat_result: os.stat_result) -> Stamp:
+    return (stat_result.st_ino, stat_result.st_size, stat_result.st_mtime_ns)
+
+
+def tree_files(root: Path, known: Mapping[Stamp, str] | None = None) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, size) for every file under root (record.json excluded), sorted. A file whose
+    stamp is in `known` (hashed before and unchanged since) is not read again."""
     files = {}
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink()):
         rel = path.relative_to(root).as_posix()
         if rel == RECORD:
             continue
-        files[rel] = (sha256_file(path), path.stat().st_size)
+        info = path.stat()
+        digest = known.get(stamp_of(info)) if known else None
+        files[rel] = (digest or sha256_file(path), info.st_size)
     return files
 
 
@@ -75,10 +86,19 @@ class StoredOutput:
     def seconds(self) -> float:
         return float(self.record.get("seconds", 0.0))
 
+    def vouched(self) -> dict[Stamp, str]:
+        """stamp -> sha256 of this output's files as the record holds them (for hard links of them elsewhere)."""
+        return {tuple(entry["stamp"]): entry["sha256"] for entry in self.record.get("files", {}).values()
+                if "stamp" in entry}
+
 
 class BuildStore:
-    def __init__(self, root: Path) -> None:
+    """`verify=True` re-hashes every stored output on lookup; otherwise an output whose files all keep the inode,
+    size and mtime recorded when they were hashed is trusted, and only a changed one is hashed again."""
+
+    def __init__(self, root: Path, verify: bool = False) -> None:
         self.root = Path(root)
+        self.verify = verify
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -104,10 +124,24 @@ class BuildStore:
         except (ValueError, KeyError, TypeError):
             expected = None
             record = {}
-        if expected is None or tree_files(folder) != expected:
+        if expected is None or not (self._unchanged(folder, record) or tree_files(folder) == expected):
             self._discard(folder)
             return None
         return StoredOutput(key=key, path=folder, record=record)
+
+    def _unchanged(self, folder: Path, record: Mapping[str, Any]) -> bool:
+        """Every recorded file still has the stamp it had when hashed, and nothing was added."""
+        if self.verify:
+            return False
+        entries = record["files"]
+        try:
+            present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {RECORD}
+            if present != set(entries):
+                return False
+            return all("stamp" in entry and stamp_of((folder / name).stat()) == tuple(entry["stamp"])
+                       for name, entry in entries.items())
+        except OSError:
+            return False
 
     def _discard(self, folder: Path) -> None:
         trash = Path(tempfile.mkdtemp(prefix="discard-", dir=self.tmp))
@@ -123,8 +157,10 @@ class BuildStore:
         try:
             yield work
             files = tree_files(work)
+            # stamps taken now survive the rename into objects/ (same inodes, same mtimes)
             record = {**info, "key": key, "seconds": round(time.perf_counter() - start, 2),
-                      "files": {name: {"sha256": sha, "size": size} for name, (sha, size) in files.items()}}
+                      "files": {name: {"sha256": sha, "size": size, "stamp": list(stamp_of((work / name).stat()))}
+                                for name, (sha, size) in files.items()}}
             atomic_write_text(work / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
             target = self.path(key)
             target.parent.mkdir(parents=True, exist_ok=True)

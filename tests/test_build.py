@@ -85,6 +85,48 @@ def test_second_run_converts_nothing(built, staging_hub) -> None:  # type: ignor
     assert {p: p.read_bytes() for p in (work / "out").rglob("build-info.json")} == before  # reproducible bytes
 
 
+def test_noop_rebuild_reads_no_stored_bytes(built, staging_hub, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Stored outputs whose files keep their recorded inode, size and mtime are trusted, and assemble takes the
+    variant folders' hashes from the store's records: a no-op rebuild hashes no file at all."""
+    import publisher.store as store_module
+
+    work, _first = built
+    hashed: list[Path] = []
+    real = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    again = build(load_manifests([work / "manifests" / "tiny-sd.yaml"]), options(work, staging_hub))
+    assert again.ok and again.built == []
+    assert hashed == []
+
+
+def test_verify_store_catches_what_the_stamps_cannot(built, staging_hub) -> None:  # type: ignore[no-untyped-def]
+    work, first = built
+    store = BuildStore(work / "store")
+    step = next(s for s in first.built if s.startswith("convert:") and "vae_decoder" in s and "ORIGINAL" in s)
+    key = next(k for k in (p.name for p in store.objects.glob("*/*"))
+               if json.loads((store.path(k) / "record.json").read_text())["step"] == step)
+    weight = next(store.path(key).rglob("weight.bin"))
+    before = weight.stat()
+    original = weight.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 3] ^= 0xFF
+    os.chmod(weight, 0o644)
+    with open(weight, "r+b") as handle:  # same inode, same size, and the mtime put back: the stamp is unchanged
+        handle.write(bytes(data))
+    os.utime(weight, ns=(before.st_atime_ns, before.st_mtime_ns))
+    try:
+        trusting = BuildStore(work / "store").get(key)
+        assert trusting is not None  # by design: the default lookup trusts unchanged stamps
+        assert BuildStore(work / "store", verify=True).get(key) is None  # --verify-store re-hashes and discards
+    finally:
+        if weight.exists():
+            with open(weight, "r+b") as handle:
+                handle.write(original)
+    again = build(load_manifests([work / "manifests" / "tiny-sd.yaml"]), options(work, staging_hub,
+                                                                                verify_store=True))
+    assert again.ok and step in again.built
+
+
 def test_corrupted_store_output_is_rebuilt(built, staging_hub) -> None:  # type: ignore[no-untyped-def]
     work, first = built
     store = BuildStore(work / "store")

@@ -410,3 +410,54 @@ def test_kill_series_then_complete(tmp_path: Path, staging_hub, tiny_source_repo
     assert keys and all(store.get(key) is not None for key in keys)  # every stored output hashes right
     print(f"kill series: {kills} kills, {len(keys)} stored outputs verified after the final run")
     assert kills >= 1
+
+
+def _http_error(status: int, headers: dict[str, str] | None = None) -> BaseException:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    request = httpx2.Request("POST", "http://127.0.0.1:9/api/models/a/b/commit/main")
+    return HfHubHTTPError(f"{status} error", response=httpx2.Response(status, headers=headers or {}, request=request))
+
+
+def test_only_transient_failures_are_retried() -> None:
+    import httpx2
+
+    from publisher.publish.hub import PublishError, is_transient, retry_after
+
+    for transient in (_http_error(503), _http_error(429), _http_error(500), httpx2.ConnectError("refused"),
+                      httpx2.ReadTimeout("slow"), ConnectionResetError("reset")):
+        assert is_transient(transient), transient
+    for final in (_http_error(404), _http_error(401), _http_error(412), FileNotFoundError("x.mlpackage"),
+                  PermissionError("denied"), IsADirectoryError("a dir"), ValueError("bad")):
+        assert not is_transient(final), final
+    wrapped = PublishError("commit failed (503)", transient=True)
+    wrapped.__cause__ = _http_error(503, {"Retry-After": "7"})
+    assert retry_after(wrapped) == 7.0
+    assert retry_after(_http_error(429, {"Retry-After": "100000"})) == 300.0  # capped
+    assert retry_after(_http_error(503)) is None
+
+
+def test_a_bug_says_it_is_one(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Expected failures (bad input, files, network) are one line; an unexpected exception says it is a bug."""
+    import publisher.cli.manifests as manifests_cli
+
+    def broken(*_: object, **__: object) -> None:
+        raise KeyError("variant")
+
+    monkeypatch.setattr(manifests_cli, "load_manifests", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "manifests"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err.startswith("error: internal error (a bug in coreml-publisher, not in your input): KeyError: 'variant'")
+    assert "--debug" in err and "Traceback" not in err
+
+    def unreachable(*_: object, **__: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", "x.yaml")
+
+    monkeypatch.setattr(manifests_cli, "load_manifests", unreachable)
+    with pytest.raises(SystemExit):
+        main(["validate", "manifests"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: FileNotFoundError: ") and "internal error" not in err

@@ -67,9 +67,23 @@ def test_plan_emits_the_matrix_the_workflow_reads() -> None:
                              "--github-matrix"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     matrix = json.loads(result.stdout)
-    assert len(matrix["include"]) == 16
-    assert {"variant", "manifest", "repo"} <= set(matrix["include"][0])
-    assert len({job["variant"] for job in matrix["include"]}) == 16
+    assert {"job", "variants", "manifest", "repos"} <= set(matrix["include"][0])
+    jobs = [job["variants"].split() for job in matrix["include"]]
+    assert sorted(v for job in jobs for v in job) == sorted({v for job in jobs for v in job})  # each variant once
+    assert len({v for job in jobs for v in job}) == 16
+    assert len(jobs) == 12  # per model: ORIGINAL of both repos together, then each split-einsum variant alone
+
+
+def test_each_shared_conversion_runs_in_one_job_only() -> None:
+    from publisher.manifest import load_manifests
+    from publisher.plan import build_plan
+
+    plan = build_plan(load_manifests([ROOT / "manifests"]), "ns")
+    job_of = {v: i for i, job in enumerate(plan.github_matrix()["include"]) for v in job["variants"].split()}
+    shared = [s for s in plan.steps.values() if s.kind in ("convert", "chunk")]
+    assert any(len(s.variants) > 1 for s in shared)
+    for step in shared:
+        assert len({job_of[v] for v in step.variants}) == 1, step.id
 
 
 @pytest.mark.skipif(shutil.which("actionlint") is None and not (Path(sys.executable).parent / "actionlint").exists(),

@@ -9,7 +9,7 @@ import click
 import typer
 
 from publisher.cli import build, manifests, publish, staging, verify
-from publisher.errors import PublisherError
+from publisher.errors import PublisherError, environment_errors
 
 app = typer.Typer(
     name="publisher",
@@ -66,9 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # anything unexpected: one line, the traceback with --debug
+    except environment_errors() as exc:  # files, network, a server's answer: one line, as the expected errors
         if debug:
             raise
         text = str(exc).splitlines()[0] if str(exc) else ""
         typer.echo(f"error: {type(exc).__name__}: {text} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    except Exception as exc:  # not an error the library expects: a bug, said as such
+        if debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: internal error (a bug in coreml-publisher, not in your input): {type(exc).__name__}: "
+                   f"{text}; please report it with the output of the same command run with --debug", err=True)
         sys.exit(1)

@@ -43,10 +43,13 @@ def build_command(
     store: StoreOpt = Path(".publisher/store"),
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     source_endpoint: SourceEndpointOpt = None,
+    verify_store: Annotated[bool, typer.Option("--verify-store", help="Re-hash every stored output before reusing "
+                                                                      "it (default: trust unchanged files).")] = False,
 ) -> None:
     """Build every (or the chosen) variant of the manifests into OUT/<repo>/, redoing only what changed."""
     options = BuildOptions(out=out, store=store, namespace=namespace, compile=not no_compile, verify=not no_verify,
-                           variants=variant, endpoint=source_endpoint, token=token_for(source_endpoint))
+                           variants=variant, endpoint=source_endpoint, token=token_for(source_endpoint),
+                           verify_store=verify_store)
     result = build(load_manifests(manifests), options)
     print_build_table(result)
     if not result.ok:

@@ -31,7 +31,16 @@ from publisher.manifest import (
     LoadedManifest,
 )
 from publisher.plan import Plan, Step, Variant, build_plan
-from publisher.store import BuildStore, StoredOutput, step_key, tool_versions, tree_files
+from publisher.store import (
+    BuildStore,
+    Stamp,
+    StoredOutput,
+    sha256_file,
+    stamp_of,
+    step_key,
+    tool_versions,
+    tree_files,
+)
 from publisher.util.atomic import atomic_write_text
 
 PACKAGE = "model.mlpackage"
@@ -53,6 +62,7 @@ class BuildOptions:
     endpoint: str | None = None  # the Hub the sources are read from (None: HF_ENDPOINT / huggingface.co)
     token: str | None = None
     isolate: bool = True  # convert each component in its own process
+    verify_store: bool = False  # re-hash every stored output instead of trusting unchanged stamps
     progress: bool = True
 
 
@@ -102,7 +112,7 @@ class _Runner:
     def __init__(self, plan: Plan, options: BuildOptions, report: Callable[[str], None]) -> None:
         self.plan = plan
         self.options = options
-        self.store = BuildStore(options.store)
+        self.store = BuildStore(options.store, verify=options.verify_store)
         self.versions = tool_versions()
         self.keys: dict[str, str] = {}
         self.outputs: dict[str, StoredOutput] = {}
@@ -316,7 +326,7 @@ class _Runner:
         if zip_step is not None and compiled_layout:
             # the zip is keyed by the content of the Resources it holds
             assemble_step = next(s for s in steps if s.kind == "assemble")
-            resources = tree_files(folder / "compiled")
+            resources = tree_files(folder / "compiled", self._vouched(steps))
             self.keys[assemble_step.id] = step_key("assemble", {"resources": resources}, [], {})
             self.run_step(zip_step)
             if zip_step.id in self.failed:
@@ -324,9 +334,11 @@ class _Runner:
                 return
             zip_path.unlink(missing_ok=True)
             link_or_copy(self.outputs[zip_step.id].path / "archive.zip", zip_path)
-        files = tree_files(folder)
+        known = self._vouched(steps)  # the folder holds hard links of stored files: their hashes are on record
+        files = tree_files(folder, known)
         if zip_path.exists() and zip_step is not None and compiled_layout:
-            files[f"../{variant.zip_name}"] = tree_files(zip_path.parent)[variant.zip_name]
+            stamp = stamp_of(zip_path.stat())
+            files[f"../{variant.zip_name}"] = (known.get(stamp) or sha256_file(zip_path), zip_path.stat().st_size)
         seconds = sum(self.outputs[s.id].seconds for s in steps if s.id in self.outputs)
         info = {
             "variant": variant.to_json(),
@@ -349,6 +361,13 @@ class _Runner:
         result.size = sum(size for _, size in files.values())
         result.seconds = round(seconds, 1)
         result.path = folder
+
+    def _vouched(self, steps: Sequence[Step]) -> dict[Stamp, str]:
+        known: dict[Stamp, str] = {}
+        for step in steps:
+            if step.id in self.outputs:
+                known.update(self.outputs[step.id].vouched())
+        return known
 
     @staticmethod
     def _folders_of(variant: Variant) -> set[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from publisher.errors import PublisherError
+from publisher.errors import PublisherError, transport_errors
 from publisher.plan import Variant
 from publisher.store import sha256_file
 
@@ -139,17 +139,59 @@ def _operations(diff: VariantDiff) -> list[Any]:
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-def is_transient(exc: BaseException) -> bool:
-    """A failure worth another try: the Hub was overloaded or the connection broke (not a refusal)."""
+def _http_status(exc: BaseException) -> int | None:
     from huggingface_hub.errors import HfHubHTTPError
+
+    for item in _chain(exc):
+        if isinstance(item, HfHubHTTPError) and item.response is not None:
+            return int(item.response.status_code)
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (a PublishError wraps the client's error)."""
+    seen: list[BaseException] = []
+    item: BaseException | None = exc
+    while item is not None and item not in seen:
+        seen.append(item)
+        item = item.__cause__ or item.__context__
+    return seen
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth another try: HTTP 408/429/5xx, or the connection broke or timed out. Everything else (a
+    refusal, a missing local file, a permission error) fails at once with its own message."""
+    import http.client
 
     if isinstance(exc, PublishError):
         return exc.transient
-    if isinstance(exc, HfHubHTTPError):
-        return exc.response is not None and exc.response.status_code in TRANSIENT_STATUS
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"TransportError", "ConnectionError", "TimeoutError", "RemoteDisconnected",
-                         "IncompleteRead"}) or isinstance(exc, OSError)
+    status = _http_status(exc)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    return isinstance(exc, (*transport_errors(), ConnectionError, TimeoutError, http.client.IncompleteRead))
+
+
+def retry_after(exc: BaseException, cap_s: float = 300.0) -> float | None:
+    """The server's Retry-After (seconds, or an HTTP date) on a 429/503, capped; None when it sent none."""
+    import email.utils
+    import time
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for item in _chain(exc):
+        if isinstance(item, HfHubHTTPError) and item.response is not None:
+            value = item.response.headers.get("Retry-After")
+            if not value:
+                return None
+            try:
+                seconds = float(value)
+            except ValueError:
+                parsed = email.utils.parsedate_to_datetime(value) if value else None
+                if parsed is None:
+                    return None
+                seconds = parsed.timestamp() - time.time()
+            return max(0.0, min(seconds, cap_s))
+    return None
 
 
 def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
@@ -185,6 +227,7 @@ def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Vari
                 pr_url = pr_url or partial.pr_url
             last = exc
             delay = backoff_s * 2 ** (attempt - 1)
+            delay = max(delay, retry_after(exc) or 0.0)  # the Hub says when to come back
             say(f"{repo_id}: attempt {attempt} failed ({_first_line(exc)}); retrying in {delay:.0f} s")
             time.sleep(delay)
     raise PublishError(f"{repo_id}: publishing failed: {_first_line(last)}")  # pragma: no cover
