@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from publisher.convert.coreml import import_coremltools
+from publisher.milfile import PackageFiles, read_spec
 
 _DTYPES = {65552: "float16", 65568: "float32", 65600: "float64", 131104: "int32"}
 
@@ -32,13 +33,10 @@ def _tensor(feature: Any) -> TensorInfo:
     return TensorInfo(feature.name, tuple(int(d) for d in array.shape), _DTYPES.get(array.dataType, str(array.dataType)))
 
 
-def load_model(package: Path) -> Any:
-    ct = import_coremltools()
-    return ct.models.MLModel(str(package), skip_model_load=True)
-
-
 def package_info(package: Path) -> PackageInfo:
-    spec = load_model(package).get_spec()
+    # the spec is read from its file: opening the package with coremltools' MLModel rewrites Manifest.json (same
+    # bytes, new mtime), and stored outputs are trusted by their files' stamps
+    spec = read_spec(package)
     description = spec.description
     return PackageInfo(
         inputs=tuple(_tensor(f) for f in description.input),
@@ -54,9 +52,9 @@ def load_program(package: Path) -> Any:
     import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load
 
-    model = load_model(package)
-    spec = model.get_spec()
-    return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+    spec = read_spec(package)
+    return load(spec, specification_version=spec.specificationVersion,
+                file_weights_dir=str(PackageFiles.of(package).weights))
 
 
 def main_operations(program: Any) -> list[Any]:

@@ -124,24 +124,34 @@ class BuildStore:
         except (ValueError, KeyError, TypeError):
             expected = None
             record = {}
-        if expected is None or not (self._unchanged(folder, record) or tree_files(folder) == expected):
+        if expected is None or not self._intact(folder, record):
             self._discard(folder)
             return None
         return StoredOutput(key=key, path=folder, record=record)
 
-    def _unchanged(self, folder: Path, record: Mapping[str, Any]) -> bool:
-        """Every recorded file still has the stamp it had when hashed, and nothing was added."""
-        if self.verify:
-            return False
+    def _intact(self, folder: Path, record: dict[str, Any]) -> bool:
+        """The same files as recorded, each with its recorded sha256. A file whose stamp is unchanged since it
+        was hashed is trusted (unless `verify`); the others are hashed, and their new stamps recorded when the
+        bytes still match, so the next lookup is free again."""
         entries = record["files"]
         try:
             present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {RECORD}
             if present != set(entries):
                 return False
-            return all("stamp" in entry and stamp_of((folder / name).stat()) == tuple(entry["stamp"])
-                       for name, entry in entries.items())
-        except OSError:
+            restamped = False
+            for name, entry in entries.items():
+                info = (folder / name).stat()
+                if not self.verify and entry.get("stamp") == list(stamp_of(info)):
+                    continue
+                if info.st_size != entry["size"] or sha256_file(folder / name) != entry["sha256"]:
+                    return False
+                entry["stamp"] = list(stamp_of(info))
+                restamped = True
+        except (OSError, KeyError, TypeError):
             return False
+        if restamped:
+            atomic_write_text(folder / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return True
 
     def _discard(self, folder: Path) -> None:
         trash = Path(tempfile.mkdtemp(prefix="discard-", dir=self.tmp))

@@ -230,3 +230,86 @@ def test_zip_is_deterministic_with_one_top_folder(tmp_path: Path) -> None:
         assert "repo_original_compiled/Unet.mlmodelc/weights/weight.bin" in names
         assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
         assert archive.testzip() is None
+
+
+_NO_PYTORCH_MODEL = """
+import importlib.abc, json, sys
+from pathlib import Path
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("diffusers", "transformers"):
+            raise ImportError("blocked: " + name)
+
+sys.meta_path.insert(0, Block())
+from publisher.verify.build_dir import verify_build_dir
+from publisher.verify.fidelity import Fidelity
+from publisher.verify.runtime import ExecutorRuntime
+
+class StoredOutputs:
+    '''A stand-in runtime: returns the reference's own outputs (the path's cost without any model).'''
+    name = "stand-in"
+
+    def run(self, package, inputs):
+        from publisher.verify.fidelity import Reference
+        return dict(self.current.outputs)
+
+mode, out, store = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+if mode == "stand-in":
+    import publisher.verify.build_dir as build_dir
+    runtime = StoredOutputs()
+    load = build_dir.Reference.load
+    def remember(path):
+        runtime.current = load(path)
+        return runtime.current
+    build_dir.Reference.load = remember
+else:
+    runtime = ExecutorRuntime()
+    import torch
+    made = []
+    original = torch.nn.Module.__init__
+    def spy(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        original(self, *args, **kwargs)
+    torch.nn.Module.__init__ = spy
+results = verify_build_dir(out, runtime, store)
+print(json.dumps({"results": [[v, r.submodule, r.min_psnr_db] for v, r in results],
+                  "torch": "torch" in sys.modules, "modules": made if mode != "stand-in" else []}))
+"""
+
+
+def test_verify_uses_the_stored_reference_and_no_pytorch_model(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The macOS job's path (`publisher verify build --runtime coreml`), run on Linux with the executor behind the
+    same runtime interface: no diffusers/transformers import, no torch module built, and the same figures the
+    build's own check got from the same stored inputs and outputs."""
+    work, _ = built
+    out = tmp_path / "out"
+    import shutil
+
+    shutil.copytree(work / "out", out)  # verify writes its figures into build-info.json
+    script = tmp_path / "check.py"
+    script.write_text(_NO_PYTORCH_MODEL)
+    runs = {}
+    for mode in ("executor", "stand-in"):
+        proc = subprocess.run([sys.executable, str(script), mode, str(out), str(work / "store")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    executor, stand_in = runs["executor"], runs["stand-in"]
+    assert executor["modules"] == []  # the executor ran torch kernels, never an nn.Module
+    assert stand_in["torch"] is False  # the path itself does not even import torch
+    assert len(executor["results"]) == 4 * 4  # 4 variants x 4 packages, one at a time
+    for variant, submodule, value in executor["results"]:
+        folder = out / variant
+        info = json.loads((folder / "build-info.json").read_text())
+        assert info["fidelity"][submodule]["reference_psnr_db"] == round(value, 2)
+        assert abs(info["fidelity"][submodule]["output_psnr_db"] - value) < 0.01  # the build's own figure
+    assert all(value > 100 for _, _, value in stand_in["results"])
+
+
+def test_verify_without_stored_reference_says_so(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    work, _ = built
+    result = subprocess.run([sys.executable, "-m", "publisher", "verify", str(work / "out"), "--store",
+                             str(tmp_path / "empty-store")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "no stored reference outputs in" in result.stderr and len(result.stderr.strip().splitlines()) == 1

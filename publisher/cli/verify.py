@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from publisher.errors import PublisherError
-from publisher.util.tokens import token_for
 
 
 def verify_command(
@@ -22,18 +21,17 @@ def verify_command(
     attention: Annotated[str, typer.Option("--attention", help="Its attention implementation (one package).")]
     = "ORIGINAL",
     resolution: Annotated[int, typer.Option("--resolution", help="Its image resolution (one package).")] = 512,
-    store: Annotated[Path, typer.Option("--store", help="The build store (its Hub cache holds the sources).")]
+    store: Annotated[Path, typer.Option("--store", help="The build store (it holds the reference outputs each "
+                                                        "build computed).")]
     = Path(".publisher/store"),
-    source_endpoint: Annotated[str | None, typer.Option("--source-endpoint", envvar="PUBLISHER_SOURCE_ENDPOINT",
-                                                        help="Hub the sources are read from.")] = None,
 ) -> None:
     """Run each package on the same seeded inputs as PyTorch and check PSNR >= 35 dB (exit 1 below it)."""
     from publisher.manifest import Attention
     from publisher.verify.build_dir import verify_build_dir
     from publisher.verify.fidelity import verify_package
+    from publisher.verify.runtime import runtime_named
 
-    if runtime not in ("reference", "coreml"):
-        raise PublisherError(f"--runtime must be reference or coreml, not '{runtime}'")
+    engine = runtime_named(runtime)
     if target.suffix == ".mlpackage":
         if source is None or submodule is None:
             raise PublisherError("verifying one package needs --source DIR and --submodule NAME")
@@ -41,8 +39,7 @@ def verify_command(
                                               runtime=runtime))]
         typer.echo(f"{submodule}: {results[0][1].to_json()}")
     else:
-        results = verify_build_dir(target, runtime, store / "hub-cache", source_endpoint,
-                                   token_for(source_endpoint), say=typer.echo)
+        results = verify_build_dir(target, engine, store, say=typer.echo)
     failed = [f"{variant} {result.submodule}" for variant, result in results if not result.passed]
     if failed:
         raise PublisherError(f"under the 35 dB bar: {', '.join(failed)}")

@@ -42,6 +42,7 @@ from publisher.store import (
     tree_files,
 )
 from publisher.util.atomic import atomic_write_text
+from publisher.verify.fidelity import REFERENCE
 
 PACKAGE = "model.mlpackage"
 BUILD_INFO = "build-info.json"
@@ -249,12 +250,17 @@ class _Runner:
             raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
         report: dict[str, Any] = {"contract": "ok"}
         if self.options.verify:
-            from publisher.verify.fidelity import PSNR_BAR_DB, verify_package
+            from publisher.verify.fidelity import PSNR_BAR_DB, compare, compute_reference
+            from publisher.verify.runtime import ExecutorRuntime
 
             package_step = self.plan.steps[step.inputs[0]]
             float16 = self.outputs[package_step.inputs[0]].path / PACKAGE if package_step.kind == "palettize" else None
-            fidelity = verify_package(package, self.fetched[fetch_step.id].path, submodule,
-                                      variant.attention, variant.resolution, float16_package=float16)
+            # the PyTorch side once, here: stored with the step for every later check (the macOS runner's Core ML
+            # run included), so that no other machine loads a PyTorch model to verify this package
+            reference = compute_reference(package, self.fetched[fetch_step.id].path, submodule, variant.attention,
+                                          variant.resolution, float16_package=float16)
+            reference.save(work / REFERENCE)
+            fidelity = compare(package, reference, ExecutorRuntime())
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
                 raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "
@@ -291,6 +297,7 @@ class _Runner:
                                        else _mkdir(repo_dir)))
         try:
             fidelity: dict[str, Any] = {}
+            references: dict[str, str] = {}
             compiled_layout = Layout.COMPILED in variant.layouts and self.options.compile
             verify_steps = [s for s in steps if s.kind == "verify"]
             for verify in verify_steps:
@@ -304,6 +311,8 @@ class _Runner:
                 if report is not None:
                     figures = {k: report[k] for k in ("nbits", "granularity", "palettized_ops", "min_snr_db",
                                                       "mean_snr_db") if k in report}
+                if (stored.path / REFERENCE).exists():
+                    references[submodule] = stored.key  # where `publisher verify` finds it in the store
                 checked = json.loads((stored.path / "verify.json").read_text()).get("fidelity")
                 if checked:
                     figures["output_psnr_db"] = checked["min_psnr_db"]
@@ -352,6 +361,7 @@ class _Runner:
             "compiled": compiled_layout,
             "files": {name: {"sha256": sha, "size": size} for name, (sha, size) in sorted(files.items())},
             "fidelity": fidelity,
+            "references": references,
             "build_seconds": round(seconds, 1),
         }
         atomic_write_text(folder / BUILD_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")

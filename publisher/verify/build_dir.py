@@ -1,5 +1,10 @@
-"""`publisher verify BUILD_DIR`: check every built package's outputs against PyTorch (reference executor on
-Linux, Core ML itself on macOS)."""
+"""`publisher verify BUILD_DIR`: hold every built package to the PyTorch outputs its build stored.
+
+No PyTorch model is loaded here: the seeded inputs and reference outputs were computed once by the build's verify
+step (on Linux, where memory is plentiful) and kept in the build store; this runs each package on them in the
+chosen runtime (the executor on Linux, Core ML on macOS), one model at a time, and writes the figures into the
+variant's build-info.json.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from publisher.errors import PublisherError
-from publisher.manifest import Attention, Component
-from publisher.verify.fidelity import Fidelity, verify_package
+from publisher.manifest import Component
+from publisher.util.atomic import atomic_write_text
+from publisher.verify.fidelity import REFERENCE, Fidelity, Reference, compare
+from publisher.verify.runtime import Runtime
 
 PREFIX = "Stable_Diffusion_version_"
 
@@ -21,10 +28,12 @@ def submodule_of(package: Path, model_version: str) -> str:
     return name
 
 
-def verify_build_dir(build_dir: Path, runtime: str, cache_dir: Path, endpoint: str | None, token: str | None,
-                     say: Callable[[str], None] = lambda _: None) -> list[tuple[str, Fidelity]]:
-    from publisher.engine.source import fetch_source
+def stored_reference(store: Path, key: str) -> Path:
+    return Path(store) / "objects" / key[:2] / key / REFERENCE
 
+
+def verify_build_dir(build_dir: Path, runtime: Runtime, store: Path,
+                     say: Callable[[str], None] = lambda _: None) -> list[tuple[str, Fidelity]]:
     infos = sorted(Path(build_dir).glob("*/*/*/build-info.json"))
     if not infos:
         raise PublisherError(f"{build_dir}: no build-info.json found (run `publisher build` first)")
@@ -32,17 +41,19 @@ def verify_build_dir(build_dir: Path, runtime: str, cache_dir: Path, endpoint: s
     for path in infos:
         info = json.loads(path.read_text())
         variant, source = info["variant"], info["source"]
-        packages = sorted((path.parent / "packages").glob("*.mlpackage"))
-        components = sorted({Component.UNET if submodule_of(p, source["repo"].replace("/", "_")).startswith("unet")
-                             else Component(submodule_of(p, source["repo"].replace("/", "_"))) for p in packages},
-                            key=list(Component).index)
-        fetched = fetch_source(source["repo"], source["commit"], components, cache_dir, endpoint=endpoint,
-                               token=token)
-        for package in packages:
+        references = info.get("references", {})
+        for package in sorted((path.parent / "packages").glob("*.mlpackage")):
             submodule = submodule_of(package, source["repo"].replace("/", "_"))
-            result = verify_package(package, fetched.path, submodule, Attention(variant["attention"]),
-                                    int(variant["resolution"]), runtime=runtime)
-            say(f"{variant['id']} {submodule}: min PSNR {result.min_psnr_db:.1f} dB "
+            key = references.get(submodule)
+            reference_path = stored_reference(store, key) if key else None
+            if reference_path is None or not reference_path.is_file():
+                raise PublisherError(f"{variant['id']} {submodule}: no stored reference outputs in {store} (build "
+                                     "it with verification on, and bring the store's objects along)")
+            result = compare(package, Reference.load(reference_path), runtime)
+            say(f"{variant['id']} {submodule}: min PSNR {result.min_psnr_db:.1f} dB on {runtime.name} "
                 f"({'ok' if result.passed else 'UNDER THE BAR'})")
+            figures = info.setdefault("fidelity", {}).setdefault(submodule, {})
+            figures[f"{runtime.name}_psnr_db"] = round(result.min_psnr_db, 2)
             results.append((variant["id"], result))
+        atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return results

@@ -3,11 +3,17 @@
 float16 packages are compared with the float32 diffusers module (Apple's bar: PSNR >= 35 dB). Palettized packages
 are compared with the module running the very weights the package decodes to (>= 35 dB: the graph is right), and
 their PSNR against the float model is reported alongside.
+
+The PyTorch side is computed once, where memory is plentiful (the build's verify step on Linux), and kept as a
+`Reference` (the inputs and the outputs the bar applies to, a few MB) in the build store. Any runtime is then
+compared against those stored numbers without loading a PyTorch model: the executor on Linux, Core ML on the
+macOS runner.
 """
 
 from __future__ import annotations
 
-import platform
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +23,10 @@ import numpy as np
 from publisher.errors import ToolchainError
 from publisher.manifest import Attention, Component
 from publisher.metrics import psnr
+from publisher.verify.runtime import Runtime, runtime_named
 
 PSNR_BAR_DB = 35.0
+REFERENCE = "reference.npz"  # a verify step's stored seeded inputs and PyTorch outputs
 
 
 @dataclass
@@ -82,24 +90,36 @@ def _declared_inputs(package: Path) -> list[tuple[str, str]]:
     return [(t.name, t.dtype) for t in package_info(package).inputs]
 
 
-def _run(package: Path, inputs: tuple, runtime: str) -> dict[str, np.ndarray]:
-    declared = _declared_inputs(package)
-    if runtime == "coreml":
-        if platform.system() != "Darwin":
-            raise ToolchainError("Core ML predictions need macOS; on Linux use the reference executor "
-                                 "(--runtime reference)")
-        from publisher.convert.coreml import import_coremltools
+@dataclass
+class Reference:
+    """Seeded inputs and the PyTorch outputs one package is held to (and, palettized, the float model's)."""
 
-        ct = import_coremltools()
-        model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
-        # fed in the declared dtypes, as Apple's pipeline does (the values are already representable in them)
-        feed = {name: np.asarray(x.numpy(), dtype=np.dtype(dtype)) for (name, dtype), x in zip(declared, inputs,
-                                                                                              strict=True)}
-        return {k: np.asarray(v, dtype=np.float32) for k, v in model.predict(feed).items()}
-    feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(declared, inputs, strict=True)}
-    from publisher.verify.executor import run_package
+    submodule: str
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    float_outputs: dict[str, np.ndarray] | None = None
+    notes: list[str] = field(default_factory=list)
 
-    return run_package(package, feed)
+    def save(self, path: Path) -> None:
+        arrays = {f"in/{k}": v for k, v in self.inputs.items()}
+        arrays |= {f"out/{k}": v for k, v in self.outputs.items()}
+        arrays |= {f"float/{k}": v for k, v in (self.float_outputs or {}).items()}
+        meta = json.dumps({"submodule": self.submodule, "notes": self.notes, "inputs": list(self.inputs),
+                           "outputs": list(self.outputs), "float": self.float_outputs is not None})
+        path = Path(path)
+        staged = path.with_name(f".{path.name}.tmp")
+        with open(staged, "wb") as handle:
+            np.savez(handle, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+        os.replace(staged, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["__meta__"]).decode())
+            return cls(submodule=meta["submodule"], notes=list(meta["notes"]),
+                       inputs={k: data[f"in/{k}"] for k in meta["inputs"]},
+                       outputs={k: data[f"out/{k}"] for k in meta["outputs"]},
+                       float_outputs={k: data[f"float/{k}"] for k in meta["outputs"]} if meta["float"] else None)
 
 
 def _dequantized_module(module: Any, package: Path, float16_package: Path | None) -> int:
@@ -136,19 +156,39 @@ def _dequantized_module(module: Any, package: Path, float16_package: Path | None
     return replaced
 
 
-def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                   runtime: str = "reference", float16_package: Path | None = None) -> Fidelity:
+def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+                      float16_package: Path | None = None) -> Reference:
+    """Run PyTorch on the seeded inputs (on Linux, in the build): the outputs the package is held to."""
     from publisher.compress.palettize import read_palettized_weights
 
     module, inputs, names = _reference(source, submodule, attention, resolution)
-    got = _run(package, inputs, runtime)
-    reference = _torch_outputs(module, inputs, names)
-    float_psnr = {name: psnr(reference[name], got[name]) for name in names}
+    feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(_declared_inputs(package), inputs,
+                                                                                   strict=True)}
+    expected = _torch_outputs(module, inputs, names)
     if float16_package is None and not read_palettized_weights(package):
-        return Fidelity(submodule, runtime, float_psnr)
+        return Reference(submodule, feed, expected)
     replaced = _dequantized_module(module, package, float16_package)
     dequantized = _torch_outputs(module, inputs, names)
-    result = Fidelity(submodule, runtime, {name: psnr(dequantized[name], got[name]) for name in names},
-                      psnr_vs_float_db=float_psnr)
-    result.notes.append(f"{replaced} parameters replaced by their palettized values")
+    return Reference(submodule, feed, dequantized, float_outputs=expected,
+                     notes=[f"{replaced} parameters replaced by their palettized values"])
+
+
+def compare(package: Path, reference: Reference, runtime: Runtime) -> Fidelity:
+    """Run `package` on the reference's inputs in `runtime` and hold its outputs to the reference's."""
+    got = runtime.run(package, reference.inputs)
+    missing = sorted(set(reference.outputs) - set(got))
+    if missing:
+        raise ToolchainError(f"{reference.submodule}: the package has no output {', '.join(missing)}")
+    result = Fidelity(reference.submodule, runtime.name,
+                      {name: psnr(expected, got[name]) for name, expected in reference.outputs.items()},
+                      notes=list(reference.notes))
+    if reference.float_outputs is not None:
+        result.psnr_vs_float_db = {name: psnr(expected, got[name])
+                                   for name, expected in reference.float_outputs.items()}
     return result
+
+
+def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+                   runtime: str = "reference", float16_package: Path | None = None) -> Fidelity:
+    return compare(package, compute_reference(package, source, submodule, attention, resolution, float16_package),
+                   runtime_named(runtime))
