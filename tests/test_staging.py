@@ -321,3 +321,67 @@ def test_hf_cli_upload_and_download(repo_id: str, staging_hub: StagingHub, folde
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".cache" not in p.parts)
     assert files == ["original/packages/Model.mlpackage/Data/com.apple.CoreML/weights/weight.bin",
                      "original/packages/Model.mlpackage/Manifest.json"]
+
+
+def _raw(hub: StagingHub, method: str, path: str, body: bytes | str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = _conn(hub)
+    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {hub.token}", **(headers or {})})
+    response = conn.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    """Round two: bounded objects and bodies, safe error headers, no 500 on malformed input, full parent ids."""
+    import time
+
+    head = hf_api.upload_file(path_or_fileobj=b"x", path_in_repo="a.txt", repo_id=repo_id).oid
+    # an LFS object the Hub would refuse: answered per object, no part URL is built
+    started = time.perf_counter()
+    status, _, body = _raw(staging_hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", json.dumps(
+        {"operation": "upload", "transfers": ["basic", "multipart"],
+         "objects": [{"oid": "a" * 64, "size": 10**18}]}), {"Content-Type": "application/vnd.git-lfs+json"})
+    assert status == 200 and time.perf_counter() - started < 2
+    answer = json.loads(body)["objects"][0]
+    assert answer["error"]["code"] == 422 and "actions" not in answer
+    # bodies past the limit are refused from the announced length, unread
+    status, headers, _ = _raw(staging_hub, "POST", "/api/validate-yaml", b"{}",
+                              {"Content-Type": "application/json", "Content-Length": str(400 * 2**20)})
+    assert status == 413
+    # error text with NUL/CR/LF or non-Latin-1 characters still makes a well-formed answer
+    for path in (f"/{repo_id}/resolve/main/a%00b", f"/{repo_id}/resolve/main/%E6%97%A5%E6%9C%AC",
+                 "/api/models/tester/%EF%BD%81bc"):
+        status, headers, body = _raw(staging_hub, "GET", path)
+        assert 400 <= status < 500, (path, status, body)
+        assert "\n" not in headers.get("X-Error-Message", "") and "\r" not in headers.get("X-Error-Message", "")
+    # malformed input is a 4xx, never a 500
+    status, _, _ = _raw(staging_hub, "DELETE", "/api/repos/delete", json.dumps({"name": "x", "type": 5}),
+                        {"Content-Type": "application/json"})
+    assert status == 400
+    status, _, _ = _raw(staging_hub, "GET", f"/{repo_id}/resolve/main/a.txt", headers={"Range": "bytes=" + "9" * 5000})
+    assert 400 <= status < 500
+    status, _, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/preupload/main", json.dumps(
+        {"files": [{"path": "b.bin", "size": -5, "sample": ""}]}), {"Content-Type": "application/json"})
+    assert status == 400
+    for parent in (123, head[:1], head[:12]):
+        ndjson = "\n".join(json.dumps(line) for line in (
+            {"key": "header", "value": {"summary": "s", "parentCommit": parent}},
+            {"key": "file", "value": {"path": "b.txt", "content": "eA==", "encoding": "base64"}}))
+        status, _, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/commit/main", ndjson,
+                            {"Content-Type": "application/x-ndjson"})
+        assert status in (400, 412), (parent, status)
+    assert hf_api.repo_info(repo_id).sha == head  # none of it landed
+
+
+def test_pattern_matching_is_bounded() -> None:
+    import time
+
+    from publisher.staging.storage import _pattern_matches
+
+    started = time.perf_counter()
+    assert not _pattern_matches("x/" + "*a" * 40 + "b", "x/" + "a" * 1000)
+    assert time.perf_counter() - started < 1  # the regex version took 5 s for ten '*a' against 40 characters
+    for pattern, path, expected in [("*.bin", "a/b/c.bin", True), ("a/*.bin", "a/b/c.bin", False),
+                                    ("a/**/c.bin", "a/x/y/c.bin", True), ("/build", "x/build/y", False),
+                                    ("build", "x/build/y.txt", True), ("a/b", "a/bc", False)]:
+        assert _pattern_matches(pattern, path) is expected, (pattern, path)

@@ -43,6 +43,12 @@ PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 UPLOAD_URL_TTL_S = 3600
 MULTIPART_THRESHOLD = 256 * 1024 * 1024
 MULTIPART_CHUNK = 64 * 1024 * 1024
+# The Hub's limits, so that one request cannot make the server hold or build more than a bounded amount
+MAX_LFS_OBJECT = 50 * 10**9  # the Hub refuses larger files
+MAX_JSON_BODY = 10 * 1024 * 1024
+MAX_NDJSON_LINE = 24 * 1024 * 1024  # a regular file is at most 10 MB on the Hub: ~13.4 MB as base64
+MAX_DRAIN = 1024 * 1024  # an error answer reads at most this much of an unread body, then closes the connection
+_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 TREE_PAGE = 1000
 TREE_PAGE_EXPANDED = 50
 USER = "staging"
@@ -141,11 +147,16 @@ class HubApp:
             if not isinstance(exc, StoreError):
                 logger.exception("request %s %s failed (request id %s)", request.method, raw_path, request_id)
                 exc = StoreError(500, f"Internal error (request id {request_id})")
-            await _drain(request)
+            announced = request.headers.get("content-length", "")
+            big = not announced.isdigit() or len(announced) > 12 or int(announced) > MAX_DRAIN
+            # a large unread body is not waited for: the answer goes out now and the connection ends with it
+            drained = False if big and request.method in ("POST", "PUT", "PATCH") else await _drain(request, MAX_DRAIN)
             response = JSONResponse({"error": exc.message}, status_code=exc.status)
             if exc.code:
-                response.headers["X-Error-Code"] = exc.code
-            response.headers["X-Error-Message"] = exc.message[:200]
+                response.headers["X-Error-Code"] = header_safe(exc.code)
+            response.headers["X-Error-Message"] = header_safe(exc.message)[:200]
+            if not drained:  # the rest of a large body is not read: the connection ends with this answer
+                response.headers["Connection"] = "close"
         response.headers["X-Request-Id"] = request_id
         return response
 
@@ -225,6 +236,8 @@ class HubApp:
         name, org = body.get("name"), body.get("organization")
         repo_id = f"{org}/{name}" if org else str(name)
         repo_type = body.get("type") or "model"
+        if repo_type not in PREFIXES:
+            raise StoreError(400, f"Invalid repo type '{repo_type}'")
         repo = self._repo(request, repo_type + "s", repo_id)
         self.store.delete_repo(repo)
         return JSONResponse({})
@@ -387,7 +400,7 @@ class HubApp:
         found = self._repo(request, t, repo)
         commit = self.store.resolve(found, rev)
         # urlencoded form (the client's `data=`), parsed here: no multipart dependency for one endpoint
-        form = parse_qs((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+        form = parse_qs((await _body(request, MAX_JSON_BODY)).decode("utf-8", "replace"), keep_blank_values=True)
         paths = form.get("paths", [])
         expand = _flag((form.get("expand") or [""])[0])
         files = self.store.files(commit)
@@ -417,8 +430,9 @@ class HubApp:
         current = {f.path: f for f in self.store.files(commit)}
         answers = []
         for item in files:
-            if not isinstance(item, dict) or not isinstance(item.get("size"), int):
-                raise StoreError(400, "each file needs 'path' and an integer 'size'")
+            if not isinstance(item, dict) or not isinstance(item.get("size"), int) or isinstance(item["size"], bool) \
+                    or item["size"] < 0:
+                raise StoreError(400, "each file needs 'path' and a non-negative integer 'size'")
             path = check_path(str(item.get("path", "")))
             mode = self.store.upload_mode(found, commit, path, item["size"])
             remote = current.get(path)
@@ -463,8 +477,13 @@ class HubApp:
         for obj in objects:
             oid, size = str(obj.get("oid", "")) if isinstance(obj, dict) else "", obj.get("size") if isinstance(
                 obj, dict) else None
-            if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or size < 0:
+            if not re.fullmatch(r"[0-9a-f]{64}", oid) or not isinstance(size, int) or isinstance(size, bool) \
+                    or size < 0:
                 answers.append({"oid": oid, "size": size, "error": {"code": 422, "message": "invalid oid or size"}})
+                continue
+            if size > MAX_LFS_OBJECT:
+                answers.append({"oid": oid, "size": size, "error": {
+                    "code": 422, "message": f"object of {size} bytes exceeds the {MAX_LFS_OBJECT} bytes limit"}})
                 continue
             if self.store.has_blob(oid, size):
                 answers.append({"oid": oid, "size": size})  # already stored: no actions, nothing is sent
@@ -598,6 +617,9 @@ class HubApp:
                 raise StoreError(400, f"line {number}: unknown key '{key}'")
         if header is None or not str(header.get("summary", "")).strip():
             raise StoreError(400, "The commit needs a header with a summary")
+        parent = header.get("parentCommit")
+        if parent is not None and not (isinstance(parent, str) and re.fullmatch(r"[0-9a-f]{40}", parent)):
+            raise StoreError(400, "parentCommit must be a full commit id (40 hex characters)")
         oid, pr = self.store.commit(found, rev, operations, str(header["summary"]), str(header.get("description", "")),
                                     header.get("parentCommit"), create_pr, USER)
         base = f"{self._base(request)}/{PREFIXES[found.type]}{found.id}"
@@ -626,7 +648,7 @@ class HubApp:
         status = 200
         range_header = request.headers.get("range")
         if range_header and entry.size > 0:
-            match = re.fullmatch(r"bytes=(\d*)-(\d*)", range_header.strip())
+            match = re.fullmatch(r"bytes=(\d{0,19})-(\d{0,19})", range_header.strip())
             if not match or (not match.group(1) and not match.group(2)):
                 raise StoreError(416, f"Invalid range {range_header}")
             if match.group(1):
@@ -658,16 +680,43 @@ async def _file_chunks(path: Any, start: int, length: int) -> AsyncIterator[byte
             yield block
 
 
-async def _drain(request: Request) -> None:
+def header_safe(text: str) -> str:
+    """Header values are Latin-1 without control characters: CR, LF or NUL would break the response, and other
+    text would fail to encode. Everything else is escaped, readable."""
+    text = _HEADER_UNSAFE.sub(" ", text)
+    return text.encode("latin-1", "backslashreplace").decode("latin-1")
+
+
+async def _drain(request: Request, limit: int | None = None) -> bool:
+    """Read what is left of the body (at most `limit` bytes); True when it was all read."""
+    read = 0
     try:
-        async for _chunk in request.stream():
-            pass
+        async for chunk in request.stream():
+            read += len(chunk)
+            if limit is not None and read > limit:
+                return False
     except Exception:  # already consumed or disconnected: nothing left to drain
         pass
+    return True
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (announced or sent) without reading the rest."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and len(announced) < 20 and int(announced) > limit:
+        raise StoreError(413, f"Body of {announced} bytes is larger than the {limit} bytes accepted here")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise StoreError(413, f"Body is larger than the {limit} bytes accepted here")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _json(request: Request, allow_empty: bool = False) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await _body(request, MAX_JSON_BODY)
     if not raw and allow_empty:
         return {}
     try:
@@ -679,7 +728,7 @@ async def _json(request: Request, allow_empty: bool = False) -> dict[str, Any]:
     return value
 
 
-async def _lines(request: Request, max_line: int = 256 * 1024 * 1024) -> AsyncIterator[str]:
+async def _lines(request: Request, max_line: int = MAX_NDJSON_LINE) -> AsyncIterator[str]:
     buffer = bytearray()
     async for chunk in request.stream():
         searched = len(buffer)

@@ -8,7 +8,6 @@ A commit is one SQLite transaction: readers see the branch before it or after it
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import os
 import re
@@ -100,32 +99,54 @@ def check_path(path: str) -> str:
     return path
 
 
-def _pattern_matches(pattern: str, path: str) -> bool:
-    """Git-style pattern: without '/', match the basename; with '/', match from the root ('**' spans folders)."""
-    pattern = pattern.rstrip("/")
-    if "/" not in pattern:
-        return fnmatch.fnmatchcase(PurePosixPath(path).name, pattern) or any(
-            fnmatch.fnmatchcase(part, pattern) for part in PurePosixPath(path).parts[:-1])
-    regex = ""
+MAX_PATTERN = 512  # longer .gitignore/.gitattributes lines are ignored
+
+
+def _glob(pattern: str, text: str) -> bool:
+    """Whole-string glob match (`*` and `?` stay within one folder, `**` spans folders), simulated as a set of
+    positions so that the time is at most len(pattern) x len(text): no regex backtracking to blow up."""
+    positions = {0}
     i = 0
-    pattern = pattern.lstrip("/")
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            regex += "(?:.*/)?"
+    while i < len(pattern) and positions:
+        if pattern.startswith("**/", i):  # zero or more whole folders
+            start = min(positions)
+            positions = {start} | {q + 1 for q in range(start, len(text)) if text[q] == "/"}
             i += 3
         elif pattern.startswith("**", i):
-            regex += ".*"
+            positions = set(range(min(positions), len(text) + 1))
             i += 2
         elif pattern[i] == "*":
-            regex += "[^/]*"
-            i += 1
-        elif pattern[i] == "?":
-            regex += "[^/]"
+            reached: set[int] = set()
+            for p in sorted(positions):
+                q = p
+                while True:
+                    if q in reached:
+                        break
+                    reached.add(q)
+                    if q >= len(text) or text[q] == "/":
+                        break
+                    q += 1
+            positions = reached
             i += 1
         else:
-            regex += re.escape(pattern[i])
+            char = pattern[i]
+            positions = {p + 1 for p in positions if p < len(text)
+                         and (text[p] == char or (char == "?" and text[p] != "/"))}
             i += 1
-    return re.fullmatch(regex + "(?:/.*)?", path) is not None
+    return len(text) in positions
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    """Git-style pattern: without '/', match the basename or any folder; with '/', match from the root (a match
+    of a folder covers what lies inside it)."""
+    pattern = pattern.rstrip("/")
+    if not pattern or len(pattern) > MAX_PATTERN:
+        return False
+    parts = PurePosixPath(path).parts
+    if "/" not in pattern:
+        return any(_glob(pattern, part) for part in parts)
+    pattern = pattern.lstrip("/")
+    return any(_glob(pattern, "/".join(parts[:n])) for n in range(1, len(parts) + 1))
 
 
 def lfs_patterns(gitattributes: str) -> list[str]:
@@ -373,7 +394,7 @@ class HubStore:
             if parent_commit:
                 if create_pr:
                     base = self.resolve(repo, parent_commit)
-                elif not head.startswith(parent_commit):
+                elif head != parent_commit:  # a full commit id, as the Hub compares it (no prefix matching)
                     raise StoreError(412, "The branch was updated since you opened this page. "
                                           "Please refresh and try again.")
             current = {f.path: f for f in self.files(base)}
