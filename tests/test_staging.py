@@ -385,3 +385,43 @@ def test_pattern_matching_is_bounded() -> None:
                                     ("a/**/c.bin", "a/x/y/c.bin", True), ("/build", "x/build/y", False),
                                     ("build", "x/build/y.txt", True), ("a/b", "a/bc", False)]:
         assert _pattern_matches(pattern, path) is expected, (pattern, path)
+
+
+def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, repo_id: str) -> None:
+    """Two upload sessions of the same 300 MiB object, interleaved: each writes its own parts; the first completion
+    adopts a blob assembled into a new file; a late part write cannot reach it; the second completion succeeds."""
+    block = os.urandom(1 << 20)
+    data = block * 300
+    oid = hashlib.sha256(data).hexdigest()
+    sessions = []
+    for _ in range(2):
+        status, _, body = _raw(staging_hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", json.dumps(
+            {"operation": "upload", "transfers": ["basic", "multipart"], "objects": [{"oid": oid, "size": len(data)}]}),
+            {"Content-Type": "application/vnd.git-lfs+json"})
+        assert status == 200
+        sessions.append(json.loads(body)["objects"][0]["actions"]["upload"])
+    assert sessions[0]["href"] != sessions[1]["href"]
+    chunk = int(sessions[0]["header"]["chunk_size"])
+    count = len([k for k in sessions[0]["header"] if k.isdigit()])
+
+    def put(session: dict, number: int, payload: bytes | None = None) -> int:
+        url = urlparse(session["header"][str(number)])
+        part = payload if payload is not None else data[(number - 1) * chunk:number * chunk]
+        return _raw(staging_hub, "PUT", f"{url.path}?{url.query}", part)[0]
+
+    def complete(session: dict) -> int:
+        url = urlparse(session["href"])
+        parts = [{"partNumber": n, "etag": "x"} for n in range(1, count + 1)]
+        return _raw(staging_hub, "POST", f"{url.path}?{url.query}", json.dumps({"oid": oid, "parts": parts}),
+                    {"Content-Type": "application/json"})[0]
+
+    for number in range(1, count):
+        assert put(sessions[0], number) == 200
+    for number in range(1, count + 1):
+        assert put(sessions[1], number) == 200
+    assert complete(sessions[1]) == 200
+    assert put(sessions[1], 1, os.urandom(chunk)) == 200  # a late writer of the finished session
+    assert put(sessions[0], count) == 200
+    assert complete(sessions[0]) == 200  # idempotent: the object exists
+    blob = staging_hub.root / "blobs" / oid[:2] / oid
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == oid

@@ -14,10 +14,14 @@ import logging
 import math
 import os
 import re
+import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode
 
@@ -444,25 +448,33 @@ class HubApp:
             answers.append({"path": path, "uploadMode": mode, "shouldIgnore": is_ignored(gitignore, path), "oid": oid})
         return JSONResponse({"files": answers, "commitOid": commit})
 
-    def _sign(self, oid: str, size: int, expires: int) -> str:
-        return hmac.new(self.store.secret, f"{oid}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
+    def _sign(self, oid: str, size: int, expires: int, session: str = "") -> str:
+        return hmac.new(self.store.secret, f"{oid}:{size}:{expires}:{session}".encode(), hashlib.sha256).hexdigest()
 
-    def _signed_query(self, oid: str, size: int) -> str:
+    def _signed_query(self, oid: str, size: int, session: str = "") -> str:
         expires = int(time.time()) + UPLOAD_URL_TTL_S
-        return urlencode({"size": size, "expires": expires, "sig": self._sign(oid, size, expires)})
+        query = {"size": size, "expires": expires, "sig": self._sign(oid, size, expires, session)}
+        return urlencode({**query, "session": session} if session else query)
 
     def _check_signature(self, request: Request, oid: str) -> int:
+        return self._check_session(request, oid)[0]
+
+    def _check_session(self, request: Request, oid: str) -> tuple[int, str]:
+        """The signed size and upload session of an upload URL (403 if it was not issued here or expired)."""
         try:
-            size = int(request.query_params["size"])
-            expires = int(request.query_params["expires"])
+            size = int(request.query_params["size"][:20])
+            expires = int(request.query_params["expires"][:20])
             signature = request.query_params["sig"]
         except (KeyError, ValueError) as exc:
             raise StoreError(403, "Upload URL is not signed") from exc
-        if not hmac.compare_digest(signature, self._sign(oid, size, expires)):
+        session = request.query_params.get("session", "")
+        if not re.fullmatch(r"[0-9a-f]{0,32}", session):
+            raise StoreError(403, "Upload URL is not signed")
+        if not hmac.compare_digest(signature, self._sign(oid, size, expires, session)):
             raise StoreError(403, "Upload URL signature does not match")
         if expires < time.time():
             raise StoreError(403, "Upload URL has expired")
-        return size
+        return size, session
 
     async def lfs_batch(self, request: Request, repo: str, prefix: str = "") -> Response:
         self._repo(request, _url_type(prefix), repo, write=True)
@@ -491,9 +503,12 @@ class HubApp:
             query = self._signed_query(oid, size)
             upload: dict[str, Any] = {"href": f"{base}/lfs/upload/{oid}?{query}"}
             if size > MULTIPART_THRESHOLD:
+                # one session per upload: two clients sending the same object never share a part file
+                session_query = self._signed_query(oid, size, secrets.token_hex(16))
                 parts = math.ceil(size / MULTIPART_CHUNK)
-                upload["header"] = {"chunk_size": str(MULTIPART_CHUNK),
-                                    **{str(n): f"{base}/lfs/part/{oid}/{n}?{query}" for n in range(1, parts + 1)}}
+                upload = {"href": f"{base}/lfs/upload/{oid}?{session_query}", "header": {
+                    "chunk_size": str(MULTIPART_CHUNK),
+                    **{str(n): f"{base}/lfs/part/{oid}/{n}?{session_query}" for n in range(1, parts + 1)}}}
             answers.append({"oid": oid, "size": size, "authenticated": True, "actions": {
                 "upload": upload, "verify": {"href": f"{base}/lfs/verify/{oid}?{query}"}}})
         return JSONResponse({"transfer": "basic", "objects": answers, "hash_algo": "sha256"},
@@ -524,53 +539,73 @@ class HubApp:
             temp.unlink(missing_ok=True)
         return Response(status_code=200)
 
-    def _part_file(self, oid: str) -> Any:
-        return self.store.tmp / f"multipart-{oid}"
+    def _session_folder(self, oid: str, session: str) -> Path:
+        return self.store.tmp / f"multipart-{oid}-{session}"
 
     async def lfs_put_part(self, request: Request, oid: str, part: str) -> Response:
-        size = self._check_signature(request, oid)
-        number = int(part)
+        size, session = self._check_session(request, oid)
+        if not session:
+            raise StoreError(400, "Part uploads need the session their upload URL was issued with")
+        number = int(part[:9])
         offset = (number - 1) * MULTIPART_CHUNK
         expected = min(MULTIPART_CHUNK, size - offset)
         if number < 1 or expected <= 0:
             raise StoreError(400, f"Part {number} is out of range")
-        path = self._part_file(oid)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        folder = self._session_folder(oid, session)
+        folder.mkdir(exist_ok=True)
+        # each part in a file of its own, written under a temp name and renamed: the assembled blob is a new
+        # file made at completion, so no part writer ever holds a descriptor of a blob
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{number:05d}-")
         digest = hashlib.md5(usedforsecurity=False)
         written = 0
         try:
-            async for chunk in request.stream():
-                if written + len(chunk) > expected:
-                    raise StoreError(400, f"Part {number} is larger than {expected} bytes")
-                self._count("lfs_put_part", len(chunk))
-                os.pwrite(fd, chunk, offset + written)
-                digest.update(chunk)
-                written += len(chunk)
+            with os.fdopen(fd, "wb") as handle:
+                async for chunk in request.stream():
+                    if written + len(chunk) > expected:
+                        raise StoreError(400, f"Part {number} is larger than {expected} bytes")
+                    self._count("lfs_put_part", len(chunk))
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+            if written != expected:
+                raise StoreError(400, f"Part {number} has {written} bytes, expected {expected}")
+            os.replace(temp, folder / f"{number:05d}")
         finally:
-            os.close(fd)
-        if written != expected:
-            raise StoreError(400, f"Part {number} has {written} bytes, expected {expected}")
+            Path(temp).unlink(missing_ok=True)
         return Response(status_code=200, headers={"ETag": f'"{digest.hexdigest()}"'})
 
     async def lfs_complete(self, request: Request, oid: str) -> Response:
-        size = self._check_signature(request, oid)
+        size, session = self._check_session(request, oid)
         body = await _json(request)
         parts = body.get("parts")
-        if body.get("oid") != oid or not isinstance(parts, list) or len(parts) != math.ceil(size / MULTIPART_CHUNK):
+        count = math.ceil(size / MULTIPART_CHUNK)
+        if body.get("oid") != oid or not isinstance(parts, list) or len(parts) != count:
             raise StoreError(400, "Completion must name the object and every part")
-        path = self._part_file(oid)
+        folder = self._session_folder(oid, session)
+        if self.store.has_blob(oid, size):  # another session finished first: this one is done too
+            shutil.rmtree(folder, ignore_errors=True)
+            return JSONResponse({})
+        files = [folder / f"{n:05d}" for n in range(1, count + 1)]
+        if not session or not all(f.is_file() for f in files):
+            raise StoreError(400, "No part was uploaded" if not folder.exists() else "A part is missing")
+        fd, temp = self.store.new_temp()
         digest = hashlib.sha256()
         try:
-            with open(path, "rb") as handle:
-                while block := handle.read(8 * 1024 * 1024):
-                    digest.update(block)
-            actual = path.stat().st_size
-        except FileNotFoundError as exc:
-            raise StoreError(400, "No part was uploaded") from exc
-        if actual != size or digest.hexdigest() != oid:
-            path.unlink(missing_ok=True)
-            raise StoreError(400, f"Assembled object does not match: {actual} bytes with sha256 {digest.hexdigest()}")
-        self.store.adopt_temp(path, oid)
+            with os.fdopen(fd, "wb") as sink:
+                for part_file in files:
+                    with open(part_file, "rb") as source:
+                        while block := source.read(8 * 1024 * 1024):
+                            digest.update(block)
+                            sink.write(block)
+            actual = temp.stat().st_size
+            if actual != size or digest.hexdigest() != oid:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise StoreError(400, f"Assembled object does not match: {actual} bytes with sha256 "
+                                      f"{digest.hexdigest()}")
+            self.store.adopt_temp(temp, oid)
+        finally:
+            temp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         return JSONResponse({})
 
     async def lfs_verify(self, request: Request, oid: str) -> Response:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -474,7 +475,10 @@ class HubStore:
         for temp in self.tmp.iterdir():
             try:
                 if temp.stat().st_mtime < cutoff:
-                    temp.unlink()
+                    if temp.is_dir():  # a multipart upload session's parts
+                        shutil.rmtree(temp, ignore_errors=True)
+                    else:
+                        temp.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass
