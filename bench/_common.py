@@ -22,3 +22,20 @@ def run_child(script: str, args: list[str], label: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def full_size_unet_package(work: Path, source: Path | None, package: Path | None) -> tuple[Path, Path]:
+    """(source folder, package): the given ones, or a random-weight SD 1.5-shaped UNet made and converted
+    (ORIGINAL attention) under `work`."""
+    if source is not None and package is not None:
+        return source, package
+    from bench.convert_unet import make_source  # type: ignore[import-not-found]
+    from publisher.convert.coreml import PackageMetadata, convert_isolated
+    from publisher.manifest import Attention, Component, DeploymentTarget
+
+    source = work / "source"
+    make_source(source)
+    package = work / "unet.mlpackage"
+    convert_isolated(source, Component.UNET, Attention.ORIGINAL, 512, DeploymentTarget.iOS16, package,
+                     PackageMetadata("bench/sd15@random", "mit", Attention.ORIGINAL))
+    return source, package

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import peak_gib, run_child  # noqa: E402
+from bench._common import full_size_unet_package, peak_gib, run_child  # noqa: E402
 
 
 def child(mode: str, source: Path, package: Path, out: Path) -> None:
@@ -59,17 +59,7 @@ def main() -> None:
         child(args.child, args.source, args.package, args.out)
         return
     work = Path(tempfile.mkdtemp(prefix="verify-bench-"))
-    source, package = args.source, args.package
-    if source is None or package is None:
-        from bench.convert_unet import make_source  # type: ignore[import-not-found]
-        from publisher.convert.coreml import PackageMetadata, convert_isolated
-        from publisher.manifest import Attention, Component, DeploymentTarget
-
-        source = work / "source"
-        make_source(source)
-        package = work / "unet.mlpackage"
-        convert_isolated(source, Component.UNET, Attention.ORIGINAL, 512, DeploymentTarget.iOS16, package,
-                         PackageMetadata("bench/sd15@random", "mit", Attention.ORIGINAL))
+    source, package = full_size_unet_package(work, args.source, args.package)
     results = {}
     for mode in ("torch", "executor"):
         results[mode] = run_child(__file__, ["--child", mode, "--source", str(source), "--package", str(package),

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from publisher.errors import PublisherError
-from publisher.store import sha256_file
+from publisher.util.hashing import git_blob_id_of_file, sha256_file
 
 
 class FetchError(PublisherError):
@@ -34,15 +34,6 @@ class FetchResult:
     extracted: Path | None = None
 
 
-def _git_blob_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    digest.update(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_file(path: Path, entry: Any) -> None:
     size = path.stat().st_size
     if size != entry.size:
@@ -50,7 +41,7 @@ def check_file(path: Path, entry: Any) -> None:
     if entry.lfs is not None:
         actual, expected = sha256_file(path), entry.lfs.sha256
     else:
-        actual, expected = _git_blob_sha1(path), entry.blob_id
+        actual, expected = git_blob_id_of_file(path), entry.blob_id
     if actual != expected:
         raise FetchError(f"{entry.path}: checksum {actual} does not match the Hub's {expected}")
 

@@ -7,10 +7,12 @@ feeds both the float16 and the palettized repo).
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from publisher.errors import PublisherError
 from publisher.manifest import (
     Attention,
     Component,
@@ -264,3 +266,12 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         if Layout.ZIP in v.layouts:
             builder.add(f"zip:{v.id}", "zip", [assemble], {"name": v.zip_name}, v.id)
     return Plan(namespace=namespace, variants=variants, steps=builder.steps)
+
+
+def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]:
+    if not patterns:
+        return list(plan.variants)
+    chosen = [v for v in plan.variants if any(v.id == p or fnmatch.fnmatchcase(v.id, p) for p in patterns)]
+    if not chosen:
+        raise PublisherError(f"no variant matches {', '.join(patterns)} (see `publisher plan`)")
+    return chosen

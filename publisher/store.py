@@ -22,17 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from publisher.util.atomic import atomic_write_text
+from publisher.util.hashing import sha256_file
 
 RECORD = "record.json"
-_HASH_CHUNK = 8 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 Stamp = tuple[int, int, int]  # (inode, size, mtime in ns): a file unchanged since it was hashed keeps all three

@@ -48,7 +48,7 @@ def plan(
     variant: Annotated[list[str] | None, typer.Option("--variant", help="Only these variant ids or patterns.")] = None,
 ) -> None:
     """Expand manifests into variants and the build steps they share."""
-    from publisher.engine.build import select_variants
+    from publisher.plan import select_variants
 
     result = build_plan(load_manifests(manifest_paths(paths)), namespace)
     if github_matrix:

@@ -7,7 +7,6 @@ folders under `out/<repo>/` are the repo as it will be published.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import shutil
@@ -30,7 +29,7 @@ from publisher.manifest import (
     Layout,
     LoadedManifest,
 )
-from publisher.plan import Plan, Step, Variant, build_plan
+from publisher.plan import Plan, Step, Variant, build_plan, select_variants
 from publisher.store import (
     BuildStore,
     Stamp,
@@ -98,15 +97,6 @@ class _Fetched:
     repo: str
     revision: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> size, sha256 of what was downloaded
-
-
-def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]:
-    if not patterns:
-        return list(plan.variants)
-    chosen = [v for v in plan.variants if any(v.id == p or fnmatch.fnmatchcase(v.id, p) for p in patterns)]
-    if not chosen:
-        raise BuildError(f"no variant matches {', '.join(patterns)} (see `publisher plan`)")
-    return chosen
 
 
 class _Runner:

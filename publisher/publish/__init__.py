@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from publisher.engine.build import select_variants
 from publisher.errors import PublisherError
 from publisher.manifest import LoadedManifest
-from publisher.plan import Variant, build_plan
+from publisher.plan import Variant, build_plan, select_variants
 from publisher.util.tokens import token_for
 
 STAGING_ENDPOINT = "http://127.0.0.1:8765"

@@ -6,7 +6,6 @@ names its parent, so two publishers racing on one repo cannot interleave: the se
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 from publisher.errors import PublisherError, transport_errors
 from publisher.plan import Variant
-from publisher.store import sha256_file
+from publisher.util.hashing import git_blob_id, git_blob_id_of_file, sha256_file
 
 BUILD_INFO = "build-info.json"
 CARD = "README.md"
@@ -69,11 +68,6 @@ class RepoOutcome:
     pr_url: str | None = None
 
 
-def git_blob_sha1(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def local_variant_files(repo_dir: Path, variant: Variant) -> dict[str, Path]:
     """Repo path -> local file for one variant: its folder and its zip."""
     folder = repo_dir / variant.attention.folder
@@ -94,7 +88,7 @@ def _same(local: Path, remote: RemoteFile, sha256: str | None) -> bool:
         return False
     if remote.sha256 is not None:
         return (sha256 or sha256_file(local)) == remote.sha256
-    return remote.git_oid == git_blob_sha1(local)
+    return remote.git_oid == git_blob_id_of_file(local)
 
 
 def diff_variant(variant: Variant, local: dict[str, Path], remote: dict[str, RemoteFile]) -> VariantDiff:
@@ -260,8 +254,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
     card = card_text(repo_id, infos, endpoint)
     card_bytes = card.encode()
     remote_card = remote.get(CARD)
-    card_changed = remote_card is None or remote_card.git_oid != hashlib.sha1(
-        b"blob %d\0" % len(card_bytes) + card_bytes).hexdigest()
+    card_changed = remote_card is None or remote_card.git_oid != git_blob_id(card_bytes)
     outcome = RepoOutcome(repo_id, diffs, card_changed)
     if dry_run:
         return outcome

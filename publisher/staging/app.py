@@ -37,9 +37,9 @@ from publisher.staging.storage import (
     Repo,
     StoreError,
     check_path,
-    git_blob_oid,
     is_ignored,
 )
+from publisher.util.hashing import git_blob_id
 
 logger = logging.getLogger("publisher.staging")
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -644,7 +644,7 @@ class HubApp:
                     raise StoreError(400, f"line {number}: content is not valid base64") from exc
                 check_path(str(value.get("path", "")))
                 value = {"path": value["path"], "_sha256": self.store.put_bytes(data), "_size": len(data),
-                         "_git_oid": git_blob_oid(data)}
+                         "_git_oid": git_blob_id(data)}
                 operations.append((key, value))
             elif key in ("lfsFile", "deletedFile", "deletedFolder"):
                 operations.append((key, value))

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from publisher.util.hashing import git_blob_id
+
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB in LFS whatever their name
 SEED_COMMIT_TITLE = "initial commit"
 
@@ -72,8 +74,6 @@ class FileEntry:
         return lfs_pointer(self.sha256, self.size)
 
 
-def git_blob_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
@@ -270,7 +270,7 @@ class HubStore:
             sha256 = self.put_bytes(content)
             oid = self._new_commit(repo, None, SEED_COMMIT_TITLE, "", author)
             self._db.execute("INSERT INTO files VALUES(?,?,?,?,?,?,?)",
-                             (oid, ".gitattributes", len(content), sha256, git_blob_oid(content), 0, oid))
+                             (oid, ".gitattributes", len(content), sha256, git_blob_id(content), 0, oid))
             self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, "main", oid))
             return repo, True
 
@@ -413,7 +413,7 @@ class HubStore:
                     if not self.has_blob(sha256, size):
                         raise StoreError(422, f"lfsFile '{path}': LFS object {sha256} of {size} bytes was not uploaded",
                                          "LfsObjectNotFound")
-                    changes[path] = FileEntry(path, size, sha256, git_blob_oid(lfs_pointer(sha256, size)), True, "")
+                    changes[path] = FileEntry(path, size, sha256, git_blob_id(lfs_pointer(sha256, size)), True, "")
                 elif kind == "deletedFile":
                     exists = path in current and changes.get(path, current[path]) is not None
                     if not exists and changes.get(path) is None:
