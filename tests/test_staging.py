@@ -425,3 +425,37 @@ def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, rep
     assert complete(sessions[0]) == 200  # idempotent: the object exists
     blob = staging_hub.root / "blobs" / oid[:2] / oid
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == oid
+
+
+def test_trees_the_hub_refuses_are_refused(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    from huggingface_hub import CommitOperationCopy
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hf_api.upload_file(path_or_fileobj=b"hello", path_in_repo="x/y.txt", repo_id=repo_id)
+    head = hf_api.repo_info(repo_id).sha
+    for path in ("x/y.txt/inner", "x", "a\nb", "a\x1bb"):  # file/folder clashes, control characters
+        with pytest.raises(HfHubHTTPError) as info:
+            hf_api.upload_file(path_or_fileobj=b"z", path_in_repo=path, repo_id=repo_id)
+        assert info.value.response.status_code == 422, path
+    with pytest.raises(EntryNotFoundError):  # deleting what is not there is not an (empty) commit
+        hf_api.delete_folder("nothere", repo_id=repo_id)
+    for ndjson in ([{"key": "header", "value": {"summary": "s"}},
+                    {"key": "file", "value": {"path": ".git/config", "content": "eA==", "encoding": "base64"}}],
+                   [{"key": "header", "value": {"summary": "s"}},  # a regular file above 10 MB: LFS only
+                    {"key": "file", "value": {"path": "big.txt", "encoding": "base64",
+                                              "content": __import__("base64").b64encode(b"x" * (11 << 20)).decode()}}],
+                   [{"key": "header", "value": {"summary": "s"}},  # nothing changes: an empty commit
+                    {"key": "file", "value": {"path": "x/y.txt", "content": "aGVsbG8=", "encoding": "base64"}}]):
+        status, _, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/commit/main",
+                            "\n".join(json.dumps(line) for line in ndjson), {"Content-Type": "application/x-ndjson"})
+        assert status in (400, 413, 422), ndjson[1]["value"]["path"]
+    assert hf_api.repo_info(repo_id).sha == head
+    # what the client relies on: copies (regular and LFS), formatted commit titles
+    hf_api.upload_file(path_or_fileobj=os.urandom(11 << 20), path_in_repo="big.bin", repo_id=repo_id)
+    hf_api.create_commit(repo_id, [CommitOperationCopy("x/y.txt", "copy.txt"), CommitOperationCopy("big.bin", "b2.bin")],
+                         commit_message="copies <b>")
+    assert {"copy.txt", "b2.bin"} <= set(hf_api.list_repo_files(repo_id))
+    assert hf_api.get_paths_info(repo_id, ["b2.bin"])[0].lfs.sha256 == hf_api.get_paths_info(repo_id, ["big.bin"])[
+        0].lfs.sha256
+    commits = hf_api.list_repo_commits(repo_id, formatted=True)
+    assert commits[0].formatted_title == "copies &lt;b&gt;"

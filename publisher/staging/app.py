@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from starlette.routing import Route
 
 from publisher.staging.cards import validate_card
 from publisher.staging.storage import (
+    LFS_SIZE_THRESHOLD,
     FileEntry,
     HubStore,
     Repo,
@@ -304,8 +306,12 @@ class HubApp:
     async def commits(self, request: Request, t: str, repo: str, rev: str) -> Response:
         found = self._repo(request, t, repo)
         log = self.store.history(self.store.resolve(found, rev))
+        formatted = "formatted" in request.query_params.getlist("expand[]")
         return JSONResponse([{"id": c["oid"], "title": c["title"], "message": c["message"], "date": c["date"],
-                              "authors": [{"user": c["author"]}]} for c in log])
+                              "authors": [{"user": c["author"]}],
+                              **({"formatted": {"title": html.escape(c["title"]),
+                                                "message": html.escape(c["message"])}} if formatted else {})}
+                             for c in log])
 
     async def create_branch(self, request: Request, t: str, repo: str, branch: str) -> Response:
         found = self._repo(request, t, repo, write=True)
@@ -643,6 +649,9 @@ class HubApp:
                 except ValueError as exc:
                     raise StoreError(400, f"line {number}: content is not valid base64") from exc
                 check_path(str(value.get("path", "")))
+                if len(data) > LFS_SIZE_THRESHOLD:  # as the Hub: a regular file above 10 MB goes through LFS
+                    raise StoreError(422, f"line {number}: {value['path']} is {len(data)} bytes; files larger than "
+                                          f"{LFS_SIZE_THRESHOLD} bytes must be pushed with LFS", "FileTooLarge")
                 value = {"path": value["path"], "_sha256": self.store.put_bytes(data), "_size": len(data),
                          "_git_oid": git_blob_id(data)}
                 operations.append((key, value))

@@ -91,13 +91,30 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def check_path(path: str) -> str:
-    """A file path inside a repo: relative, no '..' segment (either slash), no NUL, no empty segment."""
-    if not path or "\0" in path or path.startswith(("/", "\\")) or len(path) > 1024:
-        raise StoreError(422, f"Invalid path '{path}'", "InvalidPath")
+    """A file path inside a repo as the Hub accepts it: relative, no '.', '..' or empty segment (either slash), no
+    control character, nothing under `.git/`."""
+    if not path or path.startswith(("/", "\\")) or len(path) > 1024 or re.search(r"[\x00-\x1f\x7f]", path):
+        raise StoreError(422, f"Invalid path {path!r}", "InvalidPath")
     for segment in re.split(r"[/\\]", path):
         if segment in ("", ".", ".."):
-            raise StoreError(422, f"Invalid path '{path}': no empty, '.' or '..' segments", "InvalidPath")
+            raise StoreError(422, f"Invalid path {path!r}: no empty, '.' or '..' segments", "InvalidPath")
+        if segment == ".git":
+            raise StoreError(422, f"Invalid path {path!r}: nothing can be written under '.git/'", "InvalidPath")
     return path
+
+
+def _check_tree(current: dict[str, Any], changes: dict[str, Any]) -> None:
+    """The tree after a commit: no path may be both a file and a folder, and a commit must change something."""
+    after = {p for p in current if changes.get(p, current[p]) is not None} | {p for p, e in changes.items() if e}
+    folders = {"/".join(p.split("/")[:i]) for p in after for i in range(1, p.count("/") + 1)}
+    clash = sorted(after & folders)
+    if clash:
+        raise StoreError(422, f"'{clash[0]}' would be both a file and a folder", "InvalidPath")
+    def same(a: Any, b: Any) -> bool:
+        return (a is None) == (b is None) and (a is None or (a.sha256, a.lfs) == (b.sha256, b.lfs))
+
+    if all(same(current.get(path), entry) for path, entry in changes.items()):
+        raise StoreError(400, "No files have been modified since last commit (empty commit)", "EmptyCommit")
 
 
 MAX_PATTERN = 512  # longer .gitignore/.gitattributes lines are ignored
@@ -408,7 +425,9 @@ class HubStore:
                     changes[path] = FileEntry(path, size, sha256, git_oid, False, "")
                 elif kind == "lfsFile":
                     sha256, size = str(value.get("oid", "")), value.get("size")
-                    if value.get("algo", "sha256") != "sha256" or not isinstance(size, int):
+                    if size is None and re.fullmatch(r"[0-9a-f]{64}", sha256) and self.blob_path(sha256).exists():
+                        size = self.blob_path(sha256).stat().st_size  # a copy of a stored object names no size
+                    if value.get("algo", "sha256") != "sha256" or not isinstance(size, int) or isinstance(size, bool):
                         raise StoreError(400, f"lfsFile '{path}': algo must be sha256 and size an integer")
                     if not self.has_blob(sha256, size):
                         raise StoreError(422, f"lfsFile '{path}': LFS object {sha256} of {size} bytes was not uploaded",
@@ -421,11 +440,14 @@ class HubStore:
                     changes[path] = None
                 elif kind == "deletedFolder":
                     folder = path + "/"
-                    for existing in list(current) + list(changes):
-                        if existing.startswith(folder):
-                            changes[existing] = None
+                    found = [p for p in list(current) + list(changes) if p.startswith(folder)]
+                    if not found:
+                        raise StoreError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
+                    for existing in found:
+                        changes[existing] = None
                 else:
                     raise StoreError(400, f"Unknown operation '{kind}'")
+            _check_tree(current, changes)
             oid = self._new_commit(repo, base, summary, description, author)
             self._db.execute("INSERT INTO files SELECT ?, path, size, sha256, git_oid, lfs, last_commit FROM files "
                              "WHERE commit_oid=?", (oid, base))
