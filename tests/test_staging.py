@@ -459,3 +459,76 @@ def test_trees_the_hub_refuses_are_refused(hf_api: HfApi, repo_id: str, staging_
         0].lfs.sha256
     commits = hf_api.list_repo_commits(repo_id, formatted=True)
     assert commits[0].formatted_title == "copies &lt;b&gt;"
+
+
+def test_leftovers_are_collected(tmp_path: Path) -> None:
+    """Blobs no commit references (a failed commit's uploads) and killed uploads' temp files go once they are old;
+    referenced or young ones stay."""
+    import time
+
+    from publisher.staging.storage import HubStore
+
+    store = HubStore(tmp_path / "hub")
+    try:
+        repo, _ = store.create_repo("model", "t/r", False, "tester")
+        kept = store.put_bytes(b"committed")
+        store.commit(repo, "main", [("file", {"path": "a.txt", "_sha256": kept, "_size": 9,
+                                              "_git_oid": "0" * 40})], "s", "", None, False, "tester")
+        orphan, young = store.put_bytes(b"failed commit"), store.put_bytes(b"commit still to come")
+        old = time.time() - 3 * 3600
+        for sha in (kept, orphan):
+            os.utime(store.blob_path(sha), (old, old))
+        fd, temp = store.new_temp()
+        os.close(fd)
+        os.utime(temp, (old, old))
+        assert store.collect_blobs(2 * 3600) == 1
+        assert store.clean_temp(3600) == 1
+        assert not store.blob_path(orphan).exists() and not temp.exists()
+        assert store.blob_path(kept).exists() and store.blob_path(young).exists()
+    finally:
+        store.close()
+
+
+def test_eight_clients_upload_one_object_at_once(staging_hub: StagingHub, tmp_path: Path) -> None:
+    """8 unmodified clients push the same 110 MB object at once (to 8 repos): all succeed, the stored bytes hash
+    to the oid, and the server's memory stays flat (it streams every body to disk)."""
+    import threading
+
+    from huggingface_hub import HfApi
+
+    def rss_kib() -> int:
+        status = Path(f"/proc/{staging_hub.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+    path = tmp_path / "same.bin"
+    path.write_bytes(os.urandom(1 << 20) * 110)
+    oid = sha256_of(path)
+    idle = rss_kib()
+    peak = [idle]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], rss_kib())
+
+    def push(index: int) -> None:
+        try:
+            api = HfApi(endpoint=staging_hub.url, token=staging_hub.token)
+            api.create_repo(f"tester/concurrent-{index}", exist_ok=True)
+            api.upload_file(path_or_fileobj=str(path), path_in_repo="same.bin", repo_id=f"tester/concurrent-{index}")
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    workers = [threading.Thread(target=push, args=(i,)) for i in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    watcher.join()
+    assert errors == []
+    assert sha256_of(staging_hub.root / "blobs" / oid[:2] / oid) == oid
+    assert (peak[0] - idle) / 1024 < 200, f"server RSS grew by {(peak[0] - idle) / 1024:.0f} MiB"

@@ -6,7 +6,9 @@ segment. Every refused request still has its body drained, so a keep-alive conne
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import html
@@ -47,6 +49,7 @@ logger = logging.getLogger("publisher.staging")
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 UPLOAD_URL_TTL_S = 3600
+COLLECT_EVERY_S = 600
 MULTIPART_THRESHOLD = 256 * 1024 * 1024
 MULTIPART_CHUNK = 64 * 1024 * 1024
 # The Hub's limits, so that one request cannot make the server hold or build more than a bounded amount
@@ -129,7 +132,26 @@ class HubApp:
              "resolve"),
         ]
         methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
-        self.app = Starlette(routes=[Route("/{rest:path}", self.dispatch, methods=methods)])
+        self.app = Starlette(routes=[Route("/{rest:path}", self.dispatch, methods=methods)], lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._collect_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    async def _collect_forever(self) -> None:
+        """Leftovers go while the server runs: killed uploads' temp files after an hour, unreferenced blobs after
+        twice the life of an upload URL (a commit may still come for them until then)."""
+        while True:
+            await asyncio.sleep(COLLECT_EVERY_S)
+            try:
+                await asyncio.to_thread(self.store.clean_temp, UPLOAD_URL_TTL_S)
+                await asyncio.to_thread(self.store.collect_blobs, 2 * UPLOAD_URL_TTL_S)
+            except Exception:  # a failed sweep is retried at the next one
+                logger.exception("cleanup sweep failed")
 
     # -- dispatch, errors, auth ---------------------------------------------------------------------------
 
@@ -504,6 +526,7 @@ class HubApp:
                     "code": 422, "message": f"object of {size} bytes exceeds the {MAX_LFS_OBJECT} bytes limit"}})
                 continue
             if self.store.has_blob(oid, size):
+                self.store.touch_blob(oid)  # young again: the sweep leaves it for the commit that follows
                 answers.append({"oid": oid, "size": size})  # already stored: no actions, nothing is sent
                 continue
             query = self._signed_query(oid, size)

@@ -490,6 +490,27 @@ class HubStore:
         entry = self.file(commit, ".gitignore")
         return self.read_blob(entry.sha256).decode("utf-8", "replace") if entry else ""
 
+    def collect_blobs(self, older_than_s: float) -> int:
+        """Remove blobs no commit references (a failed commit's uploads, a deleted repo's files) once they are
+        older than `older_than_s`: younger ones may belong to an upload whose commit is still to come (a blob an
+        upload finds already stored is touched, so it counts as young again)."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        with self._lock:
+            referenced = {row[0] for row in self._db.execute("SELECT DISTINCT sha256 FROM files")}
+            for blob in self.blobs.glob("*/*"):
+                try:
+                    if blob.name not in referenced and blob.stat().st_mtime < cutoff:
+                        blob.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def touch_blob(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.blob_path(sha256))
+
     def clean_temp(self, older_than_s: float = 3600.0) -> int:
         """Remove upload temp files left by aborted uploads."""
         removed = 0
