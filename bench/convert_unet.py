@@ -55,8 +55,8 @@ def run_plain(source: Path, output: Path, attention: str) -> None:
 
     from publisher.contract import ModelDims, model_spec
     from publisher.convert.components import Unet, example_inputs
-    from publisher.convert.coreml import import_coremltools
     from publisher.manifest import Attention, Component
+    from publisher.mlpackage import import_coremltools
 
     ct = import_coremltools()
     start = time.perf_counter()

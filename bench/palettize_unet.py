@@ -23,7 +23,7 @@ from bench._common import peak_gib, run_child  # noqa: E402
 
 
 def run_stock(source: Path, output: Path) -> None:
-    from publisher.convert.coreml import import_coremltools
+    from publisher.mlpackage import import_coremltools
 
     ct = import_coremltools()
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights

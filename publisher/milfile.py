@@ -8,18 +8,15 @@ blob storage reader/writer (the format Core ML reads).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from publisher.convert.coreml import import_coremltools, staged_package
-from publisher.errors import PublisherError
+from publisher.mlpackage import PackageFiles, PackageFormatError, import_coremltools, read_spec, staged_package
 
 WEIGHT_FILE_REFERENCE = "@model_path/weights/weight.bin"
 WEIGHT_FILE_NAME = "weight.bin"
@@ -32,47 +29,6 @@ _BLOB_TYPES: dict[str, tuple[str, Any]] = {
     "UINT4": ("uint4", np.uint8), "UINT6": ("uint6", np.uint8),
 }
 _SUB_BYTE = {"UINT1", "UINT2", "UINT3", "UINT4", "UINT6", "INT4"}  # packed in immediate bytes: not read here
-
-
-class PackageFormatError(PublisherError):
-    """The package is not an ML Program this module can read."""
-
-
-@dataclass(frozen=True)
-class PackageFiles:
-    package: Path
-    spec: Path  # model.mlmodel
-    weights: Path  # the weights folder
-
-    @classmethod
-    def of(cls, package: Path) -> PackageFiles:
-        package = Path(package)
-        try:
-            manifest = json.loads((package / "Manifest.json").read_text())
-            items = manifest["itemInfoEntries"]
-            root = items[manifest["rootModelIdentifier"]]["path"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise PackageFormatError(f"{package}: not a readable .mlpackage ({exc})") from exc
-        spec = package / "Data" / root
-        weights = spec.parent / "weights"
-        for item in items.values():
-            if item.get("name") == "weights":
-                weights = package / "Data" / item["path"]
-        return cls(package, spec, weights)
-
-
-def read_spec(package: Path) -> Any:
-    """The model spec (coremltools.proto.Model_pb2.Model) of a package."""
-    import_coremltools()
-    from coremltools.proto import Model_pb2
-
-    files = PackageFiles.of(package)
-    spec = Model_pb2.Model()
-    try:
-        spec.ParseFromString(files.spec.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise PackageFormatError(f"{files.spec}: cannot read the model spec ({exc})") from exc
-    return spec
 
 
 def main_block(spec: Any, package: Path) -> Any:

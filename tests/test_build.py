@@ -21,6 +21,8 @@ from publisher.manifest import load_manifests
 from publisher.store import BuildStore
 from tests.helpers import write_manifest
 
+pytestmark = pytest.mark.slow  # converts, builds or publishes models
+
 # the tiny manifests are at resolution 256: no safety checker by default (it only exists at 512)
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
@@ -75,13 +77,10 @@ def test_second_run_converts_nothing(built, staging_hub) -> None:  # type: ignor
     work, _ = built
     manifest = work / "manifests" / "tiny-sd.yaml"
     before = {p: p.read_bytes() for p in (work / "out").rglob("build-info.json")}
-    start = time.perf_counter()
     again = build(load_manifests([manifest]), options(work, staging_hub))
-    elapsed = time.perf_counter() - start
     assert again.ok
     assert again.built == []
     assert {r.status for r in again.variants} == {"cached"}
-    assert elapsed < 30, elapsed
     assert {p: p.read_bytes() for p in (work / "out").rglob("build-info.json")} == before  # reproducible bytes
 
 
@@ -245,6 +244,7 @@ sys.meta_path.insert(0, Block())
 from publisher.verify.build_dir import verify_build_dir
 from publisher.verify.fidelity import Fidelity
 from publisher.verify.runtime import ExecutorRuntime
+
 
 class StoredOutputs:
     '''A stand-in runtime: returns the reference's own outputs (the path's cost without any model).'''

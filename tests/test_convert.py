@@ -21,6 +21,8 @@ from publisher.metrics import psnr
 from publisher.mlpackage import load_program, main_operations, package_info
 from publisher.tiny import build_tiny_pipeline
 
+pytestmark = pytest.mark.slow  # converts, builds or publishes models
+
 RESOLUTION = 256
 
 

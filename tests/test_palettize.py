@@ -20,12 +20,14 @@ from publisher.compress.palettize import (
     palettize_package,
     read_palettized_weights,
 )
-from publisher.convert.coreml import PackageMetadata, convert_component, import_coremltools
+from publisher.convert.coreml import PackageMetadata, convert_component
 from publisher.manifest import Attention, Component, DeploymentTarget, Granularity
 from publisher.metrics import snr
 from publisher.milfile import PackageFiles, WeightReader, const_values, main_block, op_name, operand_values, read_spec
-from publisher.mlpackage import load_program, main_operations, package_info
+from publisher.mlpackage import import_coremltools, load_program, main_operations, package_info
 from publisher.tiny import build_tiny_pipeline
+
+pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,8 @@ def test_refuses_packages_that_are_not_float16(unet16: Path, source: Path, tmp_p
     import torch
 
     from publisher.convert.components import example_inputs, load_component
-    from publisher.convert.coreml import save_package, trace
+    from publisher.convert.coreml import trace
+    from publisher.mlpackage import save_package
 
     ct = import_coremltools()
     loaded = load_component(source, Component.TEXT_ENCODER, Attention.ORIGINAL, 256)

@@ -16,6 +16,8 @@ from publisher.manifest import load_manifests
 from publisher.publish import PublishOptions, publish, status
 from tests.helpers import write_manifest
 
+pytestmark = pytest.mark.slow  # converts, builds or publishes models
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

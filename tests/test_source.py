@@ -16,6 +16,8 @@ from publisher.errors import SourceError
 from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.tiny import add_hub_copies, build_tiny_pipeline, push_tiny_source
 
+pytestmark = pytest.mark.slow  # converts, builds or publishes models
+
 # the layout of stable-diffusion-v1-5/stable-diffusion-v1-5 (30 files)
 SD15 = [
     "model_index.json", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt",

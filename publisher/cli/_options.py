@@ -20,7 +20,25 @@ NamespaceOpt = Annotated[
                  envvar="PUBLISHER_NAMESPACE"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+VariantsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--variant", help="Only these variant ids or fnmatch patterns, e.g. 'me/repo/*' (repeatable)."),
+]
+StoreOpt = Annotated[Path, typer.Option("--store", help="The build store: cached step outputs, the source "
+                                                        "downloads and each package's reference outputs.")]
+SourceEndpointOpt = Annotated[str | None, typer.Option(
+    "--source-endpoint", envvar="PUBLISHER_SOURCE_ENDPOINT",
+    help="Hub the source models are read from (default: HF_ENDPOINT, else huggingface.co).")]
+DEFAULT_STORE = Path(".publisher/store")
 
 
 def manifest_paths(paths: list[Path] | None) -> list[Path]:
     return list(paths) if paths else [Path("manifests")]
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+    """Columns padded to their widest cell, two spaces apart (the one table layout of every command)."""
+    cells = [tuple(str(cell) for cell in row) for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())

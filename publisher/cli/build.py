@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
+from publisher.cli._options import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_STORE,
+    NamespaceOpt,
+    SourceEndpointOpt,
+    StoreOpt,
+    VariantsOpt,
+    print_table,
+)
 from publisher.engine.build import BuildOptions, BuildResult, build
 from publisher.errors import PublisherError
 from publisher.manifest import load_manifests
@@ -16,18 +24,9 @@ from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
-StoreOpt = Annotated[Path, typer.Option("--store", help="The build store (cached step outputs).")]
-SourceEndpointOpt = Annotated[str | None, typer.Option(
-    "--source-endpoint", envvar="PUBLISHER_SOURCE_ENDPOINT",
-    help="Hub the source models are read from (default: HF_ENDPOINT, else huggingface.co).")]
-
-
 def print_build_table(result: BuildResult) -> None:
-    rows = [(r.variant.id, str(r.files), human_size(r.size), f"{r.seconds:.1f} s", r.status) for r in result.variants]
-    header = ("variant", "files", "size", "time", "status")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    print_table(("variant", "files", "size", "time", "status"),
+                [(r.variant.id, r.files, human_size(r.size), f"{r.seconds:.1f} s", r.status) for r in result.variants])
     typer.echo(f"steps: {len(result.built)} built, {len(result.cached)} cached")
     for r in result.variants:
         if r.error:
@@ -36,11 +35,11 @@ def print_build_table(result: BuildResult) -> None:
 
 def build_command(
     manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
-    variant: Annotated[list[str] | None, typer.Option("--variant", help="Variant id or pattern (repeatable).")] = None,
+    variant: VariantsOpt = None,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Packages only (Linux): skip .mlmodelc and zips.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the output checks.")] = False,
     out: OutOpt = Path("build"),
-    store: StoreOpt = Path(".publisher/store"),
+    store: StoreOpt = DEFAULT_STORE,
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     source_endpoint: SourceEndpointOpt = None,
     verify_store: Annotated[bool, typer.Option("--verify-store", help="Re-hash every stored output before reusing "
@@ -59,7 +58,7 @@ def build_command(
 def compile_command(
     build_dir: Annotated[Path, typer.Argument(help="A build output folder (with build-info.json files).")],
     manifests: Annotated[list[Path] | None, typer.Argument(help="The manifests it was built from.")] = None,
-    store: StoreOpt = Path(".publisher/store"),
+    store: StoreOpt = DEFAULT_STORE,
     source_endpoint: SourceEndpointOpt = None,
 ) -> None:
     """Compile already-built packages (macOS): rebuilds the variants found in BUILD_DIR with compilation on;

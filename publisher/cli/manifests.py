@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from publisher.cli._options import DEFAULT_NAMESPACE, JsonOpt, ManifestPaths, NamespaceOpt, manifest_paths
+from publisher.cli._options import (
+    DEFAULT_NAMESPACE,
+    JsonOpt,
+    ManifestPaths,
+    NamespaceOpt,
+    VariantsOpt,
+    manifest_paths,
+    print_table,
+)
 from publisher.manifest import SCHEMA_FILE_NAME, check_resolved, json_schema, load_manifests
 from publisher.plan import build_plan
 from publisher.util.atomic import atomic_write_text
@@ -45,7 +53,7 @@ def plan(
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     as_json: JsonOpt = False,
     github_matrix: Annotated[bool, typer.Option("--github-matrix", help="Print the GitHub Actions matrix JSON.")] = False,
-    variant: Annotated[list[str] | None, typer.Option("--variant", help="Only these variant ids or patterns.")] = None,
+    variant: VariantsOpt = None,
 ) -> None:
     """Expand manifests into variants and the build steps they share."""
     from publisher.plan import select_variants
@@ -61,9 +69,6 @@ def plan(
     rows = [(v.repo_id, v.attention.folder, v.precision.label, v.compute_unit.value, v.deployment_target.value,
              ",".join(c.value for c in v.components), ",".join(lay.value for lay in v.layouts))
             for v in result.variants]
-    header = ("repo", "attention", "precision", "compute", "target", "components", "layouts")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        typer.echo("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    print_table(("repo", "attention", "precision", "compute", "target", "components", "layouts"), rows)
     counts = ", ".join(f"{n} {kind}" for kind, n in result.counts().items() if n)
     typer.echo(f"{len(result.variants)} variants; steps: {counts}")

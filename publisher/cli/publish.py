@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt
+from publisher.cli._options import DEFAULT_NAMESPACE, NamespaceOpt, VariantsOpt, print_table
 from publisher.fetch import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_UNCOMPRESSED
 from publisher.manifest import load_manifests
 from publisher.util.tokens import token_for
@@ -20,7 +20,7 @@ EndpointOpt = Annotated[str | None, typer.Option("--endpoint", help="Hub URL (de
 def publish_command(
     manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
     out: Annotated[Path, typer.Option("--out", help="The build output folder.")] = Path("build"),
-    variant: Annotated[list[str] | None, typer.Option("--variant", help="Variant id or pattern (repeatable).")] = None,
+    variant: VariantsOpt = None,
     target: TargetOpt = "staging",
     endpoint: EndpointOpt = None,
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
@@ -64,12 +64,9 @@ def status_command(
         stale = [r.variant.id for r in rows if not r.current]
         typer.echo(json.dumps(build_plan(loaded, namespace).github_matrix(only=stale), separators=(",", ":")))
         return
-    header = ("variant", "published", "revision", "current")
-    table = [(r.variant.id, "yes" if r.published else "no", (r.revision or "-")[:12],
-              "yes" if r.current else f"no ({r.reason})") for r in rows]
-    widths = [max(len(row[i]) for row in [header, *table]) for i in range(4)]
-    for row in [header, *table]:
-        typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    print_table(("variant", "published", "revision", "current"),
+                [(r.variant.id, "yes" if r.published else "no", (r.revision or "-")[:12],
+                  "yes" if r.current else f"no ({r.reason})") for r in rows])
 
 
 def demo_command(

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from publisher.cli._options import DEFAULT_STORE, StoreOpt
 from publisher.errors import PublisherError
 
 
@@ -21,9 +22,7 @@ def verify_command(
     attention: Annotated[str, typer.Option("--attention", help="Its attention implementation (one package).")]
     = "ORIGINAL",
     resolution: Annotated[int, typer.Option("--resolution", help="Its image resolution (one package).")] = 512,
-    store: Annotated[Path, typer.Option("--store", help="The build store (it holds the reference outputs each "
-                                                        "build computed).")]
-    = Path(".publisher/store"),
+    store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Run each package on the same seeded inputs as PyTorch and check PSNR >= 35 dB (exit 1 below it)."""
     from publisher.manifest import Attention

@@ -25,9 +25,9 @@ import numpy as np
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
 from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
-from publisher.convert.coreml import import_coremltools
 from publisher.errors import PublisherError
 from publisher.manifest import DeploymentTarget, Granularity
+from publisher.mlpackage import import_coremltools
 
 # Below this many elements a weight stays float16 (the LUT would not pay for itself); coremltools' default too.
 MIN_ELEMENTS = 2048

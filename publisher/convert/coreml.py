@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -24,19 +19,9 @@ from typing import Any, TypeVar
 
 from publisher.contract import ModelSpec, TensorSpec
 from publisher.manifest import Attention, Component, DeploymentTarget
+from publisher.mlpackage import import_coremltools, save_package
 
-_PACKAGE_ID_NAMESPACE = uuid.UUID("6f1c3a52-1d0b-4a7e-9a63-5c1f2f3f8e11")
 T = TypeVar("T")
-
-
-def import_coremltools() -> Any:
-    """Import coremltools without its Linux import noise (missing native proxy, untested torch version)."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import coremltools
-
-    return coremltools
 
 
 @dataclass(frozen=True)
@@ -59,55 +44,6 @@ class ConvertResult:
 
 def deployment_target(ct: Any, target: DeploymentTarget) -> Any:
     return getattr(ct.target, target.value)
-
-
-def normalize_package(package: Path) -> None:
-    """Make a saved package's bytes a function of the model alone.
-
-    coremltools writes fresh random UUIDs into Manifest.json on every save (derived here from the item paths
-    instead), and protobuf serialises map fields (the user-defined metadata) in an order that changes from one
-    process to the next (re-serialised here deterministically).
-    """
-    spec_path = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
-    if spec_path.exists():
-        import_coremltools()
-        from coremltools.proto import Model_pb2
-
-        spec = Model_pb2.Model()
-        spec.ParseFromString(spec_path.read_bytes())
-        spec_path.write_bytes(spec.SerializeToString(deterministic=True))
-    manifest_path = package / "Manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    mapping = {old: str(uuid.uuid5(_PACKAGE_ID_NAMESPACE, f"{item['path']}\0{item['name']}"))
-               for old, item in manifest["itemInfoEntries"].items()}
-    manifest["itemInfoEntries"] = {mapping[old]: item for old, item in sorted(manifest["itemInfoEntries"].items(),
-                                                                               key=lambda kv: mapping[kv[0]])}
-    manifest["rootModelIdentifier"] = mapping[manifest["rootModelIdentifier"]]
-    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def staged_package(output: Path) -> Iterator[Path]:
-    """A path to write a package at, beside `output`; on success it is normalised and renamed over `output`
-    (a killed writer leaves only a hidden temp folder, never a half-written package)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        package = staging / output.name
-        yield package
-        normalize_package(package)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(package, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def save_package(model: Any, output: Path) -> None:
-    """Save a coremltools model atomically (see staged_package)."""
-    with staged_package(output) as package:
-        model.save(str(package))
 
 
 def describe(model: Any, spec_inputs: Sequence[TensorSpec], spec_outputs: Sequence[TensorSpec], description: str,

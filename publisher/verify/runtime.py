@@ -48,8 +48,7 @@ class CoreMLRuntime:
         if platform.system() != "Darwin":
             raise ToolchainError("Core ML predictions need macOS; on Linux use the reference executor "
                                  "(--runtime reference)")
-        from publisher.convert.coreml import import_coremltools
-        from publisher.mlpackage import package_info
+        from publisher.mlpackage import import_coremltools, package_info
 
         ct = import_coremltools()
         declared = {t.name: t.dtype for t in package_info(package).inputs}

@@ -1,0 +1,61 @@
+"""Data flows one way: a module imports only from its own layer or the ones below (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "publisher"
+
+# lowest first; a module belongs to the first layer whose prefix matches it (longest prefixes listed first)
+LAYERS: list[tuple[str, ...]] = [
+    ("publisher.errors", "publisher.util", "publisher.metrics", "publisher"),            # base
+    ("publisher.manifest", "publisher.contract", "publisher.mlpackage", "publisher.milfile"),  # model, files
+    ("publisher.plan",),                                                                  # what to build
+    ("publisher.convert", "publisher.compress", "publisher.verify", "publisher.compile", "publisher.layout",
+     "publisher.store"),                                                                  # the stages
+    ("publisher.engine", "publisher.fetch", "publisher.publish", "publisher.staging"),   # running them, the Hub
+    ("publisher.tiny", "publisher.demo"),                                                 # fixtures, the demo
+    ("publisher.cli", "publisher.__main__"),                                              # the command line
+]
+
+
+def layer_of(module: str) -> int:
+    best = (-1, -1)
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                best = max(best, (len(prefix), index))
+    assert best[1] >= 0, module
+    return best[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("publisher"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("publisher")}
+    return found
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        for target in imports(path):
+            if layer_of(target) > layer_of(module):
+                upward.append(f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})")
+    assert upward == []
+
+
+def test_the_check_can_fail() -> None:
+    assert layer_of("publisher.milfile") < layer_of("publisher.convert.coreml")
+    assert layer_of("publisher.engine.build") > layer_of("publisher.verify.fidelity")
+    assert layer_of("publisher.util.hashing") == 0 and layer_of("publisher.cli.build") == len(LAYERS) - 1
