@@ -44,9 +44,24 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("PUBLISHER_DEBUG", "") not in ("", "0")
 
 
+def _quiet_third_parties() -> None:
+    """Normal runs show the project's own progress only: coremltools' pass-by-pass bars (tqdm without an explicit
+    `disable`), transformers' FutureWarnings and coremltools' overflow RuntimeWarnings appear with --debug."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the project's bars pass `disable` themselves and still show
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="coremltools")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(args)
+    if not debug:
+        _quiet_third_parties()
     try:
         app(args=args, prog_name="publisher", standalone_mode=False)
     except click.exceptions.Exit as exc:
