@@ -25,16 +25,37 @@ SAFETY_CLIP_SIZE = 224
 LATENT_CHANNELS = 4
 
 
+UNET_CHUNKS = ("unet_chunk1", "unet_chunk2")  # the chunked UNet's submodules, in the order the pipeline runs them
+SUBMODULES = (*(c.value for c in Component), *UNET_CHUNKS)
+
+
 def package_name(model_version: str, submodule: str) -> str:
     return PACKAGE_TEMPLATE.format(model_version=model_version, submodule=submodule)
+
+
+def submodule_of_package(name: str, model_version: str) -> str | None:
+    """The submodule a package folder name stands for (inverse of package_name), or None."""
+    prefix, suffix = PACKAGE_TEMPLATE.split("{model_version}")[0], ".mlpackage"
+    stem = name.removeprefix(f"{prefix}{model_version}_").removesuffix(suffix)
+    return stem if stem in SUBMODULES and package_name(model_version, stem) == name else None
+
+
+def component_of(submodule: str) -> Component:
+    return Component.UNET if submodule in UNET_CHUNKS else Component(submodule)
 
 
 def compiled_name(submodule: str) -> str:
     return f"{RESOURCE_NAMES[submodule]}.mlmodelc"
 
 
-def zip_folder_name(repo_name: str, attention: Attention) -> str:
-    return f"{repo_name}_{attention.folder}_compiled"
+def zip_folder_name(repo_name: str, attention: Attention | str) -> str:
+    """The top folder of a variant's Resources zip (the demo app loads `<repo>_<attention>_compiled/`)."""
+    folder = attention.folder if isinstance(attention, Attention) else attention
+    return f"{repo_name}_{folder}_compiled"
+
+
+def zip_file_name(repo_name: str, attention: Attention | str) -> str:
+    return zip_folder_name(repo_name, attention) + ".zip"
 
 
 # Apple's converter declares every model input float16 except the text encoder's token ids, and Apple's Python

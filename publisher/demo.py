@@ -65,7 +65,7 @@ def run_demo(work: Path | None = None, say: Callable[[str], None] = print) -> di
 def _run(work: Path, endpoint: str, token: str, say: Callable[[str], None]) -> dict[str, object]:
     from huggingface_hub import snapshot_download
 
-    from publisher.contract import ModelDims
+    from publisher.contract import ModelDims, submodule_of_package
     from publisher.engine.build import BuildOptions, build
     from publisher.manifest import load_manifests
     from publisher.publish import PublishOptions, publish
@@ -98,7 +98,7 @@ def _run(work: Path, endpoint: str, token: str, say: Callable[[str], None]) -> d
     dims = ModelDims(resolution=256, text_hidden=32)
     problems = []
     for package in packages:
-        submodule = package.name.removeprefix("Stable_Diffusion_version_demo_tiny-sd_").removesuffix(".mlpackage")
+        submodule = submodule_of_package(package.name, "demo_tiny-sd") or package.name
         problems += [f"{package.name}: {p}" for p in contract_problems(package, submodule, dims)]
     manifest = manifests[0].manifest
     expected = len(next(manifest.components_for(t) for t in manifest.publish if t.repo_id(DEMO_NAMESPACE) == repo))

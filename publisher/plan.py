@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from publisher.contract import UNET_CHUNKS, zip_file_name
 from publisher.errors import PublisherError
 from publisher.manifest import (
     Attention,
@@ -63,7 +64,7 @@ class Variant:
 
     @property
     def zip_name(self) -> str:
-        return f"{self.repo_name}_{self.attention.folder}_compiled.zip"
+        return zip_file_name(self.repo_name, self.attention)
 
     def to_json(self) -> dict[str, Any]:
         """Everything that defines this variant (not where its manifest file happens to lie)."""
@@ -162,7 +163,7 @@ class Plan:
 def submodules(component: Component, chunked: bool) -> tuple[str, ...]:
     """Package submodule names as Apple's Python pipeline opens them."""
     if component is Component.UNET and chunked:
-        return ("unet_chunk1", "unet_chunk2")
+        return UNET_CHUNKS
     return (component.value,)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from publisher.compile import compile_package, require_compiler
-from publisher.contract import TOKENIZER_FILES, compiled_name, package_name, zip_folder_name
+from publisher.contract import TOKENIZER_FILES, UNET_CHUNKS, compiled_name, package_name, zip_folder_name
 from publisher.errors import PublisherError
 from publisher.layout import link_or_copy, link_tree, replace_folder, write_zip
 from publisher.manifest import (
@@ -140,7 +140,7 @@ class _Runner:
         self.report(f"{step.kind} {step.id.split(':', 1)[1]}")
         try:
             with self.store.building(key, {"step": step.id, "kind": step.kind, "params": params}) as work:
-                getattr(self, f"_do_{step.kind}")(step, work)
+                self._actions()[step.kind](step, work)
         except PublisherError as exc:
             self.failed[step.id] = f"{step.kind} {step.id}: {exc}"
             return
@@ -153,6 +153,11 @@ class _Runner:
             raise BuildError(f"{step.id}: the stored output did not verify right after it was written")
         self.outputs[step.id] = stored
         self.built.append(step.id)
+
+    def _actions(self) -> dict[str, Callable[[Step, Path], None]]:
+        """What each stored step kind runs (fetch and assemble are handled apart: they are not stored)."""
+        return {"convert": self._do_convert, "chunk": self._do_chunk, "palettize": self._do_palettize,
+                "verify": self._do_verify, "compile": self._do_compile, "zip": self._do_zip}
 
     def _variant_of(self, step: Step) -> Variant:
         return next(v for v in self.plan.variants if v.id in step.variants)
@@ -200,7 +205,7 @@ class _Runner:
         from publisher.convert.chunk import convert_unet_chunks
         from publisher.convert.coreml import run_isolated
 
-        outputs = (work / PACKAGE, None) if step.params["chunk"] == "unet_chunk1" else (None, work / PACKAGE)
+        outputs = (work / PACKAGE, None) if step.params["chunk"] == UNET_CHUNKS[0] else (None, work / PACKAGE)
         args = (self._source(step).path, Attention(step.params["attention"]), int(step.params["resolution"]),
                 DeploymentTarget(step.params["deployment_target"]), outputs, self._metadata(step))
         if self.options.isolate:

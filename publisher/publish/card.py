@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from publisher.contract import zip_file_name
 from publisher.util.sizes import human_size
 
 TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
@@ -40,7 +41,7 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
     for info in infos:
         v = info["variant"]
         size = sum(entry["size"] for entry in info["files"].values())
-        zip_name = f"{repo_name}_{v['folder']}_compiled.zip"
+        zip_name = zip_file_name(repo_name, v["folder"])
         has_zip = any(name.endswith(zip_name) for name in info["files"])
         zip_cell = f"[{zip_name}]({endpoint}/{repo_id}/resolve/main/{zip_name})" if has_zip else "not built"
         lines.append(f"| `{v['folder']}/` | {v['attention']} | {v['compute_unit']} | {v['precision_label']} | "

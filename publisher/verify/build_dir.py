@@ -12,18 +12,16 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from publisher.contract import submodule_of_package
 from publisher.errors import PublisherError
-from publisher.manifest import Component
 from publisher.util.atomic import atomic_write_text
 from publisher.verify.fidelity import REFERENCE, Fidelity, Reference, compare
 from publisher.verify.runtime import Runtime
 
-PREFIX = "Stable_Diffusion_version_"
-
 
 def submodule_of(package: Path, model_version: str) -> str:
-    name = package.name.removeprefix(f"{PREFIX}{model_version}_").removesuffix(".mlpackage")
-    if name not in {c.value for c in Component} | {"unet_chunk1", "unet_chunk2"}:
+    name = submodule_of_package(package.name, model_version)
+    if name is None:
         raise PublisherError(f"{package}: cannot tell which model this is from its name")
     return name
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from publisher.contract import FLOAT32, ModelDims, model_spec
-from publisher.manifest import Component
+from publisher.contract import FLOAT32, UNET_CHUNKS, ModelDims, component_of, model_spec
 from publisher.mlpackage import package_info
 
 
@@ -15,17 +14,17 @@ def contract_problems(package: Path, submodule: str, dims: ModelDims) -> list[st
     problems = []
     if not info.is_mlprogram:
         problems.append("not an ML Program")
-    component = Component.UNET if submodule.startswith("unet") else Component(submodule)
+    component = component_of(submodule)
     spec = model_spec(component, dims)
     got_in = [(t.name, t.shape, t.dtype) for t in info.inputs]
     got_out = [(t.name, t.shape, t.dtype) for t in info.outputs]
     want_in = [(t.name, t.shape, t.dtype) for t in spec.inputs]
     want_out = [(t.name, t.shape, t.dtype) for t in spec.outputs]
-    if submodule == "unet_chunk1":
+    if submodule == UNET_CHUNKS[0]:
         # intermediates (chunk 2's inputs are checked against them by the chunk tests): float32 like every output
         want_out = None
         problems += [f"output {name} is {dtype}, not float32" for name, _, dtype in got_out if dtype != FLOAT32]
-    elif submodule == "unet_chunk2":
+    elif submodule == UNET_CHUNKS[1]:
         want_in = None
         by_name = {t.name: t for t in spec.inputs}
         for name, _shape, dtype in got_in:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from publisher.contract import UNET_CHUNKS, component_of
 from publisher.errors import ToolchainError
-from publisher.manifest import Attention, Component
+from publisher.manifest import Attention
 from publisher.metrics import psnr
 from publisher.verify.runtime import Runtime, runtime_named
 
@@ -61,13 +62,13 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: i
     from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs
     from publisher.convert.components import example_inputs, load_component
 
-    component = Component.UNET if submodule.startswith("unet") else Component(submodule)
+    component = component_of(submodule)
     loaded = load_component(source, component, attention, resolution)
     example = example_inputs(loaded.spec)
-    if submodule == "unet_chunk1":
+    if submodule == UNET_CHUNKS[0]:
         specs, _ = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
         return UnetChunk1(loaded.module, specs.cut), example, [t.name for t in specs.chunk1_outputs]
-    if submodule == "unet_chunk2":
+    if submodule == UNET_CHUNKS[1]:
         specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
         with torch.no_grad():
             inputs = (example[2], *intermediates)
