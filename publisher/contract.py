@@ -25,6 +25,9 @@ SAFETY_CLIP_SIZE = 224
 LATENT_CHANNELS = 4
 
 
+# The attention implementation changes these components' graphs; the others (stock CLIP models) are converted once
+# per source and shared by every attention's variant.
+USES_ATTENTION = frozenset({Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER})
 UNET_CHUNKS = ("unet_chunk1", "unet_chunk2")  # the chunked UNet's submodules, in the order the pipeline runs them
 SUBMODULES = (*(c.value for c in Component), *UNET_CHUNKS)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from publisher.contract import UNET_CHUNKS, zip_file_name
+from publisher.contract import UNET_CHUNKS, USES_ATTENTION, zip_file_name
 from publisher.errors import PublisherError
 from publisher.manifest import (
     Attention,
@@ -150,7 +150,9 @@ class Plan:
             return item
 
         for step in self.steps.values():
-            if step.kind in ("convert", "chunk"):
+            # conversions every attention shares (the text encoder's) are cheap and would join all of a model's
+            # variants into one job: each job that needs one converts it, the heavy ones run once
+            if step.kind in ("convert", "chunk") and step.params.get("attention") is not None:
                 members = [v for v in step.variants if v in parent]
                 for other in members[1:]:
                     parent[root(other)] = root(members[0])
@@ -225,7 +227,8 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     for v in variants:
         if not v.precision.is_palettized:
             for component in v.components:
-                key = (v.source_repo, v.source_revision, v.source_weights, v.attention, component, v.resolution)
+                attention = v.attention if component in USES_ATTENTION else None
+                key = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
                 float16_targets.setdefault(key, []).append(v.deployment_target)
 
     builder = _Builder()
@@ -236,9 +239,11 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                                              "weights": v.source_weights}, v.id)
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         for component in v.components:
-            base = (v.source_repo, v.source_revision, v.source_weights, v.attention, component, v.resolution)
+            attention = v.attention if component in USES_ATTENTION else None  # None: shared by every attention
+            base = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
-            common = {"attention": v.attention.value, "component": component.value, "resolution": v.resolution,
+            common = {"attention": attention.value if attention else None, "component": component.value,
+                      "resolution": v.resolution,
                       "deployment_target": target.value}
             if v.chunk_unet and component is Component.UNET:
                 # the chunks are converted from the source as two modules, not cut from a converted UNet
@@ -247,7 +252,8 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                     {**common, "chunk": name}, v.id)) for name in submodules(component, chunked=True)]
             else:
                 pieces = [(component.value, builder.add(
-                    f"convert:{source}:{v.attention.value}:{component.value}:{v.resolution}:{target.value}",
+                    f"convert:{source}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
+                    f"{target.value}",
                     "convert", [fetch], common, v.id))]
             for submodule, package in pieces:
                 if v.precision.is_palettized and component in PALETTIZED_COMPONENTS:

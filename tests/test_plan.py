@@ -25,20 +25,22 @@ def test_every_variant_of_the_four_base_models() -> None:
 def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     plan = build_plan(load_manifests([MANIFESTS]), "me")
     counts = plan.counts()
-    # per SD 1.x model: 3 attentions x 5 components; SD 2.x: 3 x 4 (no safety checker); the float16 SPLIT_EINSUM
-    # UNet of each model is converted as two chunks (for iOS) instead of whole
-    assert counts["convert"] == 2 * 15 + 2 * 12 - 4
+    # per model: the UNet and the two VAE parts once per attention (the float16 SPLIT_EINSUM UNet as two chunks,
+    # for iOS), the text encoder and the safety checker (SD 1.x only) once for every attention
+    assert counts["convert"] == 2 * (2 + 6 + 2) + 2 * (2 + 6 + 1)
     assert counts["chunk"] == 4 * 2
     assert counts["fetch"] == 4
-    # only text encoder and UNet are palettized: 2 per palettized variant
-    assert counts["palettize"] == 8 * 2
+    # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model
+    assert counts["palettize"] == 8 + 4
     assert counts["assemble"] == counts["zip"] == 16
-    shared = [s for s in plan.steps_of("convert") if s.params["attention"] == "ORIGINAL"]
-    assert len(shared) == 18
+    shared = [s for s in plan.steps_of("convert") if s.params["attention"] in ("ORIGINAL", None)]
+    assert len(shared) == 4 * 3 + 4 + 2
     for step in shared:
         repos = {variant.rsplit("/", 1)[0] for variant in step.variants}
         assert len(repos) == 2, step.id  # the float16 and the palettized repo
         assert step.params["deployment_target"] == "iOS16"
+    text_encoders = [s for s in plan.steps_of("convert") if s.params["component"] == "text_encoder"]
+    assert len(text_encoders) == 4 and all(len(s.variants) == 4 for s in text_encoders)  # every attention of a model
 
 
 def test_steps_come_after_their_inputs() -> None:

@@ -388,8 +388,9 @@ def test_pattern_matching_is_bounded() -> None:
 
 
 def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, repo_id: str) -> None:
-    """Two upload sessions of the same 300 MiB object, interleaved: each writes its own parts; the first completion
-    adopts a blob assembled into a new file; a late part write cannot reach it; the second completion succeeds."""
+    """Two upload sessions of the same 300 MiB object, interleaved: each writes its own file; the first completion
+    seals its session and adopts the file; a late part write of that session is refused; the second completion
+    succeeds (the object exists)."""
     block = os.urandom(1 << 20)
     data = block * 300
     oid = hashlib.sha256(data).hexdigest()
@@ -420,7 +421,7 @@ def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, rep
     for number in range(1, count + 1):
         assert put(sessions[1], number) == 200
     assert complete(sessions[1]) == 200
-    assert put(sessions[1], 1, os.urandom(chunk)) == 200  # a late writer of the finished session
+    assert put(sessions[1], 1, b"late bytes") == 409  # a late writer of the finished session is refused
     assert put(sessions[0], count) == 200
     assert complete(sessions[0]) == 200  # idempotent: the object exists
     blob = staging_hub.root / "blobs" / oid[:2] / oid

@@ -80,10 +80,13 @@ def test_each_shared_conversion_runs_in_one_job_only() -> None:
 
     plan = build_plan(load_manifests([ROOT / "manifests"]), "ns")
     job_of = {v: i for i, job in enumerate(plan.github_matrix()["include"]) for v in job["variants"].split()}
-    shared = [s for s in plan.steps.values() if s.kind in ("convert", "chunk")]
-    assert any(len(s.variants) > 1 for s in shared)
-    for step in shared:
+    heavy = [s for s in plan.steps.values() if s.kind in ("convert", "chunk") and s.params["attention"]]
+    assert any(len(s.variants) > 1 for s in heavy)
+    for step in heavy:  # the UNet and VAE conversions: one job each
         assert len({job_of[v] for v in step.variants}) == 1, step.id
+    # the text encoder (every attention shares it) is converted in each job that needs it, not one job per model
+    assert len({job_of[v] for s in plan.steps_of("convert") if s.params["component"] == "text_encoder"
+                for v in s.variants}) == 12
 
 
 @pytest.mark.skipif(shutil.which("actionlint") is None and not (Path(sys.executable).parent / "actionlint").exists(),

@@ -30,7 +30,7 @@ class PackageMetadata:
 
     source: str  # repo@revision
     license: str
-    attention: Attention
+    attention: Attention | None  # None: the component is the same for every attention implementation
     author: str = "coreml-publisher"
     version: str = ""
 
@@ -48,7 +48,8 @@ def deployment_target(ct: Any, target: DeploymentTarget) -> Any:
 
 def describe(model: Any, spec_inputs: Sequence[TensorSpec], spec_outputs: Sequence[TensorSpec], description: str,
              metadata: PackageMetadata) -> None:
-    model.short_description = f"{description} ({metadata.attention.value} attention) converted from {metadata.source}"
+    how = f" ({metadata.attention.value} attention)" if metadata.attention else ""
+    model.short_description = f"{description}{how} converted from {metadata.source}"
     model.author = metadata.author
     model.license = metadata.license
     model.version = metadata.version or metadata.source
@@ -58,7 +59,7 @@ def describe(model: Any, spec_inputs: Sequence[TensorSpec], spec_outputs: Sequen
         model.output_description[tensor.name] = f"{tensor.description}, shape {list(tensor.shape)}"
     model.user_defined_metadata.update({
         "com.github.coreml-publisher.source": metadata.source,
-        "com.github.coreml-publisher.attention": metadata.attention.value,
+        **({"com.github.coreml-publisher.attention": metadata.attention.value} if metadata.attention else {}),
     })
 
 

@@ -99,6 +99,10 @@ class _Fetched:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> size, sha256 of what was downloaded
 
 
+def _call(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
+
+
 class _Runner:
     def __init__(self, plan: Plan, options: BuildOptions, report: Callable[[str], None]) -> None:
         self.plan = plan
@@ -190,14 +194,17 @@ class _Runner:
         from publisher.convert.coreml import PackageMetadata
 
         source = self._source(step)
+        attention = step.params["attention"]
         return PackageMetadata(source=f"{source.repo}@{source.commit}", license=self._variant_of(step).license,
-                               attention=Attention(step.params["attention"]))
+                               attention=Attention(attention) if attention else None)
 
     def _do_convert(self, step: Step, work: Path) -> None:
         from publisher.convert.coreml import convert_component, convert_isolated
 
         convert = convert_isolated if self.options.isolate else convert_component
-        convert(self._source(step).path, Component(step.params["component"]), Attention(step.params["attention"]),
+        # a component no attention implementation changes is converted as it is (the stock modules)
+        attention = Attention(step.params["attention"] or Attention.ORIGINAL)
+        convert(self._source(step).path, Component(step.params["component"]), attention,
                 int(step.params["resolution"]), DeploymentTarget(step.params["deployment_target"]), work / PACKAGE,
                 self._metadata(step))
 
@@ -245,17 +252,19 @@ class _Runner:
             raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
         report: dict[str, Any] = {"contract": "ok"}
         if self.options.verify:
-            from publisher.verify.fidelity import PSNR_BAR_DB, compare, compute_reference
-            from publisher.verify.runtime import ExecutorRuntime
+            from publisher.convert.coreml import run_isolated
+            from publisher.verify.fidelity import PSNR_BAR_DB, check_stored_reference, store_reference
 
             package_step = self.plan.steps[step.inputs[0]]
             float16 = self.outputs[package_step.inputs[0]].path / PACKAGE if package_step.kind == "palettize" else None
             # the PyTorch side once, here: stored with the step for every later check (the macOS runner's Core ML
-            # run included), so that no other machine loads a PyTorch model to verify this package
-            reference = compute_reference(package, self.fetched[fetch_step.id].path, submodule, variant.attention,
-                                          variant.resolution, float16_package=float16)
-            reference.save(work / REFERENCE)
-            fidelity = compare(package, reference, ExecutorRuntime())
+            # run included), so that no other machine loads a PyTorch model to verify this package. The PyTorch
+            # model and the executor each run in a process of their own (isolate): neither holds the other's
+            # memory, and the build's own process never holds a model.
+            run = run_isolated if self.options.isolate else _call
+            run(store_reference, package, self.fetched[fetch_step.id].path, submodule, variant.attention,
+                variant.resolution, float16, work / REFERENCE)
+            fidelity = run(check_stored_reference, package, work / REFERENCE)
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
                 raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "

@@ -18,8 +18,6 @@ import math
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -95,6 +93,8 @@ class DropConnection(Exception):
 
 class HubApp:
     def __init__(self, store: HubStore, token: str | None = None, faults: Faults | None = None) -> None:
+        self._writing: dict[str, int] = {}  # upload session -> part writes in flight
+        self._sealed: dict[str, None] = {}  # completed upload sessions, oldest first
         self.store = store
         self.token = token
         self.faults = faults or Faults.from_env()
@@ -568,74 +568,81 @@ class HubApp:
             temp.unlink(missing_ok=True)
         return Response(status_code=200)
 
-    def _session_folder(self, oid: str, session: str) -> Path:
+    def _session_file(self, oid: str, session: str) -> Path:
         return self.store.tmp / f"multipart-{oid}-{session}"
 
     async def lfs_put_part(self, request: Request, oid: str, part: str) -> Response:
         size, session = self._check_session(request, oid)
         if not session:
             raise StoreError(400, "Part uploads need the session their upload URL was issued with")
+        if session in self._sealed:
+            raise StoreError(409, "This upload was completed: no part can be written any more")
         number = int(part[:9])
         offset = (number - 1) * MULTIPART_CHUNK
         expected = min(MULTIPART_CHUNK, size - offset)
         if number < 1 or expected <= 0:
             raise StoreError(400, f"Part {number} is out of range")
-        folder = self._session_folder(oid, session)
-        folder.mkdir(exist_ok=True)
-        # each part in a file of its own, written under a temp name and renamed: the assembled blob is a new
-        # file made at completion, so no part writer ever holds a descriptor of a blob
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{number:05d}-")
-        digest = hashlib.md5(usedforsecurity=False)
-        written = 0
+        # parts of one session go into one file of that session; completion seals the session first (no part write
+        # in flight, none accepted after), so no writer can reach the blob the file becomes
+        self._writing[session] = self._writing.get(session, 0) + 1
         try:
-            with os.fdopen(fd, "wb") as handle:
+            fd = os.open(self._session_file(oid, session), os.O_WRONLY | os.O_CREAT, 0o600)
+            digest = hashlib.md5(usedforsecurity=False)
+            written = 0
+            try:
                 async for chunk in request.stream():
                     if written + len(chunk) > expected:
                         raise StoreError(400, f"Part {number} is larger than {expected} bytes")
                     self._count("lfs_put_part", len(chunk))
-                    handle.write(chunk)
+                    os.pwrite(fd, chunk, offset + written)
                     digest.update(chunk)
                     written += len(chunk)
-            if written != expected:
-                raise StoreError(400, f"Part {number} has {written} bytes, expected {expected}")
-            os.replace(temp, folder / f"{number:05d}")
+            finally:
+                os.close(fd)
         finally:
-            Path(temp).unlink(missing_ok=True)
+            self._writing[session] -= 1
+            if not self._writing[session]:
+                del self._writing[session]
+        if written != expected:
+            raise StoreError(400, f"Part {number} has {written} bytes, expected {expected}")
         return Response(status_code=200, headers={"ETag": f'"{digest.hexdigest()}"'})
 
     async def lfs_complete(self, request: Request, oid: str) -> Response:
         size, session = self._check_session(request, oid)
         body = await _json(request)
         parts = body.get("parts")
-        count = math.ceil(size / MULTIPART_CHUNK)
-        if body.get("oid") != oid or not isinstance(parts, list) or len(parts) != count:
+        if body.get("oid") != oid or not isinstance(parts, list) or len(parts) != math.ceil(size / MULTIPART_CHUNK):
             raise StoreError(400, "Completion must name the object and every part")
-        folder = self._session_folder(oid, session)
+        path = self._session_file(oid, session)
         if self.store.has_blob(oid, size):  # another session finished first: this one is done too
-            shutil.rmtree(folder, ignore_errors=True)
+            self._seal(session)
+            path.unlink(missing_ok=True)
             return JSONResponse({})
-        files = [folder / f"{n:05d}" for n in range(1, count + 1)]
-        if not session or not all(f.is_file() for f in files):
-            raise StoreError(400, "No part was uploaded" if not folder.exists() else "A part is missing")
-        fd, temp = self.store.new_temp()
+        if self._writing.get(session):
+            raise StoreError(409, "Parts of this upload are still being written: complete it once they are done")
+        if not session or not path.exists():
+            raise StoreError(400, "No part was uploaded")
+        self._seal(session)  # from here on no part of this session is written (no await since the check above)
+        sealed = path.with_name(path.name + ".sealed")
+        os.replace(path, sealed)
         digest = hashlib.sha256()
         try:
-            with os.fdopen(fd, "wb") as sink:
-                for part_file in files:
-                    with open(part_file, "rb") as source:
-                        while block := source.read(8 * 1024 * 1024):
-                            digest.update(block)
-                            sink.write(block)
-            actual = temp.stat().st_size
+            with open(sealed, "rb") as handle:
+                while block := handle.read(8 * 1024 * 1024):
+                    digest.update(block)
+            actual = sealed.stat().st_size
             if actual != size or digest.hexdigest() != oid:
-                shutil.rmtree(folder, ignore_errors=True)
                 raise StoreError(400, f"Assembled object does not match: {actual} bytes with sha256 "
                                       f"{digest.hexdigest()}")
-            self.store.adopt_temp(temp, oid)
+            self.store.adopt_temp(sealed, oid)
         finally:
-            temp.unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
+            sealed.unlink(missing_ok=True)
         return JSONResponse({})
+
+    def _seal(self, session: str) -> None:
+        self._sealed[session] = None
+        while len(self._sealed) > 100_000:  # bounded: the oldest seals go (their URLs expired long ago)
+            self._sealed.pop(next(iter(self._sealed)))
 
     async def lfs_verify(self, request: Request, oid: str) -> Response:
         size = self._check_signature(request, oid)

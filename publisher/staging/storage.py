@@ -518,7 +518,7 @@ class HubStore:
         for temp in self.tmp.iterdir():
             try:
                 if temp.stat().st_mtime < cutoff:
-                    if temp.is_dir():  # a multipart upload session's parts
+                    if temp.is_dir():
                         shutil.rmtree(temp, ignore_errors=True)
                     else:
                         temp.unlink()

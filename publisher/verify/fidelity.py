@@ -193,3 +193,16 @@ def verify_package(package: Path, source: Path, submodule: str, attention: Atten
                    runtime: str = "reference", float16_package: Path | None = None) -> Fidelity:
     return compare(package, compute_reference(package, source, submodule, attention, resolution, float16_package),
                    runtime_named(runtime))
+
+
+def store_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+                    float16_package: Path | None, path: Path) -> None:
+    """compute_reference, saved to `path` (a top-level function: the build runs it in a process of its own)."""
+    compute_reference(package, source, submodule, attention, resolution, float16_package).save(path)
+
+
+def check_stored_reference(package: Path, path: Path) -> Fidelity:
+    """The package on the executor against the reference saved at `path` (in a process of its own, too)."""
+    from publisher.verify.runtime import ExecutorRuntime
+
+    return compare(package, Reference.load(path), ExecutorRuntime())
