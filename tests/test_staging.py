@@ -328,7 +328,7 @@ def _raw(hub: StagingHub, method: str, path: str, body: bytes | str | None = Non
     conn = _conn(hub)
     conn.request(method, path, body=body, headers={"Authorization": f"Bearer {hub.token}", **(headers or {})})
     response = conn.getresponse()
-    return response.status, dict(response.getheaders()), response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
 
 def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
@@ -353,7 +353,8 @@ def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging
                  "/api/models/tester/%EF%BD%81bc"):
         status, headers, body = _raw(staging_hub, "GET", path)
         assert 400 <= status < 500, (path, status, body)
-        assert "\n" not in headers.get("X-Error-Message", "") and "\r" not in headers.get("X-Error-Message", "")
+        message = headers["x-error-message"]  # present and well-formed
+        assert message and "\n" not in message and "\r" not in message and "\x00" not in message
     # malformed input is a 4xx, never a 500
     status, _, _ = _raw(staging_hub, "DELETE", "/api/repos/delete", json.dumps({"name": "x", "type": 5}),
                         {"Content-Type": "application/json"})
@@ -533,3 +534,33 @@ def test_eight_clients_upload_one_object_at_once(staging_hub: StagingHub, tmp_pa
     assert errors == []
     assert sha256_of(staging_hub.root / "blobs" / oid[:2] / oid) == oid
     assert (peak[0] - idle) / 1024 < 200, f"server RSS grew by {(peak[0] - idle) / 1024:.0f} MiB"
+
+
+def test_pull_requests_tags_and_card_metadata(hf_api: HfApi, repo_id: str, staging_hub: StagingHub,
+                                              tmp_path: Path) -> None:
+    from huggingface_hub import CommitOperationAdd, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hf_api.upload_file(path_or_fileobj=b"v1", path_in_repo="m.txt", repo_id=repo_id)
+    pr = hf_api.create_pull_request(repo_id, title="a change")
+    assert pr.is_pull_request and pr.target_branch == "refs/heads/main" and pr.status == "open"
+    oid = hf_api.create_commit(repo_id, [CommitOperationAdd("m.txt", b"v2")], commit_message="on the PR",
+                               revision=pr.git_reference).oid
+    assert hf_api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests[0].target_commit == oid
+    assert hf_hub_download(repo_id, "m.txt", revision="main", cache_dir=str(tmp_path / "c")) is not None
+    assert Path(hf_hub_download(repo_id, "m.txt", revision="main", cache_dir=str(tmp_path / "c"))).read_bytes() == b"v1"
+    hf_api.create_tag(repo_id, tag="v1.0")
+    assert [t.name for t in hf_api.list_repo_refs(repo_id).tags] == ["v1.0"]
+    assert Path(hf_hub_download(repo_id, "m.txt", revision="v1.0", cache_dir=str(tmp_path / "c"))).read_bytes() == b"v1"
+    with pytest.raises(HfHubHTTPError) as info:
+        hf_api.create_tag(repo_id, tag="v1.0")
+    assert info.value.response.status_code == 409
+    # a card whose metadata does not parse never lands (the client checks it first; a raw commit is refused too)
+    ndjson = "\n".join(json.dumps(line) for line in (
+        {"key": "header", "value": {"summary": "card"}},
+        {"key": "file", "value": {"path": "README.md", "encoding": "base64",
+                                  "content": __import__("base64").b64encode(b"---\nlicense: [\n---\ntext").decode()}}))
+    status, headers, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/commit/main", ndjson,
+                              {"Content-Type": "application/x-ndjson"})
+    assert status == 400 and "README.md" in headers["x-error-message"]
+    assert "README.md" not in hf_api.list_repo_files(repo_id)

@@ -118,6 +118,8 @@ class HubApp:
             ("DELETE", re.compile(rf"/api/{t}/{repo}/branch/(?P<branch>.+)"), "delete_branch"),
             ("GET", re.compile(rf"/api/{t}/{repo}/discussions"), "discussions"),
             ("POST", re.compile(rf"/api/{t}/{repo}/discussions"), "open_discussion"),
+            ("GET", re.compile(rf"/api/{t}/{repo}/discussions/(?P<num>\d+)"), "discussion"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/tag/(?P<rev>[^/]+)"), "create_tag"),
             ("GET", re.compile(rf"/api/{t}/{repo}/revision/(?P<rev>[^/]+)"), "repo_info"),
             ("GET", re.compile(rf"/api/{t}/{repo}"), "repo_info"),
             ("POST", re.compile(r"/(?P<prefix>datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
@@ -320,7 +322,10 @@ class HubApp:
                 prs.append({"name": name.removeprefix("refs/pr/"), "ref": name, "targetCommit": oid})
             else:
                 branches.append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid})
-        payload: dict[str, Any] = {"branches": branches, "tags": [], "converts": []}
+        tags = [{"name": b["name"].removeprefix("refs/tags/"), "ref": b["name"], "targetCommit": b["targetCommit"]}
+                for b in branches if b["name"].startswith("refs/tags/")]
+        branches = [b for b in branches if not b["name"].startswith("refs/tags/")]
+        payload: dict[str, Any] = {"branches": branches, "tags": tags, "converts": []}
         if request.query_params.get("include_prs"):
             payload["pullRequests"] = prs
         return JSONResponse(payload)
@@ -357,9 +362,33 @@ class HubApp:
     async def open_discussion(self, request: Request, t: str, repo: str) -> Response:
         found = self._repo(request, t, repo, write=True)
         body = await _json(request)
-        number = self.store.open_discussion(found, str(body.get("title", "")), USER)
-        return JSONResponse({"num": number, "title": body.get("title", ""), "status": "open",
-                             "isPullRequest": False, "createdAt": "", "author": {"name": USER}})
+        title = body.get("title")
+        if not isinstance(title, str) or not title.strip():
+            raise StoreError(400, "A discussion needs a title")
+        number = self.store.open_discussion(found, title.strip(), USER, pull_request=body.get("pullRequest") is True)
+        return self._discussion_json(found, self.store.discussion(found, number))
+
+    def _discussion_json(self, found: Repo, item: dict[str, Any]) -> JSONResponse:
+        is_pr = bool(item["is_pr"])
+        return JSONResponse({
+            "num": item["num"], "title": item["title"], "status": item["status"], "isPullRequest": is_pr,
+            "createdAt": item["created"], "author": {"name": item["author"]}, "events": [],
+            "repo": {"name": found.id, "type": found.type}, "pinned": False, "diff": "",
+            **({"changes": {"base": "refs/heads/main", "mergeCommitId": None}, "filesWithConflicts": []}
+               if is_pr else {})})
+
+    async def discussion(self, request: Request, t: str, repo: str, num: str) -> Response:
+        found = self._repo(request, t, repo)
+        return self._discussion_json(found, self.store.discussion(found, int(num[:9])))
+
+    async def create_tag(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request)
+        tag = body.get("tag")
+        if not isinstance(tag, str):
+            raise StoreError(400, "'tag' is required")
+        self.store.create_tag(found, tag, rev)
+        return JSONResponse({})
 
     # -- trees --------------------------------------------------------------------------------------------
 
@@ -682,6 +711,11 @@ class HubApp:
                 if len(data) > LFS_SIZE_THRESHOLD:  # as the Hub: a regular file above 10 MB goes through LFS
                     raise StoreError(422, f"line {number}: {value['path']} is {len(data)} bytes; files larger than "
                                           f"{LFS_SIZE_THRESHOLD} bytes must be pushed with LFS", "FileTooLarge")
+                if value["path"] == "README.md":  # as the Hub: a card whose metadata does not parse is refused
+                    errors, _ = validate_card(data.decode("utf-8", "replace"))
+                    if errors:
+                        raise StoreError(400, f"Invalid metadata in README.md: {'; '.join(errors)}",
+                                         "InvalidMetadata")
                 value = {"path": value["path"], "_sha256": self.store.put_bytes(data), "_size": len(data),
                          "_git_oid": git_blob_id(data)}
                 operations.append((key, value))
@@ -711,7 +745,8 @@ class HubApp:
         if entry is None:
             error = StoreError(404, f"Entry not found: {path}", "EntryNotFound")
             response = JSONResponse({"error": error.message}, status_code=404,
-                                    headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit})
+                                    headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit,
+                                             "X-Error-Message": header_safe(error.message)[:200]})
             return response
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "ETag": f'"{entry.git_oid}"',
                    "Content-Type": "application/octet-stream"}

@@ -312,7 +312,8 @@ class HubStore:
     def resolve(self, repo: Repo, revision: str) -> str:
         name = revision.removeprefix("refs/heads/")
         with self._lock:
-            row = self._db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name=?", (repo.pk, name)).fetchone()
+            row = self._db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name IN (?, ?)",
+                                   (repo.pk, name, f"refs/tags/{name}")).fetchone()
             if row:
                 return str(row[0])
             if re.fullmatch(r"[0-9a-f]{7,40}", revision):
@@ -471,13 +472,33 @@ class HubStore:
                 self._db.execute("UPDATE refs SET commit_oid=? WHERE repo=? AND name=?", (oid, repo.pk, branch))
             return oid, number
 
-    def open_discussion(self, repo: Repo, title: str, author: str) -> int:
+    def open_discussion(self, repo: Repo, title: str, author: str, pull_request: bool = False) -> int:
+        """A discussion, or a pull request: then a ref `refs/pr/<num>` starts at main's head, for commits to go to."""
         with self._lock, self._transaction():
             number = 1 + int(self._db.execute("SELECT COALESCE(MAX(num), 0) FROM discussions WHERE repo=?",
                                               (repo.pk,)).fetchone()[0])
             self._db.execute("INSERT INTO discussions VALUES(?,?,?,?,?,?,?)",
-                             (repo.pk, number, title, 0, "open", now_iso(), author))
+                             (repo.pk, number, title, int(pull_request), "open", now_iso(), author))
+            if pull_request:
+                self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, f"refs/pr/{number}",
+                                                                    self.resolve(repo, "main")))
             return number
+
+    def discussion(self, repo: Repo, number: int) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM discussions WHERE repo=? AND num=?", (repo.pk, number)).fetchone()
+        if row is None:
+            raise StoreError(404, f"Discussion {number} not found", "DiscussionNotFound")
+        return dict(row)
+
+    def create_tag(self, repo: Repo, tag: str, revision: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", tag) or ".." in tag:
+            raise StoreError(400, f"Invalid tag name '{tag}'")
+        with self._lock, self._transaction():
+            if f"refs/tags/{tag}" in self.refs(repo) or tag in self.refs(repo):
+                raise StoreError(409, f"Tag '{tag}' already exists")
+            self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, f"refs/tags/{tag}", self.resolve(repo,
+                                                                                                       revision)))
 
     def upload_mode(self, repo: Repo, commit: str, path: str, size: int) -> str:
         if size > LFS_SIZE_THRESHOLD:
