@@ -238,6 +238,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         fetch = builder.add(f"fetch:{source}", "fetch", [], {"repo": v.source_repo, "revision": v.source_revision,
                                                              "weights": v.source_weights}, v.id)
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
+        packages_only: set[str] = set()  # submodules the compiled Resources leave out
         for component in v.components:
             attention = v.attention if component in USES_ATTENTION else None  # None: shared by every attention
             base = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
@@ -245,16 +246,19 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
             common = {"attention": attention.value if attention else None, "component": component.value,
                       "resolution": v.resolution,
                       "deployment_target": target.value}
+            whole = (component.value, builder.add(
+                f"convert:{source}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
+                f"{target.value}", "convert", [fetch], common, v.id))
             if v.chunk_unet and component is Component.UNET:
-                # the chunks are converted from the source as two modules, not cut from a converted UNet
-                pieces = [(name, builder.add(
+                # the chunks are converted from the source as two modules, not cut from a converted UNet. The
+                # Swift pipeline loads the chunks; Apple's Python pipeline opens only a whole `unet` package, so the
+                # packages folder keeps it too, and the compiled Resources (what iOS downloads) leave it out
+                pieces = [whole] + [(name, builder.add(
                     f"chunk:{source}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", [fetch],
                     {**common, "chunk": name}, v.id)) for name in submodules(component, chunked=True)]
+                packages_only.add(component.value)
             else:
-                pieces = [(component.value, builder.add(
-                    f"convert:{source}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
-                    f"{target.value}",
-                    "convert", [fetch], common, v.id))]
+                pieces = [whole]
             for submodule, package in pieces:
                 if v.precision.is_palettized and component in PALETTIZED_COMPONENTS:
                     params = v.precision.model_dump(mode="json", exclude_none=True)
@@ -267,7 +271,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:
             compiled = [builder.add(f"compile:{package}", "compile", [package], {"submodule": submodule}, v.id)
-                        for submodule, package in packages]
+                        for submodule, package in packages if submodule not in packages_only]
         assemble = builder.add(f"assemble:{v.id}", "assemble", [fetch] + [p for _, p in packages] + compiled,
                                {"layouts": [layout.value for layout in v.layouts]}, v.id)
         if Layout.ZIP in v.layouts:

@@ -316,3 +316,32 @@ def test_verify_without_stored_reference_says_so(built, tmp_path: Path) -> None:
                              str(tmp_path / "empty-store")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "no stored reference outputs in" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+CHUNKED_MANIFEST = """\
+name: tiny-sd-chunked
+source:
+  repo: {source}
+  revision: main
+license: mit
+resolution: 256
+publish:
+  - repo: "{{namespace}}/coreml-tiny-sd-ios"
+    precision: {{type: float16}}
+    attention: [SPLIT_EINSUM]
+    chunk_unet: [SPLIT_EINSUM]
+    layouts: [packages]
+"""
+
+
+def test_chunked_variant_publishes_chunks_and_the_whole_unet(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
+    manifest = write_manifest(tmp_path / "manifests", text=CHUNKED_MANIFEST)
+    result = build(load_manifests([manifest]), options(tmp_path, staging_hub))
+    assert result.ok, [v.error for v in result.variants]
+    folder = tmp_path / "out" / "tester" / "coreml-tiny-sd-ios" / "split_einsum"
+    names = sorted(p.name for p in (folder / "packages").iterdir())
+    assert names == sorted(f"Stable_Diffusion_version_tiny_sd_{c}.mlpackage" for c in
+                           ("text_encoder", "unet", "unet_chunk1", "unet_chunk2", "vae_decoder", "vae_encoder"))
+    info = json.loads((folder / "build-info.json").read_text())
+    assert {"unet", "unet_chunk1", "unet_chunk2"} <= set(info["fidelity"])
+    assert all(figures["output_psnr_db"] >= 35 for figures in info["fidelity"].values())

@@ -25,9 +25,9 @@ def test_every_variant_of_the_four_base_models() -> None:
 def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     plan = build_plan(load_manifests([MANIFESTS]), "me")
     counts = plan.counts()
-    # per model: the UNet and the two VAE parts once per attention (the float16 SPLIT_EINSUM UNet as two chunks,
-    # for iOS), the text encoder and the safety checker (SD 1.x only) once for every attention
-    assert counts["convert"] == 2 * (2 + 6 + 2) + 2 * (2 + 6 + 1)
+    # per model: the UNet and the two VAE parts once per attention (the float16 SPLIT_EINSUM UNet also as two
+    # chunks, for iOS), the text encoder and the safety checker (SD 1.x only) once for every attention
+    assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1)
     assert counts["chunk"] == 4 * 2
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model
@@ -67,3 +67,16 @@ def test_palettized_without_float16_sibling_converts_at_its_own_target(tmp_path:
     plan = build_plan(load_manifests([tmp_path]), "me")
     targets = {s.params["deployment_target"] for s in plan.steps_of("convert")}
     assert targets == {"iOS17"}
+
+
+def test_chunked_variant_keeps_the_whole_unet_in_packages_only() -> None:
+    """Swift loads UnetChunk1 + UnetChunk2 from the compiled Resources; Apple's Python pipeline opens `unet` from
+    the packages folder: both are there, and the compiled Resources hold the chunks alone."""
+    plan = build_plan(load_manifests([MANIFESTS]), "me")
+    variant = "me/coreml-stable-diffusion-v1-5/split_einsum"
+    verified = sorted(s.params["submodule"] for s in plan.steps_of("verify") if variant in s.variants)
+    compiled = sorted(s.params["submodule"] for s in plan.steps_of("compile") if variant in s.variants)
+    assert verified == ["safety_checker", "text_encoder", "unet", "unet_chunk1", "unet_chunk2", "vae_decoder",
+                        "vae_encoder"]
+    assert compiled == ["safety_checker", "text_encoder", "unet_chunk1", "unet_chunk2", "vae_decoder",
+                        "vae_encoder"]

@@ -324,8 +324,8 @@ class _Runner:
                         figures["output_psnr_vs_float_db"] = min(checked["psnr_vs_float_db"].values())
                 if figures:
                     fidelity[submodule] = figures
-                if compiled_layout:
-                    compile_step = next(s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id)
+                compile_step = next((s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id), None)
+                if compiled_layout and compile_step is not None:  # a chunked variant's whole UNet: packages only
                     link_tree(self.outputs[compile_step.id].path / "model.mlmodelc",
                               staged / "compiled" / compiled_name(submodule))
             if compiled_layout:

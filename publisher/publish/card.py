@@ -79,8 +79,8 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         lines += [
             "For iOS and iPadOS use " + ", ".join(f"`{name}/`" for name in chunked) + ": its UNet is in two "
             "chunks (UnetChunk1 + UnetChunk2, each under the 1 GB an iOS app can load at once), which the Swift "
-            "pipeline loads whenever both are present. Apple's Python pipeline opens a whole `unet` package: use "
-            "a folder without chunks there.",
+            "pipeline loads whenever both are present. Its `packages/` folder also holds the whole UNet, which "
+            "Apple's Python pipeline opens.",
             "",
         ]
     lines += [
