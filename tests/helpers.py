@@ -6,7 +6,7 @@ from pathlib import Path
 
 TINY_SOURCE_REPO = "tiny/sd"
 
-TWO_REPO_MANIFEST = """\
+MANIFEST_HEAD = """\
 name: tiny-sd
 description: tiny SD-shaped model for tests
 source:
@@ -15,6 +15,8 @@ source:
 license: mit
 resolution: 256
 publish:
+"""
+TWO_REPO_MANIFEST = MANIFEST_HEAD + """\
   - repo: "{{namespace}}/coreml-tiny-sd"
     precision: {{type: float16}}
     attention: [ORIGINAL, SPLIT_EINSUM_V2]
@@ -31,3 +33,13 @@ def write_manifest(folder: Path, source: str = TINY_SOURCE_REPO, text: str = TWO
     path = folder / "tiny-sd.yaml"
     path.write_text(text.format(source=source))
     return path
+
+
+# the float16 SPLIT_EINSUM repo for iOS: the UNet in two chunks
+CHUNKED_MANIFEST = MANIFEST_HEAD + """\
+  - repo: "{{namespace}}/coreml-tiny-sd-ios"
+    precision: {{type: float16}}
+    attention: [SPLIT_EINSUM]
+    chunk_unet: [SPLIT_EINSUM]
+    layouts: [packages]
+"""

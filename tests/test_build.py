@@ -19,7 +19,7 @@ from publisher.errors import ToolchainError
 from publisher.layout import write_zip
 from publisher.manifest import load_manifests
 from publisher.store import BuildStore
-from tests.helpers import write_manifest
+from tests.helpers import CHUNKED_MANIFEST, write_manifest
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -318,20 +318,6 @@ def test_verify_without_stored_reference_says_so(built, tmp_path: Path) -> None:
     assert "no stored reference outputs in" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-CHUNKED_MANIFEST = """\
-name: tiny-sd-chunked
-source:
-  repo: {source}
-  revision: main
-license: mit
-resolution: 256
-publish:
-  - repo: "{{namespace}}/coreml-tiny-sd-ios"
-    precision: {{type: float16}}
-    attention: [SPLIT_EINSUM]
-    chunk_unet: [SPLIT_EINSUM]
-    layouts: [packages]
-"""
 
 
 def test_chunked_variant_publishes_chunks_and_the_whole_unet(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]

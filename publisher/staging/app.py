@@ -589,13 +589,17 @@ class HubApp:
                         raise StoreError(400, f"Body is larger than the announced {size} bytes")
                     digest.update(chunk)
                     handle.write(chunk)
-            if written != size or digest.hexdigest() != oid:
-                raise StoreError(400, f"Uploaded content does not match: got {written} bytes with sha256 "
-                                      f"{digest.hexdigest()}, expected {size} bytes with sha256 {oid}")
-            self.store.adopt_temp(temp, oid)
+            self._adopt_if_intact(temp, oid, size, written, digest.hexdigest())
         finally:
             temp.unlink(missing_ok=True)
         return Response(status_code=200)
+
+    def _adopt_if_intact(self, temp: Path, oid: str, size: int, written: int, sha256: str) -> None:
+        """Move an uploaded file into the blob store if it has the announced size and hash; else refuse it."""
+        if written != size or sha256 != oid:
+            raise StoreError(400, f"Uploaded content does not match: got {written} bytes with sha256 {sha256}, "
+                                  f"expected {size} bytes with sha256 {oid}")
+        self.store.adopt_temp(temp, oid)
 
     def _session_file(self, oid: str, session: str) -> Path:
         return self.store.tmp / f"multipart-{oid}-{session}"
@@ -659,11 +663,7 @@ class HubApp:
             with open(sealed, "rb") as handle:
                 while block := handle.read(8 * 1024 * 1024):
                     digest.update(block)
-            actual = sealed.stat().st_size
-            if actual != size or digest.hexdigest() != oid:
-                raise StoreError(400, f"Assembled object does not match: {actual} bytes with sha256 "
-                                      f"{digest.hexdigest()}")
-            self.store.adopt_temp(sealed, oid)
+            self._adopt_if_intact(sealed, oid, size, sealed.stat().st_size, digest.hexdigest())
         finally:
             sealed.unlink(missing_ok=True)
         return JSONResponse({})
