@@ -136,3 +136,37 @@ def test_packages_from_the_fp16_copy_equal_float32_cast_to_float16(tmp_path: Pat
         assert name.startswith("q_") and a.dtype == np.float16, name
         assert np.all(np.abs(a.astype(np.float32) - b.astype(np.float32)) <= np.spacing(np.abs(a))), name
     assert len(folded) <= 8 and len(packages[0]) > 1000  # 8 attention layers; everything else bit-identical
+
+
+def test_source_cache_key_follows_commit_and_file_list(staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`publisher source-key` (the workflow's cache key): stable for the same commit, new for a new commit; nothing
+    is downloaded to compute it."""
+    import os
+    import subprocess
+    import sys
+
+    from publisher.engine.source import plan_source
+
+    source = build_tiny_pipeline(tmp_path / "src", components=(Component.TEXT_ENCODER, Component.UNET))
+    add_hub_copies(source, decoys=False)
+    push_tiny_source(source, "tiny/sd-keyed", staging_hub.url, staging_hub.token)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("name: keyed\nsource:\n  repo: tiny/sd-keyed\n  components: [text_encoder, unet]\n"
+                        "license: mit\nresolution: 256\npublish:\n  - repo: me/keyed\n"
+                        "    precision: {type: float16}\n    attention: [ORIGINAL]\n")
+    env = {**os.environ, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url, "HF_HUB_CACHE": str(tmp_path / "no-cache")}
+
+    def key() -> str:
+        result = subprocess.run([sys.executable, "-m", "publisher", "source-key", str(manifest)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    first = key()
+    assert first == key() and first.startswith("tiny--sd-keyed-")
+    assert not (tmp_path / "no-cache").exists()  # nothing was downloaded
+    chosen = plan_source("tiny/sd-keyed", "main", [Component.UNET], endpoint=staging_hub.url)
+    assert [f.path for f in chosen.files][-1] == "unet/diffusion_pytorch_model.fp16.safetensors"
+    (source / "unet" / "config.json").write_text((source / "unet" / "config.json").read_text() + "\n")
+    push_tiny_source(source, "tiny/sd-keyed", staging_hub.url, staging_hub.token)
+    assert key() != first

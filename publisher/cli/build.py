@@ -19,7 +19,7 @@ from publisher.cli._options import (
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
 from publisher.errors import PublisherError
-from publisher.manifest import load_manifests
+from publisher.manifest import Component, load_manifests
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
 
@@ -78,3 +78,24 @@ def compile_command(
     print_build_table(result)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def source_key_command(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
+    source_endpoint: SourceEndpointOpt = None,
+) -> None:
+    """Print one cache key for the source downloads of the manifests: it changes with each source's commit and with
+    the files a build downloads from it (for the workflow's source cache)."""
+    import hashlib
+
+    from publisher.engine.source import plan_source
+
+    keys = []
+    for item in load_manifests(manifests):
+        manifest = item.manifest
+        components = sorted({c for target in manifest.publish for c in manifest.components_for(target)},
+                            key=list(Component).index)
+        chosen = plan_source(manifest.source.repo, manifest.source.revision, components, endpoint=source_endpoint,
+                             token=token_for(source_endpoint), weights=manifest.source.weights)
+        keys.append(chosen.cache_key)
+    typer.echo(keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32])

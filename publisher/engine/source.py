@@ -107,12 +107,31 @@ def _link_tree(snapshot: Path, files: Sequence[SourceFile], target: Path) -> Non
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch_source(repo: str, revision: str, components: list[Component] | tuple[Component, ...], cache_dir: Path,
-                 endpoint: str | None = None, token: str | bool | None = None,
-                 weights: str = "auto") -> FetchedSource:
-    """Download the files a build of `components` loads (see the module doc); one-line errors for a missing repo,
-    revision, component or weight file."""
-    from huggingface_hub import HfApi, snapshot_download
+@dataclass(frozen=True)
+class SourcePlan:
+    """What a build of a source will download: the commit the revision resolves to and the chosen files."""
+
+    repo: str
+    revision: str
+    commit: str
+    files: tuple[SourceFile, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def digest(self) -> str:
+        return _file_list_digest(self.files)
+
+    @property
+    def cache_key(self) -> str:
+        """Changes with the commit and with the file list (a cache keyed so holds exactly these downloads)."""
+        return f"{self.repo.replace('/', '--')}-{self.commit[:12]}-{self.digest[:16]}"
+
+
+def plan_source(repo: str, revision: str, components: Sequence[Component], endpoint: str | None = None,
+                token: str | bool | None = None, weights: str = "auto") -> SourcePlan:
+    """Resolve the revision and choose the files (one API call; nothing is downloaded). One-line errors for a
+    missing repo, revision, component or weight file."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     label = f"{repo}@{revision}"
@@ -123,17 +142,25 @@ def fetch_source(repo: str, revision: str, components: list[Component] | tuple[C
         raise SourceError(f"source {repo} has no revision '{revision}'") from exc
     except RepositoryNotFoundError as exc:
         raise SourceError(f"source repo {repo} not found (or private without a token) at {api.endpoint}") from exc
-    commit = str(info.sha)
     tree = {s.rfilename: SourceFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
             for s in info.siblings or []}
     files, warnings = select_source_files(tree, components, weights, label)
-    snapshot = snapshot_download(repo, revision=commit, allow_patterns=[f.path for f in files],
+    return SourcePlan(repo, revision, str(info.sha), tuple(files), tuple(warnings))
+
+
+def fetch_source(repo: str, revision: str, components: list[Component] | tuple[Component, ...], cache_dir: Path,
+                 endpoint: str | None = None, token: str | bool | None = None,
+                 weights: str = "auto") -> FetchedSource:
+    """Download the files a build of `components` loads (see the module doc and plan_source)."""
+    from huggingface_hub import snapshot_download
+
+    chosen = plan_source(repo, revision, components, endpoint, token, weights)
+    snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
                                  cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
-    digest = _file_list_digest(files)
-    folder = Path(cache_dir) / "sources" / f"{repo.replace('/', '--')}--{commit[:12]}--{digest[:12]}"
-    _link_tree(Path(snapshot), files, folder)
-    return FetchedSource(repo=repo, revision=revision, commit=commit, path=folder, files=tuple(files),
-                         warnings=tuple(warnings))
+    folder = Path(cache_dir) / "sources" / f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}"
+    _link_tree(Path(snapshot), chosen.files, folder)
+    return FetchedSource(repo=repo, revision=revision, commit=chosen.commit, path=folder, files=chosen.files,
+                         warnings=chosen.warnings)
 
 
 def _file_list_digest(files: Sequence[SourceFile]) -> str:
