@@ -11,13 +11,14 @@ Every core takes pre-scaled queries and keys/values as (B, C, 1, S) tensors (C =
 - SPLIT_EINSUM_V2: SPLIT_EINSUM with the queries cut into chunks of 512, so that no intermediate holds a
   (keys x all-queries) matrix; below 512 queries it is SPLIT_EINSUM. A last shorter chunk is kept.
 
-The VAE's spatial self-attention gets the same cores (SpatialAttention4D) when an implementation other than
-ORIGINAL is asked for; its state dict keys are diffusers' (the module takes over the original's children).
+The VAE's spatial self-attention gets the same cores (SpatialAttention4D, its projections 1x1 convolutions) when an
+implementation other than ORIGINAL is asked for; its state dict keys are diffusers' (the module takes over the
+original's children). `Conv1x1` and `linears_to_convs` serve it and the ANE-shaped UNet alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -80,8 +81,33 @@ def attention_core(attention: Attention) -> AttentionCore:
     return split_einsum_core(QUERY_CHUNK if attention is Attention.SPLIT_EINSUM_V2 else None)
 
 
-def _conv1x1(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.conv2d(x, linear.weight[:, :, None, None], linear.bias)
+class Conv1x1(nn.Conv2d):
+    """A Linear layer as a 1x1 convolution over the channel axis of a 4-D tensor."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Conv1x1:
+        conv = cls(linear.in_features, linear.out_features, 1, bias=linear.bias is not None, device="meta")
+        conv.weight = nn.Parameter(linear.weight.detach().view(linear.out_features, linear.in_features, 1, 1),
+                                   requires_grad=False)
+        if linear.bias is not None:
+            conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return conv
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a diffusers (out, in) linear weight
+            state_dict = dict(state_dict)  # type: ignore[assignment]
+            state_dict[prefix + "weight"] = weight[:, :, None, None]  # type: ignore[index]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+
+
+def linears_to_convs(module: nn.Module) -> int:
+    """Replace every nn.Linear under `module` by a Conv1x1 sharing its weights; returns how many."""
+    swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.Linear)]
+    for parent, name, child in swaps:
+        setattr(parent, name, Conv1x1.from_linear(child))
+    return len(swaps)
 
 
 class SpatialAttention4D(nn.Module):
@@ -91,6 +117,7 @@ class SpatialAttention4D(nn.Module):
         super().__init__()
         self.group_norm = original.group_norm
         self.to_q, self.to_k, self.to_v, self.to_out = original.to_q, original.to_k, original.to_v, original.to_out
+        linears_to_convs(self)
         self.heads = original.heads
         self.scale = original.scale
         self.residual_connection = original.residual_connection
@@ -102,9 +129,9 @@ class SpatialAttention4D(nn.Module):
         residual = hidden_states
         x = self.group_norm(hidden_states) if self.group_norm is not None else hidden_states
         x = x.reshape(batch, channels, 1, height * width)
-        q = _conv1x1(self.to_q, x) * self.scale
-        out = self.core(q, _conv1x1(self.to_k, x), _conv1x1(self.to_v, x), self.heads)
-        out = _conv1x1(self.to_out[0], out).reshape(batch, channels, height, width)
+        q = self.to_q(x) * self.scale
+        out = self.core(q, self.to_k(x), self.to_v(x), self.heads)
+        out = self.to_out[0](out).reshape(batch, channels, height, width)
         if self.residual_connection:
             out = out + residual
         return out / self.rescale_output_factor

@@ -16,42 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from publisher.convert.attention import AttentionCore, channel_layer_norm
-
-
-class Conv1x1(nn.Conv2d):
-    """A Linear layer as a 1x1 convolution over the channel axis of a 4-D tensor."""
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Conv1x1:
-        conv = cls(linear.in_features, linear.out_features, 1, bias=linear.bias is not None, device="meta")
-        conv.weight = nn.Parameter(linear.weight.detach().view(linear.out_features, linear.in_features, 1, 1),
-                                   requires_grad=False)
-        if linear.bias is not None:
-            conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return conv
-
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        weight = state_dict.get(prefix + "weight")
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a diffusers (out, in) linear weight
-            state_dict = dict(state_dict)  # type: ignore[assignment]
-            state_dict[prefix + "weight"] = weight[:, :, None, None]  # type: ignore[index]
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
-
-
-def linears_to_convs(module: nn.Module) -> int:
-    """Replace every nn.Linear under `module` by a Conv1x1 sharing its weights; returns how many."""
-    swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-             if isinstance(child, nn.Linear)]
-    for parent, name, child in swaps:
-        setattr(parent, name, Conv1x1.from_linear(child))
-    return len(swaps)
+from publisher.convert.attention import AttentionCore, channel_layer_norm, linears_to_convs
 
 
 def _unsupported(what: str) -> NotImplementedError:
