@@ -9,7 +9,6 @@ entries could land outside the target folder.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import stat
 import zipfile
@@ -19,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from publisher.errors import PublisherError
+from publisher.layout import replace_folder
 from publisher.util.hashing import git_blob_id_of_file, sha256_file
 
 
@@ -100,19 +100,6 @@ def safe_extract(archive: Path, target: Path, top_folder: str | None = None,
         return written
 
 
-def _replace(staged: Path, final: Path) -> None:
-    """Put `staged` at `final` in one rename; what was at `final` is removed only once the new one is there."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists() or final.is_symlink():
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-
-
 def fetch_variant(repo_id: str, variant: str, to: Path, endpoint: str | None = None, token: str | None = None,
                   revision: str = "main", say: Callable[[str], None] = lambda _: None,
                   max_bytes: int = DEFAULT_MAX_UNCOMPRESSED, max_entries: int = DEFAULT_MAX_ENTRIES) -> FetchResult:
@@ -187,13 +174,13 @@ def _download_and_place(repo_id: str, variant: str, wanted: list[Any], commit: s
         extracted = staging / "extracted"
         shutil.rmtree(extracted, ignore_errors=True)
         written = safe_extract(archive, extracted, top_folder=top, max_bytes=max_bytes, max_entries=max_entries)
-        _replace(extracted / top, to / top)
-        _replace(archive, to / wanted[0].path)
+        replace_folder(extracted / top, to / top)
+        replace_folder(archive, to / wanted[0].path)
         result.files = [to / wanted[0].path]
         result.extracted = to / top
         say(f"extracted {len(written)} files into {to / top}")
     else:
-        _replace(downloads / variant, to / variant)
+        replace_folder(downloads / variant, to / variant)
         result.files = [to / e.path for e in wanted]
     shutil.rmtree(staging, ignore_errors=True)
     _remove_if_empty(to / _STAGING)

@@ -31,16 +31,23 @@ def link_tree(source: Path, target: Path) -> None:
             link_or_copy(path, target / path.relative_to(source))
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_folder(staged: Path, target: Path) -> None:
-    """Swap a fully assembled folder into place (the old one is removed only after the new one is complete)."""
+    """Swap a fully assembled folder (or file) into place in one rename; what was at `target` is removed only after
+    the new one is there."""
     target.parent.mkdir(parents=True, exist_ok=True)
     old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
+    _remove(old)
+    if target.exists() or target.is_symlink():
         os.replace(target, old)
     os.replace(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 def _crc32(path: Path) -> int:

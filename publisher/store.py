@@ -112,11 +112,9 @@ class BuildStore:
             return None
         try:
             record = json.loads(record_path.read_text())
-            expected = {name: (entry["sha256"], entry["size"]) for name, entry in record["files"].items()}
-        except (ValueError, KeyError, TypeError):
-            expected = None
-            record = {}
-        if expected is None or not self._intact(folder, record):
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not self._intact(folder, record):
             self._discard(folder)
             return None
         return StoredOutput(key=key, path=folder, record=record)
@@ -125,8 +123,8 @@ class BuildStore:
         """The same files as recorded, each with its recorded sha256. A file whose stamp is unchanged since it
         was hashed is trusted (unless `verify`); the others are hashed, and their new stamps recorded when the
         bytes still match, so the next lookup is free again."""
-        entries = record["files"]
         try:
+            entries = record["files"]
             present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {RECORD}
             if present != set(entries):
                 return False
@@ -137,9 +135,10 @@ class BuildStore:
                     continue
                 if info.st_size != entry["size"] or sha256_file(folder / name) != entry["sha256"]:
                     return False
-                entry["stamp"] = list(stamp_of(info))
-                restamped = True
-        except (OSError, KeyError, TypeError):
+                if entry.get("stamp") != list(stamp_of(info)):
+                    entry["stamp"] = list(stamp_of(info))
+                    restamped = True
+        except (OSError, KeyError, TypeError, AttributeError):
             return False
         if restamped:
             atomic_write_text(folder / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -336,10 +336,11 @@ class _Runner:
             shutil.rmtree(staged, ignore_errors=True)
         zip_path = repo_dir / variant.zip_name
         zip_step = next((s for s in steps if s.kind == "zip"), None)
+        known = self._vouched(steps)  # the folder holds hard links of stored files: their hashes are on record
         if zip_step is not None and compiled_layout:
             # the zip is keyed by the content of the Resources it holds
             assemble_step = next(s for s in steps if s.kind == "assemble")
-            resources = tree_files(folder / "compiled", self._vouched(steps))
+            resources = tree_files(folder / "compiled", known)
             self.keys[assemble_step.id] = step_key("assemble", {"resources": resources}, [], {})
             self.run_step(zip_step)
             if zip_step.id in self.failed:
@@ -347,11 +348,11 @@ class _Runner:
                 return
             zip_path.unlink(missing_ok=True)
             link_or_copy(self.outputs[zip_step.id].path / "archive.zip", zip_path)
-        known = self._vouched(steps)  # the folder holds hard links of stored files: their hashes are on record
         files = tree_files(folder, known)
         if zip_path.exists() and zip_step is not None and compiled_layout:
-            stamp = stamp_of(zip_path.stat())
-            files[f"../{variant.zip_name}"] = (known.get(stamp) or sha256_file(zip_path), zip_path.stat().st_size)
+            info = zip_path.stat()  # a hard link of the zip step's output: its hash is on that record
+            digest = self.outputs[zip_step.id].vouched().get(stamp_of(info)) or sha256_file(zip_path)
+            files[f"../{variant.zip_name}"] = (digest, info.st_size)
         seconds = sum(self.outputs[s.id].seconds for s in steps if s.id in self.outputs)
         info = {
             "variant": variant.to_json(),

@@ -12,8 +12,8 @@ macOS runner.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from publisher.contract import UNET_CHUNKS, component_of
 from publisher.errors import ToolchainError
 from publisher.manifest import Attention
 from publisher.metrics import psnr
+from publisher.util.atomic import atomic_write_bytes
 from publisher.verify.runtime import Runtime, runtime_named
 
 PSNR_BAR_DB = 35.0
@@ -107,11 +108,9 @@ class Reference:
         arrays |= {f"float/{k}": v for k, v in (self.float_outputs or {}).items()}
         meta = json.dumps({"submodule": self.submodule, "notes": self.notes, "inputs": list(self.inputs),
                            "outputs": list(self.outputs), "float": self.float_outputs is not None})
-        path = Path(path)
-        staged = path.with_name(f".{path.name}.tmp")
-        with open(staged, "wb") as handle:
-            np.savez(handle, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
-        os.replace(staged, path)
+        buffer = io.BytesIO()  # a few MB
+        np.savez(buffer, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+        atomic_write_bytes(Path(path), buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> Reference:
