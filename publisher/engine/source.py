@@ -24,6 +24,7 @@ from typing import Any
 
 from publisher.convert.weight_files import choose_weights
 from publisher.errors import SourceError
+from publisher.layout import link_or_copy
 from publisher.manifest import COMPONENT_FOLDERS, Component
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -92,13 +93,7 @@ def _link_tree(snapshot: Path, files: Sequence[SourceFile], target: Path) -> Non
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for item in files:
-            source = (snapshot / item.path).resolve()
-            destination = staging / item.path
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, destination)
-            except OSError:
-                shutil.copyfile(source, destination)
+            link_or_copy((snapshot / item.path).resolve(), staging / item.path)
         os.replace(staging, target)
     except OSError:
         if not target.exists():
