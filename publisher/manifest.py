@@ -11,14 +11,16 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, WrapValidator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from publisher.compress.scheme import CompressionSettings, precision_json_schema, validate_precision
+from publisher.deployment import DeploymentTarget
 from publisher.errors import ManifestError
 
 SCHEMA_FILE_NAME = "manifest.schema.json"
@@ -29,6 +31,8 @@ MAX_NODES = 20_000
 MAX_DEPTH = 32
 # The Swift pipeline feeds the safety checker a (1, 512, 512, 3) image whatever the model's resolution.
 SAFETY_CHECKER_RESOLUTION = 512
+# A UNet whose weights take this many bits or fewer is under the 1 GB an iOS app loads at once: no chunks.
+CHUNKING_PAYS_ABOVE_BITS = 6
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 # An org or user name, or the run-time placeholder; then a repo name. Hub names: letters, digits, - _ .
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -81,30 +85,10 @@ class ComputeUnit(str, Enum):
     CPU_ONLY = "CPU_ONLY"
 
 
-class DeploymentTarget(str, Enum):
-    iOS16 = "iOS16"
-    iOS17 = "iOS17"
-    iOS18 = "iOS18"
-    macOS13 = "macOS13"
-    macOS14 = "macOS14"
-    macOS15 = "macOS15"
-
-    @property
-    def level(self) -> int:
-        """The Core ML generation: iOS16 == macOS13 == 16, and so on."""
-        number = int(self.value.removeprefix("iOS").removeprefix("macOS"))
-        return number if self.value.startswith("iOS") else number + 3
-
-
 class Layout(str, Enum):
     PACKAGES = "packages"
     COMPILED = "compiled"
     ZIP = "zip"
-
-
-class Granularity(str, Enum):
-    PER_TENSOR = "per_tensor"
-    PER_GROUPED_CHANNEL = "per_grouped_channel"
 
 
 StrictInt = Annotated[int, Strict()]
@@ -116,33 +100,8 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
-class Precision(_Model):
-    """float16, or k-means palettization with `nbits` (per tensor, or per group of output channels)."""
-
-    type: Literal["float16", "palettize"]
-    nbits: Literal[1, 2, 4, 6, 8] | None = None
-    granularity: Granularity = Granularity.PER_TENSOR
-    group_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
-    recipe: Annotated[StrictStr, Field(min_length=1, max_length=255)] | None = Field(
-        default=None, description="JSON file (relative to the manifest) mapping op names to nbits, for mixed-bit"
-    )
-
-    @property
-    def is_palettized(self) -> bool:
-        return self.type == "palettize"
-
-    @property
-    def label(self) -> str:
-        if not self.is_palettized:
-            return "float16"
-        label = f"{self.nbits}-bit" + (" mixed" if self.recipe else "")
-        if self.granularity is Granularity.PER_GROUPED_CHANNEL:
-            label += f" g{self.effective_group_size}"
-        return label
-
-    @property
-    def effective_group_size(self) -> int:
-        return self.group_size or 16
+# `precision:` is validated by the model of the compression scheme its `type` names (publisher.compress.scheme)
+Precision = Annotated[CompressionSettings, WrapValidator(validate_precision)]
 
 
 class Source(_Model):
@@ -173,7 +132,8 @@ class PublishRepo(_Model):
         default_factory=dict, description="overrides of ORIGINAL -> CPU_AND_GPU, SPLIT_EINSUM* -> ALL"
     )
     minimum_deployment_target: DeploymentTarget | None = Field(
-        default=None, description="default: iOS16 for float16, iOS17 for palettized, iOS18 for grouped channels"
+        default=None, description="default: what the compression needs (iOS16 for float16, iOS17 for palettized, "
+        "iOS18 for grouped channels)"
     )
     components: list[Component] | None = Field(
         default=None, min_length=1, description="default: the source's (the safety checker only at resolution 512)"
@@ -188,9 +148,7 @@ class PublishRepo(_Model):
     def deployment_target(self) -> DeploymentTarget:
         if self.minimum_deployment_target is not None:
             return self.minimum_deployment_target
-        if self.precision.granularity is Granularity.PER_GROUPED_CHANNEL:
-            return DeploymentTarget.iOS18
-        return DeploymentTarget.iOS17 if self.precision.is_palettized else DeploymentTarget.iOS16
+        return self.precision.scheme.minimum_target(self.precision)
 
     def chunks_unet(self, attention: Attention) -> bool:
         if isinstance(self.chunk_unet, bool):
@@ -275,25 +233,8 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                 errors.append((at + ("compute_units", attention.value),
                                f"'{attention.value}' is not in this repo's attention list"))
         precision = target.precision
-        if precision.is_palettized:
-            if precision.nbits is None:
-                errors.append((at + ("precision", "nbits"), "required when type is 'palettize'"))
-            if target.deployment_target.level < 17:
-                errors.append((at + ("minimum_deployment_target",),
-                               "palettized weights need iOS17/macOS14 or later"))
-            if precision.granularity is Granularity.PER_GROUPED_CHANNEL and target.deployment_target.level < 18:
-                errors.append((at + ("precision", "granularity"),
-                               "per_grouped_channel needs minimum_deployment_target iOS18/macOS15 or later"))
-        else:
-            for field in ("nbits", "group_size", "recipe"):
-                if getattr(precision, field) is not None:
-                    errors.append((at + ("precision", field), "only allowed when type is 'palettize'"))
-            if precision.granularity is not Granularity.PER_TENSOR:
-                errors.append((at + ("precision", "granularity"), "only allowed when type is 'palettize'"))
-        if precision.recipe is not None and not _inside_folder(precision.recipe):
-            errors.append((at + ("precision", "recipe"), "must be a relative path inside the manifest's folder"))
-        if precision.group_size is not None and precision.granularity is not Granularity.PER_GROUPED_CHANNEL:
-            errors.append((at + ("precision", "group_size"), "only allowed with granularity per_grouped_channel"))
+        errors.extend((at + loc, message) for loc, message in
+                      precision.scheme.problems(precision, target.deployment_target))
         if not isinstance(target.chunk_unet, bool):
             for index, attention in enumerate(target.chunk_unet):
                 if attention not in target.attention:
@@ -304,9 +245,11 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
         if target.chunk_unet:
             if Component.UNET not in manifest.components_for(target):
                 errors.append((at + ("chunk_unet",), "needs the 'unet' component"))
-            if precision.is_palettized and precision.nbits is not None and precision.nbits <= 6:
+            bits = precision.scheme.weight_bits(precision)
+            if bits <= CHUNKING_PAYS_ABOVE_BITS:
                 errors.append((at + ("chunk_unet",),
-                               f"a {precision.nbits}-bit palettized UNet is small enough: chunking is refused"))
+                               f"a {precision.label} UNet is small enough ({bits:g} bits per weight): chunking is "
+                               "refused"))
         if Layout.ZIP in target.layouts and Layout.COMPILED not in target.layouts:
             errors.append((at + ("layouts",), "'zip' needs 'compiled' (the zip holds the compiled Resources)"))
     return errors
@@ -314,11 +257,6 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading with line numbers
-
-
-def _inside_folder(relative: str) -> bool:
-    path = PurePosixPath(relative.replace("\\", "/"))
-    return not path.is_absolute() and ".." not in path.parts and ":" not in relative and not relative.startswith("~")
 
 
 def format_loc(loc: Loc) -> str:
@@ -577,6 +515,13 @@ def check_resolved(loaded: Sequence[LoadedManifest], namespace: str) -> None:
 
 def json_schema() -> dict[str, Any]:
     schema = Manifest.model_json_schema()
+    # `precision` is one branch per registered compression scheme, whatever the Python type says
+    branches = precision_json_schema()["oneOf"]
+    for branch in branches:
+        for name, definition in branch.pop("$defs", {}).items():
+            schema.setdefault("$defs", {})[name] = definition
+    schema["$defs"]["PublishRepo"]["properties"]["precision"] = {"oneOf": branches}
+    schema["$defs"].pop("CompressionSettings", None)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "coreml-publisher manifest"
     return schema

@@ -7,11 +7,15 @@ feeds both the float16 and the palettized repo).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from publisher.compress.scheme import CompressionSettings
 from publisher.contract import UNET_CHUNKS, USES_ATTENTION, zip_file_name
 from publisher.errors import PublisherError
 from publisher.manifest import (
@@ -19,17 +23,16 @@ from publisher.manifest import (
     Component,
     ComputeUnit,
     DeploymentTarget,
-    Granularity,
     Layout,
     LoadedManifest,
-    Precision,
     check_resolved,
 )
 
-StepKind = Literal["fetch", "convert", "chunk", "palettize", "verify", "compile", "assemble", "zip"]
-STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "palettize", "verify", "compile", "assemble", "zip")
+StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "compile", "assemble", "zip"]
+STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "compile",
+                                    "assemble", "zip")
 # Apple's converter leaves the VAE and the safety checker in float16 when palettizing.
-PALETTIZED_COMPONENTS = frozenset({Component.TEXT_ENCODER, Component.UNET})
+COMPRESSED_COMPONENTS = frozenset({Component.TEXT_ENCODER, Component.UNET})
 # GitHub Actions refuses a matrix of more than 256 jobs.
 GITHUB_MATRIX_LIMIT = 256
 
@@ -42,7 +45,7 @@ class Variant:
     manifest_path: str
     repo_id: str
     attention: Attention
-    precision: Precision
+    precision: CompressionSettings
     components: tuple[Component, ...]
     compute_unit: ComputeUnit
     deployment_target: DeploymentTarget
@@ -88,16 +91,94 @@ class Variant:
         }
 
 
+# One parameter type per step kind: what the step's output depends on besides its inputs (the store keys it by them).
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    repo: str
+    revision: str
+    weights: str = "auto"
+
+
+@dataclass(frozen=True)
+class ConvertParams:
+    component: str
+    attention: str | None  # None: a component no attention implementation changes, shared by every attention
+    resolution: int
+    deployment_target: str
+
+
+@dataclass(frozen=True)
+class ChunkParams(ConvertParams):
+    chunk: str = UNET_CHUNKS[0]
+
+
+@dataclass(frozen=True)
+class AnalyzeParams:
+    """A compression scheme's analysis of one component's source weights (inputs: the fetch)."""
+
+    scheme: str
+    component: str
+    resolution: int
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompressParams:
+    """inputs: the float16 package, then the analysis when the scheme asked for one."""
+
+    scheme: str
+    settings: dict[str, Any]  # the scheme's manifest settings, as JSON
+    component: str
+    deployment_target: str
+
+
+@dataclass(frozen=True)
+class VerifyParams:
+    component: str
+    submodule: str
+
+
+@dataclass(frozen=True)
+class CompileParams:
+    submodule: str
+
+
+@dataclass(frozen=True)
+class AssembleParams:
+    layouts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ZipParams:
+    name: str
+
+
+StepParams = (FetchParams | ConvertParams | ChunkParams | AnalyzeParams | CompressParams | VerifyParams | CompileParams
+              | AssembleParams | ZipParams)
+PARAMS_OF: dict[StepKind, type] = {"fetch": FetchParams, "convert": ConvertParams, "chunk": ChunkParams,
+                                   "analyze": AnalyzeParams, "compress": CompressParams, "verify": VerifyParams,
+                                   "compile": CompileParams, "assemble": AssembleParams, "zip": ZipParams}
+
+
 @dataclass
 class Step:
     id: str
     kind: StepKind
     inputs: tuple[str, ...]
-    params: dict[str, Any]
+    params: StepParams
     variants: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if type(self.params) is not PARAMS_OF[self.kind]:
+            raise TypeError(f"{self.kind} step {self.id}: params must be {PARAMS_OF[self.kind].__name__}")
+
+    def params_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.params).items()}
+
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "inputs": list(self.inputs), "params": self.params,
+        return {"id": self.id, "kind": self.kind, "inputs": list(self.inputs), "params": self.params_json(),
                 "variants": self.variants}
 
 
@@ -152,7 +233,7 @@ class Plan:
         for step in self.steps.values():
             # conversions every attention shares (the text encoder's) are cheap and would join all of a model's
             # variants into one job: each job that needs one converts it, the heavy ones run once
-            if step.kind in ("convert", "chunk") and step.params.get("attention") is not None:
+            if isinstance(step.params, ConvertParams) and step.params.attention is not None:
                 members = [v for v in step.variants if v in parent]
                 for other in members[1:]:
                     parent[root(other)] = root(members[0])
@@ -173,7 +254,7 @@ class _Builder:
     def __init__(self) -> None:
         self.steps: dict[str, Step] = {}
 
-    def add(self, step_id: str, kind: StepKind, inputs: Sequence[str], params: dict[str, Any], variant: str) -> str:
+    def add(self, step_id: str, kind: StepKind, inputs: Sequence[str], params: StepParams, variant: str) -> str:
         step = self.steps.get(step_id)
         if step is None:
             step = self.steps[step_id] = Step(step_id, kind, tuple(inputs), params)
@@ -211,21 +292,29 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
 
 def _conversion_target(variant: Variant, float16_targets: dict[tuple[Any, ...], list[DeploymentTarget]],
                        base: tuple[Any, ...]) -> DeploymentTarget:
-    """A palettized variant reuses the float16 conversion of the same source/attention/component when one is
+    """A compressed variant reuses the float16 conversion of the same source/attention/component when one is
     planned at a deployment target it can run on; otherwise it converts at its own target."""
-    grouped = variant.precision.granularity is Granularity.PER_GROUPED_CHANNEL
-    if variant.precision.is_palettized and not grouped:  # grouped LUTs need an iOS18 program from the start
+    if _compressing(variant) and not variant.precision.scheme.own_conversion(variant.precision):
         usable = [t for t in float16_targets.get(base, []) if t.level <= variant.deployment_target.level]
         if usable:
             return min(usable, key=lambda t: (t.level, t.value))
     return variant.deployment_target
 
 
+def _compressing(variant: Variant) -> bool:
+    return any(c in COMPRESSED_COMPONENTS and variant.precision.scheme.compresses(variant.precision, c.value)
+               for c in variant.components)
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     variants = expand_variants(loaded, namespace)
     float16_targets: dict[tuple[Any, ...], list[DeploymentTarget]] = {}
     for v in variants:
-        if not v.precision.is_palettized:
+        if not _compressing(v):
             for component in v.components:
                 attention = v.attention if component in USES_ATTENTION else None
                 key = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
@@ -233,49 +322,58 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
 
     builder = _Builder()
     for v in variants:
+        scheme = v.precision.scheme
+        settings = v.precision.model_dump(mode="json", exclude_none=True)
         # the weight copy is part of the source: the same repo read as fp32 is another source
         source = f"{v.source_repo}@{v.source_revision}" + ("" if v.source_weights == "auto" else f"#{v.source_weights}")
-        fetch = builder.add(f"fetch:{source}", "fetch", [], {"repo": v.source_repo, "revision": v.source_revision,
-                                                             "weights": v.source_weights}, v.id)
+        fetch = builder.add(f"fetch:{source}", "fetch", [], FetchParams(v.source_repo, v.source_revision,
+                                                                        v.source_weights), v.id)
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         packages_only: set[str] = set()  # submodules the compiled Resources leave out
         for component in v.components:
             attention = v.attention if component in USES_ATTENTION else None  # None: shared by every attention
             base = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
-            common = {"attention": attention.value if attention else None, "component": component.value,
-                      "resolution": v.resolution,
-                      "deployment_target": target.value}
+            convert = ConvertParams(component.value, attention.value if attention else None, v.resolution,
+                                    target.value)
             whole = (component.value, builder.add(
                 f"convert:{source}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
-                f"{target.value}", "convert", [fetch], common, v.id))
+                f"{target.value}", "convert", [fetch], convert, v.id))
             if v.chunk_unet and component is Component.UNET:
                 # the chunks are converted from the source as two modules, not cut from a converted UNet. The
                 # Swift pipeline loads the chunks; Apple's Python pipeline opens only a whole `unet` package, so the
                 # packages folder keeps it too, and the compiled Resources (what iOS downloads) leave it out
                 pieces = [whole] + [(name, builder.add(
                     f"chunk:{source}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", [fetch],
-                    {**common, "chunk": name}, v.id)) for name in submodules(component, chunked=True)]
+                    ChunkParams(**dataclasses.asdict(convert), chunk=name), v.id))
+                    for name in submodules(component, chunked=True)]
                 packages_only.add(component.value)
             else:
                 pieces = [whole]
+            compressed = component in COMPRESSED_COMPONENTS and scheme.compresses(v.precision, component.value)
+            analysis: list[str] = []
+            request = scheme.analysis(v.precision, component.value) if compressed else None
+            if request is not None:  # of the source's weights: shared by every attention and target
+                analyze = AnalyzeParams(scheme.name, request.component, v.resolution, request.params)
+                analysis = [builder.add(f"analyze:{source}:{request.component}:{v.resolution}:{scheme.name}:"
+                                        f"{_digest(request.params)}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
-                if v.precision.is_palettized and component in PALETTIZED_COMPONENTS:
-                    params = v.precision.model_dump(mode="json", exclude_none=True)
-                    params["deployment_target"] = v.deployment_target.value
-                    package = builder.add(f"palettize:{package}:{v.precision.label}:{v.deployment_target.value}",
-                                          "palettize", [package], params, v.id)
+                if compressed:
+                    package = builder.add(f"{scheme.name}:{package}:{v.precision.label}:{v.deployment_target.value}",
+                                          "compress", [package, *analysis],
+                                          CompressParams(scheme.name, settings, component.value,
+                                                         v.deployment_target.value), v.id)
                 verify = builder.add(f"verify:{package}", "verify", [package],
-                                     {"component": component.value, "submodule": submodule}, v.id)
+                                     VerifyParams(component.value, submodule), v.id)
                 packages.append((submodule, verify))
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:
-            compiled = [builder.add(f"compile:{package}", "compile", [package], {"submodule": submodule}, v.id)
+            compiled = [builder.add(f"compile:{package}", "compile", [package], CompileParams(submodule), v.id)
                         for submodule, package in packages if submodule not in packages_only]
         assemble = builder.add(f"assemble:{v.id}", "assemble", [fetch] + [p for _, p in packages] + compiled,
-                               {"layouts": [layout.value for layout in v.layouts]}, v.id)
+                               AssembleParams(tuple(layout.value for layout in v.layouts)), v.id)
         if Layout.ZIP in v.layouts:
-            builder.add(f"zip:{v.id}", "zip", [assemble], {"name": v.zip_name}, v.id)
+            builder.add(f"zip:{v.id}", "zip", [assemble], ZipParams(v.zip_name), v.id)
     return Plan(namespace=namespace, variants=variants, steps=builder.steps)
 
 

@@ -64,8 +64,8 @@ def test_layout_follows_the_contract(built) -> None:  # type: ignore[no-untyped-
             assert set(info["fidelity"]) == set(COMPONENTS)  # every package's output PSNR was checked
             assert all(f["output_psnr_db"] >= 35 for f in info["fidelity"].values())
             if repo.endswith("palettized"):
-                assert {c for c, f in info["fidelity"].items() if "nbits" in f} == {"text_encoder", "unet"}
-                assert info["fidelity"]["unet"]["nbits"] == 6
+                assert {c for c, f in info["fidelity"].items() if "bits" in f} == {"text_encoder", "unet"}
+                assert info["fidelity"]["unet"]["bits"] == 6
                 assert info["fidelity"]["unet"]["output_psnr_vs_float_db"] < info["fidelity"]["unet"]["output_psnr_db"]
             assert not (out / repo / folder / "compiled").exists()  # nothing pretends to be compiled on Linux
     assert {r.status for r in result.variants} == {"built"}

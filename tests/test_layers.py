@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "publisher"
 # lowest first; a module belongs to the first layer whose prefix matches it (longest prefixes listed first)
 LAYERS: list[tuple[str, ...]] = [
     ("publisher.errors", "publisher.util", "publisher.metrics", "publisher"),            # base
-    ("publisher.manifest", "publisher.contract", "publisher.mlpackage", "publisher.milfile"),  # model, files
+    ("publisher.manifest", "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
+     "publisher.deployment"),                                                              # model, files, schemes
     ("publisher.plan",),                                                                  # what to build
-    ("publisher.convert", "publisher.compress", "publisher.verify", "publisher.compile", "publisher.layout",
+    ("publisher.convert", "publisher.verify", "publisher.compile", "publisher.layout",
      "publisher.store"),                                                                  # the stages
     ("publisher.engine", "publisher.fetch", "publisher.publish", "publisher.staging"),   # running them, the Hub
     ("publisher.tiny", "publisher.demo"),                                                 # fixtures, the demo

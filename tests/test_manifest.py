@@ -82,7 +82,7 @@ CASES = [
      "[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$"),
     ("    attention: [ORIGINAL, SPLIT_EINSUM_V2]",
      "    attention: [ORIGINAL, SPLIT_EINSUM_V2]\n    chunk_unet: true",
-     "m.yaml:16: publish[1].chunk_unet: a 6-bit palettized UNet is small enough: chunking is refused"),
+     "m.yaml:16: publish[1].chunk_unet: a 6-bit UNet is small enough (6 bits per weight): chunking is refused"),
     ("      nbits: 6", "      nbits: 6\n      granularity: per_grouped_channel\n      group_size: 32\n"
      "    minimum_deployment_target: iOS17",
      "m.yaml:15: publish[1].precision.granularity: per_grouped_channel needs minimum_deployment_target "

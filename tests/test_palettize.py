@@ -12,6 +12,7 @@ import pytest
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
 from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
+from publisher.compress.palettization import Granularity
 from publisher.compress.palettize import (
     PalettizeConfig,
     PalettizeError,
@@ -21,7 +22,7 @@ from publisher.compress.palettize import (
     read_palettized_weights,
 )
 from publisher.convert.coreml import PackageMetadata, convert_component
-from publisher.manifest import Attention, Component, DeploymentTarget, Granularity
+from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.metrics import snr
 from publisher.milfile import PackageFiles, WeightReader, const_values, main_block, op_name, operand_values, read_spec
 from publisher.mlpackage import import_coremltools, load_program, main_operations, package_info

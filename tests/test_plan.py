@@ -19,6 +19,7 @@ def test_every_variant_of_the_four_base_models() -> None:
                   "stable-diffusion-2-1-base"):
         expected += [f"me/coreml-{model}/original", f"me/coreml-{model}/split_einsum",
                      f"me/coreml-{model}-palettized/original", f"me/coreml-{model}-palettized/split_einsum_v2"]
+    expected.append("me/coreml-stable-diffusion-v1-5-mixed-bit/split_einsum_v2")
     assert ids == sorted(expected)
 
 
@@ -30,17 +31,22 @@ def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1)
     assert counts["chunk"] == 4 * 2
     assert counts["fetch"] == 4
-    # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model
-    assert counts["palettize"] == 8 + 4
-    assert counts["assemble"] == counts["zip"] == 16
-    shared = [s for s in plan.steps_of("convert") if s.params["attention"] in ("ORIGINAL", None)]
+    # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
+    # the mixed-bit repo's UNet (its V2 conversion shared with the 6-bit repo) after one analysis of the source
+    assert counts["compress"] == 8 + 4 + 1
+    assert counts["analyze"] == 1
+    assert counts["assemble"] == counts["zip"] == 17
+    shared = [s for s in plan.steps_of("convert") if s.params.attention in ("ORIGINAL", None)]
     assert len(shared) == 4 * 3 + 4 + 2
     for step in shared:
         repos = {variant.rsplit("/", 1)[0] for variant in step.variants}
-        assert len(repos) == 2, step.id  # the float16 and the palettized repo
-        assert step.params["deployment_target"] == "iOS16"
-    text_encoders = [s for s in plan.steps_of("convert") if s.params["component"] == "text_encoder"]
-    assert len(text_encoders) == 4 and all(len(s.variants) == 4 for s in text_encoders)  # every attention of a model
+        assert {r.removesuffix("-palettized") for r in repos if not r.endswith("-mixed-bit")} == {
+            min(repos, key=len)}, step.id  # the float16 and the palettized repo (and the mixed-bit one of SD 1.5)
+        assert len(repos) == (3 if "v1-5" in step.id and step.params.attention is None else 2), step.id
+        assert step.params.deployment_target == "iOS16"
+    text_encoders = [s for s in plan.steps_of("convert") if s.params.component == "text_encoder"]
+    # every attention of a model
+    assert len(text_encoders) == 4 and sorted(len(s.variants) for s in text_encoders) == [4, 4, 4, 5]
 
 
 def test_steps_come_after_their_inputs() -> None:
@@ -65,7 +71,7 @@ def test_palettized_without_float16_sibling_converts_at_its_own_target(tmp_path:
         "name: t\nsource: {repo: o/t}\nlicense: mit\npublish:\n"
         "  - repo: o/p\n    precision: {type: palettize, nbits: 4}\n    attention: [SPLIT_EINSUM_V2]\n")
     plan = build_plan(load_manifests([tmp_path]), "me")
-    targets = {s.params["deployment_target"] for s in plan.steps_of("convert")}
+    targets = {s.params.deployment_target for s in plan.steps_of("convert")}
     assert targets == {"iOS17"}
 
 
@@ -74,8 +80,8 @@ def test_chunked_variant_keeps_the_whole_unet_in_packages_only() -> None:
     the packages folder: both are there, and the compiled Resources hold the chunks alone."""
     plan = build_plan(load_manifests([MANIFESTS]), "me")
     variant = "me/coreml-stable-diffusion-v1-5/split_einsum"
-    verified = sorted(s.params["submodule"] for s in plan.steps_of("verify") if variant in s.variants)
-    compiled = sorted(s.params["submodule"] for s in plan.steps_of("compile") if variant in s.variants)
+    verified = sorted(s.params.submodule for s in plan.steps_of("verify") if variant in s.variants)
+    compiled = sorted(s.params.submodule for s in plan.steps_of("compile") if variant in s.variants)
     assert verified == ["safety_checker", "text_encoder", "unet", "unet_chunk1", "unet_chunk2", "vae_decoder",
                         "vae_encoder"]
     assert compiled == ["safety_checker", "text_encoder", "unet_chunk1", "unet_chunk2", "vae_decoder",

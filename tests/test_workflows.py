@@ -70,7 +70,7 @@ def test_plan_emits_the_matrix_the_workflow_reads() -> None:
     assert {"job", "variants", "manifest", "repos"} <= set(matrix["include"][0])
     jobs = [job["variants"].split() for job in matrix["include"]]
     assert sorted(v for job in jobs for v in job) == sorted({v for job in jobs for v in job})  # each variant once
-    assert len({v for job in jobs for v in job}) == 16
+    assert len({v for job in jobs for v in job}) == 17
     assert len(jobs) == 12  # per model: ORIGINAL of both repos together, then each split-einsum variant alone
 
 
@@ -80,12 +80,12 @@ def test_each_shared_conversion_runs_in_one_job_only() -> None:
 
     plan = build_plan(load_manifests([ROOT / "manifests"]), "ns")
     job_of = {v: i for i, job in enumerate(plan.github_matrix()["include"]) for v in job["variants"].split()}
-    heavy = [s for s in plan.steps.values() if s.kind in ("convert", "chunk") and s.params["attention"]]
+    heavy = [s for s in plan.steps.values() if s.kind in ("convert", "chunk") and s.params.attention]
     assert any(len(s.variants) > 1 for s in heavy)
     for step in heavy:  # the UNet and VAE conversions: one job each
         assert len({job_of[v] for v in step.variants}) == 1, step.id
     # the text encoder (every attention shares it) is converted in each job that needs it, not one job per model
-    assert len({job_of[v] for s in plan.steps_of("convert") if s.params["component"] == "text_encoder"
+    assert len({job_of[v] for s in plan.steps_of("convert") if s.params.component == "text_encoder"
                 for v in s.variants}) == 12
 
 

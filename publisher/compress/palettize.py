@@ -8,6 +8,7 @@ The report is computed from the saved package read back from disk: the bytes tha
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -25,8 +26,9 @@ import numpy as np
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
 from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
+from publisher.compress.palettization import Granularity
+from publisher.deployment import DeploymentTarget
 from publisher.errors import PublisherError
-from publisher.manifest import DeploymentTarget, Granularity
 from publisher.mlpackage import import_coremltools
 
 # Below this many elements a weight stays float16 (the LUT would not pay for itself); coremltools' default too.
@@ -70,6 +72,21 @@ def load_recipe(path: Path) -> dict[str, int]:
         if bits not in (0, *SUPPORTED_NBITS):
             raise PalettizeError(f"{path}: {name}: nbits must be one of 0, 1, 2, 4, 6, 8, not {bits!r}")
     return {str(k): int(v) for k, v in data.items()}
+
+
+def recipe_for_package(package: Path, bits_by_sha256: Mapping[str, int]) -> dict[str, int]:
+    """A recipe keyed by weights' content (sha256 of their float16 bytes, as an analysis of the PyTorch model
+    records them) -> the same recipe keyed by the package's op names. Ops without a match are left out."""
+    from publisher.milfile import PackageFiles, WeightReader, main_block, op_name, read_spec
+
+    reader = WeightReader(PackageFiles.of(package))
+    recipe = {}
+    for op in main_block(read_spec(package), package).operations:
+        if _is_float16_weight(op):
+            digest = hashlib.sha256(np.ascontiguousarray(reader.read(op.attributes["val"])).tobytes()).hexdigest()
+            if digest in bits_by_sha256:
+                recipe[op_name(op)] = int(bits_by_sha256[digest])
+    return recipe
 
 
 def _lookup_inputs(block: Any) -> set[str]:
@@ -151,6 +168,15 @@ def _solve(value: np.ndarray, bits: int, config: PalettizeConfig, ios18: bool) -
     if ios18:  # iOS18 form: uintN indices in the weight's shape, LUT shaped for broadcasting
         return _Solution(bits, palette.lut.reshape([1] * value.ndim + [1 << bits, 1]), palette.indices, False)
     return _Solution(bits, palette.lut, pack_indices(palette.indices, bits), True)
+
+
+def dense_palettized(value: np.ndarray, bits: int, granularity: Granularity = Granularity.PER_TENSOR,
+                     group_size: int = 16) -> np.ndarray:
+    """The float16 weight a package palettized at `bits` decodes to (the same LUTs and indices as palettize_package
+    writes), for analyses that run the palettized weights in PyTorch."""
+    config = PalettizeConfig(nbits=bits, granularity=granularity, group_size=group_size)
+    solution = _solve(np.asarray(value, dtype=np.float16), bits, config, ios18=True)
+    return lut_lookup(solution.lut, solution.indices).reshape(value.shape)
 
 
 def _lut_operation(const: Any, name: str, shape: tuple[int, ...], solution: _Solution, writer: Any) -> Any:

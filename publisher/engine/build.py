@@ -1,4 +1,4 @@
-"""Run a plan: fetch -> convert/chunk -> palettize -> verify -> compile -> assemble -> zip, through the store.
+"""Run a plan: fetch -> convert/chunk -> (analyze) -> compress -> verify -> compile -> assemble -> zip, through the store.
 
 Each step's output is keyed by the hash of its inputs, its parameters and the tool versions, so a rerun redoes only
 what changed, and a killed run resumes: finished steps are in the store, half-written ones never are. The variant
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from publisher.compile import compile_package, require_compiler
+from publisher.compress.recipe import APPLE_PRE_ANALYSIS, pre_analysis_name
+from publisher.compress.scheme import REPORT, CompressContext, scheme_named
 from publisher.contract import TOKENIZER_FILES, UNET_CHUNKS, compiled_name, package_name, zip_folder_name
 from publisher.errors import PublisherError
 from publisher.layout import link_or_copy, link_tree, replace_folder, write_zip
@@ -25,11 +27,23 @@ from publisher.manifest import (
     Attention,
     Component,
     DeploymentTarget,
-    Granularity,
     Layout,
     LoadedManifest,
 )
-from publisher.plan import Plan, Step, Variant, build_plan, select_variants
+from publisher.plan import (
+    AnalyzeParams,
+    ChunkParams,
+    CompressParams,
+    ConvertParams,
+    FetchParams,
+    Plan,
+    Step,
+    Variant,
+    VerifyParams,
+    ZipParams,
+    build_plan,
+    select_variants,
+)
 from publisher.store import (
     BuildStore,
     Stamp,
@@ -129,7 +143,7 @@ class _Runner:
             return
         if step.kind == "assemble":
             return  # per variant, after its steps
-        params = dict(step.params)
+        params = step.params_json()
         if step.kind in ("convert", "chunk"):
             params["license"] = self._variant_of(step).license
         if step.kind == "verify":
@@ -160,8 +174,9 @@ class _Runner:
 
     def _actions(self) -> dict[str, Callable[[Step, Path], None]]:
         """What each stored step kind runs (fetch and assemble are handled apart: they are not stored)."""
-        return {"convert": self._do_convert, "chunk": self._do_chunk, "palettize": self._do_palettize,
-                "verify": self._do_verify, "compile": self._do_compile, "zip": self._do_zip}
+        return {"convert": self._do_convert, "chunk": self._do_chunk, "analyze": self._do_analyze,
+                "compress": self._do_compress, "verify": self._do_verify, "compile": self._do_compile,
+                "zip": self._do_zip}
 
     def _variant_of(self, step: Step) -> Variant:
         return next(v for v in self.plan.variants if v.id in step.variants)
@@ -169,20 +184,21 @@ class _Runner:
     def _fetch(self, step: Step) -> None:
         from publisher.engine.source import fetch_source
 
+        params = step.params
+        assert isinstance(params, FetchParams)
         components = sorted({c for v in self.plan.variants if v.id in step.variants for c in v.components},
                             key=lambda c: list(Component).index(c))
         try:
-            fetched = fetch_source(step.params["repo"], step.params["revision"], components,
+            fetched = fetch_source(params.repo, params.revision, components,
                                    self.options.store / "hub-cache", endpoint=self.options.endpoint,
-                                   token=self.options.token, weights=step.params.get("weights", "auto"))
+                                   token=self.options.token, weights=params.weights)
         except PublisherError as exc:
             self.failed[step.id] = str(exc)
             return
         for warning in fetched.warnings:
             self.report(f"warning: {warning}")
         # the commit and the weights setting decide every component's files (the choice is a function of both)
-        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit,
-                                 "weights": step.params.get("weights", "auto")}, [], {})
+        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit, "weights": params.weights}, [], {})
         self.keys[step.id] = key
         self.fetched[step.id] = _Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision,
                                          {f.path: f.to_json() for f in fetched.files})
@@ -194,49 +210,58 @@ class _Runner:
         from publisher.convert.coreml import PackageMetadata
 
         source = self._source(step)
-        attention = step.params["attention"]
+        assert isinstance(step.params, ConvertParams)
+        attention = step.params.attention
         return PackageMetadata(source=f"{source.repo}@{source.commit}", license=self._variant_of(step).license,
                                attention=Attention(attention) if attention else None)
 
     def _do_convert(self, step: Step, work: Path) -> None:
         from publisher.convert.coreml import convert_component, convert_isolated
 
+        p = step.params
+        assert isinstance(p, ConvertParams)
         convert = convert_isolated if self.options.isolate else convert_component
         # a component no attention implementation changes is converted as it is (the stock modules)
-        attention = Attention(step.params["attention"] or Attention.ORIGINAL)
-        convert(self._source(step).path, Component(step.params["component"]), attention,
-                int(step.params["resolution"]), DeploymentTarget(step.params["deployment_target"]), work / PACKAGE,
-                self._metadata(step))
+        attention = Attention(p.attention or Attention.ORIGINAL)
+        convert(self._source(step).path, Component(p.component), attention, p.resolution,
+                DeploymentTarget(p.deployment_target), work / PACKAGE, self._metadata(step))
 
     def _do_chunk(self, step: Step, work: Path) -> None:
         from publisher.convert.chunk import convert_unet_chunks
         from publisher.convert.coreml import run_isolated
 
-        outputs = (work / PACKAGE, None) if step.params["chunk"] == UNET_CHUNKS[0] else (None, work / PACKAGE)
-        args = (self._source(step).path, Attention(step.params["attention"]), int(step.params["resolution"]),
-                DeploymentTarget(step.params["deployment_target"]), outputs, self._metadata(step))
+        p = step.params
+        assert isinstance(p, ChunkParams) and p.attention is not None
+        outputs = (work / PACKAGE, None) if p.chunk == UNET_CHUNKS[0] else (None, work / PACKAGE)
+        args = (self._source(step).path, Attention(p.attention), p.resolution, DeploymentTarget(p.deployment_target),
+                outputs, self._metadata(step))
         if self.options.isolate:
             run_isolated(convert_unet_chunks, *args)
         else:
             convert_unet_chunks(*args)
 
-    def _do_palettize(self, step: Step, work: Path) -> None:
-        from publisher.compress.palettize import PalettizeConfig, load_recipe, palettize_package
+    def _do_analyze(self, step: Step, work: Path) -> None:
+        from publisher.convert.coreml import run_isolated
+        from publisher.verify.sensitivity import analyze_to_folder
 
-        params = step.params
-        recipe: dict[str, int] = {}
-        if params.get("recipe"):
-            folder = Path(self._variant_of(step).manifest_path).parent.resolve()
-            path = (folder / params["recipe"]).resolve()
-            if not path.is_relative_to(folder):  # a symlink out of the manifests' folder
-                raise BuildError(f"recipe {params['recipe']} leads outside the manifest's folder {folder}")
-            recipe = load_recipe(path)
-        config = PalettizeConfig(nbits=int(params["nbits"]), granularity=Granularity(params.get("granularity",
-                                 "per_tensor")), group_size=int(params.get("group_size") or 16), recipe=recipe,
-                                 deployment_target=DeploymentTarget(params["deployment_target"]))
-        report = palettize_package(self.outputs[step.inputs[0]].path / PACKAGE, work / PACKAGE, config,
-                                   progress=self.options.progress)
-        atomic_write_text(work / "palettization.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+        p = step.params
+        assert isinstance(p, AnalyzeParams)
+        run = run_isolated if self.options.isolate else _call
+        run(analyze_to_folder, self._source(step).path, Component(p.component), p.resolution, p.settings,
+            self._variant_of(step).source_repo, work, self.options.progress)
+
+    def _do_compress(self, step: Step, work: Path) -> None:
+        p = step.params
+        assert isinstance(p, CompressParams)
+        scheme = scheme_named(p.scheme)
+        settings = scheme.settings_model.model_validate(p.settings)
+        analysis = self.outputs[step.inputs[1]].path if len(step.inputs) > 1 else None
+        context = CompressContext(deployment_target=DeploymentTarget(p.deployment_target),
+                                  manifest_folder=Path(self._variant_of(step).manifest_path).parent,
+                                  component=p.component, analysis=analysis, progress=self.options.progress)
+        report = scheme.apply(self.outputs[step.inputs[0]].path / PACKAGE, work / PACKAGE, settings, context)
+        report["scheme"] = scheme.name
+        atomic_write_text(work / REPORT, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
     def _do_verify(self, step: Step, work: Path) -> None:
         from publisher.convert.components import source_dims
@@ -246,7 +271,8 @@ class _Runner:
         fetch_step = next(s for s in self.plan.steps.values() if s.kind == "fetch" and variant.id in s.variants)
         dims = source_dims(self.fetched[fetch_step.id].path, variant.resolution)
         package = self.outputs[step.inputs[0]].path / PACKAGE
-        submodule = step.params["submodule"]
+        assert isinstance(step.params, VerifyParams)
+        submodule = step.params.submodule
         problems = contract_problems(package, submodule, dims)
         if problems:
             raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
@@ -256,14 +282,16 @@ class _Runner:
             from publisher.verify.fidelity import PSNR_BAR_DB, check_stored_reference, store_reference
 
             package_step = self.plan.steps[step.inputs[0]]
-            float16 = self.outputs[package_step.inputs[0]].path / PACKAGE if package_step.kind == "palettize" else None
+            compressed = package_step.kind == "compress"
+            float16 = self.outputs[package_step.inputs[0]].path / PACKAGE if compressed else None
+            scheme = package_step.params.scheme if isinstance(package_step.params, CompressParams) else None
             # the PyTorch side once, here: stored with the step for every later check (the macOS runner's Core ML
             # run included), so that no other machine loads a PyTorch model to verify this package. The PyTorch
             # model and the executor each run in a process of their own (isolate): neither holds the other's
             # memory, and the build's own process never holds a model.
             run = run_isolated if self.options.isolate else _call
             run(store_reference, package, self.fetched[fetch_step.id].path, submodule, variant.attention,
-                variant.resolution, float16, work / REFERENCE)
+                variant.resolution, float16, scheme, work / REFERENCE)
             fidelity = run(check_stored_reference, package, work / REFERENCE)
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
@@ -278,6 +306,7 @@ class _Runner:
             compiled.rename(work / "model.mlmodelc")
 
     def _do_zip(self, step: Step, work: Path) -> None:
+        assert isinstance(step.params, ZipParams)
         variant = self._variant_of(step)
         resources = self.options.out / variant.repo_id / variant.attention.folder / "compiled"
         write_zip(resources, work / "archive.zip", zip_folder_name(variant.repo_name, variant.attention))
@@ -305,16 +334,13 @@ class _Runner:
             compiled_layout = Layout.COMPILED in variant.layouts and self.options.compile
             verify_steps = [s for s in steps if s.kind == "verify"]
             for verify in verify_steps:
-                submodule = verify.params["submodule"]
+                assert isinstance(verify.params, VerifyParams)
+                submodule = verify.params.submodule
                 stored = self.outputs[verify.id]
                 if Layout.PACKAGES in variant.layouts:
                     link_tree(stored.path / PACKAGE, staged / "packages" / package_name(
                         variant.source_repo.replace("/", "_"), submodule))
-                report = self._palettization_report(verify)
-                figures: dict[str, Any] = {}
-                if report is not None:
-                    figures = {k: report[k] for k in ("nbits", "granularity", "palettized_ops", "min_snr_db",
-                                                      "mean_snr_db") if k in report}
+                figures = self._compression_figures(verify)
                 if (stored.path / REFERENCE).exists():
                     references[submodule] = stored.key  # where `publisher verify` finds it in the store
                 checked = json.loads((stored.path / "verify.json").read_text()).get("fidelity")
@@ -328,6 +354,11 @@ class _Runner:
                 if compiled_layout and compile_step is not None:  # a chunked variant's whole UNet: packages only
                     link_tree(self.outputs[compile_step.id].path / "model.mlmodelc",
                               staged / "compiled" / compiled_name(submodule))
+            for analyze in (s for s in steps if s.kind == "analyze"):
+                # the analysis behind the variant's recipe, in the layout of Apple's pre-analysis script (its
+                # apply script takes it with --selected-recipe)
+                link_or_copy(self.outputs[analyze.id].path / APPLE_PRE_ANALYSIS,
+                             staged / pre_analysis_name(variant.source_repo))
             if compiled_layout:
                 for name in TOKENIZER_FILES:
                     link_or_copy(source.path / "tokenizer" / name, staged / "compiled" / name)
@@ -389,11 +420,13 @@ class _Runner:
         """The source's top-level entries a variant's packages come from."""
         return {"model_index.json", "tokenizer", *(COMPONENT_FOLDERS[c] for c in variant.components)}
 
-    def _palettization_report(self, verify: Step) -> dict[str, Any] | None:
+    def _compression_figures(self, verify: Step) -> dict[str, Any]:
+        """What the scheme that compressed this package puts on record (nothing for an uncompressed one)."""
         package_step = self.plan.steps[verify.inputs[0]]
-        if package_step.kind != "palettize":
-            return None
-        return json.loads((self.outputs[package_step.id].path / "palettization.json").read_text())
+        if not isinstance(package_step.params, CompressParams):
+            return {}
+        report = json.loads((self.outputs[package_step.id].path / REPORT).read_text())
+        return {k: v for k, v in scheme_named(package_step.params.scheme).figures(report).items() if v is not None}
 
 
 def _mkdir(path: Path) -> Path:
@@ -418,7 +451,7 @@ def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
              and (options.compile or s.kind != "compile")]
     bar = tqdm(steps, desc="build", unit="step", disable=not options.progress)
     for step in bar:
-        bar.set_postfix_str(f"{step.kind} {step.params.get('component', step.params.get('repo', ''))}"[:40])
+        bar.set_postfix_str(f"{step.kind} {getattr(step.params, 'component', getattr(step.params, 'repo', ''))}"[:40])
         runner.run_step(step)
     results = []
     for variant in chosen:

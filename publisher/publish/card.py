@@ -88,18 +88,30 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
     ]
     fidelity_rows = []
+    mixed = []
     for info in infos:
         for submodule, figures in sorted(info.get("fidelity", {}).items()):
-            cells = [_cell(figures.get(key)) for key in ("nbits", "palettized_ops", "min_snr_db", "mean_snr_db",
+            cells = [_cell(figures.get(key)) for key in ("bits", "compressed_ops", "min_snr_db", "mean_snr_db",
                                                             "output_psnr_db")]
-            if figures.get("nbits") is None:  # a float16 model: nothing palettized
+            if figures.get("bits") is None:  # a float16 model: nothing compressed
                 cells[:2] = ["16 (float)", "0"]
             fidelity_rows.append(f"| `{info['variant']['folder']}` | {submodule} | " + " | ".join(cells) + " |")
+            recipe = figures.get("mixed_bit")
+            if recipe:
+                size = human_size(figures["package_bytes"]) if figures.get("package_bytes") else "n/a"
+                mixed.append(f"- `{info['variant']['folder']}` {submodule}: mixed-bit recipe for "
+                             f"{_target(recipe.get('target', {}))}: {figures['bits']} bits per weight on average, "
+                             f"{size}; output PSNR against float16 {_cell(figures.get('output_psnr_vs_float_db'))} dB "
+                             f"measured (analysis: {_cell(recipe.get('predicted_psnr_db'))} dB); the per-layer "
+                             "bit-widths are in `build-info.json`, the analysis in Apple's pre-analysis format next "
+                             "to it")
     if fidelity_rows:
-        lines += ["| folder | model | bits | palettized weights | min weight SNR (dB) | mean weight SNR (dB) | "
+        lines += ["| folder | model | bits | compressed weights | min weight SNR (dB) | mean weight SNR (dB) | "
                   "output PSNR (dB) |", "|---|---|---|---|---|---|---|", *fidelity_rows]
+        if mixed:
+            lines += ["", *mixed]
     else:
-        lines.append("float16 weights: no palettization.")
+        lines.append("float16 weights: no compression.")
     lines += [
         "",
         "## Provenance",
@@ -126,6 +138,14 @@ def _source_files(infos: Sequence[dict[str, Any]]) -> list[str]:
         digest = f", sha256 `{entry['sha256']}`" if entry.get("sha256") else ""
         lines.append(f"  - `{name}` ({human_size(entry['size'])}{digest})")
     return lines
+
+
+def _target(target: dict[str, Any]) -> str:
+    if "target_bits" in target:
+        return f"{target['target_bits']} bits"
+    if "target_psnr_db" in target:
+        return f"{target['target_psnr_db']} dB"
+    return "its target"
 
 
 def _cell(value: Any) -> str:

@@ -122,13 +122,12 @@ class Reference:
                        float_outputs={k: data[f"float/{k}"] for k in meta["outputs"]} if meta["float"] else None)
 
 
-def _dequantized_module(module: Any, package: Path, float16_package: Path | None) -> int:
-    """Load the weights the palettized package decodes to into `module`. Each palettized weight is matched to
-    its parameter through the float16 package's weights, byte for byte; without that package, to the parameter
+def _dequantized_module(module: Any, decoded: dict[str, np.ndarray], float16_package: Path | None) -> int:
+    """Load the weights a compressed package decodes to into `module`. Each decoded weight is matched to its
+    parameter through the float16 package's weights, byte for byte; without that package, to the parameter
     of the same size whose values are nearest. Returns how many parameters were replaced."""
     import torch
 
-    from publisher.compress.palettize import read_palettized_weights
     from publisher.milfile import const_values
 
     params = list(module.parameters())
@@ -140,7 +139,7 @@ def _dequantized_module(module: Any, package: Path, float16_package: Path | None
             by_bytes.setdefault(param.detach().half().numpy().tobytes(), []).append(param)
         by_size.setdefault(param.numel(), []).append(param)
     replaced = 0
-    for name, (_, _, dense) in read_palettized_weights(package).items():
+    for name, dense in decoded.items():
         values = np.asarray(dense, dtype=np.float32)
         if name in originals:
             targets = by_bytes.get(np.ascontiguousarray(originals[name]).tobytes(), [])
@@ -157,20 +156,29 @@ def _dequantized_module(module: Any, package: Path, float16_package: Path | None
 
 
 def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                      float16_package: Path | None = None) -> Reference:
-    """Run PyTorch on the seeded inputs (on Linux, in the build): the outputs the package is held to."""
-    from publisher.compress.palettize import read_palettized_weights
+                      float16_package: Path | None = None, scheme: str | None = None) -> Reference:
+    """Run PyTorch on the seeded inputs (on Linux, in the build): the outputs the package is held to. A package
+    compressed by `scheme` is held to PyTorch running the weights it decodes to (and compared with the float
+    model as well); `scheme` None: whichever registered scheme recognises the package."""
+    from publisher.compress.scheme import schemes
 
     module, inputs, names = _reference(source, submodule, attention, resolution)
     feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(_declared_inputs(package), inputs,
                                                                                    strict=True)}
     expected = _torch_outputs(module, inputs, names)
-    if float16_package is None and not read_palettized_weights(package):
+    decoded: dict[str, np.ndarray] = {}
+    for name, candidate in schemes().items():  # not told: the scheme whose ops the package holds, if any
+        if scheme in (None, name):
+            decoded = candidate.decoded_weights(package)
+            if decoded:
+                scheme = name
+                break
+    if not decoded:
         return Reference(submodule, feed, expected)
-    replaced = _dequantized_module(module, package, float16_package)
+    replaced = _dequantized_module(module, decoded, float16_package)
     dequantized = _torch_outputs(module, inputs, names)
     return Reference(submodule, feed, dequantized, float_outputs=expected,
-                     notes=[f"{replaced} parameters replaced by their palettized values"])
+                     notes=[f"{replaced} parameters replaced by their {scheme} values"])
 
 
 def compare(package: Path, reference: Reference, runtime: Runtime) -> Fidelity:
@@ -189,15 +197,16 @@ def compare(package: Path, reference: Reference, runtime: Runtime) -> Fidelity:
 
 
 def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                   runtime: str = "reference", float16_package: Path | None = None) -> Fidelity:
-    return compare(package, compute_reference(package, source, submodule, attention, resolution, float16_package),
-                   runtime_named(runtime))
+                   runtime: str = "reference", float16_package: Path | None = None,
+                   scheme: str | None = None) -> Fidelity:
+    return compare(package, compute_reference(package, source, submodule, attention, resolution, float16_package,
+                                              scheme), runtime_named(runtime))
 
 
 def store_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                    float16_package: Path | None, path: Path) -> None:
+                    float16_package: Path | None, scheme: str | None, path: Path) -> None:
     """compute_reference, saved to `path` (a top-level function: the build runs it in a process of its own)."""
-    compute_reference(package, source, submodule, attention, resolution, float16_package).save(path)
+    compute_reference(package, source, submodule, attention, resolution, float16_package, scheme).save(path)
 
 
 def check_stored_reference(package: Path, path: Path) -> Fidelity:

@@ -1,0 +1,187 @@
+"""`precision: {type: palettize, ...}`: k-means palettization, uniform (`nbits`), from a recipe file, or mixed-bit
+(`mixed_bit: {target_bits | target_psnr_db}`: per-layer bit-widths from the build's own sensitivity analysis)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+from publisher.compress.scheme import AnalysisRequest, CompressContext, CompressionScheme, CompressionSettings, Loc
+from publisher.deployment import DeploymentTarget
+from publisher.errors import PublisherError
+
+ANALYSIS = "analysis.json"  # the analysis step's result (publisher.verify.sensitivity writes it)
+# The UNet is what mixed-bit recipes are for (Apple's pre-analysis covers the UNet alone).
+MIXED_BIT_COMPONENT = "unet"
+CANDIDATE_BITS = (1, 2, 4, 6, 8)
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
+    PER_GROUPED_CHANNEL = "per_grouped_channel"
+
+
+class MixedBit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target_bits: Annotated[float, Field(gt=1.0, le=8.0, description="average bits per UNet weight")] | None = None
+    target_psnr_db: Annotated[float, Field(gt=0.0, le=120.0, description="end-to-end PSNR of the UNet output "
+                                                                           "against the float16 model")] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.target_bits is not None:
+            return f"mixed {self.target_bits:.2f}-bit"
+        return f"mixed @{self.target_psnr_db:g} dB"
+
+
+class PalettizeSettings(CompressionSettings):
+    """k-means palettization with `nbits` (per tensor, or per group of output channels), a recipe, or mixed-bit."""
+
+    type: Literal["palettize"]
+    nbits: Literal[1, 2, 4, 6, 8] | None = None
+    granularity: Granularity = Granularity.PER_TENSOR
+    group_size: Annotated[int, Strict(), Field(ge=1, le=4096)] | None = None
+    recipe: Annotated[str, Strict(), Field(min_length=1, max_length=255)] | None = Field(
+        default=None, description="JSON file (relative to the manifest) mapping op names to nbits, for mixed-bit"
+    )
+    mixed_bit: MixedBit | None = Field(default=None, description="per-layer bits chosen by the build's analysis of "
+                                       "the UNet; `nbits`, if given, is used for the other components")
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.group_size or 16
+
+
+def inside_folder(relative: str) -> bool:
+    path = PurePosixPath(relative.replace("\\", "/"))
+    return not path.is_absolute() and ".." not in path.parts and ":" not in relative and not relative.startswith("~")
+
+
+class Palettize(CompressionScheme):
+    name = "palettize"
+    settings_model = PalettizeSettings
+
+    def _settings(self, settings: CompressionSettings) -> PalettizeSettings:
+        assert isinstance(settings, PalettizeSettings)
+        return settings
+
+    def compresses(self, settings: CompressionSettings, component: str) -> bool:
+        s = self._settings(settings)
+        return s.nbits is not None or (s.mixed_bit is not None and component == MIXED_BIT_COMPONENT)
+
+    def label(self, settings: CompressionSettings) -> str:
+        s = self._settings(settings)
+        if s.mixed_bit is not None:
+            label = s.mixed_bit.label
+        else:
+            label = f"{s.nbits}-bit" + (" mixed" if s.recipe else "")
+        if s.granularity is Granularity.PER_GROUPED_CHANNEL:
+            label += f" g{s.effective_group_size}"
+        return label
+
+    def minimum_target(self, settings: CompressionSettings) -> DeploymentTarget:
+        grouped = self._settings(settings).granularity is Granularity.PER_GROUPED_CHANNEL
+        return DeploymentTarget.iOS18 if grouped else DeploymentTarget.iOS17
+
+    def weight_bits(self, settings: CompressionSettings) -> float:
+        s = self._settings(settings)
+        if s.mixed_bit is not None:
+            return s.mixed_bit.target_bits or 8.0
+        return float(s.nbits or 16)
+
+    def own_conversion(self, settings: CompressionSettings) -> bool:
+        # grouped LUTs need an iOS18 program from the conversion on
+        return self._settings(settings).granularity is Granularity.PER_GROUPED_CHANNEL
+
+    def problems(self, settings: CompressionSettings, target: DeploymentTarget) -> list[tuple[Loc, str]]:
+        s = self._settings(settings)
+        errors: list[tuple[Loc, str]] = []
+        if s.nbits is None and s.mixed_bit is None:
+            errors.append((("precision", "nbits"), "required when type is 'palettize'"))
+        if s.mixed_bit is not None:
+            given = [name for name in ("target_bits", "target_psnr_db") if getattr(s.mixed_bit, name) is not None]
+            if len(given) != 1:
+                errors.append((("precision", "mixed_bit"), "give one of target_bits or target_psnr_db"))
+            if s.recipe is not None:
+                errors.append((("precision", "recipe"), "not with mixed_bit: the analysis chooses the bits"))
+        if target.level < 17:
+            errors.append((("minimum_deployment_target",), "palettized weights need iOS17/macOS14 or later"))
+        if s.granularity is Granularity.PER_GROUPED_CHANNEL and target.level < 18:
+            errors.append((("precision", "granularity"),
+                           "per_grouped_channel needs minimum_deployment_target iOS18/macOS15 or later"))
+        if s.recipe is not None and not inside_folder(s.recipe):
+            errors.append((("precision", "recipe"), "must be a relative path inside the manifest's folder"))
+        if s.group_size is not None and s.granularity is not Granularity.PER_GROUPED_CHANNEL:
+            errors.append((("precision", "group_size"), "only allowed with granularity per_grouped_channel"))
+        return errors
+
+    def analysis(self, settings: CompressionSettings, component: str) -> AnalysisRequest | None:
+        s = self._settings(settings)
+        if s.mixed_bit is None or component != MIXED_BIT_COMPONENT:
+            return None
+        return AnalysisRequest(component, {
+            "mixed_bit": s.mixed_bit.model_dump(mode="json", exclude_none=True),
+            "granularity": s.granularity.value,
+            "group_size": s.effective_group_size if s.granularity is Granularity.PER_GROUPED_CHANNEL else None,
+        })
+
+    def apply(self, source: Path, output: Path, settings: CompressionSettings, context: CompressContext
+              ) -> dict[str, Any]:
+        from publisher.compress.palettize import PalettizeConfig, load_recipe, palettize_package, recipe_for_package
+
+        s = self._settings(settings)
+        recipe: dict[str, int] = {}
+        chosen: dict[str, Any] | None = None
+        if s.recipe is not None:
+            folder = context.manifest_folder.resolve()
+            path = (folder / s.recipe).resolve()
+            if not path.is_relative_to(folder):  # a symlink out of the manifests' folder
+                raise PublisherError(f"recipe {s.recipe} leads outside the manifest's folder {folder}")
+            recipe = load_recipe(path)
+        nbits = s.nbits or 0
+        if s.mixed_bit is not None and context.component == MIXED_BIT_COMPONENT:
+            if context.analysis is None:
+                raise PublisherError("a mixed-bit palettization needs its analysis step's result")
+            chosen = json.loads((context.analysis / ANALYSIS).read_text())["chosen"]
+            # the analysis names PyTorch weights; the package names MIL ops: matched by the float16 bytes
+            recipe = recipe_for_package(source, {entry["sha256"]: entry["nbits"] for entry in chosen["layers"]})
+            nbits = 0  # a weight the analysis did not cover stays float16 (as Apple's apply script leaves it)
+        config = PalettizeConfig(nbits=nbits, granularity=s.granularity, group_size=s.effective_group_size,
+                                 recipe=recipe, deployment_target=context.deployment_target)
+        report = palettize_package(source, output, config, progress=context.progress)
+        if chosen is not None:
+            report["mixed_bit"] = {key: chosen[key] for key in ("target", "average_bits", "predicted_psnr_db",
+                                                                 "float16_psnr_db") if key in chosen}
+        return report
+
+    def decoded_weights(self, package: Path) -> dict[str, np.ndarray]:
+        from publisher.compress.palettize import read_palettized_weights
+
+        return {name: dense for name, (_, _, dense) in read_palettized_weights(package).items()}
+
+    def figures(self, report: dict[str, Any]) -> dict[str, Any]:
+        ops = report.get("ops", [])
+        elements = sum(int(np.prod(op["shape"])) for op in ops)
+        average = sum(op["nbits"] * int(np.prod(op["shape"])) for op in ops) / elements if elements else None
+        figures: dict[str, Any] = {
+            "scheme": self.name,
+            "bits": report["nbits"] if not report.get("mixed") and "mixed_bit" not in report
+            else round(average or 0.0, 2),
+            "granularity": report.get("granularity"),
+            "compressed_ops": report.get("palettized_ops"),
+            "min_snr_db": report.get("min_snr_db"),
+            "mean_snr_db": report.get("mean_snr_db"),
+            "package_bytes": report.get("package_bytes"),
+        }
+        if "mixed_bit" in report:
+            figures["mixed_bit"] = report["mixed_bit"]
+            figures["recipe"] = {op["op"]: op["nbits"] for op in ops}  # the per-layer choice, on record
+        return figures
+
+
+SCHEME = Palettize()

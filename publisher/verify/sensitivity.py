@@ -1,0 +1,282 @@
+"""Mixed-bit pre-analysis: how much each UNet layer's palettization costs the end-to-end output, on CPU.
+
+Signal strength as Apple defines it: PSNR of the UNet's output with palettized weights against the float16 model,
+same seeded latents, timesteps and text embeddings. What makes it minutes rather than GPU-hours:
+- the LUT of every (layer, bits) is the exact 1-D k-means solution from the weight's float16 histogram
+  (publisher.compress.kmeans), the very weights the package will decode to, in milliseconds;
+- the ANE-shaped UNet is a flat list of stages: the state before every stage is computed once, and a layer's
+  perturbation runs only the stages from its own on;
+- the analysis runs at a small latent size (`ANALYSIS_LATENT`, 16x16 by default; bench/mixed_bit.py measures how
+  well its ranking of layers agrees with the full size), with torch on every core.
+Apple's `cumulative` tables (layers palettized one after another, least sensitive first) are measured at up to
+`CUMULATIVE_POINTS` points per bit-width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from publisher.compress.palettization import ANALYSIS, CANDIDATE_BITS, Granularity
+from publisher.compress.palettize import MIN_ELEMENTS, dense_palettized
+from publisher.compress.recipe import (
+    APPLE_PRE_ANALYSIS,
+    CURVE_BITS,
+    FLOAT16_BITS,
+    LayerSensitivity,
+    apple_pre_analysis,
+    average_bits,
+    choose_bits,
+    predicted_psnr_db,
+    recipe_key,
+)
+from publisher.errors import PublisherError
+from publisher.manifest import Attention, Component
+from publisher.metrics import psnr
+from publisher.util.atomic import atomic_write_text
+
+ANALYSIS_LATENT = 16  # latent size the analysis runs at (at most the model's own)
+SAMPLES = 2  # seeded input sets (Apple: 8 prompts on a GPU)
+CUMULATIVE_POINTS = 48
+
+
+@dataclass
+class _Candidate:
+    name: str
+    parameter: Any  # torch.nn.Parameter
+    stage: int  # first stage to rerun when it changes (-1: the time embedding, the whole UNet)
+    size: int
+    sha256: str
+
+
+class UnetProbe:
+    """The float16 UNet with its per-stage states cached for a few seeded inputs, and a way to rerun it from a stage
+    with some weights replaced."""
+
+    def __init__(self, source: Path, resolution: int, samples: int = SAMPLES) -> None:
+        import torch
+
+        from publisher.convert.components import example_inputs, load_component
+
+        loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution)
+        self.wrapper = loaded.module
+        self.ane = self.wrapper.unet
+        self.inputs = [example_inputs(loaded.spec, seed=seed) for seed in range(samples)]
+        with torch.no_grad():
+            self.float32_outputs = [self.wrapper(*x).numpy() for x in self.inputs]
+            for parameter in self.ane.parameters():  # the float16 model is the reference (Apple's definition)
+                parameter.copy_(parameter.half().float())
+            self.states: list[list[Any]] = []
+            self.reference: list[np.ndarray] = []
+            for x in self.inputs:
+                state = self.ane.start(*x)
+                before = []
+                for index in range(len(self.ane.stages)):
+                    before.append(_copy_state(state))
+                    self.ane.run(state, index, index + 1)
+                self.states.append(before)
+                self.reference.append(state.hidden.numpy())
+
+    def candidates(self, min_elements: int = MIN_ELEMENTS) -> list[_Candidate]:
+        """The weights the palettizer would compress (2-D or more, `min_elements` or more), by module name."""
+        stage_of: dict[int, int] = {}
+        for index, stage in enumerate(self.ane.stages):
+            for module in stage.modules:
+                for parameter in module.parameters():
+                    stage_of.setdefault(id(parameter), index)
+        found = []
+        for name, parameter in self.ane.unet.named_parameters():
+            if not name.endswith(".weight") or parameter.dim() < 2 or parameter.numel() < min_elements:
+                continue
+            digest = hashlib.sha256(parameter.detach().half().numpy().tobytes()).hexdigest()
+            found.append(_Candidate(name.removesuffix(".weight"), parameter, stage_of.get(id(parameter), -1),
+                                    parameter.numel(), digest))
+        return found
+
+    def outputs_from(self, stage: int) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            if stage < 0:
+                return [self.wrapper(*x).numpy() for x in self.inputs]
+            return [self.ane.run(_copy_state(states[stage]), stage).hidden.numpy() for states in self.states]
+
+    def psnrs(self, outputs: list[np.ndarray]) -> list[float]:
+        return [psnr(reference, output) for reference, output in zip(self.reference, outputs, strict=True)]
+
+
+def _copy_state(state: Any) -> Any:
+    from publisher.convert.unet import UnetState
+
+    return UnetState(hidden=state.hidden, emb=state.emb, context=state.context, skips=list(state.skips))
+
+
+class _Weights:
+    """Palettized versions of each candidate's weight, computed once per (layer, bits)."""
+
+    def __init__(self, granularity: Granularity, group_size: int) -> None:
+        self.granularity, self.group_size = granularity, group_size
+        self.cache: dict[tuple[str, int], Any] = {}
+
+    def get(self, candidate: _Candidate, original: Any, bits: int) -> Any:
+        import torch
+
+        key = (candidate.name, bits)
+        if key not in self.cache:
+            values = original.half().numpy()
+            self.cache[key] = torch.from_numpy(dense_palettized(values, bits, self.granularity, self.group_size)
+                                               .astype(np.float32)).reshape(original.shape)
+        return self.cache[key]
+
+
+def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_version: str,
+            progress: bool = True, latent: int = ANALYSIS_LATENT, samples: int = SAMPLES,
+            min_elements: int = MIN_ELEMENTS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our analysis record, Apple's pre-analysis JSON) for the UNet of the diffusers folder `source`."""
+    import torch
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    analysis_resolution = min(resolution, latent * 8)
+    probe = UnetProbe(source, analysis_resolution, samples)
+    granularity = Granularity(settings.get("granularity", Granularity.PER_TENSOR.value))
+    weights = _Weights(granularity, int(settings.get("group_size") or 16))
+    candidates = probe.candidates(min_elements)
+    if not candidates:
+        raise PublisherError(f"{source}: the UNet has no weight of {min_elements} or more elements to palettize")
+    originals = {c.name: c.parameter.detach().clone() for c in candidates}
+
+    def set_weight(candidate: _Candidate, bits: int) -> None:
+        value = originals[candidate.name] if bits == FLOAT16_BITS else weights.get(candidate, originals[
+            candidate.name], bits)
+        with torch.no_grad():
+            candidate.parameter.copy_(value)
+
+    # single layer: each (layer, bits) alone, rerun from the layer's stage
+    layers: list[LayerSensitivity] = []
+    bar = tqdm(total=len(candidates) * len(CANDIDATE_BITS), desc="analyze unet layers", unit="run",
+               disable=not progress)
+    for candidate in sorted(candidates, key=lambda c: c.stage):
+        per_sample = {}
+        for bits in CANDIDATE_BITS:
+            set_weight(candidate, bits)
+            per_sample[bits] = probe.psnrs(probe.outputs_from(candidate.stage))
+            bar.update()
+        set_weight(candidate, FLOAT16_BITS)
+        layers.append(LayerSensitivity(candidate.name, candidate.size, candidate.sha256,
+                                       {b: float(np.mean(v)) for b, v in per_sample.items()}, per_sample))
+    bar.close()
+    order = {c.name: i for i, c in enumerate(candidates)}
+    layers.sort(key=lambda layer: order[layer.name])  # program order, as the model names them
+    by_name = {c.name: c for c in candidates}
+
+    def measure(recipe: Mapping[str, int]) -> float:
+        for name, bits in recipe.items():
+            set_weight(by_name[name], bits)
+        result = float(np.mean(probe.psnrs(probe.outputs_from(-1))))
+        for name in recipe:
+            set_weight(by_name[name], FLOAT16_BITS)
+        return result
+
+    # cumulative (Apple's tables): least sensitive first, measured at up to CUMULATIVE_POINTS points per bit-width
+    cumulative: dict[int, list[tuple[str, list[float]]]] = {}
+    stride = max(1, math.ceil(len(layers) / CUMULATIVE_POINTS))
+    for bits in tqdm(CANDIDATE_BITS, desc="analyze cumulative", disable=not progress):
+        ranked = sorted(layers, key=lambda layer: -layer.psnr_db[bits])
+        points = []
+        for index, layer in enumerate(ranked):
+            set_weight(by_name[layer.name], bits)
+            if (index + 1) % stride == 0 or index == len(ranked) - 1:
+                points.append((layer.name, probe.psnrs(probe.outputs_from(-1))))
+        for layer in ranked:
+            set_weight(by_name[layer.name], FLOAT16_BITS)
+        cumulative[bits] = points
+
+    float16_vs_float32 = float(np.mean([psnr(a, b) for a, b in zip(probe.float32_outputs, probe.reference,
+                                                                    strict=True)]))
+    # the curve: for each average-bits point, the recipe of least predicted noise, then measured
+    curve = []
+    recipes: dict[str, dict[str, int]] = {}
+    baselines: dict[str, float] = {"original": float16_vs_float32}
+    for target in CURVE_BITS:
+        recipe = choose_bits(layers, target)
+        achieved = average_bits(layers, recipe)
+        measured = measure(recipe)
+        key = recipe_key(achieved)
+        recipes[key], baselines[key] = recipe, measured
+        curve.append({"target_bits": target, "average_bits": round(achieved, 4), "psnr_db": round(measured, 2),
+                      "summed_psnr_db": round(predicted_psnr_db(layers, recipe), 2), "recipe": key})
+    for bits in CANDIDATE_BITS:  # uniform palettization, for comparison
+        baselines[f"uniform_{bits}bit"] = measure({layer.name: bits for layer in layers})
+
+    chosen_recipe, target = _choose(layers, settings.get("mixed_bit", {}), measure)
+    chosen_average = average_bits(layers, chosen_recipe)
+    predicted = measure(chosen_recipe)
+    chosen_key = recipe_key(chosen_average)
+    recipes[chosen_key], baselines[chosen_key] = chosen_recipe, predicted
+    seconds = time.perf_counter() - start
+    record = {
+        "version": 1,
+        "model_version": model_version,
+        "component": "unet",
+        "resolution": analysis_resolution,
+        "samples": samples,
+        "granularity": granularity.value,
+        "min_elements": min_elements,
+        "float16_vs_float32_psnr_db": round(float16_vs_float32, 2),
+        "layers": [{"name": layer.name, "size": layer.size, "sha256": layer.sha256,
+                    "psnr_db": {str(b): round(v, 3) for b, v in layer.psnr_db.items()}} for layer in layers],
+        "curve": curve,
+        "uniform": {str(b): round(baselines[f"uniform_{b}bit"], 2) for b in CANDIDATE_BITS},
+        "chosen": {"target": dict(target), "recipe": chosen_key, "average_bits": round(chosen_average, 4),
+                   "predicted_psnr_db": round(predicted, 2), "float16_psnr_db": round(float16_vs_float32, 2),
+                   "layers": [{"name": layer.name, "sha256": layer.sha256, "size": layer.size,
+                               "nbits": chosen_recipe[layer.name]} for layer in layers]},
+        "seconds": round(seconds, 1),
+    }
+    apple = apple_pre_analysis(model_version, layers, cumulative, baselines, recipes,
+                               {"resolution": analysis_resolution, "samples": samples})
+    return record, apple
+
+
+def _choose(layers: list[LayerSensitivity], target: Mapping[str, Any], measure: Callable[[Mapping[str, int]], float]
+            ) -> tuple[dict[str, int], Mapping[str, Any]]:
+    """The recipe for the manifest's target: at `target_bits` directly; for `target_psnr_db` the fewest average
+    bits whose measured PSNR reaches it (bisection on the budget, each candidate recipe measured)."""
+    if "target_bits" in target:
+        return choose_bits(layers, float(target["target_bits"])), target
+    if "target_psnr_db" not in target:
+        raise PublisherError("mixed_bit needs target_bits or target_psnr_db")
+    wanted = float(target["target_psnr_db"])
+    low, high = 1.0, float(FLOAT16_BITS)
+    best = {layer.name: FLOAT16_BITS for layer in layers}
+    for _ in range(12):
+        middle = (low + high) / 2
+        recipe = choose_bits(layers, middle)
+        if measure(recipe) >= wanted:
+            best, high = recipe, middle
+        else:
+            low = middle
+        if high - low < 0.05:
+            break
+    return best, target
+
+
+def analyze_to_folder(source: Path, component: Component, resolution: int, settings: Mapping[str, Any],
+                      model_version: str, out: Path, progress: bool = True) -> None:
+    """The analysis step: `analysis.json` (ours) and `pre-analysis.json` (Apple's layout) written into `out`."""
+    if component is not Component.UNET:
+        raise PublisherError(f"a mixed-bit analysis is for the UNet, not {component.value}")
+    record, apple = analyze(source, resolution, settings, model_version, progress=progress)
+    atomic_write_text(out / ANALYSIS, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
