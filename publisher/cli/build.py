@@ -99,3 +99,39 @@ def source_key_command(
                              token=token_for(source_endpoint), weights=manifest.source.weights)
         keys.append(chosen.cache_key)
     typer.echo(keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32])
+
+
+def recipe_command(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
+    variant: VariantsOpt = None,
+    plot: Annotated[Path, typer.Option("--plot", help="Where to write the curve as PNG (one per source: the "
+                                                      "source's name is added when there are several).")]
+    = Path("recipe-curve.png"),
+    store: StoreOpt = DEFAULT_STORE,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    source_endpoint: SourceEndpointOpt = None,
+) -> None:
+    """Print the mixed-bit curve of each source's UNet (average bits vs measured PSNR against float16) and plot it;
+    the analysis is the build's own step, cached in the store, so a build after it reuses it."""
+    from publisher.engine.build import analyze_sources
+    from publisher.verify.sensitivity import load_record, plot_curve
+
+    options = BuildOptions(store=store, namespace=namespace, variants=variant, endpoint=source_endpoint,
+                           token=token_for(source_endpoint))
+    results = analyze_sources(load_manifests(manifests), options)
+    for result in results:
+        record = load_record(result.path)
+        typer.echo(f"{result.source} ({result.status}; UNet at {record['resolution']}x{record['resolution']}, "
+                   f"{len(record['layers'])} layers, {record['seconds']} s):")
+        rows = [(f"{p['average_bits']:.2f}", f"{p['psnr_db']:.2f}", p["recipe"]) for p in record["curve"]]
+        rows += [(f"{int(b)}.00", f"{v:.2f}", f"uniform {b}-bit") for b, v in sorted(record["uniform"].items(),
+                                                                                      key=lambda i: int(i[0]))]
+        if record.get("chosen"):
+            chosen = record["chosen"]
+            rows.append((f"{chosen['average_bits']:.2f}", f"{chosen['predicted_psnr_db']:.2f}",
+                         f"{chosen['recipe']} (the manifest's target)"))
+        print_table(("bits", "psnr_db", "recipe"), rows)
+        path = plot if len(results) == 1 else plot.with_name(
+            f"{plot.stem}-{result.source.split('@')[0].replace('/', '-')}{plot.suffix}")
+        plot_curve(record, path, result.source)
+        typer.echo(f"wrote {path}")

@@ -19,6 +19,7 @@ ANALYSIS = "analysis.json"  # the analysis step's result (publisher.verify.sensi
 # The UNet is what mixed-bit recipes are for (Apple's pre-analysis covers the UNet alone).
 MIXED_BIT_COMPONENT = "unet"
 CANDIDATE_BITS = (1, 2, 4, 6, 8)
+FLOAT16_BITS = 16  # in a recipe: the layer stays float16
 
 
 class Granularity(str, Enum):
@@ -147,9 +148,12 @@ class Palettize(CompressionScheme):
         if s.mixed_bit is not None and context.component == MIXED_BIT_COMPONENT:
             if context.analysis is None:
                 raise PublisherError("a mixed-bit palettization needs its analysis step's result")
-            chosen = json.loads((context.analysis / ANALYSIS).read_text())["chosen"]
+            chosen = json.loads((context.analysis / ANALYSIS).read_text()).get("chosen")
+            if not chosen:
+                raise PublisherError(f"{context.analysis / ANALYSIS}: the analysis chose no recipe (no target)")
             # the analysis names PyTorch weights; the package names MIL ops: matched by the float16 bytes
-            recipe = recipe_for_package(source, {entry["sha256"]: entry["nbits"] for entry in chosen["layers"]})
+            recipe, sizes = recipe_for_package(source, [
+                {**entry, "nbits": 0 if entry["nbits"] == FLOAT16_BITS else entry["nbits"]} for entry in chosen["layers"]])
             nbits = 0  # a weight the analysis did not cover stays float16 (as Apple's apply script leaves it)
         config = PalettizeConfig(nbits=nbits, granularity=s.granularity, group_size=s.effective_group_size,
                                  recipe=recipe, deployment_target=context.deployment_target)
@@ -157,6 +161,13 @@ class Palettize(CompressionScheme):
         if chosen is not None:
             report["mixed_bit"] = {key: chosen[key] for key in ("target", "average_bits", "predicted_psnr_db",
                                                                  "float16_psnr_db") if key in chosen}
+            # the recipe as applied: every analysed layer found in the package (by content), float16 ones at 16
+            matched = sum(sizes.values())
+            report["mixed_bit"].update({
+                "layers": len(chosen["layers"]), "matched_ops": len(recipe),
+                "applied_average_bits": round(sum((bits or FLOAT16_BITS) * sizes[op] for op, bits in recipe.items())
+                                              / matched, 4) if matched else None,
+                "recipe": {op: bits or FLOAT16_BITS for op, bits in sorted(recipe.items())}})
         return report
 
     def decoded_weights(self, package: Path) -> dict[str, np.ndarray]:
@@ -168,19 +179,25 @@ class Palettize(CompressionScheme):
         ops = report.get("ops", [])
         elements = sum(int(np.prod(op["shape"])) for op in ops)
         average = sum(op["nbits"] * int(np.prod(op["shape"])) for op in ops) / elements if elements else None
+        mixed = report.get("mixed_bit")
+        if mixed:  # the recipe's average: float16 layers count 16 bits, as in Apple's figures
+            bits: Any = round(mixed["applied_average_bits"], 2)
+        elif report.get("mixed"):
+            bits = round(average or 0.0, 2)
+        else:
+            bits = report["nbits"]
         figures: dict[str, Any] = {
             "scheme": self.name,
-            "bits": report["nbits"] if not report.get("mixed") and "mixed_bit" not in report
-            else round(average or 0.0, 2),
+            "bits": bits,
             "granularity": report.get("granularity"),
             "compressed_ops": report.get("palettized_ops"),
             "min_snr_db": report.get("min_snr_db"),
             "mean_snr_db": report.get("mean_snr_db"),
             "package_bytes": report.get("package_bytes"),
         }
-        if "mixed_bit" in report:
-            figures["mixed_bit"] = report["mixed_bit"]
-            figures["recipe"] = {op["op"]: op["nbits"] for op in ops}  # the per-layer choice, on record
+        if mixed:
+            figures["mixed_bit"] = {k: v for k, v in mixed.items() if k != "recipe"}
+            figures["recipe"] = mixed["recipe"]  # the per-layer choice (op name -> bits, 16: float16), on record
         return figures
 
 

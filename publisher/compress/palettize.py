@@ -74,19 +74,51 @@ def load_recipe(path: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
-def recipe_for_package(package: Path, bits_by_sha256: Mapping[str, int]) -> dict[str, int]:
-    """A recipe keyed by weights' content (sha256 of their float16 bytes, as an analysis of the PyTorch model
-    records them) -> the same recipe keyed by the package's op names. Ops without a match are left out."""
+FINGERPRINT_VALUES = 64
+
+
+def weight_fingerprint(value: np.ndarray) -> list[float]:
+    """The first values of a weight, scaled to unit norm: the converter may fold a constant into a weight (the
+    attention scale into `to_q`), which changes its bytes but not its direction."""
+    head = np.asarray(value, dtype=np.float32).reshape(-1)[:FINGERPRINT_VALUES]
+    norm = float(np.linalg.norm(head))
+    return [round(float(v), 6) for v in (head / norm if norm else head)]
+
+
+def recipe_for_package(package: Path, layers: Iterable[Mapping[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+    """A recipe over a PyTorch model's layers (`sha256` of each float16 weight's bytes, `size`, `fingerprint`,
+    `nbits`) -> (the same recipe keyed by the package's op names, their sizes in elements). A layer is found by its
+    bytes, else by the op of its size whose fingerprint points the same way (a folded scale); others are left out."""
     from publisher.milfile import PackageFiles, WeightReader, main_block, op_name, read_spec
 
     reader = WeightReader(PackageFiles.of(package))
-    recipe = {}
+    ops: dict[str, np.ndarray] = {}
+    digests: dict[str, str] = {}
     for op in main_block(read_spec(package), package).operations:
         if _is_float16_weight(op):
-            digest = hashlib.sha256(np.ascontiguousarray(reader.read(op.attributes["val"])).tobytes()).hexdigest()
-            if digest in bits_by_sha256:
-                recipe[op_name(op)] = int(bits_by_sha256[digest])
-    return recipe
+            value = np.ascontiguousarray(reader.read(op.attributes["val"]))
+            ops[op_name(op)] = value
+            digests.setdefault(hashlib.sha256(value.tobytes()).hexdigest(), op_name(op))
+    recipe, sizes = {}, {}
+    unmatched = []
+    for layer in layers:
+        name = digests.get(layer["sha256"])
+        if name is not None and name not in recipe:
+            recipe[name], sizes[name] = int(layer["nbits"]), int(ops[name].size)
+        else:
+            unmatched.append(layer)
+    for layer in unmatched:
+        wanted = np.asarray(layer.get("fingerprint") or [], dtype=np.float32)
+        best, best_cosine = None, 0.999
+        for name, value in ops.items():
+            if name in recipe or value.size != layer["size"] or not wanted.size:
+                continue
+            cosine = abs(float(np.dot(wanted, np.asarray(weight_fingerprint(value), dtype=np.float32))))
+            if cosine > best_cosine:
+                best, best_cosine = name, cosine
+        if best is not None:
+            recipe[best], sizes[best] = int(layer["nbits"]), int(ops[best].size)
+    return recipe, sizes
 
 
 def _lookup_inputs(block: Any) -> set[str]:

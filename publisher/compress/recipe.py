@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-# Bit-widths the Neural Engine accelerates, then 16: the layer stays float16.
-PALETTE_BITS = (1, 2, 4, 6, 8)
-FLOAT16_BITS = 16
+from publisher.compress.palettization import CANDIDATE_BITS as PALETTE_BITS
+from publisher.compress.palettization import FLOAT16_BITS
+
 OPTIONS = (*PALETTE_BITS, FLOAT16_BITS)
 APPLE_PRE_ANALYSIS = "pre-analysis.json"  # the analysis step's copy in Apple's layout
 CURVE_BITS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0)  # the curve's points (average bits)
@@ -100,7 +100,7 @@ def recipe_key(average: float) -> str:
 
 
 def apple_pre_analysis(model_version: str, layers: Sequence[LayerSensitivity],
-                       cumulative: Mapping[int, Sequence[tuple[str, Sequence[float]]]],
+                       cumulative: Mapping[int, tuple[Sequence[str], Sequence[tuple[str, Sequence[float]]]]],
                        baselines: Mapping[str, float], recipes: Mapping[str, Mapping[str, int]],
                        metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The layout of Apple's `mixed_bit_compression_pre_analysis.py` output: `single_layer` and `cumulative`
@@ -115,10 +115,10 @@ def apple_pre_analysis(model_version: str, layers: Sequence[LayerSensitivity],
         single[str(bits)] = entry
     sizes = {layer.name: layer.size for layer in layers}
     cumulative_json = {}
-    for bits, points in cumulative.items():
-        order = [name for name, _ in points]
+    for bits, (order, points) in cumulative.items():
+        # `candidates`: every layer, least sensitive first; entries: the PSNR once the layers up to it are palettized
         entry = {"metadata": {"nbits": bits, "out_ngroups": 1, "in_ngroups": 1, "cumulative": True,
-                              "candidates": order, "sizes": [sizes[name] for name in order], **metadata}}
+                              "candidates": list(order), "sizes": [sizes[name] for name in order], **metadata}}
         entry.update({name: [round(v, 1) for v in values] for name, values in points})
         cumulative_json[str(bits)] = entry
     return {"model_version": model_version, "single_layer": single, "cumulative": cumulative_json,

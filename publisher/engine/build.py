@@ -459,3 +459,44 @@ def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
         runner.assemble(variant, result)
         results.append(result)
     return BuildResult(plan=plan, variants=results, built=runner.built, cached=runner.cached)
+
+
+@dataclass
+class AnalysisResult:
+    source: str  # repo@revision
+    step: str
+    path: Path  # the stored analysis folder (analysis.json, pre-analysis.json)
+    status: str  # built | cached
+
+
+def analyze_sources(manifests: Sequence[LoadedManifest], options: BuildOptions,
+                    report: Callable[[str], None] | None = None) -> list[AnalysisResult]:
+    """Run the plan's mixed-bit analyses (fetching their sources) through the store, nothing else. A source that
+    no variant analyses gets one with default settings (per-tensor LUTs, no target), so that its curve can be
+    looked at before a target is chosen."""
+    from publisher.compress.palettization import SCHEME as PALETTIZE
+
+    plan = build_plan(manifests, options.namespace)
+    chosen = {v.id for v in select_variants(plan, options.variants)}
+    runner = _Runner(plan, options, report or (lambda _: None))
+    runner.store.clean_temp()
+    fetches = [s for s in plan.steps_of("fetch") if chosen & set(s.variants)]
+    analyses = [s for s in plan.steps_of("analyze") if chosen & set(s.variants)]
+    for fetch in fetches:
+        if any(fetch.id in s.inputs for s in analyses):
+            continue
+        variant = next(v for v in plan.variants if v.id in fetch.variants)
+        step = Step(f"analyze:{fetch.id.removeprefix('fetch:')}:unet:{variant.resolution}:{PALETTIZE.name}:default",
+                    "analyze", (fetch.id,), AnalyzeParams(PALETTIZE.name, Component.UNET.value, variant.resolution,
+                                                          {"granularity": "per_tensor"}), list(fetch.variants))
+        plan.steps[step.id] = step
+        analyses.append(step)
+    results = []
+    for step in analyses:
+        runner.run_step(plan.steps[step.inputs[0]])
+        runner.run_step(step)
+        if step.id in runner.failed:
+            raise BuildError(runner.failed[step.id])
+        results.append(AnalysisResult(step.inputs[0].removeprefix("fetch:"), step.id, runner.outputs[step.id].path,
+                                      "built" if step.id in runner.built else "cached"))
+    return results

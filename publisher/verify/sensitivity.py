@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from publisher.compress.palettization import ANALYSIS, CANDIDATE_BITS, Granularity
-from publisher.compress.palettize import MIN_ELEMENTS, dense_palettized
+from publisher.compress.palettize import MIN_ELEMENTS, dense_palettized, weight_fingerprint
 from publisher.compress.recipe import (
     APPLE_PRE_ANALYSIS,
     CURVE_BITS,
@@ -56,6 +56,7 @@ class _Candidate:
     stage: int  # first stage to rerun when it changes (-1: the time embedding, the whole UNet)
     size: int
     sha256: str
+    fingerprint: list[float]
 
 
 class UnetProbe:
@@ -97,9 +98,10 @@ class UnetProbe:
         for name, parameter in self.ane.unet.named_parameters():
             if not name.endswith(".weight") or parameter.dim() < 2 or parameter.numel() < min_elements:
                 continue
-            digest = hashlib.sha256(parameter.detach().half().numpy().tobytes()).hexdigest()
+            values = parameter.detach().half().numpy()
             found.append(_Candidate(name.removesuffix(".weight"), parameter, stage_of.get(id(parameter), -1),
-                                    parameter.numel(), digest))
+                                    parameter.numel(), hashlib.sha256(values.tobytes()).hexdigest(),
+                                    weight_fingerprint(values)))
         return found
 
     def outputs_from(self, stage: int) -> list[np.ndarray]:
@@ -189,7 +191,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
         return result
 
     # cumulative (Apple's tables): least sensitive first, measured at up to CUMULATIVE_POINTS points per bit-width
-    cumulative: dict[int, list[tuple[str, list[float]]]] = {}
+    cumulative: dict[int, tuple[list[str], list[tuple[str, list[float]]]]] = {}
     stride = max(1, math.ceil(len(layers) / CUMULATIVE_POINTS))
     for bits in tqdm(CANDIDATE_BITS, desc="analyze cumulative", disable=not progress):
         ranked = sorted(layers, key=lambda layer: -layer.psnr_db[bits])
@@ -200,7 +202,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
                 points.append((layer.name, probe.psnrs(probe.outputs_from(-1))))
         for layer in ranked:
             set_weight(by_name[layer.name], FLOAT16_BITS)
-        cumulative[bits] = points
+        cumulative[bits] = ([layer.name for layer in ranked], points)
 
     float16_vs_float32 = float(np.mean([psnr(a, b) for a, b in zip(probe.float32_outputs, probe.reference,
                                                                     strict=True)]))
@@ -219,11 +221,18 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
     for bits in CANDIDATE_BITS:  # uniform palettization, for comparison
         baselines[f"uniform_{bits}bit"] = measure({layer.name: bits for layer in layers})
 
-    chosen_recipe, target = _choose(layers, settings.get("mixed_bit", {}), measure)
-    chosen_average = average_bits(layers, chosen_recipe)
-    predicted = measure(chosen_recipe)
-    chosen_key = recipe_key(chosen_average)
-    recipes[chosen_key], baselines[chosen_key] = chosen_recipe, predicted
+    chosen: dict[str, Any] | None = None
+    if settings.get("mixed_bit"):  # a manifest's target; without one (`publisher recipe` before choosing), the curve
+        chosen_recipe, target = _choose(layers, settings["mixed_bit"], measure)
+        chosen_average = average_bits(layers, chosen_recipe)
+        predicted = measure(chosen_recipe)
+        chosen_key = recipe_key(chosen_average)
+        recipes[chosen_key], baselines[chosen_key] = chosen_recipe, predicted
+        chosen = {"target": dict(target), "recipe": chosen_key, "average_bits": round(chosen_average, 4),
+                  "predicted_psnr_db": round(predicted, 2), "float16_psnr_db": round(float16_vs_float32, 2),
+                  "layers": [{"name": layer.name, "sha256": layer.sha256, "size": layer.size,
+                              "fingerprint": by_name[layer.name].fingerprint, "nbits": chosen_recipe[layer.name]}
+                             for layer in layers]}
     seconds = time.perf_counter() - start
     record = {
         "version": 1,
@@ -238,10 +247,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
                     "psnr_db": {str(b): round(v, 3) for b, v in layer.psnr_db.items()}} for layer in layers],
         "curve": curve,
         "uniform": {str(b): round(baselines[f"uniform_{b}bit"], 2) for b in CANDIDATE_BITS},
-        "chosen": {"target": dict(target), "recipe": chosen_key, "average_bits": round(chosen_average, 4),
-                   "predicted_psnr_db": round(predicted, 2), "float16_psnr_db": round(float16_vs_float32, 2),
-                   "layers": [{"name": layer.name, "sha256": layer.sha256, "size": layer.size,
-                               "nbits": chosen_recipe[layer.name]} for layer in layers]},
+        "chosen": chosen,
         "seconds": round(seconds, 1),
     }
     apple = apple_pre_analysis(model_version, layers, cumulative, baselines, recipes,
@@ -255,8 +261,6 @@ def _choose(layers: list[LayerSensitivity], target: Mapping[str, Any], measure: 
     bits whose measured PSNR reaches it (bisection on the budget, each candidate recipe measured)."""
     if "target_bits" in target:
         return choose_bits(layers, float(target["target_bits"])), target
-    if "target_psnr_db" not in target:
-        raise PublisherError("mixed_bit needs target_bits or target_psnr_db")
     wanted = float(target["target_psnr_db"])
     low, high = 1.0, float(FLOAT16_BITS)
     best = {layer.name: FLOAT16_BITS for layer in layers}
@@ -280,3 +284,34 @@ def analyze_to_folder(source: Path, component: Component, resolution: int, setti
     record, apple = analyze(source, resolution, settings, model_version, progress=progress)
     atomic_write_text(out / ANALYSIS, json.dumps(record, indent=1, sort_keys=True) + "\n")
     atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
+
+
+def load_record(folder: Path) -> dict[str, Any]:
+    """The analysis record an analysis step stored in `folder`."""
+    return json.loads((Path(folder) / ANALYSIS).read_text())
+
+
+def plot_curve(record: Mapping[str, Any], path: Path, title: str) -> None:
+    """The PNG people choose a recipe from: average bits vs PSNR for the mixed-bit curve and uniform palettes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    curve = record["curve"]
+    axes.plot([p["average_bits"] for p in curve], [p["psnr_db"] for p in curve], "o-", label="mixed-bit (measured)")
+    uniform = sorted((int(b), v) for b, v in record["uniform"].items())
+    axes.plot([b for b, _ in uniform], [v for _, v in uniform], "s--", label="uniform palettization")
+    axes.axhline(record["float16_vs_float32_psnr_db"], color="gray", linestyle=":", label="float16 vs float32")
+    if record.get("chosen"):
+        axes.plot([record["chosen"]["average_bits"]], [record["chosen"]["predicted_psnr_db"]], "r*", markersize=14,
+                  label=f"chosen ({record['chosen']['recipe']})")
+    axes.set_xlabel("average bits per UNet weight")
+    axes.set_ylabel("UNet output PSNR vs float16 (dB)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,203 @@
+"""Mixed-bit palettization: recipes from per-layer sensitivities, Apple's pre-analysis JSON, the manifest's settings,
+and (slow) the analysis of a tiny UNet against what the applied package really does."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from publisher.compress.recipe import (
+    CURVE_BITS,
+    PALETTE_BITS,
+    LayerSensitivity,
+    apple_pre_analysis,
+    average_bits,
+    choose_bits,
+    layers_from_apple,
+    predicted_psnr_db,
+    recipe_key,
+)
+from publisher.errors import ManifestError
+from publisher.manifest import load_manifest
+from tests.helpers import MANIFEST_HEAD, write_manifest
+
+
+def synthetic_layers(count: int = 40, seed: int = 0) -> list[LayerSensitivity]:
+    rng = random.Random(seed)
+    layers = []
+    for i in range(count):
+        offset = rng.uniform(-8, 8)  # how tolerant this layer is
+        psnr = {bits: 12 + 6 * bits + offset for bits in PALETTE_BITS}
+        layers.append(LayerSensitivity(f"block.{i}.conv", rng.choice([4096, 16384, 65536, 147456]), f"{i:064x}", psnr))
+    return layers
+
+
+@pytest.mark.parametrize("target", [2.0, 3.3, 4.5, 6.0, 7.2])
+def test_recipe_meets_an_average_bits_target(target: float) -> None:
+    layers = synthetic_layers()
+    recipe = choose_bits(layers, target)
+    assert set(recipe) == {layer.name for layer in layers}
+    assert set(recipe.values()) <= {*PALETTE_BITS, 16}
+    assert abs(average_bits(layers, recipe) - target) <= 0.05
+    assert average_bits(layers, recipe) <= target + 1e-9
+
+
+def test_more_bits_never_predict_less_signal() -> None:
+    layers = synthetic_layers()
+    predicted = [predicted_psnr_db(layers, choose_bits(layers, bits)) for bits in CURVE_BITS]
+    assert predicted == sorted(predicted)
+    # against uniform palettization at the same average: the recipe spends bits where they buy the most
+    for bits in (4, 6):
+        uniform = predicted_psnr_db(layers, {layer.name: bits for layer in layers})
+        assert predicted_psnr_db(layers, choose_bits(layers, float(bits))) > uniform + 1.0
+
+
+def test_a_sensitive_layer_keeps_more_bits() -> None:
+    layers = synthetic_layers()
+    sensitive = LayerSensitivity("sensitive", 65536, "f" * 64, {bits: 5.0 * bits for bits in PALETTE_BITS})
+    tolerant = LayerSensitivity("tolerant", 65536, "e" * 64, {bits: 30 + 5.0 * bits for bits in PALETTE_BITS})
+    recipe = choose_bits([*layers, sensitive, tolerant], 4.0)
+    assert recipe["sensitive"] > recipe["tolerant"]
+
+
+def test_apple_json_round_trips() -> None:
+    layers = [LayerSensitivity(layer.name, layer.size, layer.sha256,
+                               {b: round(v, 1) for b, v in layer.psnr_db.items()},
+                               {b: [round(v, 1), round(v, 1)] for b, v in layer.psnr_db.items()})
+              for layer in synthetic_layers(12)]
+    recipes = {recipe_key(average_bits(layers, r)): r for r in (choose_bits(layers, t) for t in (3.0, 4.5))}
+    order = [layer.name for layer in layers]
+    cumulative = {bits: (order, [(name, [40.0, 41.0]) for name in order[1::2]]) for bits in PALETTE_BITS}
+    data = json.loads(json.dumps(apple_pre_analysis("org/model", layers, cumulative, {"original": 80.0, **{
+        k: 40.0 for k in recipes}}, recipes, {"resolution": 128})))
+    assert data["model_version"] == "org/model"
+    assert set(data["single_layer"]) == {str(b) for b in PALETTE_BITS}
+    assert data["single_layer"]["4"]["metadata"]["nbits"] == 4
+    assert data["cumulative"]["6"]["metadata"]["candidates"] == [layer.name for layer in layers]
+    assert all(re.fullmatch(r"recipe_\d+\.\d\d_bit_mixedpalette", key) for key in data["recipes"])
+    assert set(data["recipes"]) <= set(data["baselines"])  # each recipe's PSNR under the same key
+    back = layers_from_apple(data, hashes={layer.name: layer.sha256 for layer in layers})
+    assert back == layers
+    assert choose_bits(back, 4.5) == choose_bits(layers, 4.5)
+
+
+MIXED = MANIFEST_HEAD + """\
+  - repo: "{{namespace}}/coreml-tiny-sd-mixed"
+    precision: {{type: palettize, mixed_bit: {{target_bits: 4.5}}}}
+    attention: [SPLIT_EINSUM_V2]
+    layouts: [packages]
+"""
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("{target_bits: 4.5}", "{target_bits: 4.5, target_psnr_db: 40}",
+     "publish[0].precision.mixed_bit: give one of target_bits or target_psnr_db"),
+    ("{target_bits: 4.5}", "{}", "publish[0].precision.mixed_bit: give one of target_bits or target_psnr_db"),
+    ("{target_bits: 4.5}", "{target_bits: 0.5}", "publish[0].precision.mixed_bit.target_bits: input should be "
+                                                 "greater than 1"),
+    ("{target_bits: 4.5}}", "{target_bits: 4.5}}, recipe: r.json",
+     "publish[0].precision.recipe: not with mixed_bit: the analysis chooses the bits"),
+    ("layouts: [packages]", "layouts: [packages]\n    chunk_unet: true",
+     "publish[0].chunk_unet: a mixed 4.50-bit UNet is small enough (4.5 bits per weight): chunking is refused"),
+])
+def test_mixed_bit_settings_are_checked(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    path = write_manifest(tmp_path, text=MIXED.replace(old, new))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert caught.value.args[0].split(": ", 1)[1] == expected
+
+
+def test_a_mixed_bit_variant_plans_one_analysis(tmp_path: Path) -> None:
+    from publisher.plan import AnalyzeParams, build_plan
+
+    loaded = load_manifest(write_manifest(tmp_path, text=MIXED))
+    plan = build_plan([loaded], "me")
+    [analyze] = plan.steps_of("analyze")
+    assert isinstance(analyze.params, AnalyzeParams) and analyze.params.component == "unet"
+    [compress] = plan.steps_of("compress")
+    assert compress.inputs[1] == analyze.id and compress.params.component == "unet"
+    assert plan.variants[0].precision.label == "mixed 4.50-bit"
+
+
+# -- the analysis of a real (tiny) UNet ----------------------------------------------------------------------
+
+SENSITIVE = "up_blocks.1.resnets.1.conv_shortcut"
+
+
+@pytest.fixture(scope="module")
+def sensitive_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pipeline (latents 16x16) whose last skip projection is scaled 30x: its path dominates the output,
+    so its palettization noise does too."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from publisher.manifest import Component
+    from publisher.tiny import build_tiny_pipeline
+
+    source = build_tiny_pipeline(tmp_path_factory.mktemp("mixed") / "sd", components=(Component.UNET,),
+                                 sample_size=16)
+    unet = UNet2DConditionModel.from_pretrained(source / "unet")
+    with torch.no_grad():
+        dict(unet.named_modules())[SENSITIVE].weight.mul_(30.0)
+    shutil.rmtree(source / "unet")
+    unet.save_pretrained(source / "unet")
+    return source
+
+
+@pytest.mark.slow
+def test_analysis_ranks_prediction_and_package_agree(sensitive_source: Path, tmp_path: Path) -> None:
+    from publisher.compress.palettization import SCHEME, PalettizeSettings
+    from publisher.compress.scheme import CompressContext
+    from publisher.convert.components import example_inputs, load_component
+    from publisher.convert.coreml import PackageMetadata, convert_component
+    from publisher.deployment import DeploymentTarget
+    from publisher.manifest import Attention, Component
+    from publisher.metrics import psnr
+    from publisher.verify.executor import run_package
+    from publisher.verify.sensitivity import analyze_to_folder, load_record
+
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    analyze_to_folder(sensitive_source, Component.UNET, 128, {"mixed_bit": {"target_bits": 4.5}}, "tiny/sd",
+                      analysis, progress=False)
+    record = load_record(analysis)
+    ranked = sorted(record["layers"], key=lambda layer: layer["psnr_db"]["4"])
+    assert ranked[0]["name"] == SENSITIVE, [(r["name"], r["psnr_db"]["4"]) for r in ranked[:3]]
+    chosen = record["chosen"]
+    assert abs(chosen["average_bits"] - 4.5) <= 0.05
+    bits = {layer["name"]: layer["nbits"] for layer in chosen["layers"]}
+    assert bits[SENSITIVE] >= max(b for name, b in bits.items() if name != SENSITIVE and b != 16) or bits[
+        SENSITIVE] == 16
+    # Apple's layout next to ours: its recipes hold our chosen one, its tables read back to the same ranking
+    apple = json.loads((analysis / "pre-analysis.json").read_text())
+    assert apple["recipes"][chosen["recipe"]] == bits
+    assert apple["baselines"][chosen["recipe"]] == round(chosen["predicted_psnr_db"], 1)
+    back = sorted(layers_from_apple(apple), key=lambda layer: layer.psnr_db[4])
+    assert back[0].name == SENSITIVE
+
+    # the package: the float16 UNet palettized by the recipe, run by the executor, against the float16 package
+    float16 = tmp_path / "unet.mlpackage"
+    convert_component(sensitive_source, Component.UNET, Attention.ORIGINAL, 128, DeploymentTarget.iOS17, float16,
+                      PackageMetadata("tiny/sd@main", "mit", Attention.ORIGINAL))
+    mixed = tmp_path / "mixed.mlpackage"
+    settings = PalettizeSettings(type="palettize", mixed_bit={"target_bits": 4.5})
+    report = SCHEME.apply(float16, mixed, settings, CompressContext(DeploymentTarget.iOS17, tmp_path, "unet",
+                                                                    analysis, progress=False))
+    figures = SCHEME.figures(report)
+    # every analysed layer matched an op by content, so the package holds the recipe's average
+    assert figures["mixed_bit"]["matched_ops"] == len(chosen["layers"])
+    assert abs(figures["bits"] - chosen["average_bits"]) < 0.01
+    assert sorted(figures["recipe"].values()) == sorted(bits.values())
+    spec = load_component(sensitive_source, Component.UNET, Attention.ORIGINAL, 128).spec
+    measured = []
+    for seed in range(record["samples"]):  # the analysis' own seeded inputs
+        feed = {t.name: x.numpy() for t, x in zip(spec.inputs, example_inputs(spec, seed=seed), strict=True)}
+        reference = run_package(float16, feed)["noise_pred"]
+        measured.append(psnr(reference, run_package(mixed, feed)["noise_pred"]))
+    assert abs(float(np.mean(measured)) - chosen["predicted_psnr_db"]) <= 1.0, (measured, chosen)
