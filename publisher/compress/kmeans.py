@@ -128,8 +128,8 @@ def histogram(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return patterns[order], counts[patterns[order]]
 
 
-def palettize_tensor(tensor: np.ndarray, nbits: int) -> Palette:
-    """Per-tensor LUT of 2**nbits float16 entries and a uint8 index per element."""
+def _palette(tensor: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LUT of 2**nbits float16 entries, cluster index of every float16 bit pattern (65536 entries))."""
     patterns, counts = histogram(tensor)
     clusters, centroids = solve_weighted(patterns.view(np.float16).astype(np.float64), counts, 1 << nbits)
     lut = np.zeros(1 << nbits, dtype=np.float16)
@@ -137,8 +137,22 @@ def palettize_tensor(tensor: np.ndarray, nbits: int) -> Palette:
     table = np.zeros(PATTERNS, dtype=np.uint8)
     # +0.0 and -0.0 are distinct patterns with one value: both are in `patterns` if present, nothing else needed
     table[patterns] = clusters.astype(np.uint8)
+    return lut, table
+
+
+def palettize_tensor(tensor: np.ndarray, nbits: int) -> Palette:
+    """Per-tensor LUT of 2**nbits float16 entries and a uint8 index per element."""
+    lut, table = _palette(tensor, nbits)
     indices = _lookup(table, np.ascontiguousarray(tensor).reshape(-1).view(np.uint16)).reshape(tensor.shape)
     return Palette(lut=lut, indices=indices)
+
+
+def value_map(tensor: np.ndarray, nbits: int) -> np.ndarray:
+    """The per-tensor palettization as a map from each float16 bit pattern to its LUT value (65536 float16
+    entries, 128 KB): `value_map(t, n)[t.view(np.uint16)]` is the dense palettized tensor, and an analysis that
+    revisits a (tensor, nbits) keeps the map instead of a dense copy."""
+    lut, table = _palette(tensor, nbits)
+    return lut[table]
 
 
 def palettize_grouped(tensor: np.ndarray, nbits: int, group_size: int, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

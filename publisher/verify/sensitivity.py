@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from publisher.compress.kmeans import value_map
 from publisher.compress.palettization import ANALYSIS, CANDIDATE_BITS, Granularity
 from publisher.compress.palettize import MIN_ELEMENTS, dense_palettized, weight_fingerprint
 from publisher.compress.recipe import (
@@ -60,8 +61,8 @@ class _Candidate:
 
 
 class UnetProbe:
-    """The float16 UNet with its per-stage states cached for a few seeded inputs, and a way to rerun it from a stage
-    with some weights replaced."""
+    """The float16 UNet with its per-stage states cached for a few seeded inputs (run as one batch), and a way to
+    rerun it from a stage with some weights replaced."""
 
     def __init__(self, source: Path, resolution: int, samples: int = SAMPLES) -> None:
         import torch
@@ -71,21 +72,19 @@ class UnetProbe:
         loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution)
         self.wrapper = loaded.module
         self.ane = self.wrapper.unet
-        self.inputs = [example_inputs(loaded.spec, seed=seed) for seed in range(samples)]
+        self.samples = samples
+        per_seed = [example_inputs(loaded.spec, seed=seed) for seed in range(samples)]
+        self.inputs = tuple(torch.cat([x[i] for x in per_seed]) for i in range(len(per_seed[0])))
         with torch.no_grad():
-            self.float32_outputs = [self.wrapper(*x).numpy() for x in self.inputs]
+            self.float32_output = self.wrapper(*self.inputs).numpy()
             for parameter in self.ane.parameters():  # the float16 model is the reference (Apple's definition)
                 parameter.copy_(parameter.half().float())
-            self.states: list[list[Any]] = []
-            self.reference: list[np.ndarray] = []
-            for x in self.inputs:
-                state = self.ane.start(*x)
-                before = []
-                for index in range(len(self.ane.stages)):
-                    before.append(_copy_state(state))
-                    self.ane.run(state, index, index + 1)
-                self.states.append(before)
-                self.reference.append(state.hidden.numpy())
+            state = self.ane.start(*self.inputs)
+            self.states: list[Any] = []
+            for index in range(len(self.ane.stages)):
+                self.states.append(_copy_state(state))
+                self.ane.run(state, index, index + 1)
+            self.reference = state.hidden.numpy()
 
     def candidates(self, min_elements: int = MIN_ELEMENTS) -> list[_Candidate]:
         """The weights the palettizer would compress (2-D or more, `min_elements` or more), by module name."""
@@ -104,16 +103,19 @@ class UnetProbe:
                                     weight_fingerprint(values)))
         return found
 
-    def outputs_from(self, stage: int) -> list[np.ndarray]:
+    def output_from(self, stage: int) -> np.ndarray:
         import torch
 
         with torch.no_grad():
             if stage < 0:
-                return [self.wrapper(*x).numpy() for x in self.inputs]
-            return [self.ane.run(_copy_state(states[stage]), stage).hidden.numpy() for states in self.states]
+                return self.wrapper(*self.inputs).numpy()
+            return self.ane.run(_copy_state(self.states[stage]), stage).hidden.numpy()
 
-    def psnrs(self, outputs: list[np.ndarray]) -> list[float]:
-        return [psnr(reference, output) for reference, output in zip(self.reference, outputs, strict=True)]
+    def psnrs(self, output: np.ndarray, reference: np.ndarray | None = None) -> list[float]:
+        """PSNR per seeded sample (each a classifier-free-guidance pair of rows)."""
+        reference = self.reference if reference is None else reference
+        return [psnr(r, o) for r, o in zip(np.split(reference, self.samples), np.split(output, self.samples),
+                                           strict=True)]
 
 
 def _copy_state(state: Any) -> Any:
@@ -123,21 +125,33 @@ def _copy_state(state: Any) -> Any:
 
 
 class _Weights:
-    """Palettized versions of each candidate's weight, computed once per (layer, bits)."""
+    """Sets a candidate's weight to its float16 original or to its palettized version. Per-tensor palettizations
+    are kept as 128 KB pattern -> value maps (publisher.compress.kmeans.value_map), so revisiting a (layer, bits)
+    costs a table lookup, not a k-means; grouped ones are recomputed (a dense cache would hold five UNets)."""
 
-    def __init__(self, granularity: Granularity, group_size: int) -> None:
+    def __init__(self, candidates: list[_Candidate], granularity: Granularity, group_size: int) -> None:
         self.granularity, self.group_size = granularity, group_size
-        self.cache: dict[tuple[str, int], Any] = {}
+        self.originals = {c.name: c.parameter.detach().half().clone() for c in candidates}  # exact: float16 model
+        self.maps: dict[tuple[str, int], np.ndarray] = {}
 
-    def get(self, candidate: _Candidate, original: Any, bits: int) -> Any:
+    def set(self, candidate: _Candidate, bits: int) -> None:
         import torch
 
-        key = (candidate.name, bits)
-        if key not in self.cache:
-            values = original.half().numpy()
-            self.cache[key] = torch.from_numpy(dense_palettized(values, bits, self.granularity, self.group_size)
-                                               .astype(np.float32)).reshape(original.shape)
-        return self.cache[key]
+        original = self.originals[candidate.name]
+        if bits == FLOAT16_BITS:
+            value = original.float()
+        else:
+            values = original.numpy()
+            if self.granularity is Granularity.PER_TENSOR:
+                key = (candidate.name, bits)
+                if key not in self.maps:
+                    self.maps[key] = value_map(values, bits)
+                dense = self.maps[key][values.view(np.uint16)]
+            else:
+                dense = dense_palettized(values, bits, self.granularity, self.group_size)
+            value = torch.from_numpy(dense.astype(np.float32)).reshape(original.shape)
+        with torch.no_grad():
+            candidate.parameter.copy_(value)
 
 
 def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_version: str,
@@ -152,17 +166,10 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
     analysis_resolution = min(resolution, latent * 8)
     probe = UnetProbe(source, analysis_resolution, samples)
     granularity = Granularity(settings.get("granularity", Granularity.PER_TENSOR.value))
-    weights = _Weights(granularity, int(settings.get("group_size") or 16))
     candidates = probe.candidates(min_elements)
     if not candidates:
         raise PublisherError(f"{source}: the UNet has no weight of {min_elements} or more elements to palettize")
-    originals = {c.name: c.parameter.detach().clone() for c in candidates}
-
-    def set_weight(candidate: _Candidate, bits: int) -> None:
-        value = originals[candidate.name] if bits == FLOAT16_BITS else weights.get(candidate, originals[
-            candidate.name], bits)
-        with torch.no_grad():
-            candidate.parameter.copy_(value)
+    set_weight = _Weights(candidates, granularity, int(settings.get("group_size") or 16)).set
 
     # single layer: each (layer, bits) alone, rerun from the layer's stage
     layers: list[LayerSensitivity] = []
@@ -172,7 +179,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
         per_sample = {}
         for bits in CANDIDATE_BITS:
             set_weight(candidate, bits)
-            per_sample[bits] = probe.psnrs(probe.outputs_from(candidate.stage))
+            per_sample[bits] = probe.psnrs(probe.output_from(candidate.stage))
             bar.update()
         set_weight(candidate, FLOAT16_BITS)
         layers.append(LayerSensitivity(candidate.name, candidate.size, candidate.sha256,
@@ -185,7 +192,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
     def measure(recipe: Mapping[str, int]) -> float:
         for name, bits in recipe.items():
             set_weight(by_name[name], bits)
-        result = float(np.mean(probe.psnrs(probe.outputs_from(-1))))
+        result = float(np.mean(probe.psnrs(probe.output_from(-1))))
         for name in recipe:
             set_weight(by_name[name], FLOAT16_BITS)
         return result
@@ -199,13 +206,12 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
         for index, layer in enumerate(ranked):
             set_weight(by_name[layer.name], bits)
             if (index + 1) % stride == 0 or index == len(ranked) - 1:
-                points.append((layer.name, probe.psnrs(probe.outputs_from(-1))))
+                points.append((layer.name, probe.psnrs(probe.output_from(-1))))
         for layer in ranked:
             set_weight(by_name[layer.name], FLOAT16_BITS)
         cumulative[bits] = ([layer.name for layer in ranked], points)
 
-    float16_vs_float32 = float(np.mean([psnr(a, b) for a, b in zip(probe.float32_outputs, probe.reference,
-                                                                    strict=True)]))
+    float16_vs_float32 = float(np.mean(probe.psnrs(probe.reference, probe.float32_output)))
     # the curve: for each average-bits point, the recipe of least predicted noise, then measured
     curve = []
     recipes: dict[str, dict[str, int]] = {}
