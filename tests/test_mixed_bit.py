@@ -201,3 +201,39 @@ def test_analysis_ranks_prediction_and_package_agree(sensitive_source: Path, tmp
         reference = run_package(float16, feed)["noise_pred"]
         measured.append(psnr(reference, run_package(mixed, feed)["noise_pred"]))
     assert abs(float(np.mean(measured)) - chosen["predicted_psnr_db"]) <= 1.0, (measured, chosen)
+
+
+@pytest.mark.slow
+def test_recipe_command_then_a_build_publish_the_recipe(tmp_path: Path, staging_hub, tiny_source_repo,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from publisher.cli import main
+    from publisher.engine.build import BuildOptions, build
+    from publisher.manifest import load_manifests
+    from publisher.publish.card import card_text
+
+    manifest = write_manifest(tmp_path / "manifests", text=MIXED)
+    store = tmp_path / "store"
+    monkeypatch.setenv("STAGING_HUB_TOKEN", staging_hub.token)
+    plot = tmp_path / "curve.png"
+    main(["recipe", str(manifest), "--store", str(store), "--source-endpoint", staging_hub.url, "--plot", str(plot)])
+    printed = capsys.readouterr().out
+    assert "(built;" in printed and "(the manifest's target)" in printed and "uniform 6-bit" in printed
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    result = build(load_manifests([manifest]), BuildOptions(
+        out=tmp_path / "out", store=store, namespace="tester", compile=False, endpoint=staging_hub.url,
+        token=staging_hub.token, isolate=False, progress=False))
+    assert result.ok, [v.error for v in result.variants]
+    assert not any(step.startswith("analyze:") for step in result.built)  # the recipe command's analysis, reused
+    folder = tmp_path / "out/tester/coreml-tiny-sd-mixed/split_einsum_v2"
+    info = json.loads((folder / "build-info.json").read_text())
+    apple = json.loads((folder / "tiny-sd_palettization_recipe.json").read_text())
+    assert "tiny-sd_palettization_recipe.json" in info["files"]  # published with the variant
+    unet = info["fidelity"]["unet"]
+    assert abs(unet["bits"] - 4.5) <= 0.05 and unet["mixed_bit"]["matched_ops"] == unet["mixed_bit"]["layers"]
+    assert sorted(unet["recipe"].values()) == sorted(apple["recipes"][unet["mixed_bit"]["recipe_name"]].values())
+    assert unet["output_psnr_db"] >= 35
+    assert "text_encoder" not in {c for c, f in info["fidelity"].items() if "bits" in f}  # no nbits: float16
+    card = card_text("tester/coreml-tiny-sd-mixed", [info], "http://hub")
+    assert "mixed-bit recipe for 4.5 bits" in card

@@ -164,6 +164,7 @@ class Palettize(CompressionScheme):
             # the recipe as applied: every analysed layer found in the package (by content), float16 ones at 16
             matched = sum(sizes.values())
             report["mixed_bit"].update({
+                "recipe_name": chosen["recipe"],  # its key in the published pre-analysis JSON (Apple's layout)
                 "layers": len(chosen["layers"]), "matched_ops": len(recipe),
                 "applied_average_bits": round(sum((bits or FLOAT16_BITS) * sizes[op] for op, bits in recipe.items())
                                               / matched, 4) if matched else None,
