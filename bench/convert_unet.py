@@ -53,8 +53,9 @@ def run_plain(source: Path, output: Path, attention: str) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from publisher.contract import ModelDims, model_spec
+    from publisher.contract import ModelDims
     from publisher.convert.components import Unet, example_inputs
+    from publisher.families.sd import sd_model_spec as model_spec
     from publisher.manifest import Attention, Component
     from publisher.mlpackage import import_coremltools
 

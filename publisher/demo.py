@@ -65,8 +65,9 @@ def run_demo(work: Path | None = None, say: Callable[[str], None] = print) -> di
 def _run(work: Path, endpoint: str, token: str, say: Callable[[str], None]) -> dict[str, object]:
     from huggingface_hub import snapshot_download
 
-    from publisher.contract import ModelDims, submodule_of_package
+    from publisher.contract import ModelDims
     from publisher.engine.build import BuildOptions, build
+    from publisher.families.sd import FAMILY as SD
     from publisher.manifest import load_manifests
     from publisher.publish import PublishOptions, publish
     from publisher.tiny import build_tiny_pipeline, push_tiny_source
@@ -98,7 +99,7 @@ def _run(work: Path, endpoint: str, token: str, say: Callable[[str], None]) -> d
     dims = ModelDims(resolution=256, text_hidden=32)
     problems = []
     for package in packages:
-        submodule = submodule_of_package(package.name, "demo_tiny-sd") or package.name
+        submodule = SD.submodule_of_package(package.name, "demo_tiny-sd") or package.name
         problems += [f"{package.name}: {p}" for p in contract_problems(package, submodule, dims)]
     manifest = manifests[0].manifest
     expected = len(next(manifest.components_for(t) for t in manifest.publish if t.repo_id(DEMO_NAMESPACE) == repo))

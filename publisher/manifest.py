@@ -29,8 +29,6 @@ SCHEMA_FILE_NAME = "manifest.schema.json"
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_NODES = 20_000
 MAX_DEPTH = 32
-# The Swift pipeline feeds the safety checker a (1, 512, 512, 3) image whatever the model's resolution.
-SAFETY_CHECKER_RESOLUTION = 512
 # A UNet whose weights take this many bits or fewer is under the 1 GB an iOS app loads at once: no chunks.
 CHUNKING_PAYS_ABOVE_BITS = 6
 MANIFEST_SUFFIXES = (".yaml", ".yml")
@@ -66,16 +64,7 @@ class Component(str, Enum):
 
 
 ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
-
-
-# The diffusers folder each component is loaded from.
-COMPONENT_FOLDERS = {
-    Component.TEXT_ENCODER: "text_encoder",
-    Component.UNET: "unet",
-    Component.VAE_DECODER: "vae",
-    Component.VAE_ENCODER: "vae",
-    Component.SAFETY_CHECKER: "safety_checker",
-}
+DEFAULT_FAMILY = "sd"
 
 
 class ComputeUnit(str, Enum):
@@ -107,8 +96,8 @@ Precision = Annotated[CompressionSettings, WrapValidator(validate_precision)]
 class Source(_Model):
     repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="diffusers repo id, `org/name`")]
     revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
-    components: list[Component] = Field(
-        default_factory=lambda: list(ALL_COMPONENTS), min_length=1, description="what the source provides"
+    components: list[Component] | None = Field(
+        default=None, min_length=1, description="what the source provides (default: every component of its family)"
     )
     weights: Literal["auto", "fp16", "fp32"] = Field(
         default="auto", description="which weight copy to download: auto prefers fp16 safetensors, then float32 "
@@ -164,17 +153,30 @@ class PublishRepo(_Model):
 
 class Manifest(_Model):
     name: Annotated[StrictStr, Field(pattern=SLUG_RE, description="short id of the base model, e.g. sd-v1-5")]
+    family: Annotated[StrictStr, Field(max_length=64, description="model family (publisher.family): what its "
+                                       "components are and how the apps use them")] = DEFAULT_FAMILY
     description: Annotated[StrictStr, Field(max_length=500)] | None = None
     source: Source
     license: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9.+-]{0,63}$", description="Hub license id")]
     resolution: Annotated[StrictInt, Field(ge=256, le=2048, multiple_of=64)] = 512
     publish: list[PublishRepo] = Field(min_length=1)
 
+    @property
+    def source_components(self) -> list[Component]:
+        from publisher.family import family_named
+
+        if self.source.components is not None:
+            return list(self.source.components)
+        return list(family_named(self.family).component_names)
+
     def components_for(self, target: PublishRepo) -> list[Component]:
+        """The target's components; by default the source's, less those that exist at another resolution only."""
+        from publisher.family import family_named
+
         if target.components is not None:
             return list(target.components)
-        return [c for c in self.source.components
-                if c is not Component.SAFETY_CHECKER or self.resolution == SAFETY_CHECKER_RESOLUTION]
+        family = family_named(self.family)
+        return [c for c in self.source_components if family.component(c).resolution in (None, self.resolution)]
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,21 @@ def _show(value: Any) -> str:
 
 
 def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
+    from publisher.family import families
+
     errors: list[tuple[Loc, str]] = []
-    for index, item in _duplicates(manifest.source.components):
+    known = families()
+    if manifest.family not in known:
+        return [(("family",), f"must be one of {', '.join(known)}")]
+    family = known[manifest.family]
+    for index, item in _duplicates(manifest.source.components or []):
         errors.append((("source", "components", index), f"duplicate '{_show(item)}'"))
+    for index, item in enumerate(manifest.source.components or []):
+        if not family.has(item):
+            errors.append((("source", "components", index), f"'{item.value}' is not a component of family "
+                           f"'{family.name}' ({', '.join(c.value for c in family.component_names)})"))
+    if errors:
+        return errors
     repo_first: dict[str, int] = {}
     for i, target in enumerate(manifest.publish):
         at: Loc = ("publish", i)
@@ -220,14 +234,14 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
             for index, item in _duplicates(getattr(target, field) or []):
                 errors.append((at + (field, index), f"duplicate '{_show(item)}'"))
         for index, component in enumerate(target.components or []):
-            if component not in manifest.source.components:
+            if component not in manifest.source_components:
                 errors.append((at + ("components", index),
                                f"'{component.value}' is not provided by the source (see source.components)"))
-            elif component is Component.SAFETY_CHECKER and manifest.resolution != SAFETY_CHECKER_RESOLUTION:
+            elif family.component(component).resolution not in (None, manifest.resolution):
+                only = family.component(component).resolution
                 errors.append((at + ("components", index),
-                               f"a safety checker needs resolution {SAFETY_CHECKER_RESOLUTION} (the Swift pipeline "
-                               f"feeds it a {SAFETY_CHECKER_RESOLUTION}x{SAFETY_CHECKER_RESOLUTION} image), "
-                               f"not {manifest.resolution}"))
+                               f"a {component.value.replace('_', ' ')} needs resolution {only} (the Swift pipeline "
+                               f"feeds it a {only}x{only} image), not {manifest.resolution}"))
         for attention in target.compute_units:
             if attention not in target.attention:
                 errors.append((at + ("compute_units", attention.value),
@@ -243,8 +257,8 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
             for index, item in _duplicates(target.chunk_unet):
                 errors.append((at + ("chunk_unet", index), f"duplicate '{_show(item)}'"))
         if target.chunk_unet:
-            if Component.UNET not in manifest.components_for(target):
-                errors.append((at + ("chunk_unet",), "needs the 'unet' component"))
+            if not any(family.component(c).chunks for c in manifest.components_for(target)):
+                errors.append((at + ("chunk_unet",), "needs a component that has chunks (the 'unet')"))
             bits = precision.scheme.weight_bits(precision)
             if bits <= CHUNKING_PAYS_ABOVE_BITS:
                 errors.append((at + ("chunk_unet",),
@@ -522,6 +536,9 @@ def json_schema() -> dict[str, Any]:
             schema.setdefault("$defs", {})[name] = definition
     schema["$defs"]["PublishRepo"]["properties"]["precision"] = {"oneOf": branches}
     schema["$defs"].pop("CompressionSettings", None)
+    from publisher.family import families
+
+    schema["properties"]["family"]["enum"] = list(families())
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "coreml-publisher manifest"
     return schema

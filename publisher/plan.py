@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from publisher.compress.scheme import CompressionSettings
-from publisher.contract import UNET_CHUNKS, USES_ATTENTION, zip_file_name
+from publisher.contract import zip_file_name
 from publisher.errors import PublisherError
+from publisher.family import ModelFamily, family_named
 from publisher.manifest import (
     Attention,
     Component,
@@ -31,8 +32,6 @@ from publisher.manifest import (
 StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "compile", "assemble", "zip"]
 STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "compile",
                                     "assemble", "zip")
-# Apple's converter leaves the VAE and the safety checker in float16 when palettizing.
-COMPRESSED_COMPONENTS = frozenset({Component.TEXT_ENCODER, Component.UNET})
 # GitHub Actions refuses a matrix of more than 256 jobs.
 GITHUB_MATRIX_LIMIT = 256
 
@@ -56,6 +55,19 @@ class Variant:
     resolution: int
     source_weights: str = "auto"
     license: str = "other"
+    family: str = "sd"
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return family_named(self.family)
+
+    def uses_attention(self, component: Component) -> bool:
+        return self.model_family.component(component).uses_attention
+
+    def compresses(self, component: Component) -> bool:
+        """The variant's compression scheme rewrites this component (the family says which may be)."""
+        return self.model_family.component(component).compressible and self.precision.scheme.compresses(
+            self.precision, component.value)
 
     @property
     def id(self) -> str:
@@ -88,6 +100,7 @@ class Variant:
                        **({"weights": self.source_weights} if self.source_weights != "auto" else {})},
             "resolution": self.resolution,
             "license": self.license,
+            "family": self.family,
         }
 
 
@@ -99,6 +112,7 @@ class FetchParams:
     repo: str
     revision: str
     weights: str = "auto"
+    family: str = "sd"  # which files the family's components load
 
 
 @dataclass(frozen=True)
@@ -107,11 +121,12 @@ class ConvertParams:
     attention: str | None  # None: a component no attention implementation changes, shared by every attention
     resolution: int
     deployment_target: str
+    family: str = "sd"
 
 
 @dataclass(frozen=True)
 class ChunkParams(ConvertParams):
-    chunk: str = UNET_CHUNKS[0]
+    chunk: str = ""  # the submodule: which of the component's chunks
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class AnalyzeParams:
     component: str
     resolution: int
     settings: dict[str, Any]
+    family: str = "sd"
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ class CompressParams:
 class VerifyParams:
     component: str
     submodule: str
+    family: str = "sd"
 
 
 @dataclass(frozen=True)
@@ -243,13 +260,6 @@ class Plan:
         return list(grouped.values())
 
 
-def submodules(component: Component, chunked: bool) -> tuple[str, ...]:
-    """Package submodule names as Apple's Python pipeline opens them."""
-    if component is Component.UNET and chunked:
-        return UNET_CHUNKS
-    return (component.value,)
-
-
 class _Builder:
     def __init__(self) -> None:
         self.steps: dict[str, Step] = {}
@@ -286,6 +296,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     source_weights=manifest.source.weights,
                     resolution=manifest.resolution,
                     license=manifest.license,
+                    family=manifest.family,
                 ))
     return variants
 
@@ -302,8 +313,7 @@ def _conversion_target(variant: Variant, float16_targets: dict[tuple[Any, ...], 
 
 
 def _compressing(variant: Variant) -> bool:
-    return any(c in COMPRESSED_COMPONENTS and variant.precision.scheme.compresses(variant.precision, c.value)
-               for c in variant.components)
+    return any(variant.compresses(c) for c in variant.components)
 
 
 def _digest(data: dict[str, Any]) -> str:
@@ -316,7 +326,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     for v in variants:
         if not _compressing(v):
             for component in v.components:
-                attention = v.attention if component in USES_ATTENTION else None
+                attention = v.attention if v.uses_attention(component) else None
                 key = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
                 float16_targets.setdefault(key, []).append(v.deployment_target)
 
@@ -327,34 +337,35 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         # the weight copy is part of the source: the same repo read as fp32 is another source
         source = f"{v.source_repo}@{v.source_revision}" + ("" if v.source_weights == "auto" else f"#{v.source_weights}")
         fetch = builder.add(f"fetch:{source}", "fetch", [], FetchParams(v.source_repo, v.source_revision,
-                                                                        v.source_weights), v.id)
+                                                                        v.source_weights, v.family), v.id)
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         packages_only: set[str] = set()  # submodules the compiled Resources leave out
         for component in v.components:
-            attention = v.attention if component in USES_ATTENTION else None  # None: shared by every attention
+            attention = v.attention if v.uses_attention(component) else None  # None: shared by every attention
             base = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
             convert = ConvertParams(component.value, attention.value if attention else None, v.resolution,
-                                    target.value)
+                                    target.value, v.family)
             whole = (component.value, builder.add(
                 f"convert:{source}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
                 f"{target.value}", "convert", [fetch], convert, v.id))
-            if v.chunk_unet and component is Component.UNET:
+            chunks = v.model_family.submodules(component, chunked=True) if v.chunk_unet else (component.value,)
+            if chunks != (component.value,):
                 # the chunks are converted from the source as two modules, not cut from a converted UNet. The
                 # Swift pipeline loads the chunks; Apple's Python pipeline opens only a whole `unet` package, so the
                 # packages folder keeps it too, and the compiled Resources (what iOS downloads) leave it out
                 pieces = [whole] + [(name, builder.add(
                     f"chunk:{source}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", [fetch],
                     ChunkParams(**dataclasses.asdict(convert), chunk=name), v.id))
-                    for name in submodules(component, chunked=True)]
+                    for name in chunks]
                 packages_only.add(component.value)
             else:
                 pieces = [whole]
-            compressed = component in COMPRESSED_COMPONENTS and scheme.compresses(v.precision, component.value)
+            compressed = v.compresses(component)
             analysis: list[str] = []
             request = scheme.analysis(v.precision, component.value) if compressed else None
             if request is not None:  # of the source's weights: shared by every attention and target
-                analyze = AnalyzeParams(scheme.name, request.component, v.resolution, request.params)
+                analyze = AnalyzeParams(scheme.name, request.component, v.resolution, request.params, v.family)
                 analysis = [builder.add(f"analyze:{source}:{request.component}:{v.resolution}:{scheme.name}:"
                                         f"{_digest(request.params)}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
@@ -364,7 +375,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                           CompressParams(scheme.name, settings, component.value,
                                                          v.deployment_target.value), v.id)
                 verify = builder.add(f"verify:{package}", "verify", [package],
-                                     VerifyParams(component.value, submodule), v.id)
+                                     VerifyParams(component.value, submodule, v.family), v.id)
                 packages.append((submodule, verify))
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:

@@ -67,5 +67,6 @@ def test_schema_round_trip(tmp_path: Path) -> None:
     assert written == committed, "manifests/manifest.schema.json is stale: run `publisher schema -o` to refresh"
     stdout = json.loads(run("schema").stdout)
     assert stdout == written
-    assert set(written["properties"]) == {"name", "description", "source", "license", "resolution", "publish"}
+    assert set(written["properties"]) == {"name", "family", "description", "source", "license", "resolution", "publish"}
+    assert written["properties"]["family"]["enum"] == ["sd"]
     assert written["additionalProperties"] is False

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from publisher.contract import ModelDims, model_spec
+from publisher.contract import ModelDims
 from publisher.convert.attention import SpatialAttention4D
 from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs, convert_unet_chunks
 from publisher.convert.components import example_inputs, load_component
 from publisher.convert.coreml import PackageMetadata, convert_isolated
 from publisher.engine.source import fetch_source
 from publisher.errors import SourceError
+from publisher.families.sd import sd_model_spec as model_spec
 from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.metrics import psnr
 from publisher.mlpackage import load_program, main_operations, package_info

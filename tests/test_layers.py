@@ -9,8 +9,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "publisher"
 
 # lowest first; a module belongs to the first layer whose prefix matches it (longest prefixes listed first)
 LAYERS: list[tuple[str, ...]] = [
-    ("publisher.errors", "publisher.util", "publisher.metrics", "publisher"),            # base
+    ("publisher.errors", "publisher.util", "publisher.metrics", "publisher.build_info", "publisher"),            # base
     ("publisher.manifest", "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
+     "publisher.family", "publisher.families",
      "publisher.deployment"),                                                              # model, files, schemes
     ("publisher.plan",),                                                                  # what to build
     ("publisher.convert", "publisher.verify", "publisher.compile", "publisher.layout",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +17,6 @@ from publisher.cli._options import (
     print_table,
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
-from publisher.errors import PublisherError
 from publisher.manifest import Component, load_manifests
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
@@ -63,13 +61,12 @@ def compile_command(
 ) -> None:
     """Compile already-built packages (macOS): rebuilds the variants found in BUILD_DIR with compilation on;
     cached steps are reused from the store, so only compile, Resources and zips are new."""
-    infos = sorted(build_dir.glob("*/*/*/build-info.json"))
-    if not infos:
-        raise PublisherError(f"{build_dir}: no build-info.json found (run `publisher build` first)")
+    from publisher.build_info import find_build_infos, read_build_info
+
     ids = []
     namespace = DEFAULT_NAMESPACE
-    for path in infos:
-        variant = json.loads(path.read_text())["variant"]
+    for path in find_build_infos(build_dir):
+        variant = read_build_info(path).variant
         ids.append(variant["id"])
         namespace = variant["repo"].split("/")[0]
     options = BuildOptions(out=build_dir, store=store, namespace=namespace, compile=True, variants=ids,

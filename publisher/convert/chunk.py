@@ -91,13 +91,13 @@ def chunk_specs(wrapper: Unet, unet_inputs: tuple[TensorSpec, ...], unet_outputs
 
 
 def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: object,
-                        outputs: tuple[Path | None, Path | None], metadata: object) -> list[str]:
+                        outputs: tuple[Path | None, Path | None], metadata: object, family: str = "sd") -> list[str]:
     """Convert the UNet of `source` into its two chunk packages (a None output skips that chunk)."""
     from publisher.convert.components import example_inputs, load_component
     from publisher.convert.coreml import convert_module
     from publisher.manifest import Component
 
-    loaded = load_component(Path(source), Component.UNET, attention, resolution)
+    loaded = load_component(Path(source), Component.UNET, attention, resolution, family=family)
     example = example_inputs(loaded.spec)
     assert isinstance(loaded.module, Unet)
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)

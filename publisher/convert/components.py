@@ -7,22 +7,24 @@ verification compares against.
 
 from __future__ import annotations
 
-import json
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from publisher.contract import FLOAT16, ModelDims, ModelSpec, model_spec
+from publisher.contract import FLOAT16, ModelDims, ModelSpec
 from publisher.convert.attention import apply_vae_attention, attention_core
 from publisher.convert.unet import AneUnet
 from publisher.convert.weight_files import weights_variant
 from publisher.errors import SourceError
-from publisher.manifest import COMPONENT_FOLDERS, Attention, Component
+from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
+from publisher.manifest import Attention, Component
 
 _LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
-SUBFOLDERS = COMPONENT_FOLDERS
 
 
 class TextEncoder(nn.Module):
@@ -111,60 +113,46 @@ class LoadedComponent:
     dims: ModelDims
 
 
-def source_dims(source: Path, resolution: int) -> ModelDims:
-    """Read the dimensions the contract's shapes depend on from the source's configs."""
-    hidden = None
-    for folder, key in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
-        config = Path(source) / folder / "config.json"
-        if config.exists():
-            value = json.loads(config.read_text()).get(key)
-            hidden = value[0] if isinstance(value, list) else value
-            break
-    if not isinstance(hidden, int):
-        raise SourceError(f"{source}: cannot tell the text embedding size (no unet/ or text_encoder/ config)")
-    latent_channels, out_channels = 4, 4
-    unet_config = Path(source) / "unet" / "config.json"
-    if unet_config.exists():
-        data = json.loads(unet_config.read_text())
-        latent_channels, out_channels = data.get("in_channels", 4), data.get("out_channels", 4)
-    return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=latent_channels,
-                     unet_out_channels=out_channels)
+def source_dims(source: Path, resolution: int, family: str = DEFAULT_FAMILY) -> ModelDims:
+    """The dimensions the contract's shapes depend on, as the family reads them from the source's configs."""
+    return family_named(family).dims(source, resolution)
 
 
-def check_component_present(source: Path, component: Component, label: str) -> None:
-    folder = Path(source) / SUBFOLDERS[component]
-    if not (folder / "config.json").exists():
-        raise SourceError(f"source {label} has no {component.value} (folder {SUBFOLDERS[component]}/ with a "
-                          "config.json is missing); drop it from the manifest's components")
+def check_component_present(source: Path, component: Component, label: str, family: ModelFamily) -> None:
+    folder = family.component(component).folder
+    if not (Path(source) / folder / "config.json").exists():
+        raise SourceError(f"source {label} has no {component.value} (folder {folder}/ with a config.json is "
+                          "missing); drop it from the manifest's components")
+
+
+# The wrappers a family's components name (ComponentSpec.wrapper): the loaded module -> the contract's interface.
+WRAPPERS: dict[str, Callable[[nn.Module, Attention], nn.Module]] = {
+    "text_encoder": lambda module, attention: TextEncoder(module),
+    "unet": lambda module, attention: Unet(module, attention),
+    "vae_decoder": lambda module, attention: VAEDecoder(apply_vae_attention(module, attention)),
+    "vae_encoder": lambda module, attention: VAEEncoder(apply_vae_attention(module, attention)),
+    "safety_checker": lambda module, attention: SafetyChecker(module),
+}
+
+
+def _loader(spec: str) -> Any:
+    """`module:Class` -> the class (the libraries are imported only when a component is loaded)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_component(source: Path, component: Component, attention: Attention, resolution: int,
-                   label: str | None = None) -> LoadedComponent:
+                   label: str | None = None, family: str = DEFAULT_FAMILY) -> LoadedComponent:
     """The PyTorch module for one component in float32 eval mode, attention rewritten, contract spec attached."""
-    check_component_present(source, component, label or str(source))
-    dims = source_dims(source, resolution)
-    folder = Path(source) / SUBFOLDERS[component]
+    model_family = family_named(family)
+    spec = model_family.component(component)
+    check_component_present(source, component, label or str(source), model_family)
+    dims = model_family.dims(source, resolution)
+    folder = Path(source) / spec.folder
     # float32 modules whatever the stored copy (fp16 weights are widened on load: the trace runs in float32)
-    load = {**_LOAD, "variant": weights_variant(folder)}
-    module: nn.Module
-    if component is Component.TEXT_ENCODER:
-        from transformers import CLIPTextModel
-
-        module = TextEncoder(CLIPTextModel.from_pretrained(folder, **load))
-    elif component is Component.UNET:
-        from diffusers import UNet2DConditionModel
-
-        module = Unet(UNet2DConditionModel.from_pretrained(folder, **load), attention)
-    elif component in (Component.VAE_DECODER, Component.VAE_ENCODER):
-        from diffusers import AutoencoderKL
-
-        vae = apply_vae_attention(AutoencoderKL.from_pretrained(folder, **load), attention)
-        module = VAEDecoder(vae) if component is Component.VAE_DECODER else VAEEncoder(vae)
-    else:
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-        module = SafetyChecker(StableDiffusionSafetyChecker.from_pretrained(folder, **load))
-    return LoadedComponent(module=module.eval().float(), spec=model_spec(component, dims), dims=dims)
+    loaded = _loader(spec.loader).from_pretrained(folder, **_LOAD, variant=weights_variant(folder))
+    module = WRAPPERS[spec.wrapper](loaded, attention)
+    return LoadedComponent(module=module.eval().float(), spec=model_family.model_spec(component, dims), dims=dims)
 
 
 def example_inputs(spec: ModelSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -203,11 +203,11 @@ def convert_module(module_holder: list[Any], spec: ModelSpec, example: tuple[Any
 
 def convert_component(source: Path, component: Component, attention: Attention, resolution: int,
                       target: DeploymentTarget, output: Path, metadata: PackageMetadata,
-                      progress: Progress = _quiet) -> ConvertResult:
+                      progress: Progress = _quiet, family: str = "sd") -> ConvertResult:
     """Convert one component of a diffusers checkpoint folder to `output` (an .mlpackage folder)."""
     from publisher.convert.components import example_inputs, load_component
 
-    loaded = [load_component(Path(source), component, attention, resolution, label=metadata.source)]
+    loaded = [load_component(Path(source), component, attention, resolution, label=metadata.source, family=family)]
     spec = loaded[0].spec
     example = example_inputs(spec)
     holder = [loaded.pop().module]

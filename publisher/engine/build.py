@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from publisher.build_info import BUILD_INFO, BuildInfo, write_build_info
 from publisher.compile import compile_package, require_compiler
 from publisher.compress.recipe import APPLE_PRE_ANALYSIS, pre_analysis_name
 from publisher.compress.scheme import REPORT, CompressContext, scheme_named
-from publisher.contract import TOKENIZER_FILES, UNET_CHUNKS, compiled_name, package_name, zip_folder_name
+from publisher.contract import package_name, zip_folder_name
 from publisher.errors import PublisherError
+from publisher.family import family_named
 from publisher.layout import link_or_copy, link_tree, replace_folder, write_zip
 from publisher.manifest import (
-    COMPONENT_FOLDERS,
     Attention,
     Component,
     DeploymentTarget,
@@ -58,7 +59,6 @@ from publisher.util.atomic import atomic_write_text
 from publisher.verify.fidelity import REFERENCE
 
 PACKAGE = "model.mlpackage"
-BUILD_INFO = "build-info.json"
 
 
 class BuildError(PublisherError):
@@ -191,7 +191,7 @@ class _Runner:
         try:
             fetched = fetch_source(params.repo, params.revision, components,
                                    self.options.store / "hub-cache", endpoint=self.options.endpoint,
-                                   token=self.options.token, weights=params.weights)
+                                   token=self.options.token, weights=params.weights, family=params.family)
         except PublisherError as exc:
             self.failed[step.id] = str(exc)
             return
@@ -224,7 +224,7 @@ class _Runner:
         # a component no attention implementation changes is converted as it is (the stock modules)
         attention = Attention(p.attention or Attention.ORIGINAL)
         convert(self._source(step).path, Component(p.component), attention, p.resolution,
-                DeploymentTarget(p.deployment_target), work / PACKAGE, self._metadata(step))
+                DeploymentTarget(p.deployment_target), work / PACKAGE, self._metadata(step), family=p.family)
 
     def _do_chunk(self, step: Step, work: Path) -> None:
         from publisher.convert.chunk import convert_unet_chunks
@@ -232,9 +232,9 @@ class _Runner:
 
         p = step.params
         assert isinstance(p, ChunkParams) and p.attention is not None
-        outputs = (work / PACKAGE, None) if p.chunk == UNET_CHUNKS[0] else (None, work / PACKAGE)
+        outputs = (work / PACKAGE, None) if family_named(p.family).chunk_index(p.chunk) == 0 else (None, work / PACKAGE)
         args = (self._source(step).path, Attention(p.attention), p.resolution, DeploymentTarget(p.deployment_target),
-                outputs, self._metadata(step))
+                outputs, self._metadata(step), p.family)
         if self.options.isolate:
             run_isolated(convert_unet_chunks, *args)
         else:
@@ -248,7 +248,7 @@ class _Runner:
         assert isinstance(p, AnalyzeParams)
         run = run_isolated if self.options.isolate else _call
         run(analyze_to_folder, self._source(step).path, Component(p.component), p.resolution, p.settings,
-            self._variant_of(step).source_repo, work, self.options.progress)
+            self._variant_of(step).source_repo, work, self.options.progress, p.family)
 
     def _do_compress(self, step: Step, work: Path) -> None:
         p = step.params
@@ -269,11 +269,11 @@ class _Runner:
 
         variant = self._variant_of(step)
         fetch_step = next(s for s in self.plan.steps.values() if s.kind == "fetch" and variant.id in s.variants)
-        dims = source_dims(self.fetched[fetch_step.id].path, variant.resolution)
+        dims = source_dims(self.fetched[fetch_step.id].path, variant.resolution, variant.family)
         package = self.outputs[step.inputs[0]].path / PACKAGE
         assert isinstance(step.params, VerifyParams)
         submodule = step.params.submodule
-        problems = contract_problems(package, submodule, dims)
+        problems = contract_problems(package, submodule, dims, variant.family)
         if problems:
             raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
         report: dict[str, Any] = {"contract": "ok"}
@@ -291,7 +291,7 @@ class _Runner:
             # memory, and the build's own process never holds a model.
             run = run_isolated if self.options.isolate else _call
             run(store_reference, package, self.fetched[fetch_step.id].path, submodule, variant.attention,
-                variant.resolution, float16, scheme, work / REFERENCE)
+                variant.resolution, float16, scheme, work / REFERENCE, variant.family)
             fidelity = run(check_stored_reference, package, work / REFERENCE)
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
@@ -353,14 +353,14 @@ class _Runner:
                 compile_step = next((s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id), None)
                 if compiled_layout and compile_step is not None:  # a chunked variant's whole UNet: packages only
                     link_tree(self.outputs[compile_step.id].path / "model.mlmodelc",
-                              staged / "compiled" / compiled_name(submodule))
+                              staged / "compiled" / variant.model_family.compiled_name(submodule))
             for analyze in (s for s in steps if s.kind == "analyze"):
                 # the analysis behind the variant's recipe, in the layout of Apple's pre-analysis script (its
                 # apply script takes it with --selected-recipe)
                 link_or_copy(self.outputs[analyze.id].path / APPLE_PRE_ANALYSIS,
                              staged / pre_analysis_name(variant.source_repo))
             if compiled_layout:
-                for name in TOKENIZER_FILES:
+                for name in variant.model_family.tokenizer_files:
                     link_or_copy(source.path / "tokenizer" / name, staged / "compiled" / name)
             replace_folder(staged, folder)
         finally:
@@ -385,7 +385,7 @@ class _Runner:
             digest = self.outputs[zip_step.id].vouched().get(stamp_of(info)) or sha256_file(zip_path)
             files[f"../{variant.zip_name}"] = (digest, info.st_size)
         seconds = sum(self.outputs[s.id].seconds for s in steps if s.id in self.outputs)
-        info = {
+        info = BuildInfo.model_validate({
             "variant": variant.to_json(),
             "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit,
                        "files": {name: entry for name, entry in sorted(source.files.items())
@@ -399,8 +399,8 @@ class _Runner:
             "fidelity": fidelity,
             "references": references,
             "build_seconds": round(seconds, 1),
-        }
-        atomic_write_text(folder / BUILD_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        })
+        write_build_info(folder / BUILD_INFO, info)
         built_here = any(s.id in self.built for s in steps)
         result.status = "built" if built_here else "cached"
         result.files = len(files) + 1
@@ -418,7 +418,7 @@ class _Runner:
     @staticmethod
     def _folders_of(variant: Variant) -> set[str]:
         """The source's top-level entries a variant's packages come from."""
-        return {"model_index.json", "tokenizer", *(COMPONENT_FOLDERS[c] for c in variant.components)}
+        return {"model_index.json", "tokenizer", *variant.model_family.source_folders(variant.components)}
 
     def _compression_figures(self, verify: Step) -> dict[str, Any]:
         """What the scheme that compressed this package puts on record (nothing for an uncompressed one)."""

@@ -24,10 +24,12 @@ from typing import Any
 
 from publisher.convert.weight_files import choose_weights
 from publisher.errors import SourceError
+from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.layout import link_or_copy
-from publisher.manifest import COMPONENT_FOLDERS, Component
+from publisher.manifest import Component
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# downloaded when present besides the family's own tokenizer files (diffusers reads them; the apps do not)
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,20 @@ class FetchedSource:
 
 
 def select_source_files(tree: dict[str, SourceFile], components: Sequence[Component], weights: str,
-                        label: str) -> tuple[list[SourceFile], list[str]]:
+                        label: str, family: str = DEFAULT_FAMILY) -> tuple[list[SourceFile], list[str]]:
     """What a build of `components` loads from a repo whose files are `tree` (path -> file); plus warnings."""
+    model_family = family_named(family)
     chosen = ["model_index.json"] if "model_index.json" in tree else []
-    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt"):
+    for name in (f"tokenizer/{n}" for n in model_family.tokenizer_files):
         if name not in tree:
-            raise SourceError(f"source {label} has no {name} (the apps need the CLIP tokenizer files)")
-    chosen += [f"tokenizer/{n}" for n in TOKENIZER_FILES if f"tokenizer/{n}" in tree]
+            raise SourceError(f"source {label} has no {name} (the apps need the tokenizer files)")
+    chosen += [f"tokenizer/{n}" for n in dict.fromkeys((*model_family.tokenizer_files, *TOKENIZER_FILES))
+               if f"tokenizer/{n}" in tree]
     warnings = []
-    for folder in sorted({COMPONENT_FOLDERS[c] for c in components}):
+    folder_of = {c: model_family.component(c).folder for c in components}
+    for folder in sorted(set(folder_of.values())):
         if f"{folder}/config.json" not in tree:
-            component = next(c for c in components if COMPONENT_FOLDERS[c] == folder)
+            component = next(c for c in components if folder_of[c] == folder)
             raise SourceError(f"source {label} has no {component.value} ({folder}/config.json is missing); "
                               "drop it from the manifest's source.components")
         names = [p[len(folder) + 1:] for p in tree if p.startswith(folder + "/") and "/" not in p[len(folder) + 1:]]
@@ -123,7 +128,7 @@ class SourcePlan:
 
 
 def plan_source(repo: str, revision: str, components: Sequence[Component], endpoint: str | None = None,
-                token: str | bool | None = None, weights: str = "auto") -> SourcePlan:
+                token: str | bool | None = None, weights: str = "auto", family: str = DEFAULT_FAMILY) -> SourcePlan:
     """Resolve the revision and choose the files (one API call; nothing is downloaded). One-line errors for a
     missing repo, revision, component or weight file."""
     from huggingface_hub import HfApi
@@ -139,17 +144,17 @@ def plan_source(repo: str, revision: str, components: Sequence[Component], endpo
         raise SourceError(f"source repo {repo} not found (or private without a token) at {api.endpoint}") from exc
     tree = {s.rfilename: SourceFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
             for s in info.siblings or []}
-    files, warnings = select_source_files(tree, components, weights, label)
+    files, warnings = select_source_files(tree, components, weights, label, family)
     return SourcePlan(repo, revision, str(info.sha), tuple(files), tuple(warnings))
 
 
 def fetch_source(repo: str, revision: str, components: list[Component] | tuple[Component, ...], cache_dir: Path,
                  endpoint: str | None = None, token: str | bool | None = None,
-                 weights: str = "auto") -> FetchedSource:
+                 weights: str = "auto", family: str = DEFAULT_FAMILY) -> FetchedSource:
     """Download the files a build of `components` loads (see the module doc and plan_source)."""
     from huggingface_hub import snapshot_download
 
-    chosen = plan_source(repo, revision, components, endpoint, token, weights)
+    chosen = plan_source(repo, revision, components, endpoint, token, weights, family)
     snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
                                  cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
     folder = Path(cache_dir) / "sources" / f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from publisher.build_info import BUILD_INFO, read_build_info
 from publisher.errors import PublisherError
 from publisher.manifest import LoadedManifest
 from publisher.plan import Variant, build_plan, select_variants
@@ -104,23 +104,26 @@ def status(manifests: Sequence[LoadedManifest], namespace: str, endpoint: str, t
                 source_commits[key] = None
         try:
             revision = api.repo_info(variant.repo_id).sha
-            local = hf_hub_download(variant.repo_id, f"{variant.attention.folder}/build-info.json", revision=revision,
+            local = hf_hub_download(variant.repo_id, f"{variant.attention.folder}/{BUILD_INFO}", revision=revision,
                                     endpoint=endpoint, token=token or False)
-            info = json.loads(Path(local).read_text())
+            info = read_build_info(Path(local))
         except RepositoryNotFoundError:
             results.append(VariantStatus(variant, False, None, False, "repo does not exist"))
             continue
         except EntryNotFoundError:
             results.append(VariantStatus(variant, False, revision, False, "variant not published"))
             continue
+        except PublisherError:  # written by another version of the publisher (or not by it at all)
+            results.append(VariantStatus(variant, True, revision, False, "its build-info is not one this version reads"))
+            continue
         reasons = []
-        if info.get("variant") != variant.to_json():
+        if info.variant != variant.to_json():
             reasons.append("manifest settings changed")
         if source_commits[key] is None:
             reasons.append("source unreachable")
-        elif info.get("source", {}).get("commit") != source_commits[key]:
+        elif info.source.commit != source_commits[key]:
             reasons.append("source has a new commit")
-        if info.get("tools") != versions:
+        if info.tools != versions:
             reasons.append("tool versions changed")
         results.append(VariantStatus(variant, True, revision, not reasons, ", ".join(reasons) or "current"))
     return results

@@ -6,17 +6,16 @@ names its parent, so two publishers racing on one repo cannot interleave: the se
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from publisher.build_info import BUILD_INFO, read_build_info
 from publisher.errors import PublisherError, transport_errors
 from publisher.plan import Variant
 from publisher.util.hashing import git_blob_id, git_blob_id_of_file, sha256_file
 
-BUILD_INFO = "build-info.json"
 CARD = "README.md"
 
 
@@ -75,8 +74,8 @@ def local_variant_files(repo_dir: Path, variant: Variant) -> dict[str, Path]:
         raise PublishError(f"{variant.id} is not built in {repo_dir} (run `publisher build` first)")
     files = {p.relative_to(repo_dir).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     zip_path = repo_dir / variant.zip_name
-    info = json.loads((folder / BUILD_INFO).read_text())
-    if f"../{variant.zip_name}" in info["files"]:
+    info = read_build_info(folder / BUILD_INFO)
+    if f"../{variant.zip_name}" in info.files:
         if not zip_path.exists():
             raise PublishError(f"{variant.id}: {variant.zip_name} is listed in build-info.json but missing")
         files[variant.zip_name] = zip_path
@@ -93,9 +92,9 @@ def _same(local: Path, remote: RemoteFile, sha256: str | None) -> bool:
 
 def diff_variant(variant: Variant, local: dict[str, Path], remote: dict[str, RemoteFile]) -> VariantDiff:
     folder = variant.attention.folder
-    info = json.loads(local[f"{folder}/{BUILD_INFO}"].read_text())
-    known = {f"{folder}/{name}" if not name.startswith("../") else name[3:]: entry["sha256"]
-             for name, entry in info["files"].items()}
+    info = read_build_info(local[f"{folder}/{BUILD_INFO}"])
+    known = {f"{folder}/{name}" if not name.startswith("../") else name[3:]: entry.sha256
+             for name, entry in info.files.items()}
     diff = VariantDiff(variant.id, folder)
     for path, file in local.items():
         size = file.stat().st_size
@@ -250,7 +249,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
     diffs = [diff_variant(v, locals_[v.id], remote) for v in variants]
     infos = []
     for folder in sorted(p for p in repo_dir.iterdir() if (p / BUILD_INFO).exists()):
-        infos.append(json.loads((folder / BUILD_INFO).read_text()))
+        infos.append(read_build_info(folder / BUILD_INFO).to_json())
     card = card_text(repo_id, infos, endpoint)
     card_bytes = card.encode()
     remote_card = remote.get(CARD)

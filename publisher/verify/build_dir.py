@@ -8,19 +8,18 @@ variant's build-info.json.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from publisher.contract import submodule_of_package
+from publisher.build_info import find_build_infos, read_build_info, write_build_info
 from publisher.errors import PublisherError
-from publisher.util.atomic import atomic_write_text
+from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.verify.fidelity import REFERENCE, Fidelity, Reference, compare
 from publisher.verify.runtime import Runtime
 
 
-def submodule_of(package: Path, model_version: str) -> str:
-    name = submodule_of_package(package.name, model_version)
+def submodule_of(package: Path, model_version: str, family: str = DEFAULT_FAMILY) -> str:
+    name = family_named(family).submodule_of_package(package.name, model_version)
     if name is None:
         raise PublisherError(f"{package}: cannot tell which model this is from its name")
     return name
@@ -32,16 +31,13 @@ def stored_reference(store: Path, key: str) -> Path:
 
 def verify_build_dir(build_dir: Path, runtime: Runtime, store: Path,
                      say: Callable[[str], None] = lambda _: None) -> list[tuple[str, Fidelity]]:
-    infos = sorted(Path(build_dir).glob("*/*/*/build-info.json"))
-    if not infos:
-        raise PublisherError(f"{build_dir}: no build-info.json found (run `publisher build` first)")
     results = []
-    for path in infos:
-        info = json.loads(path.read_text())
-        variant, source = info["variant"], info["source"]
-        references = info.get("references", {})
+    for path in find_build_infos(build_dir):
+        info = read_build_info(path)
+        variant = info.variant
+        references = info.references
         for package in sorted((path.parent / "packages").glob("*.mlpackage")):
-            submodule = submodule_of(package, source["repo"].replace("/", "_"))
+            submodule = submodule_of(package, info.source.repo.replace("/", "_"), variant.get("family", DEFAULT_FAMILY))
             key = references.get(submodule)
             reference_path = stored_reference(store, key) if key else None
             if reference_path is None or not reference_path.is_file():
@@ -50,8 +46,7 @@ def verify_build_dir(build_dir: Path, runtime: Runtime, store: Path,
             result = compare(package, Reference.load(reference_path), runtime)
             say(f"{variant['id']} {submodule}: min PSNR {result.min_psnr_db:.1f} dB on {runtime.name} "
                 f"({'ok' if result.passed else 'UNDER THE BAR'})")
-            figures = info.setdefault("fidelity", {}).setdefault(submodule, {})
-            figures[f"{runtime.name}_psnr_db"] = round(result.min_psnr_db, 2)
+            info.fidelity.setdefault(submodule, {})[f"{runtime.name}_psnr_db"] = round(result.min_psnr_db, 2)
             results.append((variant["id"], result))
-        atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_build_info(path, info)
     return results

@@ -4,27 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from publisher.contract import FLOAT32, UNET_CHUNKS, ModelDims, component_of, model_spec
+from publisher.contract import FLOAT32, ModelDims
+from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.mlpackage import package_info
 
 
-def contract_problems(package: Path, submodule: str, dims: ModelDims) -> list[str]:
+def contract_problems(package: Path, submodule: str, dims: ModelDims, family: str = DEFAULT_FAMILY) -> list[str]:
     """Differences between the package's interface and the contract, one line each (empty: conforms)."""
     info = package_info(package)
     problems = []
     if not info.is_mlprogram:
         problems.append("not an ML Program")
-    component = component_of(submodule)
-    spec = model_spec(component, dims)
+    model_family = family_named(family)
+    spec = model_family.model_spec(model_family.component_of(submodule), dims)
+    chunk = model_family.chunk_index(submodule)
     got_in = [(t.name, t.shape, t.dtype) for t in info.inputs]
     got_out = [(t.name, t.shape, t.dtype) for t in info.outputs]
     want_in = [(t.name, t.shape, t.dtype) for t in spec.inputs]
     want_out = [(t.name, t.shape, t.dtype) for t in spec.outputs]
-    if submodule == UNET_CHUNKS[0]:
+    if chunk == 0:
         # intermediates (chunk 2's inputs are checked against them by the chunk tests): float32 like every output
         want_out = None
         problems += [f"output {name} is {dtype}, not float32" for name, _, dtype in got_out if dtype != FLOAT32]
-    elif submodule == UNET_CHUNKS[1]:
+    elif chunk == 1:
         want_in = None
         by_name = {t.name: t for t in spec.inputs}
         for name, _shape, dtype in got_in:

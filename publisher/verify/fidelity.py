@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from publisher.contract import UNET_CHUNKS, component_of
 from publisher.errors import ToolchainError
+from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.manifest import Attention
 from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_bytes
@@ -56,20 +56,22 @@ class Fidelity:
         return data
 
 
-def _reference(source: Path, submodule: str, attention: Attention, resolution: int) -> tuple[Any, tuple, list[str]]:
+def _reference(source: Path, submodule: str, attention: Attention, resolution: int, family: str
+               ) -> tuple[Any, tuple, list[str]]:
     """(PyTorch module, inputs, output names) for a submodule, chunks included."""
     import torch
 
     from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs
     from publisher.convert.components import example_inputs, load_component
 
-    component = component_of(submodule)
-    loaded = load_component(source, component, attention, resolution)
+    model_family = family_named(family)
+    loaded = load_component(source, model_family.component_of(submodule), attention, resolution, family=family)
     example = example_inputs(loaded.spec)
-    if submodule == UNET_CHUNKS[0]:
+    chunk = model_family.chunk_index(submodule)
+    if chunk == 0:
         specs, _ = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
         return UnetChunk1(loaded.module, specs.cut), example, [t.name for t in specs.chunk1_outputs]
-    if submodule == UNET_CHUNKS[1]:
+    if chunk == 1:
         specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
         with torch.no_grad():
             inputs = (example[2], *intermediates)
@@ -156,13 +158,14 @@ def _dequantized_module(module: Any, decoded: dict[str, np.ndarray], float16_pac
 
 
 def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                      float16_package: Path | None = None, scheme: str | None = None) -> Reference:
+                      float16_package: Path | None = None, scheme: str | None = None,
+                      family: str = DEFAULT_FAMILY) -> Reference:
     """Run PyTorch on the seeded inputs (on Linux, in the build): the outputs the package is held to. A package
     compressed by `scheme` is held to PyTorch running the weights it decodes to (and compared with the float
     model as well); `scheme` None: whichever registered scheme recognises the package."""
     from publisher.compress.scheme import schemes
 
-    module, inputs, names = _reference(source, submodule, attention, resolution)
+    module, inputs, names = _reference(source, submodule, attention, resolution, family)
     feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(_declared_inputs(package), inputs,
                                                                                    strict=True)}
     expected = _torch_outputs(module, inputs, names)
@@ -198,15 +201,15 @@ def compare(package: Path, reference: Reference, runtime: Runtime) -> Fidelity:
 
 def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                    runtime: str = "reference", float16_package: Path | None = None,
-                   scheme: str | None = None) -> Fidelity:
+                   scheme: str | None = None, family: str = DEFAULT_FAMILY) -> Fidelity:
     return compare(package, compute_reference(package, source, submodule, attention, resolution, float16_package,
-                                              scheme), runtime_named(runtime))
+                                              scheme, family), runtime_named(runtime))
 
 
 def store_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                    float16_package: Path | None, scheme: str | None, path: Path) -> None:
+                    float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY) -> None:
     """compute_reference, saved to `path` (a top-level function: the build runs it in a process of its own)."""
-    compute_reference(package, source, submodule, attention, resolution, float16_package, scheme).save(path)
+    compute_reference(package, source, submodule, attention, resolution, float16_package, scheme, family).save(path)
 
 
 def check_stored_reference(package: Path, path: Path) -> Fidelity:

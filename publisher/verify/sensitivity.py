@@ -41,6 +41,7 @@ from publisher.compress.recipe import (
     recipe_key,
 )
 from publisher.errors import PublisherError
+from publisher.family import DEFAULT_FAMILY
 from publisher.manifest import Attention, Component
 from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_text
@@ -64,12 +65,12 @@ class UnetProbe:
     """The float16 UNet with its per-stage states cached for a few seeded inputs (run as one batch), and a way to
     rerun it from a stage with some weights replaced."""
 
-    def __init__(self, source: Path, resolution: int, samples: int = SAMPLES) -> None:
+    def __init__(self, source: Path, resolution: int, samples: int = SAMPLES, family: str = DEFAULT_FAMILY) -> None:
         import torch
 
         from publisher.convert.components import example_inputs, load_component
 
-        loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution)
+        loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution, family=family)
         self.wrapper = loaded.module
         self.ane = self.wrapper.unet
         self.samples = samples
@@ -156,7 +157,7 @@ class _Weights:
 
 def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_version: str,
             progress: bool = True, latent: int = ANALYSIS_LATENT, samples: int = SAMPLES,
-            min_elements: int = MIN_ELEMENTS) -> tuple[dict[str, Any], dict[str, Any]]:
+            min_elements: int = MIN_ELEMENTS, family: str = DEFAULT_FAMILY) -> tuple[dict[str, Any], dict[str, Any]]:
     """(our analysis record, Apple's pre-analysis JSON) for the UNet of the diffusers folder `source`."""
     import torch
     from tqdm import tqdm
@@ -164,7 +165,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
     start = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     analysis_resolution = min(resolution, latent * 8)
-    probe = UnetProbe(source, analysis_resolution, samples)
+    probe = UnetProbe(source, analysis_resolution, samples, family)
     granularity = Granularity(settings.get("granularity", Granularity.PER_TENSOR.value))
     candidates = probe.candidates(min_elements)
     if not candidates:
@@ -283,11 +284,11 @@ def _choose(layers: list[LayerSensitivity], target: Mapping[str, Any], measure: 
 
 
 def analyze_to_folder(source: Path, component: Component, resolution: int, settings: Mapping[str, Any],
-                      model_version: str, out: Path, progress: bool = True) -> None:
+                      model_version: str, out: Path, progress: bool = True, family: str = DEFAULT_FAMILY) -> None:
     """The analysis step: `analysis.json` (ours) and `pre-analysis.json` (Apple's layout) written into `out`."""
     if component is not Component.UNET:
         raise PublisherError(f"a mixed-bit analysis is for the UNet, not {component.value}")
-    record, apple = analyze(source, resolution, settings, model_version, progress=progress)
+    record, apple = analyze(source, resolution, settings, model_version, progress=progress, family=family)
     atomic_write_text(out / ANALYSIS, json.dumps(record, indent=1, sort_keys=True) + "\n")
     atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
 

@@ -1,0 +1,84 @@
+"""`<attention>/build-info.json`: what a variant folder was built from and holds, read and written here only.
+
+Versioned: a file of another version is refused in one line instead of being half understood. The engine writes it,
+verification adds its runtime's PSNR, publishing diffs and cards from it, status compares it with the Hub's copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from publisher.errors import PublisherError
+from publisher.util.atomic import atomic_write_text
+
+BUILD_INFO = "build-info.json"
+VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileEntry(_Model):
+    sha256: str
+    size: int
+
+
+class SourceInfo(_Model):
+    repo: str
+    revision: str
+    commit: str
+    files: dict[str, dict[str, Any]] = {}  # source file -> size, sha256 (what was downloaded and loaded)
+
+
+class ManifestRef(_Model):
+    name: str
+    variant_sha256: str  # this variant's settings, hashed
+
+
+class BuildInfo(_Model):
+    version: Literal[1] = VERSION
+    variant: dict[str, Any]  # publisher.plan.Variant.to_json()
+    source: SourceInfo
+    manifest: ManifestRef
+    tools: dict[str, str]
+    compiled: bool
+    files: dict[str, FileEntry]  # relative to the variant folder; the zip as ../<name>.zip
+    fidelity: dict[str, dict[str, Any]] = {}  # submodule -> figures (output PSNR, the compression scheme's own)
+    references: dict[str, str] = {}  # submodule -> store key of its stored reference outputs
+    build_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def read_build_info(path: Path) -> BuildInfo:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PublisherError(f"{path}: cannot read build-info: {exc}") from exc
+    if isinstance(data, dict) and data.get("version", VERSION) != VERSION:
+        raise PublisherError(f"{path}: build-info version {data.get('version')!r}; this publisher reads version "
+                             f"{VERSION} (rebuild the variant)")
+    try:
+        return BuildInfo.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(root)"
+        raise PublisherError(f"{path}: not a build-info file: {where}: {first['msg']}") from exc
+
+
+def write_build_info(path: Path, info: BuildInfo) -> None:
+    atomic_write_text(Path(path), json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def find_build_infos(build_dir: Path) -> list[Path]:
+    """Every variant's build-info under a build output folder (`<org>/<repo>/<attention>/build-info.json`)."""
+    infos = sorted(Path(build_dir).glob(f"*/*/*/{BUILD_INFO}"))
+    if not infos:
+        raise PublisherError(f"{build_dir}: no {BUILD_INFO} found (run `publisher build` first)")
+    return infos

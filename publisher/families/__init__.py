@@ -1,0 +1,1 @@
+"""Model families (publisher.family): one module per family."""

@@ -1,0 +1,107 @@
+"""Stable Diffusion 1.x / 2.x (StableDiffusionPipeline): CLIP text encoder, UNet (two chunks for iOS), VAE decoder
+and encoder, safety checker; names, shapes and dtypes as Apple's Swift and Python pipelines use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from publisher.contract import (
+    FLOAT16,
+    FLOAT32,
+    LATENT_CHANNELS,
+    SAFETY_CLIP_SIZE,
+    TEXT_SEQUENCE_LENGTH,
+    UNET_BATCH,
+    ModelDims,
+    ModelSpec,
+    TensorSpec,
+)
+from publisher.errors import SourceError
+from publisher.family import ComponentSpec, ModelFamily, read_config
+from publisher.manifest import Component
+
+# The Swift pipeline feeds the safety checker a (1, 512, 512, 3) image whatever the model's resolution.
+SAFETY_CHECKER_RESOLUTION = 512
+UNET_CHUNKS = (("unet_chunk1", "UnetChunk1"), ("unet_chunk2", "UnetChunk2"))
+
+
+def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
+    latent, res, hidden, ch = dims.latent, dims.resolution, dims.text_hidden, dims.latent_channels
+    if component is Component.TEXT_ENCODER:
+        return ModelSpec(component, (
+            TensorSpec("input_ids", (1, TEXT_SEQUENCE_LENGTH), "CLIP token ids of the prompt", FLOAT32),
+        ), (
+            TensorSpec("last_hidden_state", (1, TEXT_SEQUENCE_LENGTH, hidden), "per-token text embeddings"),
+            TensorSpec("pooled_outputs", (1, hidden), "embedding at the end-of-text token"),
+        ), "CLIP text encoder")
+    if component is Component.UNET:
+        return ModelSpec(component, (
+            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
+            TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
+            TensorSpec("encoder_hidden_states", (UNET_BATCH, hidden, 1, TEXT_SEQUENCE_LENGTH),
+                       "text embeddings as (B, C, 1, S)", FLOAT16),
+        ), (
+            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
+        ), "denoising UNet")
+    if component is Component.VAE_DECODER:
+        return ModelSpec(component, (
+            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
+        ), (
+            TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
+        ), "VAE decoder")
+    if component is Component.VAE_ENCODER:
+        return ModelSpec(component, (
+            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]", FLOAT16),
+        ), (
+            TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
+        ), "VAE encoder")
+    if component is Component.SAFETY_CHECKER:
+        return ModelSpec(component, (
+            TensorSpec("clip_input", (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE), "CLIP-preprocessed image", FLOAT16),
+            TensorSpec("images", (1, res, res, 3), "the generated image, NHWC", FLOAT16),
+            TensorSpec("adjustment", (1,), "added to the special-care scores (0 by default; higher flags more)",
+                       FLOAT16),
+        ), (
+            TensorSpec("filtered_images", (1, res, res, 3), "images, blacked out where a concept was found"),
+            TensorSpec("has_nsfw_concepts", (1, 1, 1, 1), "1 where a concept was found"),
+            TensorSpec("concept_scores", (1, 17), "per-concept score; > 0 means found"),
+        ), "safety checker")
+    raise ValueError(component)
+
+
+def sd_dims(source: Path, resolution: int) -> ModelDims:
+    """The dimensions the contract's shapes depend on, from the source's configs."""
+    hidden = None
+    for folder, key in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
+        config = read_config(source, folder)
+        if config is not None:
+            value = config.get(key)
+            hidden = value[0] if isinstance(value, list) else value
+            break
+    if not isinstance(hidden, int):
+        raise SourceError(f"{source}: cannot tell the text embedding size (no unet/ or text_encoder/ config)")
+    unet = read_config(source, "unet") or {}
+    latent, out = unet.get("in_channels", LATENT_CHANNELS), unet.get("out_channels", LATENT_CHANNELS)
+    return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=int(latent),  # type: ignore[arg-type]
+                     unet_out_channels=int(out))  # type: ignore[arg-type]
+
+
+FAMILY = ModelFamily(
+    name="sd",
+    description="Stable Diffusion 1.x/2.x",
+    components=(
+        ComponentSpec(Component.TEXT_ENCODER, "text_encoder", "TextEncoder", "transformers:CLIPTextModel",
+                      "text_encoder", compressible=True),
+        ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
+                      uses_attention=True, compressible=True, chunks=UNET_CHUNKS),
+        ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
+                      uses_attention=True),
+        ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",
+                      uses_attention=True),
+        ComponentSpec(Component.SAFETY_CHECKER, "safety_checker", "SafetyChecker",
+                      "diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
+                      "safety_checker", resolution=SAFETY_CHECKER_RESOLUTION),
+    ),
+    model_spec=sd_model_spec,
+    read_dims=sd_dims,
+)

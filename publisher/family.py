@@ -1,0 +1,150 @@
+"""The model-family plug-in point: everything the pipeline knows about one kind of diffusers model, as data.
+
+A family (SD 1.x/2.x today, in publisher.families.sd; SDXL next) declares its components: the diffusers folder
+each loads from, the class that loads it and the wrapper that gives it the apps' interface, the Swift resource
+name, whether the attention implementation changes it, whether compression schemes apply to it, its chunks, and
+the contract's input/output names, shapes and dtypes; plus the tokenizer files the Swift pipeline reads and how to
+read the dimensions the shapes depend on. The manifest, the plan, the converter, verification, the layout and the
+card ask the family instead of naming components themselves. `register_family` adds one (a test adds a one-component
+family that way).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from publisher.contract import PACKAGE_TEMPLATE, ModelDims, ModelSpec, package_name
+from publisher.errors import PublisherError, SourceError
+from publisher.manifest import Component
+
+DEFAULT_FAMILY = "sd"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    component: Component
+    folder: str  # the diffusers subfolder it is loaded from
+    resource: str  # Swift resource name (`<resource>.mlmodelc`)
+    loader: str  # "module:Class" whose from_pretrained loads the folder
+    wrapper: str  # the convert-layer wrapper that gives it the contract's interface (publisher.convert.components)
+    uses_attention: bool = False  # the attention implementation changes its graph (else converted once, shared)
+    compressible: bool = False  # compression schemes apply to it (Apple's converter leaves the others float16)
+    chunks: tuple[tuple[str, str], ...] = ()  # (submodule, resource) of its chunks, in the order the pipeline runs
+    resolution: int | None = None  # the only resolution it exists at (the safety checker: the Swift pipeline's 512)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    description: str
+    components: tuple[ComponentSpec, ...]
+    model_spec: Callable[[Component, ModelDims], ModelSpec]
+    read_dims: Callable[[Path, int], ModelDims]
+    tokenizer_files: tuple[str, ...] = ("vocab.json", "merges.txt")
+    extra: dict[str, str] = field(default_factory=dict)  # free-form facts a family's own modules share
+
+    def component(self, component: Component) -> ComponentSpec:
+        for spec in self.components:
+            if spec.component is component:
+                return spec
+        raise PublisherError(f"family '{self.name}' has no component '{component.value}'")
+
+    def has(self, component: Component) -> bool:
+        return any(spec.component is component for spec in self.components)
+
+    @property
+    def component_names(self) -> tuple[Component, ...]:
+        return tuple(spec.component for spec in self.components)
+
+    def submodules(self, component: Component, chunked: bool) -> tuple[str, ...]:
+        """Package submodule names as Apple's Python pipeline opens them (chunks when chunked and it has any)."""
+        spec = self.component(component)
+        return tuple(name for name, _ in spec.chunks) if chunked and spec.chunks else (component.value,)
+
+    @property
+    def all_submodules(self) -> tuple[str, ...]:
+        return tuple(name for spec in self.components for name in (spec.component.value,
+                                                                      *(n for n, _ in spec.chunks)))
+
+    def component_of(self, submodule: str) -> Component:
+        for spec in self.components:
+            if submodule == spec.component.value or submodule in (n for n, _ in spec.chunks):
+                return spec.component
+        raise PublisherError(f"family '{self.name}' has no submodule '{submodule}'")
+
+    def resource_name(self, submodule: str) -> str:
+        for spec in self.components:
+            if submodule == spec.component.value:
+                return spec.resource
+            for name, resource in spec.chunks:
+                if submodule == name:
+                    return resource
+        raise PublisherError(f"family '{self.name}' has no submodule '{submodule}'")
+
+    def compiled_name(self, submodule: str) -> str:
+        return f"{self.resource_name(submodule)}.mlmodelc"
+
+    def submodule_of_package(self, name: str, model_version: str) -> str | None:
+        """The submodule a package folder name stands for (inverse of contract.package_name), or None."""
+        prefix = PACKAGE_TEMPLATE.split("{model_version}")[0]
+        stem = name.removeprefix(f"{prefix}{model_version}_").removesuffix(".mlpackage")
+        return stem if stem in self.all_submodules and package_name(model_version, stem) == name else None
+
+    def chunk_index(self, submodule: str) -> int | None:
+        """0 for a component's first chunk, 1 for its second, ...; None for a whole component."""
+        for spec in self.components:
+            names = [n for n, _ in spec.chunks]
+            if submodule in names:
+                return names.index(submodule)
+        return None
+
+    def dims(self, source: Path, resolution: int) -> ModelDims:
+        return self.read_dims(Path(source), resolution)
+
+    def source_folders(self, components: tuple[Component, ...] | list[Component]) -> list[str]:
+        return sorted({self.component(c).folder for c in components})
+
+
+def read_config(source: Path, folder: str) -> dict[str, object] | None:
+    path = Path(source) / folder / "config.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SourceError(f"{path}: not JSON: {exc}") from exc
+    return data if isinstance(data, dict) else None
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_LOCK = threading.Lock()
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    with _LOCK:
+        _FAMILIES[family.name] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    with _LOCK:
+        _FAMILIES.pop(name, None)
+
+
+def families() -> dict[str, ModelFamily]:
+    from publisher.families import sd  # the built-in family (imported here: it imports this module)
+
+    if sd.FAMILY.name not in _FAMILIES:
+        register_family(sd.FAMILY)
+    return dict(_FAMILIES)
+
+
+def family_named(name: str) -> ModelFamily:
+    known = families()
+    if name not in known:
+        raise PublisherError(f"unknown model family '{name}' (known: {', '.join(known)})")
+    return known[name]
