@@ -218,7 +218,8 @@ def test_hostile_sizes_are_one_line_and_fast(tmp_path: Path, content: str, expec
     started = time.perf_counter()
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert time.perf_counter() - started < 2
+    # a loader without the bounds takes minutes or exhausts memory on these; 10 s leaves room for a loaded machine
+    assert time.perf_counter() - started < 10
     assert [line.replace(str(path), "m.yaml") for line in info.value.lines] == [expected]
 
 

@@ -341,7 +341,8 @@ def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging
     status, _, body = _raw(staging_hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", json.dumps(
         {"operation": "upload", "transfers": ["basic", "multipart"],
          "objects": [{"oid": "a" * 64, "size": 10**18}]}), {"Content-Type": "application/vnd.git-lfs+json"})
-    assert status == 200 and time.perf_counter() - started < 2
+    # one part URL per 64 MiB of 10^18 bytes is 15 billion URLs: the unbounded server never answers; 10 s is load room
+    assert status == 200 and time.perf_counter() - started < 10
     answer = json.loads(body)["objects"][0]
     assert answer["error"]["code"] == 422 and "actions" not in answer
     # bodies past the limit are refused from the announced length, unread
@@ -381,7 +382,8 @@ def test_pattern_matching_is_bounded() -> None:
 
     started = time.perf_counter()
     assert not _pattern_matches("x/" + "*a" * 40 + "b", "x/" + "a" * 1000)
-    assert time.perf_counter() - started < 1  # the regex version took 5 s for ten '*a' against 40 characters
+    # the regex version took 5 s for ten '*a' against 40 characters, x4-5 per extra '*a': forty never finish
+    assert time.perf_counter() - started < 10
     for pattern, path, expected in [("*.bin", "a/b/c.bin", True), ("a/*.bin", "a/b/c.bin", False),
                                     ("a/**/c.bin", "a/x/y/c.bin", True), ("/build", "x/build/y", False),
                                     ("build", "x/build/y.txt", True), ("a/b", "a/bc", False)]:
