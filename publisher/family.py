@@ -12,7 +12,6 @@ family that way).
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from publisher.contract import PACKAGE_TEMPLATE, ModelDims, ModelSpec, package_name
 from publisher.errors import PublisherError, SourceError
 from publisher.manifest import Component
+from publisher.util.registry import Registry
 
 DEFAULT_FAMILY = "sd"
 
@@ -120,31 +120,14 @@ def read_config(source: Path, folder: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
-_LOCK = threading.Lock()
+def _builtins() -> list[ModelFamily]:
+    from publisher.families import sd
+
+    return [sd.FAMILY]
 
 
-def register_family(family: ModelFamily) -> ModelFamily:
-    with _LOCK:
-        _FAMILIES[family.name] = family
-    return family
-
-
-def unregister_family(name: str) -> None:
-    with _LOCK:
-        _FAMILIES.pop(name, None)
-
-
-def families() -> dict[str, ModelFamily]:
-    from publisher.families import sd  # the built-in family (imported here: it imports this module)
-
-    if sd.FAMILY.name not in _FAMILIES:
-        register_family(sd.FAMILY)
-    return dict(_FAMILIES)
-
-
-def family_named(name: str) -> ModelFamily:
-    known = families()
-    if name not in known:
-        raise PublisherError(f"unknown model family '{name}' (known: {', '.join(known)})")
-    return known[name]
+_REGISTRY: Registry[ModelFamily] = Registry("model family", lambda family: family.name, _builtins)
+register_family = _REGISTRY.register
+unregister_family = _REGISTRY.unregister
+families = _REGISTRY.all
+family_named = _REGISTRY.named

@@ -9,7 +9,6 @@ compression) and `palettize` are built in; `register_scheme` adds one (a test ad
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from publisher.deployment import DeploymentTarget
-from publisher.errors import PublisherError
+from publisher.util.registry import Registry
 
 REPORT = "compression.json"  # a compress step's report, next to its package
 
@@ -116,40 +115,17 @@ class CompressionScheme(ABC):
         return {}
 
 
-_SCHEMES: dict[str, CompressionScheme] = {}
-_LOCK = threading.Lock()
-
-
-def register_scheme(scheme: CompressionScheme) -> CompressionScheme:
-    with _LOCK:
-        _SCHEMES[scheme.name] = scheme
-    return scheme
-
-
-def unregister_scheme(name: str) -> None:
-    with _LOCK:
-        _SCHEMES.pop(name, None)
-
-
-def _builtins() -> None:
-    # imported here, not at the top: each built-in module imports this one for the base class
+def _builtins() -> list[CompressionScheme]:
     from publisher.compress import float16, palettization
 
-    for module in (float16, palettization):
-        if module.SCHEME.name not in _SCHEMES:
-            register_scheme(module.SCHEME)
+    return [float16.SCHEME, palettization.SCHEME]
 
 
-def schemes() -> dict[str, CompressionScheme]:
-    _builtins()
-    return dict(_SCHEMES)
-
-
-def scheme_named(name: str) -> CompressionScheme:
-    known = schemes()
-    if name not in known:
-        raise PublisherError(f"unknown compression scheme '{name}' (known: {', '.join(known)})")
-    return known[name]
+_REGISTRY: Registry[CompressionScheme] = Registry("compression scheme", lambda scheme: scheme.name, _builtins)
+register_scheme = _REGISTRY.register
+unregister_scheme = _REGISTRY.unregister
+schemes = _REGISTRY.all
+scheme_named = _REGISTRY.named
 
 
 def scheme_of(settings: CompressionSettings) -> CompressionScheme:
