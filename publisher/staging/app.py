@@ -107,6 +107,9 @@ class HubApp:
             ("GET", re.compile(r"/api/whoami-v2"), "whoami"),
             ("GET", re.compile(r"/api/staging/stats"), "stats"),
             ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
+            ("POST", re.compile(r"/api/repos/move"), "move_repo"),
+            ("GET", re.compile(r"/api/(?P<t>models|datasets|spaces)"), "list_repos"),
+            ("POST", re.compile(rf"/api/{t}/{repo}/super-squash/(?P<rev>[^/]+)"), "super_squash"),
             ("PUT", re.compile(rf"/api/{t}/{repo}/settings"), "settings"),
             ("POST", re.compile(rf"/api/{t}/{repo}/preupload/(?P<rev>[^/]+)"), "preupload"),
             ("POST", re.compile(rf"/api/{t}/{repo}/commit/(?P<rev>[^/]+)"), "commit"),
@@ -271,6 +274,47 @@ class HubApp:
         repo = self._repo(request, repo_type + "s", repo_id)
         self.store.delete_repo(repo)
         return JSONResponse({})
+
+    async def move_repo(self, request: Request) -> Response:
+        self._require_write(request)
+        body = await _json(request)
+        source, target, repo_type = body.get("fromRepo"), body.get("toRepo"), body.get("type") or "model"
+        if not isinstance(source, str) or not isinstance(target, str) or repo_type not in PREFIXES:
+            raise StoreError(400, "'fromRepo' and 'toRepo' are required, 'type' must be model, dataset or space")
+        self.store.move_repo(self._repo(request, repo_type + "s", source, write=True), target)
+        return JSONResponse({})
+
+    async def list_repos(self, request: Request, t: str) -> Response:
+        """GET /api/models (list_models): the repos this caller may see, filtered by author and search text."""
+        params = request.query_params
+        author, search = params.get("author"), (params.get("search") or "").lower()
+        try:
+            limit = max(1, min(int(params.get("limit", "1000")), 1000))
+        except ValueError as exc:
+            raise StoreError(400, "'limit' must be an integer") from exc
+        visible = self._authenticated(request)
+        items = []
+        for found in self.store.list_repos(t.removesuffix("s")):
+            if (found.private and not visible) or (author and found.id.split("/")[0] != author) or \
+                    (search and search not in found.id.lower()):
+                continue
+            head = self.store.refs(found).get("main")
+            items.append({"_id": str(found.pk), "id": found.id, "modelId": found.id, "author": found.id.split("/")[0],
+                          "sha": head, "private": found.private, "createdAt": found.created,
+                          "lastModified": self.store.commit_info(head).get("date") if head else found.created,
+                          "downloads": 0, "likes": 0, "tags": [], "gated": False, "disabled": False})
+        if params.get("sort") in ("lastModified", "createdAt"):
+            items.sort(key=lambda item: item[params["sort"]], reverse=params.get("direction") != "1")
+        return JSONResponse(items[:limit])
+
+    async def super_squash(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request, allow_empty=True)
+        message = body.get("message") or f"Super-squash branch '{rev}'"
+        if not isinstance(message, str):
+            raise StoreError(400, "'message' must be a string")
+        oid = self.store.super_squash(found, rev, message, USER)
+        return JSONResponse({"commitId": oid})
 
     async def settings(self, request: Request, t: str, repo: str) -> Response:
         found = self._repo(request, t, repo, write=True)

@@ -10,6 +10,17 @@ import yaml
 _FRONT_MATTER = re.compile(r"\A\s*---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
 _STR_OR_LIST = ("language", "datasets", "base_model", "metrics", "license_name", "license_link", "new_version")
 _LIST_OF_STR = ("tags", "datasets", "metrics", "language", "base_model")
+# The license identifiers the Hub's metadata validation accepts (its "Licenses" table), `other` for the rest.
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl openrail++
+osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license fair-noncommercial-research-license
+llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
+""".split())
 
 
 def _is_str_list(value: Any) -> bool:
@@ -75,6 +86,9 @@ def validate_card(content: str) -> tuple[list[str], list[str]]:
     for key in _LIST_OF_STR:
         if key in data and not ((isinstance(data[key], str) and key in _STR_OR_LIST) or _is_str_list(data[key])):
             errors.append(f'"{key}" must be {"a string or " if key in _STR_OR_LIST else ""}an array of strings')
+    if isinstance(data.get("license"), str) and data["license"] not in HUB_LICENSES:
+        errors.append(f'"license" must be one of the Hub\'s license identifiers (or "other" with license_name and '
+                      f'license_link), not "{data["license"]}"')
     if "model-index" in data:
         errors.extend(_model_index_errors(data["model-index"]))
     if "widget" in data and not isinstance(data["widget"], list):

@@ -372,6 +372,33 @@ class HubStore:
             oid = info["parent"]
         return log
 
+    def list_repos(self, repo_type: str) -> list[Repo]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM repos WHERE type=? ORDER BY created, pk", (repo_type,)).fetchall()
+        return [self._repo_from_row(row) for row in rows]
+
+    def move_repo(self, repo: Repo, new_id: str) -> Repo:
+        check_repo_id(new_id)
+        with self._lock, self._transaction():
+            if self._db.execute("SELECT 1 FROM repos WHERE type=? AND key=?", (repo.type, new_id.lower())).fetchone():
+                raise StoreError(409, f"You already have a repo named {new_id}")
+            self._db.execute("UPDATE repos SET id=?, key=? WHERE pk=?", (new_id, new_id.lower(), repo.pk))
+        return Repo(pk=repo.pk, type=repo.type, id=new_id, private=repo.private, created=repo.created)
+
+    def super_squash(self, repo: Repo, branch: str, message: str, author: str) -> str:
+        """The branch's tree as one commit without a parent (the Hub's super-squash); the old commits stay
+        reachable from other refs only."""
+        with self._lock, self._transaction():
+            if branch not in self.refs(repo) or branch.startswith(("refs/tags/", "refs/pr/")):
+                raise StoreError(400 if branch in self.refs(repo) else 404,
+                                 f"Invalid rev id: {branch} is not a branch", "RevisionNotFound")
+            head = self.refs(repo)[branch]
+            oid = self._new_commit(repo, None, message, "", author)
+            self._db.execute("INSERT INTO files SELECT ?, path, size, sha256, git_oid, lfs, ? FROM files "
+                             "WHERE commit_oid=?", (oid, oid, head))
+            self._db.execute("UPDATE refs SET commit_oid=? WHERE repo=? AND name=?", (oid, repo.pk, branch))
+            return oid
+
     def discussions(self, repo: Repo) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(r) for r in self._db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC",
@@ -436,6 +463,12 @@ class HubStore:
                     changes[path] = FileEntry(path, size, sha256, git_blob_id(lfs_pointer(sha256, size)), True, "")
                 elif kind == "deletedFile":
                     exists = path in current and changes.get(path, current[path]) is not None
+                    inside = [p for p in list(current) + list(changes) if p.startswith(path + "/")
+                              and changes.get(p, current.get(p)) is not None]
+                    if not exists and inside:  # a folder named without its trailing slash: the Hub deletes it
+                        for existing in inside:
+                            changes[existing] = None
+                        continue
                     if not exists and changes.get(path) is None:
                         raise StoreError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
                     changes[path] = None
