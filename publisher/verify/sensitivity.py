@@ -48,7 +48,7 @@ from publisher.util.atomic import atomic_write_text
 
 ANALYSIS_LATENT = 16  # latent size the analysis runs at (at most the model's own)
 SAMPLES = 2  # seeded input sets (Apple: 8 prompts on a GPU)
-CUMULATIVE_POINTS = 48
+CUMULATIVE_POINTS = 16  # each a full forward per bit-width; the recipe itself does not use them
 
 
 @dataclass
@@ -107,7 +107,7 @@ class UnetProbe:
     def output_from(self, stage: int) -> np.ndarray:
         import torch
 
-        with torch.no_grad():
+        with torch.inference_mode():
             if stage < 0:
                 return self.wrapper(*self.inputs).numpy()
             return self.ane.run(_copy_state(self.states[stage]), stage).hidden.numpy()
