@@ -91,6 +91,7 @@ MIXED = MANIFEST_HEAD + """\
   - repo: "{{namespace}}/coreml-tiny-sd-mixed"
     precision: {{type: palettize, mixed_bit: {{target_bits: 4.5}}}}
     attention: [SPLIT_EINSUM_V2]
+    components: [text_encoder, unet]
     layouts: [packages]
 """
 

@@ -72,6 +72,7 @@ IDENTITY_MANIFEST = MANIFEST_HEAD + """\
   - repo: "{{namespace}}/coreml-tiny-sd-identity"
     precision: {{type: identity, tag: copy}}
     attention: [ORIGINAL]
+    components: [text_encoder, unet]
     layouts: [packages]
 """
 
