@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from publisher.contract import PACKAGE_TEMPLATE, ModelDims, ModelSpec, package_name
@@ -45,7 +45,6 @@ class ModelFamily:
     model_spec: Callable[[Component, ModelDims], ModelSpec]
     read_dims: Callable[[Path, int], ModelDims]
     tokenizer_files: tuple[str, ...] = ("vocab.json", "merges.txt")
-    extra: dict[str, str] = field(default_factory=dict)  # free-form facts a family's own modules share
 
     def component(self, component: Component) -> ComponentSpec:
         for spec in self.components:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +26,7 @@ from publisher.manifest import (
     LoadedManifest,
     check_resolved,
 )
+from publisher.util.hashing import json_sha256
 
 StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "compile", "assemble", "zip"]
 STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "compile",
@@ -316,10 +315,6 @@ def _compressing(variant: Variant) -> bool:
     return any(variant.compresses(c) for c in variant.components)
 
 
-def _digest(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     variants = expand_variants(loaded, namespace)
     float16_targets: dict[tuple[Any, ...], list[DeploymentTarget]] = {}
@@ -367,7 +362,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
             if request is not None:  # of the source's weights: shared by every attention and target
                 analyze = AnalyzeParams(scheme.name, request.component, v.resolution, request.params, v.family)
                 analysis = [builder.add(f"analyze:{source}:{request.component}:{v.resolution}:{scheme.name}:"
-                                        f"{_digest(request.params)}", "analyze", [fetch], analyze, v.id)]
+                                        f"{json_sha256(request.params)[:12]}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
                 if compressed:
                     package = builder.add(f"{scheme.name}:{package}:{v.precision.label}:{v.deployment_target.value}",

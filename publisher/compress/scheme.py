@@ -128,10 +128,6 @@ schemes = _REGISTRY.all
 scheme_named = _REGISTRY.named
 
 
-def scheme_of(settings: CompressionSettings) -> CompressionScheme:
-    return scheme_named(settings.type)
-
-
 def validate_precision(raw: Any, handler: Callable[[Any], Any]) -> CompressionSettings:
     """pydantic wrap validator of `precision:`: the mapping is validated by the model of the scheme its `type`
     names, so errors point into it (`precision.nbits: ...`). A field that belongs to another scheme is named so."""

@@ -7,7 +7,6 @@ folders under `out/<repo>/` are the repo as it will be published.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -56,6 +55,7 @@ from publisher.store import (
     tree_files,
 )
 from publisher.util.atomic import atomic_write_text
+from publisher.util.hashing import json_sha256
 from publisher.verify.fidelity import REFERENCE
 
 PACKAGE = "model.mlpackage"
@@ -391,8 +391,7 @@ class _Runner:
                        "files": {name: entry for name, entry in sorted(source.files.items())
                                  if name.split("/")[0] in self._folders_of(variant)}},
             # this variant's settings, hashed: editing another variant of the manifest leaves this file alone
-            "manifest": {"name": variant.manifest_name, "variant_sha256": hashlib.sha256(json.dumps(
-                variant.to_json(), sort_keys=True).encode()).hexdigest()},
+            "manifest": {"name": variant.manifest_name, "variant_sha256": json_sha256(variant.to_json())},
             "tools": self.versions,
             "compiled": compiled_layout,
             "files": {name: {"sha256": sha, "size": size} for name, (sha, size) in sorted(files.items())},

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 _CHUNK = 8 * 1024 * 1024
+
+
+def json_sha256(data: object) -> str:
+    """sha256 of a JSON value with sorted keys (settings on record, step ids that name settings)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
