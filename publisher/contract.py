@@ -52,6 +52,9 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     description: str
+    # what the package computes in: float16, except where a model overflows it (the SDXL VAE: Apple converts it
+    # in float32 and the Swift pipeline runs it on CPU and GPU)
+    precision: str = FLOAT16
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,13 @@ class ModelDims:
     text_hidden: int  # 768 for SD 1.x, 1024 for SD 2.x
     latent_channels: int = LATENT_CHANNELS
     unet_out_channels: int = LATENT_CHANNELS
+    extra: tuple[tuple[str, int], ...] = ()  # a family's own dimensions, by name (SDXL: the pooled text size)
+
+    def size(self, name: str) -> int:
+        for key, value in self.extra:
+            if key == name:
+                return value
+        raise KeyError(f"model dimension '{name}' was not read from the source")
 
     @property
     def latent(self) -> int:

@@ -34,6 +34,9 @@ class ComponentSpec:
     uses_attention: bool = False  # the attention implementation changes its graph (else converted once, shared)
     compressible: bool = False  # compression schemes apply to it (Apple's converter leaves the others float16)
     chunks: tuple[tuple[str, str], ...] = ()  # (submodule, resource) of its chunks, in the order the pipeline runs
+    # at this many bits per weight or fewer the whole model is under the 1 GB an iOS app loads at once: chunking
+    # is refused (SD's 0.86 B-parameter UNet: 6 bits; SDXL's 2.57 B: 3 bits)
+    chunk_above_bits: float = 0
     resolution: int | None = None  # the only resolution it exists at (the safety checker: the Swift pipeline's 512)
 
 
@@ -120,9 +123,9 @@ def read_config(source: Path, folder: str) -> dict[str, object] | None:
 
 
 def _builtins() -> list[ModelFamily]:
-    from publisher.families import sd
+    from publisher.families import sd, sdxl
 
-    return [sd.FAMILY]
+    return [sd.FAMILY, sdxl.FAMILY]
 
 
 _REGISTRY: Registry[ModelFamily] = Registry("model family", lambda family: family.name, _builtins)

@@ -29,8 +29,6 @@ SCHEMA_FILE_NAME = "manifest.schema.json"
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_NODES = 20_000
 MAX_DEPTH = 32
-# A UNet whose weights take this many bits or fewer is under the 1 GB an iOS app loads at once: no chunks.
-CHUNKING_PAYS_ABOVE_BITS = 6
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 # An org or user name, or the run-time placeholder; then a repo name. Hub names: letters, digits, - _ .
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -57,13 +55,13 @@ class Attention(str, Enum):
 
 class Component(str, Enum):
     TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG) text encoder
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"
 
 
-ALL_COMPONENTS: tuple[Component, ...] = tuple(Component)
 DEFAULT_FAMILY = "sd"
 
 
@@ -257,10 +255,11 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
             for index, item in _duplicates(target.chunk_unet):
                 errors.append((at + ("chunk_unet", index), f"duplicate '{_show(item)}'"))
         if target.chunk_unet:
-            if not any(family.component(c).chunks for c in manifest.components_for(target)):
+            chunked = [family.component(c) for c in manifest.components_for(target) if family.component(c).chunks]
+            if not chunked:
                 errors.append((at + ("chunk_unet",), "needs a component that has chunks (the 'unet')"))
             bits = precision.scheme.weight_bits(precision)
-            if bits <= CHUNKING_PAYS_ABOVE_BITS:
+            if chunked and bits <= min(spec.chunk_above_bits for spec in chunked):
                 errors.append((at + ("chunk_unet",),
                                f"a {precision.label} UNet is small enough ({bits:g} bits per weight): chunking is "
                                "refused"))

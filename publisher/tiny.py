@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from publisher.manifest import ALL_COMPONENTS, Component
+from publisher.families.sd import FAMILY as SD
+from publisher.manifest import Component
 
 TINY_TEXT_HIDDEN = 32
 TINY_MAX_LENGTH = 77
@@ -50,7 +51,7 @@ def write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component, ...] = ALL_COMPONENTS,
+def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component, ...] = SD.component_names,
                         sample_size: int = 32, cross_attention_dim: int = TINY_TEXT_HIDDEN) -> Path:
     """Write a tiny SD pipeline with random weights to `folder` (diffusers layout) and return it.
 
@@ -109,6 +110,75 @@ def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
         "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "skip_prk_steps": True}))
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder
+
+
+TINY_XL_TEXT_HIDDEN = (32, 48)  # CLIP ViT-L and OpenCLIP bigG stand-ins: different widths, as in SDXL
+TINY_XL_POOLED = 24  # the second encoder's projection
+TINY_XL_TIME_EMBED = 8
+
+
+def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, sample_size: int = 32, refiner: bool = False) -> Path:
+    """Write a tiny SDXL pipeline with random weights (diffusers layout) and return it: two text encoders (the
+    second with a projection), a UNet with SDXL's add-embedding ("text_time") and transformer depth 2 in its
+    second level and middle, a VAE whose config asks to be upcast (as the SDXL VAE's does). `refiner`: the
+    refiner's shape instead (the second text encoder only, 5 geometry values with the aesthetic score)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer_2")
+    config_2 = json.loads((folder / "tokenizer_2" / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps(config_2 | {"pad_token": "!"}))
+    model_index: dict[str, object] = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": not refiner,
+        "requires_aesthetics_score": refiner, "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    if refiner:
+        model_index |= {"tokenizer": [None, None], "text_encoder": [None, None]}
+    else:
+        model_index |= {"tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers",
+                                                                                          "CLIPTextModel"]}
+
+    def text_config(hidden: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=3,
+                              num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH,
+                              eos_token_id=vocab_size - 1, bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1,
+                              projection_dim=projection, hidden_act="gelu")
+
+    if not refiner:
+        CLIPTextModel(text_config(TINY_XL_TEXT_HIDDEN[0], TINY_XL_TEXT_HIDDEN[0])).eval().save_pretrained(
+            folder / "text_encoder")
+    CLIPTextModelWithProjection(text_config(TINY_XL_TEXT_HIDDEN[1], TINY_XL_POOLED)).eval().save_pretrained(
+        folder / "text_encoder_2")
+    cross = TINY_XL_TEXT_HIDDEN[1] if refiner else sum(TINY_XL_TEXT_HIDDEN)
+    time_ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=cross, addition_embed_type="text_time", addition_time_embed_dim=TINY_XL_TIME_EMBED,
+        projection_class_embeddings_input_dim=time_ids * TINY_XL_TIME_EMBED + TINY_XL_POOLED, norm_num_groups=8)
+    unet.eval().save_pretrained(folder / "unet")
+    model_index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8, scaling_factor=0.13025,
+        force_upcast=True)
+    vae.eval().save_pretrained(folder / "vae")
+    model_index["vae"] = ["diffusers", "AutoencoderKL"]
+    model_index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "timestep_spacing": "leading"}))
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return folder
 

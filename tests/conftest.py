@@ -29,6 +29,7 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.pop("HF_TOKEN", None)
 
 from publisher.staging.process import StagingHub, start_staging_hub  # noqa: E402
+from tests.helpers import SD_COMPONENTS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +91,7 @@ def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     out = tmp_path_factory.mktemp("packages")
     packages = {}
     for attention in Attention:
-        for component in Component:
+        for component in SD_COMPONENTS:
             # the safety checker only exists at 512 (the Swift pipeline feeds it a 512x512 image)
             resolution = 512 if component is Component.SAFETY_CHECKER else RESOLUTION
             path = out / attention.folder / f"{component.value}.mlpackage"

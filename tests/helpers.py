@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from publisher.family import family_named
+
 TINY_SOURCE_REPO = "tiny/sd"
+SD_COMPONENTS = family_named("sd").component_names  # what the tiny SD fixture has
 
 MANIFEST_HEAD = """\
 name: tiny-sd

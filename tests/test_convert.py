@@ -21,6 +21,7 @@ from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.metrics import psnr
 from publisher.mlpackage import load_program, main_operations, package_info
 from publisher.tiny import build_tiny_pipeline
+from tests.helpers import SD_COMPONENTS
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -126,7 +127,7 @@ def test_safety_checker_adjustment_moves_the_special_care_scores_only(tiny_sourc
 
 
 @pytest.mark.parametrize("attention", list(Attention))
-@pytest.mark.parametrize("component", list(Component))
+@pytest.mark.parametrize("component", SD_COMPONENTS)
 def test_package_interface_is_the_contract(converted: dict, tiny_source: Path, attention: Attention,
                                            component: Component) -> None:
     info = package_info(converted[attention, component])

@@ -82,7 +82,7 @@ def test_unknown_family(tmp_path: Path) -> None:
     path = write_manifest(tmp_path, text=MANIFEST)  # not registered here
     with pytest.raises(ManifestError) as caught:
         load_manifest(path)
-    assert caught.value.args[0] == f"{path}:2: family: must be one of sd"
+    assert caught.value.args[0] == f"{path}:2: family: must be one of sd, sdxl"
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from publisher.engine.source import SourceFile, fetch_source, select_source_file
 from publisher.errors import SourceError
 from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.tiny import add_hub_copies, build_tiny_pipeline, push_tiny_source
+from tests.helpers import SD_COMPONENTS
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -43,7 +44,7 @@ def _tree(names: list[str]) -> dict[str, SourceFile]:
 
 
 def test_sd15_layout_gets_the_fp16_safetensors_only() -> None:
-    files, warnings = select_source_files(_tree(SD15), list(Component), "auto", "sd15@main")
+    files, warnings = select_source_files(_tree(SD15), SD_COMPONENTS, "auto", "sd15@main")
     assert [f.path for f in files] == COMMON + [
         "safety_checker/config.json", "safety_checker/model.fp16.safetensors",
         "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
@@ -82,7 +83,7 @@ def test_fetch_downloads_no_decoy_and_no_float32_copy(staging_hub, tmp_path: Pat
     decoys = add_hub_copies(source)
     push_tiny_source(source, "tiny/sd-hub-layout", staging_hub.url, staging_hub.token)
     cache = tmp_path / "cache"
-    fetched = fetch_source("tiny/sd-hub-layout", "main", list(Component), cache, endpoint=staging_hub.url,
+    fetched = fetch_source("tiny/sd-hub-layout", "main", SD_COMPONENTS, cache, endpoint=staging_hub.url,
                            token=staging_hub.token)
     downloaded = _snapshot_files(cache, "tiny/sd-hub-layout")
     assert not downloaded & set(decoys)

@@ -57,10 +57,10 @@ class UnetChunk1(nn.Module):
         self.wrapper = wrapper
         self.cut = cut
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
         unet = self.wrapper.unet
-        state = unet.run(unet.start(sample, timestep, encoder_hidden_states), 0, self.cut)
+        state = unet.run(unet.start(sample, timestep, encoder_hidden_states, *conditioning), 0, self.cut)
         return (state.emb, state.hidden, *state.skips)
 
 

@@ -37,6 +37,20 @@ class TextEncoder(nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+class TextEncoderXL(nn.Module):
+    """SDXL's text encoders: the hidden states before the last encoder layer, and the pooled embedding (the
+    projected `text_embeds` where the model has a projection, as OpenCLIP bigG has; else the pooler output)."""
+
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_model(input_ids.to(torch.int32), output_hidden_states=True, return_dict=True)
+        pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+        return out.hidden_states[-2], pooled
+
+
 class Unet(nn.Module):
     """The ANE-shaped UNet (publisher.convert.unet) for every attention implementation; encoder_hidden_states
     arrive as (B, C, 1, S), the Swift pipeline's layout, and are consumed as they are."""
@@ -46,9 +60,10 @@ class Unet(nn.Module):
         self.unet = AneUnet(unet, attention_core(attention))
         self.attention = attention
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *conditioning: torch.Tensor) -> torch.Tensor:
+        # conditioning: SDXL's time_ids and text_embeds, in the contract's input order
+        return self.unet(sample, timestep, encoder_hidden_states, *conditioning)
 
 
 class VAEDecoder(nn.Module):
@@ -128,6 +143,7 @@ def check_component_present(source: Path, component: Component, label: str, fami
 # The wrappers a family's components name (ComponentSpec.wrapper): the loaded module -> the contract's interface.
 WRAPPERS: dict[str, Callable[[nn.Module, Attention], nn.Module]] = {
     "text_encoder": lambda module, attention: TextEncoder(module),
+    "text_encoder_xl": lambda module, attention: TextEncoderXL(module),
     "unet": lambda module, attention: Unet(module, attention),
     "vae_decoder": lambda module, attention: VAEDecoder(apply_vae_attention(module, attention)),
     "vae_encoder": lambda module, attention: VAEEncoder(apply_vae_attention(module, attention)),
@@ -168,6 +184,8 @@ def example_inputs(spec: ModelSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
             values = ids.to(torch.float32)
         elif tensor.name == "timestep":
             values = torch.randint(1, 999, tensor.shape, generator=generator).to(torch.float32)
+        elif tensor.name == "time_ids":  # image sizes and crop offsets in pixels (an aesthetic score: 2.5 / 6)
+            values = torch.randint(0, 1025, tensor.shape, generator=generator).to(torch.float32)
         elif tensor.name == "adjustment":
             values = torch.zeros(tensor.shape)
         elif tensor.name in ("x", "images", "clip_input"):

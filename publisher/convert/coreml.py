@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from publisher.contract import ModelSpec, TensorSpec
+from publisher.contract import FLOAT16, FLOAT32, ModelSpec, TensorSpec
 from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.mlpackage import import_coremltools, save_package
 
@@ -148,26 +148,33 @@ def _split_pipeline(ct: Any) -> tuple[Any, Any]:
 
 
 def to_mlprogram(traced: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 target: DeploymentTarget, progress: Progress = _quiet) -> Any:
+                 target: DeploymentTarget, progress: Progress = _quiet, precision: str = FLOAT16) -> Any:
     """Convert with coremltools' own passes, in an order that lets the float32 weights go early.
 
     The traced module's last reference goes as soon as the frontend has produced the MIL program; the float32
     half of the pipeline runs; then each float32 weight is replaced by its float16 value one at a time (each
     float32 array is freed as its replacement appears); then the float16 half and the ML Program backend run.
     The weights are the same float16 values as in a plain conversion (checked by the tests), at a lower peak.
+    A float32 model (`precision`, the SDXL VAE) is one plain conversion: there is nothing to cast.
     """
     import numpy as np
 
     ct = import_coremltools()
+    # the contract's dtypes: float16 inputs (Apple's pipeline refuses others) except the token ids and a
+    # chunk's float32 intermediates; float32 outputs, which the apps and the next chunk read
+    input_types = [ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(t.dtype).type) for t in inputs]
+    output_types = [ct.TensorType(name=t.name, dtype=np.dtype(t.dtype).type) for t in outputs]
+    if precision == FLOAT32:
+        return ct.convert(traced, inputs=input_types, outputs=output_types, convert_to="mlprogram",
+                          compute_precision=ct.precision.FLOAT32, skip_model_load=True,
+                          minimum_deployment_target=deployment_target(ct, target))
     first, second = _split_pipeline(ct)
     holder = [traced]
     del traced
     prog = ct.convert(
         holder.pop(),
-        # the contract's dtypes: float16 inputs (Apple's pipeline refuses others) except the token ids and a
-        # chunk's float32 intermediates; float32 outputs, which the apps and the next chunk read
-        inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(t.dtype).type) for t in inputs],
-        outputs=[ct.TensorType(name=t.name, dtype=np.dtype(t.dtype).type) for t in outputs],
+        inputs=input_types,
+        outputs=output_types,
         convert_to="milinternal",
         compute_precision=ct.precision.FLOAT32,
         minimum_deployment_target=deployment_target(ct, target),
@@ -192,7 +199,7 @@ def convert_module(module_holder: list[Any], spec: ModelSpec, example: tuple[Any
     traced = [trace(module_holder.pop(), example)]
     gc.collect()
     progress("trace")
-    model = to_mlprogram(traced.pop(), inputs, outputs, target, progress)
+    model = to_mlprogram(traced.pop(), inputs, outputs, target, progress, spec.precision)
     gc.collect()
     progress("convert")
     describe(model, inputs, outputs, spec.description, metadata)

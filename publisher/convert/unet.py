@@ -25,14 +25,16 @@ from publisher.convert.attention import AttentionCore, channel_layer_norm, linea
 
 
 def _unsupported(what: str) -> NotImplementedError:
-    return NotImplementedError(f"the ANE-shaped UNet supports SD 1.x/2.x UNets; this one has {what}")
+    return NotImplementedError(f"the ANE-shaped UNet supports SD 1.x/2.x and SDXL UNets; this one has {what}")
 
 
 def _check_config(unet: nn.Module) -> None:
     config = unet.config
-    for key in ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim"):
+    for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim", "time_embedding_act_fn"):
         if config.get(key) is not None:
             raise _unsupported(f"{key}={config.get(key)!r}")
+    if config.get("addition_embed_type") not in (None, "text_time"):  # text_time: SDXL's micro-conditioning
+        raise _unsupported(f"addition_embed_type={config.get('addition_embed_type')!r}")
     for resnet in (m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"):
         if resnet.time_embedding_norm != "default" or resnet.upsample is not None or resnet.downsample is not None:
             raise _unsupported("resnets with scale-shift norms or built-in resampling")
@@ -118,9 +120,11 @@ class Stage:
 
 
 class AneUnet(nn.Module):
-    """A diffusers SD 1.x/2.x UNet in the Neural Engine's layout with a given attention core.
+    """A diffusers SD 1.x/2.x or SDXL UNet in the Neural Engine's layout with a given attention core.
 
-    forward(sample (B, 4, H, W), timestep (B,), encoder_hidden_states (B, C, 1, S)) -> noise prediction.
+    forward(sample (B, 4, H, W), timestep (B,), encoder_hidden_states (B, C, 1, S)[, time_ids (B, N),
+    text_embeds (B, P)]) -> noise prediction. The last two are SDXL's micro-conditioning (`addition_embed_type`
+    "text_time"): the image geometry and the pooled text embedding, added to the time embedding.
     """
 
     def __init__(self, unet: nn.Module, core: AttentionCore) -> None:
@@ -143,6 +147,22 @@ class AneUnet(nn.Module):
         t = unet.time_proj(timestep.reshape(-1)).to(like.dtype)
         t = t[:, :, None, None]
         return embedding.linear_2(embedding.act(embedding.linear_1(t)))
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether the UNet takes SDXL's time_ids and text_embeds."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    def _added_embedding(self, time_ids: torch.Tensor, text_embeds: torch.Tensor, like: torch.Tensor
+                         ) -> torch.Tensor:
+        """diffusers' "text_time" embedding: each geometry value gets a sinusoidal embedding, those are
+        concatenated after the pooled text embedding and go through the add-embedding MLP, as (B, C, 1, 1)."""
+        unet = self.unet
+        batch = text_embeds.shape[0]
+        geometry = unet.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1).to(like.dtype)
+        added = torch.cat([text_embeds.to(like.dtype), geometry], dim=1)[:, :, None, None]
+        embedding = unet.add_embedding
+        return embedding.linear_2(embedding.act(embedding.linear_1(added)))
 
     def _stages(self) -> list[Stage]:
         unet, core = self.unet, self.core
@@ -192,10 +212,16 @@ class AneUnet(nn.Module):
 
     @property
     def time_modules(self) -> tuple[nn.Module, ...]:
-        return (self.unet.time_embedding,)
+        return (self.unet.time_embedding, *((self.unet.add_embedding,) if self.conditioned else ()))
 
-    def start(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> UnetState:
-        return UnetState(hidden=sample, emb=self._time_embedding(timestep, sample), context=encoder_hidden_states)
+    def start(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+              time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None) -> UnetState:
+        emb = self._time_embedding(timestep, sample)
+        if self.conditioned:
+            if time_ids is None or text_embeds is None:
+                raise ValueError("this UNet (addition_embed_type 'text_time') needs time_ids and text_embeds")
+            emb = emb + self._added_embedding(time_ids, text_embeds, sample)
+        return UnetState(hidden=sample, emb=emb, context=encoder_hidden_states)
 
     def run(self, state: UnetState, first: int = 0, stop: int | None = None) -> UnetState:
         """Run stages[first:stop] on `state` (in place) and return it."""
@@ -207,6 +233,6 @@ class AneUnet(nn.Module):
                 state.skips.append(state.hidden)
         return state
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.run(self.start(sample, timestep, encoder_hidden_states)).hidden
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(self.start(sample, timestep, encoder_hidden_states, time_ids, text_embeds)).hidden

@@ -93,7 +93,7 @@ FAMILY = ModelFamily(
         ComponentSpec(Component.TEXT_ENCODER, "text_encoder", "TextEncoder", "transformers:CLIPTextModel",
                       "text_encoder", compressible=True),
         ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
-                      uses_attention=True, compressible=True, chunks=UNET_CHUNKS),
+                      uses_attention=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=6),
         ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
                       uses_attention=True),
         ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",

@@ -1,0 +1,154 @@
+"""Stable Diffusion XL (StableDiffusionXLPipeline): two text encoders, the micro-conditioned UNet (two chunks for
+iOS), VAE decoder and encoder; no safety checker. Names, shapes and dtypes as Apple's SDXL pipelines read them:
+
+- `TextEncoder` (CLIP ViT-L) and `TextEncoder2` (OpenCLIP bigG with projection) take float32 `input_ids` and
+  return `hidden_embeds` (the hidden states before the last layer) and `pooled_outputs`; the Swift pipeline
+  concatenates the two hidden states on the channel axis and uses the second encoder's pooled output.
+- `Unet` adds `time_ids` (the image geometry: original size, crop offsets, target size; 6 values per batch row,
+  5 for a refiner: the aesthetic score replaces the target size) and `text_embeds` (the pooled text embedding),
+  float16 like the other inputs.
+- The VAE overflows in float16: Apple converts it in float32 with float32 inputs and the Swift pipeline runs it on
+  CPU and GPU. A VAE whose config says it need not be upcast (`force_upcast: false`, as the fp16-fixed SDXL VAE
+  says) is converted in float16 like SD's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from publisher.contract import FLOAT16, FLOAT32, LATENT_CHANNELS, UNET_BATCH, ModelDims, ModelSpec, TensorSpec
+from publisher.errors import SourceError
+from publisher.families.sd import UNET_CHUNKS
+from publisher.family import ComponentSpec, ModelFamily, read_config
+from publisher.manifest import Component
+
+BASE_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
+REFINER_TIME_IDS = 5  # original (h, w), crop top-left (y, x), aesthetic score
+
+
+def _int(config: dict[str, object], key: str, where: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SourceError(f"{where}: '{key}' is missing or not an integer")
+    return value
+
+
+def _model_index(source: Path) -> dict[str, object]:
+    path = Path(source) / "model_index.json"
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as exc:
+        raise SourceError(f"{path}: not JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def sdxl_dims(source: Path, resolution: int) -> ModelDims:
+    """Sizes from the source's configs: the UNet's cross-attention width, the pooled text size (what the
+    add-embedding takes besides the geometry embeddings), each text encoder's width and sequence length."""
+    extra: dict[str, int] = {}
+    unet = read_config(source, "unet")
+    index = _model_index(source)
+    if unet is not None:
+        where = f"{source}/unet/config.json"
+        ids = REFINER_TIME_IDS if index.get("requires_aesthetics_score") else BASE_TIME_IDS
+        pooled = _int(unet, "projection_class_embeddings_input_dim", where) - \
+            ids * _int(unet, "addition_time_embed_dim", where)
+        extra |= {"time_ids": ids, "pooled": pooled}
+        cross = unet.get("cross_attention_dim")
+        hidden = cross[0] if isinstance(cross, list) else cross
+    else:
+        hidden = None
+    for folder in ("text_encoder", "text_encoder_2"):
+        config = read_config(source, folder)
+        if config is not None:
+            where = f"{source}/{folder}/config.json"
+            extra[f"{folder}.hidden"] = _int(config, "hidden_size", where)
+            extra[f"{folder}.length"] = _int(config, "max_position_embeddings", where)
+            if folder == "text_encoder_2":
+                extra.setdefault("pooled", _int(config, "projection_dim", where))
+    vae = read_config(source, "vae")
+    if vae is not None:
+        extra["vae.float32"] = int(vae.get("force_upcast", True) is not False)
+    if hidden is None:
+        hidden = extra.get("text_encoder.hidden", 0) + extra.get("text_encoder_2.hidden", 0)
+    if not isinstance(hidden, int) or hidden <= 0:
+        raise SourceError(f"{source}: cannot tell the text embedding size (no unet/ or text encoder configs)")
+    latent = int((unet or {}).get("in_channels", LATENT_CHANNELS))  # type: ignore[call-overload]
+    out = int((unet or {}).get("out_channels", LATENT_CHANNELS))  # type: ignore[call-overload]
+    return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=latent, unet_out_channels=out,
+                     extra=tuple(sorted(extra.items())))
+
+
+def _sequence(dims: ModelDims) -> int:
+    for name in ("text_encoder.length", "text_encoder_2.length"):
+        try:
+            return dims.size(name)
+        except KeyError:
+            continue
+    return 77
+
+
+def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
+    latent, res, ch, seq = dims.latent, dims.resolution, dims.latent_channels, _sequence(dims)
+    if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
+        folder = component.value
+        hidden = dims.size(f"{folder}.hidden")
+        pooled = dims.size("pooled") if component is Component.TEXT_ENCODER_2 else hidden
+        name = "OpenCLIP bigG text encoder (with projection)" if component is Component.TEXT_ENCODER_2 \
+            else "CLIP text encoder"
+        return ModelSpec(component, (
+            TensorSpec("input_ids", (1, seq), "token ids of the prompt", FLOAT32),
+        ), (
+            TensorSpec("hidden_embeds", (1, seq, hidden), "hidden states before the last encoder layer"),
+            TensorSpec("pooled_outputs", (1, pooled), "pooled (projected) text embedding"),
+        ), name)
+    if component is Component.UNET:
+        return ModelSpec(component, (
+            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
+            TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
+            TensorSpec("encoder_hidden_states", (UNET_BATCH, dims.text_hidden, 1, seq),
+                       "both text encoders' hidden states, concatenated, as (B, C, 1, S)", FLOAT16),
+            TensorSpec("time_ids", (UNET_BATCH, dims.size("time_ids")),
+                       "image geometry (original size, crop top-left, target size or aesthetic score)", FLOAT16),
+            TensorSpec("text_embeds", (UNET_BATCH, dims.size("pooled")), "pooled text embedding of the second "
+                       "text encoder", FLOAT16),
+        ), (
+            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
+        ), "denoising UNet (SDXL)")
+    vae_float32 = bool(dict(dims.extra).get("vae.float32", 1))
+    vae_dtype = FLOAT32 if vae_float32 else FLOAT16
+    if component is Component.VAE_DECODER:
+        return ModelSpec(component, (
+            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)",
+                       vae_dtype),
+        ), (
+            TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
+        ), "VAE decoder", precision=vae_dtype)
+    if component is Component.VAE_ENCODER:
+        return ModelSpec(component, (
+            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]", vae_dtype),
+        ), (
+            TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
+        ), "VAE encoder", precision=vae_dtype)
+    raise ValueError(component)
+
+
+FAMILY = ModelFamily(
+    name="sdxl",
+    description="Stable Diffusion XL",
+    components=(
+        ComponentSpec(Component.TEXT_ENCODER, "text_encoder", "TextEncoder", "transformers:CLIPTextModel",
+                      "text_encoder_xl", compressible=True),
+        ComponentSpec(Component.TEXT_ENCODER_2, "text_encoder_2", "TextEncoder2",
+                      "transformers:CLIPTextModelWithProjection", "text_encoder_xl", compressible=True),
+        ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
+                      uses_attention=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=3),
+        ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
+                      uses_attention=True),
+        ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",
+                      uses_attention=True),
+    ),
+    model_spec=sdxl_model_spec,
+    read_dims=sdxl_dims,
+)

@@ -1,0 +1,186 @@
+"""SDXL as a model family: the tiny SDXL-shaped fixture (two text encoders, the add-embedding UNet with transformer
+depth 2, a VAE that must be upcast) converted, checked, palettized, chunked, published and downloaded in the layout
+Apple's SDXL pipelines open (python_coreml_stable_diffusion/pipeline.py, StableDiffusionXL+Resources.swift)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from publisher.contract import FLOAT16, FLOAT32, package_name, zip_file_name
+from publisher.convert.components import example_inputs, load_component
+from publisher.errors import ManifestError
+from publisher.family import family_named
+from publisher.manifest import Attention, Component, load_manifest, load_manifests
+from publisher.plan import build_plan
+from publisher.tiny import TINY_XL_POOLED, TINY_XL_TEXT_HIDDEN, build_tiny_sdxl_pipeline
+from tests.helpers import write_manifest
+
+SDXL = family_named("sdxl")
+SOURCE_REPO = "tiny/sdxl"
+RESOLUTION = 256
+MODEL_VERSION = SOURCE_REPO.replace("/", "_")
+# what Apple's Python pipeline opens for an 'xl' model version, and the Swift pipeline's resource names
+APPLE_XL_PACKAGES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+SWIFT_XL_RESOURCES = {"TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc",
+                      "VAEEncoder.mlmodelc", "vocab.json", "merges.txt"}
+
+MANIFEST = """\
+name: tiny-sdxl
+family: sdxl
+source:
+  repo: {source}
+license: openrail++
+resolution: 256
+publish:
+  - repo: "{{namespace}}/coreml-tiny-sdxl"
+    precision: {{type: float16}}
+    attention: [ORIGINAL]
+    layouts: [packages]
+  - repo: "{{namespace}}/coreml-tiny-sdxl-ios"
+    precision: {{type: palettize, nbits: 6}}
+    attention: [SPLIT_EINSUM]
+    components: [text_encoder_2, unet]
+    chunk_unet: true
+    layouts: [packages]
+"""
+
+
+@pytest.fixture(scope="module")
+def sdxl_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "sdxl")
+
+
+def _psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
+    noise = torch.mean((reference.double() - test.double()) ** 2)
+    return float(10 * torch.log10(torch.mean(reference.double() ** 2) / noise)) if noise > 0 else float("inf")
+
+
+def test_dimensions_and_contract_come_from_the_configs(sdxl_source: Path, tmp_path: Path) -> None:
+    dims = SDXL.dims(sdxl_source, RESOLUTION)
+    assert dims.text_hidden == sum(TINY_XL_TEXT_HIDDEN)  # both encoders' hidden states, concatenated
+    assert dims.size("pooled") == TINY_XL_POOLED and dims.size("time_ids") == 6
+    unet = SDXL.model_spec(Component.UNET, dims)
+    assert [(t.name, t.shape, t.dtype) for t in unet.inputs] == [
+        ("sample", (2, 4, 32, 32), FLOAT16), ("timestep", (2,), FLOAT16),
+        ("encoder_hidden_states", (2, 80, 1, 77), FLOAT16), ("time_ids", (2, 6), FLOAT16),
+        ("text_embeds", (2, TINY_XL_POOLED), FLOAT16)]
+    for component, hidden, pooled in ((Component.TEXT_ENCODER, 32, 32), (Component.TEXT_ENCODER_2, 48, 24)):
+        spec = SDXL.model_spec(component, dims)
+        assert [(t.name, t.shape, t.dtype) for t in spec.inputs] == [("input_ids", (1, 77), FLOAT32)]
+        assert [(t.name, t.shape) for t in spec.outputs] == [("hidden_embeds", (1, 77, hidden)),
+                                                             ("pooled_outputs", (1, pooled))]
+    # the VAE config asks to be upcast (as SDXL's does): float32 in and float32 compute, as Apple converts it
+    decoder = SDXL.model_spec(Component.VAE_DECODER, dims)
+    assert decoder.precision == FLOAT32 and decoder.inputs[0].dtype == FLOAT32
+    # a refiner-shaped source: 5 geometry values (the aesthetic score replaces the target size)
+    refiner = SDXL.dims(build_tiny_sdxl_pipeline(tmp_path / "refiner", refiner=True), RESOLUTION)
+    assert refiner.size("time_ids") == 5 and refiner.size("pooled") == TINY_XL_POOLED
+    assert refiner.text_hidden == TINY_XL_TEXT_HIDDEN[1]
+
+
+@pytest.mark.parametrize("attention", list(Attention))
+def test_the_ane_unet_matches_diffusers(sdxl_source: Path, attention: Attention) -> None:
+    from diffusers import UNet2DConditionModel
+
+    loaded = load_component(sdxl_source, Component.UNET, attention, RESOLUTION, family="sdxl")
+    sample, timestep, context, time_ids, text_embeds = example_inputs(loaded.spec)
+    reference = UNet2DConditionModel.from_pretrained(sdxl_source / "unet").eval()
+    with torch.no_grad():
+        ours = loaded.module(sample, timestep, context, time_ids, text_embeds)
+        theirs = reference(sample, timestep, context.squeeze(2).transpose(1, 2),
+                           added_cond_kwargs={"time_ids": time_ids, "text_embeds": text_embeds}).sample
+        # the micro-conditioning is live: other geometry changes the prediction
+        moved = loaded.module(sample, timestep, context, time_ids + 64, text_embeds)
+    assert _psnr(theirs, ours) >= 60
+    assert _psnr(ours, moved) < 60
+
+
+def test_text_encoders_return_the_penultimate_hidden_states(sdxl_source: Path) -> None:
+    from transformers import CLIPTextModelWithProjection
+
+    loaded = load_component(sdxl_source, Component.TEXT_ENCODER_2, Attention.ORIGINAL, RESOLUTION, family="sdxl")
+    (ids,) = example_inputs(loaded.spec)
+    reference = CLIPTextModelWithProjection.from_pretrained(sdxl_source / "text_encoder_2").eval()
+    with torch.no_grad():
+        hidden, pooled = loaded.module(ids)
+        out = reference(ids.to(torch.int64), output_hidden_states=True)
+    assert torch.equal(hidden, out.hidden_states[-2]) and not torch.equal(hidden, out.last_hidden_state)
+    assert torch.equal(pooled, out.text_embeds)
+
+
+def test_plan_layout_and_chunk_rule(tmp_path: Path) -> None:
+    loaded = load_manifest(write_manifest(tmp_path, source=SOURCE_REPO, text=MANIFEST))
+    plan = build_plan([loaded], "me")
+    assert {s.params.component for s in plan.steps_of("convert")} == {
+        "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert {s.params.chunk for s in plan.steps_of("chunk")} == {"unet_chunk1", "unet_chunk2"}
+    resources = {SDXL.compiled_name(c.value) for c in SDXL.component_names} | {"vocab.json", "merges.txt"}
+    assert resources == SWIFT_XL_RESOURCES
+    assert [SDXL.compiled_name(n) for n in SDXL.submodules(Component.UNET, chunked=True)] == [
+        "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"]
+    assert zip_file_name("coreml-tiny-sdxl", Attention.ORIGINAL) == "coreml-tiny-sdxl_original_compiled.zip"
+    # SDXL's UNet is 2.57 B parameters: at 4 bits it is still over 1 GB, so chunking is allowed where SD's is not
+    four_bit = MANIFEST.replace("nbits: 6", "nbits: 4")
+    assert load_manifest(write_manifest(tmp_path / "4", source=SOURCE_REPO, text=four_bit))
+    two_bit = write_manifest(tmp_path / "2", source=SOURCE_REPO, text=MANIFEST.replace("nbits: 6", "nbits: 2"))
+    with pytest.raises(ManifestError, match="small enough"):
+        load_manifest(two_bit)
+    no_checker = write_manifest(tmp_path / "c", source=SOURCE_REPO,
+                                text=MANIFEST.replace("  repo: {source}\n", "  repo: {source}\n"
+                                                      "  components: [unet, safety_checker]\n"))
+    with pytest.raises(ManifestError, match="'safety_checker' is not a component of family 'sdxl'"):
+        load_manifest(no_checker)
+
+
+@pytest.mark.slow
+def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_path: Path, staging_hub,
+                                                         hf_api) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import snapshot_download
+
+    from publisher.engine.build import BuildOptions, build
+    from publisher.mlpackage import package_info
+    from publisher.publish import PublishOptions, publish
+    from publisher.tiny import push_tiny_source
+
+    push_tiny_source(sdxl_source, SOURCE_REPO, staging_hub.url, staging_hub.token)
+    loaded = load_manifests([write_manifest(tmp_path / "manifests", source=SOURCE_REPO, text=MANIFEST)])
+    out = tmp_path / "out"
+    result = build(loaded, BuildOptions(out=out, store=tmp_path / "store", namespace="xl", compile=False,
+                                        endpoint=staging_hub.url, token=staging_hub.token, isolate=False,
+                                        progress=False))
+    assert result.ok, [v.error for v in result.variants]
+    publish(loaded, PublishOptions(out=out, namespace="xl", target="staging", endpoint=staging_hub.url,
+                                   token=staging_hub.token))
+    dims = SDXL.dims(sdxl_source, RESOLUTION)
+
+    local = tmp_path / "download"
+    snapshot_download("xl/coreml-tiny-sdxl", allow_patterns="original/packages/*", local_dir=local,
+                      endpoint=staging_hub.url, token=staging_hub.token)
+    packages = local / "original" / "packages"
+    # every package Apple's XL pipeline opens is there under its name, with the contract's interface
+    names = {p.name for p in packages.iterdir()}
+    assert {package_name(MODEL_VERSION, n) for n in APPLE_XL_PACKAGES} <= names
+    assert names == {package_name(MODEL_VERSION, c.value) for c in SDXL.component_names}
+    for component in SDXL.component_names:
+        info = package_info(packages / package_name(MODEL_VERSION, component.value))
+        spec = SDXL.model_spec(component, dims)
+        assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, t.dtype) for t in spec.inputs]
+        assert [t.name for t in info.outputs] == [t.name for t in spec.outputs]
+    build_info = json.loads((out / "xl/coreml-tiny-sdxl/original/build-info.json").read_text())
+    assert build_info["variant"]["family"] == "sdxl"
+    assert {k: v["output_psnr_db"] >= 35 for k, v in build_info["fidelity"].items()} == {
+        c.value: True for c in SDXL.component_names}
+
+    ios = out / "xl/coreml-tiny-sdxl-ios/split_einsum"
+    ios_info = json.loads((ios / "build-info.json").read_text())
+    assert set(ios_info["fidelity"]) == {"text_encoder_2", "unet", "unet_chunk1", "unet_chunk2"}
+    assert all(v["output_psnr_db"] >= 35 for v in ios_info["fidelity"].values()), ios_info["fidelity"]
+    chunk1 = package_info(ios / "packages" / package_name(MODEL_VERSION, "unet_chunk1"))
+    assert [t.name for t in chunk1.inputs] == ["sample", "timestep", "encoder_hidden_states", "time_ids",
+                                               "text_embeds"]
+    chunk2 = package_info(ios / "packages" / package_name(MODEL_VERSION, "unet_chunk2"))
+    assert chunk2.inputs[0].name == "encoder_hidden_states" and [t.name for t in chunk2.outputs] == ["noise_pred"]
