@@ -44,6 +44,8 @@ class BuildInfo(_Model):
     version: Literal[1] = VERSION
     variant: dict[str, Any]  # publisher.plan.Variant.to_json()
     source: SourceInfo
+    # the other repos components were read from, by role (a custom VAE: "vae"; SDXL's refiner: "refiner")
+    extra_sources: dict[str, SourceInfo] = {}
     manifest: ManifestRef
     tools: dict[str, str]
     compiled: bool
@@ -53,7 +55,10 @@ class BuildInfo(_Model):
     build_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if not data["extra_sources"]:  # absent when there are none: such a file reads as it always did
+            del data["extra_sources"]
+        return data
 
 
 def read_build_info(path: Path) -> BuildInfo:

@@ -38,6 +38,10 @@ class ComponentSpec:
     # is refused (SD's 0.86 B-parameter UNet: 6 bits; SDXL's 2.57 B: 3 bits)
     chunk_above_bits: float = 0
     resolution: int | None = None  # the only resolution it exists at (the safety checker: the Swift pipeline's 512)
+    # "": read from the manifest's source; else the extra source (`source.<role>`) it comes from, where its
+    # files are fetched into `folder` (SDXL's refiner: the refiner pipeline's `unet/` as `refiner/`)
+    source_role: str = ""
+    source_folder: str = ""  # its folder in that extra source's repo
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ModelFamily:
     model_spec: Callable[[Component, ModelDims], ModelSpec]
     read_dims: Callable[[Path, int], ModelDims]
     tokenizer_files: tuple[str, ...] = ("vocab.json", "merges.txt")
+    swift_pipeline: str = "StableDiffusionPipeline"  # the Swift package's pipeline type that loads the Resources
 
     def component(self, component: Component) -> ComponentSpec:
         for spec in self.components:

@@ -57,6 +57,7 @@ class Component(str, Enum):
     TEXT_ENCODER = "text_encoder"
     TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG) text encoder
     UNET = "unet"
+    REFINER = "refiner"  # SDXL's refiner UNet, from the refiner pipeline (source.refiner)
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"
@@ -91,9 +92,29 @@ class _Model(BaseModel):
 Precision = Annotated[CompressionSettings, WrapValidator(validate_precision)]
 
 
+class ExtraSource(_Model):
+    """Another repo some components are read from (a custom VAE, SDXL's refiner)."""
+
+    repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="repo id, `org/name`")]
+    revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
+    weights: Literal["auto", "fp16", "fp32"] = "auto"
+
+
+# the extra sources a manifest may name (the field of `source:` = the role its fetch plays)
+EXTRA_SOURCES = ("vae", "refiner")
+
+
 class Source(_Model):
     repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="diffusers repo id, `org/name`")]
     revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
+    vae: ExtraSource | None = Field(
+        default=None, description="a custom VAE for the VAE components (any family): a pipeline repo's `vae/` or a "
+        "VAE repo with its config.json at the root, e.g. madebyollin/sdxl-vae-fp16-fix"
+    )
+    refiner: ExtraSource | None = Field(
+        default=None, description="SDXL: the refiner pipeline whose `unet/` becomes the `refiner` component "
+        "(UnetRefiner), e.g. stabilityai/stable-diffusion-xl-refiner-1.0"
+    )
     components: list[Component] | None = Field(
         default=None, min_length=1, description="what the source provides (default: every component of its family)"
     )
@@ -165,7 +186,23 @@ class Manifest(_Model):
 
         if self.source.components is not None:
             return list(self.source.components)
-        return list(family_named(self.family).component_names)
+        family = family_named(self.family)  # a component read from an extra source is there when that source is
+        return [c for c in family.component_names if self.source_role(c) is not None]
+
+    def source_role(self, component: Component) -> str | None:
+        """Which source a component is read from: "" (the manifest's source), "vae" or "refiner"; None when its
+        family reads it from an extra source the manifest does not name."""
+        from publisher.family import family_named
+
+        spec = family_named(self.family).component(component)
+        if spec.source_role:
+            return spec.source_role if getattr(self.source, spec.source_role) is not None else None
+        if spec.folder == "vae" and self.source.vae is not None:
+            return "vae"
+        return ""
+
+    def source_of(self, role: str) -> Source | ExtraSource:
+        return self.source if not role else getattr(self.source, role)
 
     def components_for(self, target: PublishRepo) -> list[Component]:
         """The target's components; by default the source's, less those that exist at another resolution only."""
@@ -212,10 +249,16 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
     family = known[manifest.family]
     for index, item in _duplicates(manifest.source.components or []):
         errors.append((("source", "components", index), f"duplicate '{_show(item)}'"))
+    if manifest.source.refiner is not None and not any(spec.source_role == "refiner" for spec in family.components):
+        errors.append((("source", "refiner"), f"family '{family.name}' has no refiner"))
     for index, item in enumerate(manifest.source.components or []):
         if not family.has(item):
             errors.append((("source", "components", index), f"'{item.value}' is not a component of family "
                            f"'{family.name}' ({', '.join(c.value for c in family.component_names)})"))
+        elif manifest.source_role(item) is None:
+            role = family.component(item).source_role
+            errors.append((("source", "components", index), f"'{item.value}' is read from source.{role}, "
+                           "which is not given"))
     if errors:
         return errors
     repo_first: dict[str, int] = {}

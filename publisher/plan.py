@@ -36,6 +36,20 @@ GITHUB_MATRIX_LIMIT = 256
 
 
 @dataclass(frozen=True)
+class ExtraSourceRef:
+    """A repo some of a variant's components are read from besides the manifest's source (`source.<role>`)."""
+
+    role: str  # "vae" | "refiner"
+    repo: str
+    revision: str
+    weights: str = "auto"
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo}@{self.revision}" + ("" if self.weights == "auto" else f"#{self.weights}")
+
+
+@dataclass(frozen=True)
 class Variant:
     """One (repo, attention) folder of a published repo."""
 
@@ -55,10 +69,19 @@ class Variant:
     source_weights: str = "auto"
     license: str = "other"
     family: str = "sd"
+    extra_sources: tuple[ExtraSourceRef, ...] = ()
+    roles: tuple[tuple[Component, str], ...] = ()  # the components read from an extra source, and its role
 
     @property
     def model_family(self) -> ModelFamily:
         return family_named(self.family)
+
+    def role_of(self, component: Component) -> str:
+        """"" for a component read from the manifest's source, else the role of its extra source."""
+        return dict(self.roles).get(component, "")
+
+    def extra_source(self, role: str) -> ExtraSourceRef:
+        return next(ref for ref in self.extra_sources if ref.role == role)
 
     def uses_attention(self, component: Component) -> bool:
         return self.model_family.component(component).uses_attention
@@ -100,6 +123,9 @@ class Variant:
             "resolution": self.resolution,
             "license": self.license,
             "family": self.family,
+            # only when there are any: the variant hash of a variant without extra sources stays what it was
+            **({"extra_sources": {ref.role: {"repo": ref.repo, "revision": ref.revision, "weights": ref.weights}
+                                  for ref in self.extra_sources}} if self.extra_sources else {}),
         }
 
 
@@ -112,6 +138,11 @@ class FetchParams:
     revision: str
     weights: str = "auto"
     family: str = "sd"  # which files the family's components load
+    # an extra source (role "vae" | "refiner"): one component, from the first of `folders` (repo folders, "" the
+    # root) that it has, laid out under `into`, the folder the family reads it from
+    role: str = ""
+    folders: tuple[str, ...] = ()
+    into: str = ""
 
 
 @dataclass(frozen=True)
@@ -296,8 +327,37 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     resolution=manifest.resolution,
                     license=manifest.license,
                     family=manifest.family,
+                    **_extra_sources(manifest, manifest.components_for(target)),
                 ))
     return variants
+
+
+def _extra_sources(manifest: Any, components: Sequence[Component]) -> dict[str, Any]:
+    roles = tuple((c, role) for c in components if (role := manifest.source_role(c)))
+    refs = []
+    for role in sorted({role for _, role in roles}):
+        extra = manifest.source_of(role)
+        refs.append(ExtraSourceRef(role, extra.repo, extra.revision, extra.weights))
+    return {"extra_sources": tuple(refs), "roles": roles}
+
+
+def _extra_fetch(v: Variant, ref: ExtraSourceRef) -> FetchParams:
+    """What to fetch from an extra source: a custom VAE from the repo's `vae/` or its root, into `vae/`; a
+    family's component (the refiner) from the folder its spec names, into the component's folder."""
+    if ref.role == "vae":
+        folders, into = ("vae", ""), "vae"
+    else:
+        spec = next(s for s in v.model_family.components if s.source_role == ref.role)
+        folders, into = (spec.source_folder,), spec.folder
+    return FetchParams(ref.repo, ref.revision, ref.weights, v.family, ref.role, folders, into)
+
+
+def _origin(v: Variant, component: Component | None = None) -> str:
+    """The sources a step reads, as a label: the manifest's source (the weight copy is part of it: the same repo
+    read as fp32 is another source), plus the extra source a component comes from."""
+    source = f"{v.source_repo}@{v.source_revision}" + ("" if v.source_weights == "auto" else f"#{v.source_weights}")
+    role = v.role_of(component) if component is not None else ""
+    return source + (f"+{v.extra_source(role).label}" if role else "")
 
 
 def _conversion_target(variant: Variant, float16_targets: dict[tuple[Any, ...], list[DeploymentTarget]],
@@ -322,35 +382,40 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         if not _compressing(v):
             for component in v.components:
                 attention = v.attention if v.uses_attention(component) else None
-                key = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
+                key = (_origin(v, component), attention, component, v.resolution)
                 float16_targets.setdefault(key, []).append(v.deployment_target)
 
     builder = _Builder()
     for v in variants:
         scheme = v.precision.scheme
         settings = v.precision.model_dump(mode="json", exclude_none=True)
-        # the weight copy is part of the source: the same repo read as fp32 is another source
-        source = f"{v.source_repo}@{v.source_revision}" + ("" if v.source_weights == "auto" else f"#{v.source_weights}")
+        source = _origin(v)
         fetch = builder.add(f"fetch:{source}", "fetch", [], FetchParams(v.source_repo, v.source_revision,
                                                                         v.source_weights, v.family), v.id)
+        extra_fetches = {ref.role: builder.add(f"fetch:{ref.label}:{ref.role}", "fetch", [], _extra_fetch(v, ref),
+                                               v.id) for ref in v.extra_sources}
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         packages_only: set[str] = set()  # submodules the compiled Resources leave out
         for component in v.components:
             attention = v.attention if v.uses_attention(component) else None  # None: shared by every attention
-            base = (v.source_repo, v.source_revision, v.source_weights, attention, component, v.resolution)
+            role = v.role_of(component)
+            # a component from an extra source reads it and the manifest's source (where the dimensions are)
+            origin = _origin(v, component)
+            fetches = [fetch] + ([extra_fetches[role]] if role else [])
+            base = (origin, attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
             convert = ConvertParams(component.value, attention.value if attention else None, v.resolution,
                                     target.value, v.family)
             whole = (component.value, builder.add(
-                f"convert:{source}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
-                f"{target.value}", "convert", [fetch], convert, v.id))
+                f"convert:{origin}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
+                f"{target.value}", "convert", fetches, convert, v.id))
             chunks = v.model_family.submodules(component, chunked=True) if v.chunk_unet else (component.value,)
             if chunks != (component.value,):
                 # the chunks are converted from the source as two modules, not cut from a converted UNet. The
                 # Swift pipeline loads the chunks; Apple's Python pipeline opens only a whole `unet` package, so the
                 # packages folder keeps it too, and the compiled Resources (what iOS downloads) leave it out
                 pieces = [whole] + [(name, builder.add(
-                    f"chunk:{source}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", [fetch],
+                    f"chunk:{origin}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", fetches,
                     ChunkParams(**dataclasses.asdict(convert), chunk=name), v.id))
                     for name in chunks]
                 packages_only.add(component.value)

@@ -167,12 +167,7 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, sample_size: int = 32,
         projection_class_embeddings_input_dim=time_ids * TINY_XL_TIME_EMBED + TINY_XL_POOLED, norm_num_groups=8)
     unet.eval().save_pretrained(folder / "unet")
     model_index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8, scaling_factor=0.13025,
-        force_upcast=True)
-    vae.eval().save_pretrained(folder / "vae")
+    build_tiny_sdxl_vae(folder / "vae", sample_size, force_upcast=True, seed=seed + 100)
     model_index["vae"] = ["diffusers", "AutoencoderKL"]
     model_index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     (folder / "scheduler").mkdir(exist_ok=True)
@@ -181,6 +176,21 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, sample_size: int = 32,
         "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "timestep_spacing": "leading"}))
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return folder
+
+
+def build_tiny_sdxl_vae(folder: Path, sample_size: int = 32, force_upcast: bool = False, seed: int = 1) -> Path:
+    """A tiny SDXL-shaped VAE alone, its config.json at `folder`'s root (the layout of a custom VAE repo such as
+    madebyollin/sdxl-vae-fp16-fix, whose config says it need not be upcast)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8, scaling_factor=0.13025,
+        force_upcast=force_upcast).eval().save_pretrained(folder)
+    return Path(folder)
 
 
 def add_hub_copies(folder: Path, fp16: bool = True, decoys: bool = True) -> list[str]:

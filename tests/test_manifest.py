@@ -97,8 +97,8 @@ CASES = [
     ("precision: {type: float16}", "precision: {type: float8}",
      "m.yaml:9: publish[0].precision.type: must be one of float16, palettize"),
     ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    components: [unet, tokenizer]",
-     "m.yaml:11: publish[0].components[1]: must be one of text_encoder, unet, vae_decoder, vae_encoder, "
-     "safety_checker"),
+     "m.yaml:11: publish[0].components[1]: must be one of text_encoder, text_encoder_2, unet, refiner, "
+     "vae_decoder, vae_encoder, safety_checker"),
     ("  revision: main", "  revision: main\n  components: [text_encoder, unet, vae_decoder]",
      None),  # fine on its own; see the subset rule below
     ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    layouts: [packages, zip]",
@@ -176,7 +176,8 @@ def test_repo_manifests_are_valid() -> None:
     loaded = load_manifests([Path(__file__).parent.parent / "manifests"])
     assert sorted(item.manifest.source.repo for item in loaded) == [
         "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1-base",
-        "stabilityai/stable-diffusion-2-base", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+        "stabilityai/stable-diffusion-2-base", "stabilityai/stable-diffusion-xl-base-1.0",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"]
     for item in loaded:
         assert item.path.read_text().startswith("# yaml-language-server: $schema=./manifest.schema.json\n")
 

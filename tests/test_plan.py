@@ -11,7 +11,7 @@ from publisher.plan import build_plan
 MANIFESTS = Path(__file__).parent.parent / "manifests"
 
 
-def test_every_variant_of_the_four_base_models() -> None:
+def test_every_variant_of_the_base_models() -> None:
     plan = build_plan(load_manifests([MANIFESTS]), "me")
     ids = sorted(v.id for v in plan.variants)
     expected = []
@@ -20,6 +20,8 @@ def test_every_variant_of_the_four_base_models() -> None:
         expected += [f"me/coreml-{model}/original", f"me/coreml-{model}/split_einsum",
                      f"me/coreml-{model}-palettized/original", f"me/coreml-{model}-palettized/split_einsum_v2"]
     expected.append("me/coreml-stable-diffusion-v1-5-mixed-bit/split_einsum_v2")
+    expected += [f"me/coreml-stable-diffusion-xl-base-1-0{suffix}/{folder}" for suffix in ("", "-palettized")
+                 for folder in ("original", "split_einsum")]
     assert ids == sorted(expected)
 
 
@@ -28,8 +30,10 @@ def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     counts = plan.counts()
     # per model: the UNet and the two VAE parts once per attention (the float16 SPLIT_EINSUM UNet also as two
     # chunks, for iOS), the text encoder and the safety checker (SD 1.x only) once for every attention
-    assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1)
-    assert counts["chunk"] == 4 * 2
+    # SDXL: both text encoders once, the UNet and the two VAE parts once per attention (its palettized iOS UNet's
+    # chunks are converted by the chunk steps)
+    assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1) + (2 + 2 * 3)
+    assert counts["chunk"] == 4 * 2 + 2  # SDXL: the 6-bit iOS UNet
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
     # the mixed-bit repo's UNet (its V2 conversion shared with the 6-bit repo) after one analysis of the source

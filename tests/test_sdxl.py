@@ -25,9 +25,11 @@ RESOLUTION = 256
 MODEL_VERSION = SOURCE_REPO.replace("/", "_")
 # what Apple's Python pipeline opens for an 'xl' model version, and the Swift pipeline's resource names
 APPLE_XL_PACKAGES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
-SWIFT_XL_RESOURCES = {"TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc", "VAEDecoder.mlmodelc",
-                      "VAEEncoder.mlmodelc", "vocab.json", "merges.txt"}
+SWIFT_XL_RESOURCES = {"TextEncoder.mlmodelc", "TextEncoder2.mlmodelc", "Unet.mlmodelc", "UnetRefiner.mlmodelc",
+                      "VAEDecoder.mlmodelc", "VAEEncoder.mlmodelc", "vocab.json", "merges.txt"}
 
+REFINER_REPO = "tiny/sdxl-refiner"
+VAE_REPO = "tiny/sdxl-vae-fp16-fix"
 MANIFEST = """\
 name: tiny-sdxl
 family: sdxl
@@ -57,6 +59,11 @@ def sdxl_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
     noise = torch.mean((reference.double() - test.double()) ** 2)
     return float(10 * torch.log10(torch.mean(reference.double() ** 2) / noise)) if noise > 0 else float("inf")
+
+
+# the base with the refiner (UnetRefiner) and a custom float16-safe VAE, each from a repo of its own
+WITH_REFINER = MANIFEST.replace("  repo: {source}\n", f"  repo: {{source}}\n  refiner: {{{{repo: {REFINER_REPO}}}}}\n"
+                                f"  vae: {{{{repo: {VAE_REPO}}}}}\n")
 
 
 def test_dimensions_and_contract_come_from_the_configs(sdxl_source: Path, tmp_path: Path) -> None:
@@ -112,6 +119,50 @@ def test_text_encoders_return_the_penultimate_hidden_states(sdxl_source: Path) -
     assert torch.equal(pooled, out.text_embeds)
 
 
+def test_extra_sources_are_planned_as_their_own_fetches(tmp_path: Path) -> None:
+    loaded = load_manifest(write_manifest(tmp_path, source=SOURCE_REPO, text=WITH_REFINER))
+    assert loaded.manifest.source_components == [Component.TEXT_ENCODER, Component.TEXT_ENCODER_2, Component.UNET,
+                                                 Component.REFINER, Component.VAE_DECODER, Component.VAE_ENCODER]
+    plan = build_plan([loaded], "me")
+    fetches = {s.params.role: s.params for s in plan.steps_of("fetch")}
+    assert set(fetches) == {"", "vae", "refiner"}
+    assert (fetches["vae"].repo, fetches["vae"].folders, fetches["vae"].into) == (VAE_REPO, ("vae", ""), "vae")
+    assert (fetches["refiner"].repo, fetches["refiner"].folders, fetches["refiner"].into) == (
+        REFINER_REPO, ("unet",), "refiner")
+    by_component = {s.params.component: s for s in plan.steps_of("convert")}
+    fetch_of = {s.params.role: s.id for s in plan.steps_of("fetch")}
+    assert by_component["refiner"].inputs == (fetch_of[""], fetch_of["refiner"])
+    assert by_component["vae_decoder"].inputs == (fetch_of[""], fetch_of["vae"])
+    assert by_component["unet"].inputs == (fetch_of[""],)
+    assert [SDXL.compiled_name(n) for n in SDXL.submodules(Component.REFINER, chunked=True)] == [
+        "UnetRefinerChunk1.mlmodelc", "UnetRefinerChunk2.mlmodelc"]
+    # the refiner needs its source; SD has none
+    missing = MANIFEST.replace("  repo: {source}\n", "  repo: {source}\n  components: [unet, refiner]\n")
+    with pytest.raises(ManifestError, match=r"'refiner' is read from source\.refiner, which is not given"):
+        load_manifest(write_manifest(tmp_path / "m", source=SOURCE_REPO, text=missing))
+    sd = WITH_REFINER.replace("family: sdxl", "family: sd").replace("openrail++", "mit")
+    with pytest.raises(ManifestError, match=r"source\.refiner: family 'sd' has no refiner"):
+        load_manifest(write_manifest(tmp_path / "s", source=SOURCE_REPO, text=sd))
+
+
+def test_the_float32_vae_converts_and_meets_the_bar(sdxl_source: Path, tmp_path: Path) -> None:
+    from publisher.convert.coreml import PackageMetadata, convert_component
+    from publisher.manifest import DeploymentTarget
+    from publisher.mlpackage import package_info
+    from publisher.verify.fidelity import verify_package
+
+    package = tmp_path / "vae_decoder.mlpackage"
+    convert_component(sdxl_source, Component.VAE_DECODER, Attention.ORIGINAL, RESOLUTION, DeploymentTarget.iOS16,
+                      package, PackageMetadata("tiny/sdxl@main", "openrail++", Attention.ORIGINAL), family="sdxl")
+    assert [(t.name, t.dtype) for t in package_info(package).inputs] == [("z", FLOAT32)]
+    weights = package / "Data/com.apple.CoreML/weights/weight.bin"
+    parameters = sum(p.numel() for p in load_component(sdxl_source, Component.VAE_DECODER, Attention.ORIGINAL,
+                                                       RESOLUTION, family="sdxl").module.parameters())
+    assert weights.stat().st_size >= 4 * parameters * 0.9  # float32 weights, not float16
+    assert verify_package(package, sdxl_source, "vae_decoder", Attention.ORIGINAL, RESOLUTION,
+                          family="sdxl").passed
+
+
 def test_plan_layout_and_chunk_rule(tmp_path: Path) -> None:
     loaded = load_manifest(write_manifest(tmp_path, source=SOURCE_REPO, text=MANIFEST))
     plan = build_plan([loaded], "me")
@@ -139,15 +190,18 @@ def test_plan_layout_and_chunk_rule(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_path: Path, staging_hub,
                                                          hf_api) -> None:  # type: ignore[no-untyped-def]
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     from publisher.engine.build import BuildOptions, build
     from publisher.mlpackage import package_info
     from publisher.publish import PublishOptions, publish
-    from publisher.tiny import push_tiny_source
+    from publisher.tiny import build_tiny_sdxl_vae, push_tiny_source
 
     push_tiny_source(sdxl_source, SOURCE_REPO, staging_hub.url, staging_hub.token)
-    loaded = load_manifests([write_manifest(tmp_path / "manifests", source=SOURCE_REPO, text=MANIFEST)])
+    refiner = build_tiny_sdxl_pipeline(tmp_path / "refiner", seed=3, refiner=True)
+    push_tiny_source(refiner, REFINER_REPO, staging_hub.url, staging_hub.token)
+    push_tiny_source(build_tiny_sdxl_vae(tmp_path / "vae-fix"), VAE_REPO, staging_hub.url, staging_hub.token)
+    loaded = load_manifests([write_manifest(tmp_path / "manifests", source=SOURCE_REPO, text=WITH_REFINER)])
     out = tmp_path / "out"
     result = build(loaded, BuildOptions(out=out, store=tmp_path / "store", namespace="xl", compile=False,
                                         endpoint=staging_hub.url, token=staging_hub.token, isolate=False,
@@ -155,7 +209,21 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
     assert result.ok, [v.error for v in result.variants]
     publish(loaded, PublishOptions(out=out, namespace="xl", target="staging", endpoint=staging_hub.url,
                                    token=staging_hub.token))
-    dims = SDXL.dims(sdxl_source, RESOLUTION)
+    # what the packages are checked against: the base's configs with the refiner's UNet and the custom VAE
+    composed = tmp_path / "composed"
+    for folder in (sdxl_source, refiner):
+        for item in (p for p in folder.rglob("*") if p.is_file()):
+            target = composed / item.relative_to(folder)
+            if folder == refiner:
+                if item.parent.name != "unet":
+                    continue
+                target = composed / "refiner" / item.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(item.read_bytes())
+    for item in (tmp_path / "vae-fix").iterdir():
+        (composed / "vae" / item.name).write_bytes(item.read_bytes())
+    dims = SDXL.dims(composed, RESOLUTION)
+    assert dims.size("refiner.time_ids") == 5 and dict(dims.extra)["vae.float32"] == 0
 
     local = tmp_path / "download"
     snapshot_download("xl/coreml-tiny-sdxl", allow_patterns="original/packages/*", local_dir=local,
@@ -170,8 +238,25 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
         spec = SDXL.model_spec(component, dims)
         assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, t.dtype) for t in spec.inputs]
         assert [t.name for t in info.outputs] == [t.name for t in spec.outputs]
+    refiner_info = package_info(packages / package_name(MODEL_VERSION, "refiner"))
+    assert [(t.name, t.shape) for t in refiner_info.inputs][2:] == [
+        ("encoder_hidden_states", (2, TINY_XL_TEXT_HIDDEN[1], 1, 77)), ("time_ids", (2, 5)),
+        ("text_embeds", (2, TINY_XL_POOLED))]
+    # the custom VAE says it need not be upcast: float16 in, as SD's
+    assert package_info(packages / package_name(MODEL_VERSION, "vae_decoder")).inputs[0].dtype == FLOAT16
     build_info = json.loads((out / "xl/coreml-tiny-sdxl/original/build-info.json").read_text())
     assert build_info["variant"]["family"] == "sdxl"
+    extra = build_info["extra_sources"]
+    assert (extra["refiner"]["repo"], extra["vae"]["repo"]) == (REFINER_REPO, VAE_REPO)
+    assert set(extra["refiner"]["files"]) == {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    assert set(extra["vae"]["files"]) == {"config.json", "diffusion_pytorch_model.safetensors"}  # its root
+    # the base's own VAE and the refiner's text encoder were not downloaded
+    assert not any(name.startswith("vae/") for name in build_info["source"]["files"])
+    card = Path(hf_hub_download("xl/coreml-tiny-sdxl", "README.md", endpoint=staging_hub.url,
+                                token=staging_hub.token)).read_text()
+    assert "`StableDiffusionXLPipeline(resourcesAt:)`" in card and "TextEncoder2.mlmodelc" in card
+    assert f"- refiner from `{REFINER_REPO}` at revision `main`" in card
+    assert f"- vae from `{VAE_REPO}`" in card
     assert {k: v["output_psnr_db"] >= 35 for k, v in build_info["fidelity"].items()} == {
         c.value: True for c in SDXL.component_names}
 

@@ -18,6 +18,7 @@ from publisher.cli._options import (
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
 from publisher.manifest import Component, load_manifests
+from publisher.plan import FetchParams, build_plan
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
 
@@ -90,11 +91,18 @@ def source_key_command(
     keys = []
     for item in load_manifests(manifests):
         manifest = item.manifest
-        components = sorted({c for target in manifest.publish for c in manifest.components_for(target)},
-                            key=list(Component).index)
+        wanted = {c for target in manifest.publish for c in manifest.components_for(target)}
+        components = sorted((c for c in wanted if not manifest.source_role(c)), key=list(Component).index)
         chosen = plan_source(manifest.source.repo, manifest.source.revision, components, endpoint=source_endpoint,
-                             token=token_for(source_endpoint), weights=manifest.source.weights)
+                             token=token_for(source_endpoint), weights=manifest.source.weights,
+                             family=manifest.family)
         keys.append(chosen.cache_key)
+        for fetch in build_plan([item], DEFAULT_NAMESPACE).steps_of("fetch"):  # the extra sources (VAE, refiner)
+            params = fetch.params
+            if isinstance(params, FetchParams) and params.role:
+                keys.append(plan_source(params.repo, params.revision, [], endpoint=source_endpoint,
+                                        token=token_for(source_endpoint), weights=params.weights,
+                                        folders=params.folders).cache_key)
     typer.echo(keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32])
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from publisher.contract import FLOAT32, TensorSpec
 from publisher.convert.components import Unet
 from publisher.convert.unet import AneUnet, UnetState
-from publisher.manifest import Attention
+from publisher.manifest import Attention, Component
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,14 @@ def chunk_specs(wrapper: Unet, unet_inputs: tuple[TensorSpec, ...], unet_outputs
 
 
 def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: object,
-                        outputs: tuple[Path | None, Path | None], metadata: object, family: str = "sd") -> list[str]:
-    """Convert the UNet of `source` into its two chunk packages (a None output skips that chunk)."""
+                        outputs: tuple[Path | None, Path | None], metadata: object, family: str = "sd",
+                        component: Component = Component.UNET) -> list[str]:
+    """Convert a UNet of `source` (the `unet`, or SDXL's `refiner`) into its two chunk packages (a None output
+    skips that chunk)."""
     from publisher.convert.components import example_inputs, load_component
     from publisher.convert.coreml import convert_module
-    from publisher.manifest import Component
 
-    loaded = load_component(Path(source), Component.UNET, attention, resolution, family=family)
+    loaded = load_component(Path(source), component, attention, resolution, family=family)
     example = example_inputs(loaded.spec)
     assert isinstance(loaded.module, Unet)
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)

@@ -186,25 +186,46 @@ class _Runner:
 
         params = step.params
         assert isinstance(params, FetchParams)
-        components = sorted({c for v in self.plan.variants if v.id in step.variants for c in v.components},
-                            key=lambda c: list(Component).index(c))
+        # the manifest's source: the components not read from an extra source
+        components = sorted({c for v in self.plan.variants if v.id in step.variants for c in v.components
+                             if not v.role_of(c)}, key=lambda c: list(Component).index(c))
         try:
             fetched = fetch_source(params.repo, params.revision, components,
                                    self.options.store / "hub-cache", endpoint=self.options.endpoint,
-                                   token=self.options.token, weights=params.weights, family=params.family)
+                                   token=self.options.token, weights=params.weights, family=params.family,
+                                   extra=(params.folders, params.into) if params.role else None)
         except PublisherError as exc:
             self.failed[step.id] = str(exc)
             return
         for warning in fetched.warnings:
             self.report(f"warning: {warning}")
         # the commit and the weights setting decide every component's files (the choice is a function of both)
-        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit, "weights": params.weights}, [], {})
+        where = {"role": params.role, "folders": list(params.folders), "into": params.into} if params.role else {}
+        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit, "weights": params.weights,
+                                 **where}, [], {})
         self.keys[step.id] = key
         self.fetched[step.id] = _Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision,
                                          {f.path: f.to_json() for f in fetched.files})
 
+    def _fetches_of(self, step: Step) -> list[str]:
+        """The fetch steps a step's package comes from (through compress and verify steps to the conversion)."""
+        while not any(self.plan.steps[i].kind == "fetch" for i in step.inputs):
+            step = self.plan.steps[step.inputs[0]]
+        return [i for i in step.inputs if self.plan.steps[i].kind == "fetch"]
+
     def _source(self, step: Step) -> _Fetched:
-        return self.fetched[step.inputs[0]]
+        """The source a step's component is read from (its extra source, if it has one)."""
+        return self.fetched[self._fetches_of(step)[-1]]
+
+    def _source_path(self, step: Step) -> Path:
+        """The folder a step loads from: the fetched source, or, for a component from an extra source, one
+        folder with both (the manifest's source holds the configs the dimensions are read from)."""
+        from publisher.engine.source import compose_sources
+
+        fetches = self._fetches_of(step)
+        if len(fetches) == 1:
+            return self.fetched[fetches[0]].path
+        return compose_sources([self.fetched[f].path for f in fetches], self.options.store / "hub-cache")
 
     def _metadata(self, step: Step) -> Any:
         from publisher.convert.coreml import PackageMetadata
@@ -223,7 +244,7 @@ class _Runner:
         convert = convert_isolated if self.options.isolate else convert_component
         # a component no attention implementation changes is converted as it is (the stock modules)
         attention = Attention(p.attention or Attention.ORIGINAL)
-        convert(self._source(step).path, Component(p.component), attention, p.resolution,
+        convert(self._source_path(step), Component(p.component), attention, p.resolution,
                 DeploymentTarget(p.deployment_target), work / PACKAGE, self._metadata(step), family=p.family)
 
     def _do_chunk(self, step: Step, work: Path) -> None:
@@ -233,8 +254,8 @@ class _Runner:
         p = step.params
         assert isinstance(p, ChunkParams) and p.attention is not None
         outputs = (work / PACKAGE, None) if family_named(p.family).chunk_index(p.chunk) == 0 else (None, work / PACKAGE)
-        args = (self._source(step).path, Attention(p.attention), p.resolution, DeploymentTarget(p.deployment_target),
-                outputs, self._metadata(step), p.family)
+        args = (self._source_path(step), Attention(p.attention), p.resolution, DeploymentTarget(p.deployment_target),
+                outputs, self._metadata(step), p.family, Component(p.component))
         if self.options.isolate:
             run_isolated(convert_unet_chunks, *args)
         else:
@@ -247,7 +268,7 @@ class _Runner:
         p = step.params
         assert isinstance(p, AnalyzeParams)
         run = run_isolated if self.options.isolate else _call
-        run(analyze_to_folder, self._source(step).path, Component(p.component), p.resolution, p.settings,
+        run(analyze_to_folder, self._source_path(step), Component(p.component), p.resolution, p.settings,
             self._variant_of(step).source_repo, work, self.options.progress, p.family)
 
     def _do_compress(self, step: Step, work: Path) -> None:
@@ -268,8 +289,8 @@ class _Runner:
         from publisher.verify.contract import contract_problems
 
         variant = self._variant_of(step)
-        fetch_step = next(s for s in self.plan.steps.values() if s.kind == "fetch" and variant.id in s.variants)
-        dims = source_dims(self.fetched[fetch_step.id].path, variant.resolution, variant.family)
+        source = self._source_path(step)
+        dims = source_dims(source, variant.resolution, variant.family)
         package = self.outputs[step.inputs[0]].path / PACKAGE
         assert isinstance(step.params, VerifyParams)
         submodule = step.params.submodule
@@ -290,7 +311,7 @@ class _Runner:
             # model and the executor each run in a process of their own (isolate): neither holds the other's
             # memory, and the build's own process never holds a model.
             run = run_isolated if self.options.isolate else _call
-            run(store_reference, package, self.fetched[fetch_step.id].path, submodule, variant.attention,
+            run(store_reference, package, source, submodule, variant.attention,
                 variant.resolution, float16, scheme, work / REFERENCE, variant.family)
             fidelity = run(check_stored_reference, package, work / REFERENCE)
             report["fidelity"] = fidelity.to_json()
@@ -322,8 +343,10 @@ class _Runner:
         if failures:
             result.status, result.error = "failed", failures[0]
             return
-        fetch = next(s for s in steps if s.kind == "fetch")
+        fetch = next(s for s in steps if s.kind == "fetch" and isinstance(s.params, FetchParams) and not s.params.role)
         source = self.fetched[fetch.id]
+        extra_sources = {s.params.role: self.fetched[s.id] for s in steps
+                         if s.kind == "fetch" and isinstance(s.params, FetchParams) and s.params.role}
         repo_dir = self.options.out / variant.repo_id
         folder = repo_dir / variant.attention.folder
         staged = Path(tempfile.mkdtemp(prefix=f".{variant.attention.folder}.", dir=repo_dir if repo_dir.exists()
@@ -390,6 +413,9 @@ class _Runner:
             "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit,
                        "files": {name: entry for name, entry in sorted(source.files.items())
                                  if name.split("/")[0] in self._folders_of(variant)}},
+            "extra_sources": {role: {"repo": f.repo, "revision": f.revision, "commit": f.commit,
+                                     "files": dict(sorted(f.files.items()))}
+                              for role, f in sorted(extra_sources.items())},
             # this variant's settings, hashed: editing another variant of the manifest leaves this file alone
             "manifest": {"name": variant.manifest_name, "variant_sha256": json_sha256(variant.to_json())},
             "tools": self.versions,

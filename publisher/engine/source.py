@@ -90,15 +90,46 @@ def select_source_files(tree: dict[str, SourceFile], components: Sequence[Compon
     return [tree[p] for p in chosen], warnings
 
 
-def _link_tree(snapshot: Path, files: Sequence[SourceFile], target: Path) -> None:
-    """Hard-link exactly `files` from the download cache into `target` (staged, then renamed into place)."""
+def component_folder(tree: dict[str, SourceFile] | Sequence[str], candidates: Sequence[str], label: str) -> str:
+    """The first of `candidates` (repo folders, "" for the root) that holds a config.json."""
+    for folder in candidates:
+        if (f"{folder}/config.json" if folder else "config.json") in tree:
+            return folder
+    shown = " or ".join(f"{c}/config.json" if c else "config.json" for c in candidates)
+    raise SourceError(f"source {label} has no {shown}")
+
+
+def select_component_files(tree: dict[str, SourceFile], folder: str, weights: str, label: str
+                           ) -> tuple[list[SourceFile], list[str]]:
+    """One component's config and weights from an extra source (a custom VAE, a refiner): `folder` of the repo,
+    or its root ("") for a repo that holds one model."""
+    prefix = f"{folder}/" if folder else ""
+    component_folder(tree, [folder], label)
+    names = [p[len(prefix):] for p in tree if p.startswith(prefix) and "/" not in p[len(prefix):]]
+    try:
+        files, warning = choose_weights(folder or ".", names, weights)
+    except SourceError as exc:
+        raise SourceError(f"source {label}: {exc}") from exc
+    return [tree[f"{prefix}config.json"]] + [tree[prefix + n] for n in files], \
+        [f"source {label}: {warning}"] if warning else []
+
+
+def _link_tree(snapshot: Path, files: Sequence[SourceFile], target: Path, moves: tuple[str, str] = ("", "")
+               ) -> None:
+    """Hard-link exactly `files` from the download cache into `target` (staged, then renamed into place); a file
+    under the repo folder `moves[0]` goes under `moves[1]` instead (an extra source's files where the family
+    reads them)."""
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old, new = moves
     try:
         for item in files:
-            link_or_copy((snapshot / item.path).resolve(), staging / item.path)
+            local = item.path
+            if old != new and (not old or local.startswith(old + "/")):
+                local = f"{new}/{local[len(old) + 1:] if old else local}"
+            link_or_copy((snapshot / item.path).resolve(), staging / local)
         os.replace(staging, target)
     except OSError:
         if not target.exists():
@@ -116,6 +147,7 @@ class SourcePlan:
     commit: str
     files: tuple[SourceFile, ...]
     warnings: tuple[str, ...]
+    folder: str | None = None  # an extra source: the repo folder its component was found in ("" the root)
 
     @property
     def digest(self) -> str:
@@ -128,9 +160,11 @@ class SourcePlan:
 
 
 def plan_source(repo: str, revision: str, components: Sequence[Component], endpoint: str | None = None,
-                token: str | bool | None = None, weights: str = "auto", family: str = DEFAULT_FAMILY) -> SourcePlan:
+                token: str | bool | None = None, weights: str = "auto", family: str = DEFAULT_FAMILY,
+                folders: Sequence[str] | None = None) -> SourcePlan:
     """Resolve the revision and choose the files (one API call; nothing is downloaded). One-line errors for a
-    missing repo, revision, component or weight file."""
+    missing repo, revision, component or weight file. `folders`: an extra source, of which only one component is
+    fetched, from the first of these repo folders ("" for the root) that it has."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -144,23 +178,61 @@ def plan_source(repo: str, revision: str, components: Sequence[Component], endpo
         raise SourceError(f"source repo {repo} not found (or private without a token) at {api.endpoint}") from exc
     tree = {s.rfilename: SourceFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
             for s in info.siblings or []}
-    files, warnings = select_source_files(tree, components, weights, label, family)
-    return SourcePlan(repo, revision, str(info.sha), tuple(files), tuple(warnings))
+    folder = None
+    if folders is None:
+        files, warnings = select_source_files(tree, components, weights, label, family)
+    else:
+        folder = component_folder(tree, folders, label)
+        files, warnings = select_component_files(tree, folder, weights, label)
+    return SourcePlan(repo, revision, str(info.sha), tuple(files), tuple(warnings), folder)
 
 
 def fetch_source(repo: str, revision: str, components: list[Component] | tuple[Component, ...], cache_dir: Path,
                  endpoint: str | None = None, token: str | bool | None = None,
-                 weights: str = "auto", family: str = DEFAULT_FAMILY) -> FetchedSource:
-    """Download the files a build of `components` loads (see the module doc and plan_source)."""
+                 weights: str = "auto", family: str = DEFAULT_FAMILY,
+                 extra: tuple[tuple[str, ...], str] | None = None) -> FetchedSource:
+    """Download the files a build of `components` loads (see the module doc and plan_source). `extra`: an extra
+    source, (its candidate repo folders, the folder the family reads the component from); only that component
+    is fetched, and it is laid out under the family's folder."""
     from huggingface_hub import snapshot_download
 
-    chosen = plan_source(repo, revision, components, endpoint, token, weights, family)
+    chosen = plan_source(repo, revision, components, endpoint, token, weights, family,
+                         folders=None if extra is None else extra[0])
     snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
                                  cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
-    folder = Path(cache_dir) / "sources" / f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}"
-    _link_tree(Path(snapshot), chosen.files, folder)
+    moves = ("", "") if extra is None else (chosen.folder or "", extra[1])
+    where = "" if extra is None else f"--{moves[0] or 'root'}-as-{moves[1]}"
+    folder = Path(cache_dir) / "sources" / \
+        f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}{where}"
+    _link_tree(Path(snapshot), chosen.files, folder, moves)
     return FetchedSource(repo=repo, revision=revision, commit=chosen.commit, path=folder, files=chosen.files,
                          warnings=chosen.warnings)
+
+
+def compose_sources(folders: Sequence[Path], cache_dir: Path) -> Path:
+    """One folder holding the files of several fetched sources (hard links; a later folder's files over an earlier
+    one's): what a component read from an extra source is loaded from, next to the manifest's source's configs."""
+    import hashlib
+
+    digest = hashlib.sha256("\0".join(str(Path(f).resolve()) for f in folders).encode()).hexdigest()[:16]
+    target = Path(cache_dir) / "sources" / f"composite--{digest}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for folder in folders:
+            for item in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+                destination = staging / item.relative_to(folder)
+                destination.unlink(missing_ok=True)
+                link_or_copy(item.resolve(), destination)
+        os.replace(staging, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _file_list_digest(files: Sequence[SourceFile]) -> str:

@@ -4,9 +4,9 @@ iOS), VAE decoder and encoder; no safety checker. Names, shapes and dtypes as Ap
 - `TextEncoder` (CLIP ViT-L) and `TextEncoder2` (OpenCLIP bigG with projection) take float32 `input_ids` and
   return `hidden_embeds` (the hidden states before the last layer) and `pooled_outputs`; the Swift pipeline
   concatenates the two hidden states on the channel axis and uses the second encoder's pooled output.
-- `Unet` adds `time_ids` (the image geometry: original size, crop offsets, target size; 6 values per batch row,
-  5 for a refiner: the aesthetic score replaces the target size) and `text_embeds` (the pooled text embedding),
-  float16 like the other inputs.
+- `Unet` (and `UnetRefiner`, the refiner pipeline's UNet, from `source.refiner`) adds `time_ids` (the image
+  geometry: original size, crop offsets, target size; 6 values per batch row, 5 for the refiner: the aesthetic
+  score replaces the target size) and `text_embeds` (the pooled text embedding), float16 like the other inputs.
 - The VAE overflows in float16: Apple converts it in float32 with float32 inputs and the Swift pipeline runs it on
   CPU and GPU. A VAE whose config says it need not be upcast (`force_upcast: false`, as the fp16-fixed SDXL VAE
   says) is converted in float16 like SD's.
@@ -25,6 +25,8 @@ from publisher.manifest import Component
 
 BASE_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 REFINER_TIME_IDS = 5  # original (h, w), crop top-left (y, x), aesthetic score
+# Apple's package and resource names for the refiner and its chunks
+REFINER_CHUNKS = (("refiner_chunk1", "UnetRefinerChunk1"), ("refiner_chunk2", "UnetRefinerChunk2"))
 
 
 def _int(config: dict[str, object], key: str, where: str) -> int:
@@ -67,6 +69,14 @@ def sdxl_dims(source: Path, resolution: int) -> ModelDims:
             extra[f"{folder}.length"] = _int(config, "max_position_embeddings", where)
             if folder == "text_encoder_2":
                 extra.setdefault("pooled", _int(config, "projection_dim", where))
+    refiner = read_config(source, "refiner")
+    if refiner is not None:  # the refiner's geometry always has the aesthetic score (Apple's refinerGeometry)
+        where = f"{source}/refiner/config.json"
+        cross = refiner.get("cross_attention_dim")
+        extra |= {"refiner.hidden": _int({"v": cross[0] if isinstance(cross, list) else cross}, "v", where),
+                  "refiner.time_ids": REFINER_TIME_IDS,
+                  "refiner.pooled": _int(refiner, "projection_class_embeddings_input_dim", where)
+                  - REFINER_TIME_IDS * _int(refiner, "addition_time_embed_dim", where)}
     vae = read_config(source, "vae")
     if vae is not None:
         extra["vae.float32"] = int(vae.get("force_upcast", True) is not False)
@@ -103,19 +113,24 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
             TensorSpec("hidden_embeds", (1, seq, hidden), "hidden states before the last encoder layer"),
             TensorSpec("pooled_outputs", (1, pooled), "pooled (projected) text embedding"),
         ), name)
-    if component is Component.UNET:
+    if component in (Component.UNET, Component.REFINER):
+        refiner = component is Component.REFINER
+        hidden = dims.size("refiner.hidden") if refiner else dims.text_hidden
+        context = "the second text encoder's hidden states" if refiner else \
+            "both text encoders' hidden states, concatenated"
         return ModelSpec(component, (
             TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
             TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
-            TensorSpec("encoder_hidden_states", (UNET_BATCH, dims.text_hidden, 1, seq),
-                       "both text encoders' hidden states, concatenated, as (B, C, 1, S)", FLOAT16),
-            TensorSpec("time_ids", (UNET_BATCH, dims.size("time_ids")),
-                       "image geometry (original size, crop top-left, target size or aesthetic score)", FLOAT16),
-            TensorSpec("text_embeds", (UNET_BATCH, dims.size("pooled")), "pooled text embedding of the second "
-                       "text encoder", FLOAT16),
+            TensorSpec("encoder_hidden_states", (UNET_BATCH, hidden, 1, seq), f"{context}, as (B, C, 1, S)",
+                       FLOAT16),
+            TensorSpec("time_ids", (UNET_BATCH, dims.size("refiner.time_ids" if refiner else "time_ids")),
+                       "image geometry: original size, crop top-left, then the aesthetic score (refiner) or the "
+                       "target size", FLOAT16),
+            TensorSpec("text_embeds", (UNET_BATCH, dims.size("refiner.pooled" if refiner else "pooled")),
+                       "pooled text embedding of the second text encoder", FLOAT16),
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
-        ), "denoising UNet (SDXL)")
+        ), "refiner UNet (SDXL)" if refiner else "denoising UNet (SDXL)")
     vae_float32 = bool(dict(dims.extra).get("vae.float32", 1))
     vae_dtype = FLOAT32 if vae_float32 else FLOAT16
     if component is Component.VAE_DECODER:
@@ -144,6 +159,9 @@ FAMILY = ModelFamily(
                       "transformers:CLIPTextModelWithProjection", "text_encoder_xl", compressible=True),
         ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
                       uses_attention=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=3),
+        ComponentSpec(Component.REFINER, "refiner", "UnetRefiner", "diffusers:UNet2DConditionModel", "unet",
+                      uses_attention=True, compressible=True, chunks=REFINER_CHUNKS, chunk_above_bits=3,
+                      source_role="refiner", source_folder="unet"),
         ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
                       uses_attention=True),
         ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",
@@ -151,4 +169,5 @@ FAMILY = ModelFamily(
     ),
     model_spec=sdxl_model_spec,
     read_dims=sdxl_dims,
+    swift_pipeline="StableDiffusionXLPipeline",
 )

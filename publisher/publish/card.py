@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from publisher.contract import zip_file_name
+from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
+from publisher.manifest import Component
 from publisher.util.sizes import human_size
 
 TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
@@ -23,6 +25,7 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
     first = infos[0]
     variant0 = first["variant"]
     source = first["source"]
+    family = family_named(variant0.get("family", DEFAULT_FAMILY))
     data = ModelCardData(license=variant0.get("license", "other"), tags=TAGS, base_model=source["repo"],
                          pipeline_tag="text-to-image", library_name="coreml")
     repo_name = repo_id.split("/", 1)[1]
@@ -70,9 +73,8 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "## Use from a Swift app",
         "",
         "Download `<repo>_<attention>_compiled.zip`, unzip it next to itself and point "
-        "`StableDiffusionPipeline(resourcesAt:)` at the folder it contains (TextEncoder.mlmodelc, Unet.mlmodelc "
-        "or UnetChunk1.mlmodelc + UnetChunk2.mlmodelc, VAEDecoder.mlmodelc, ... and the tokenizer's vocab.json "
-        "and merges.txt).",
+        f"`{family.swift_pipeline}(resourcesAt:)` at the folder it contains ({_resources(family, variant0)} and "
+        "the tokenizer's " + " and ".join(family.tokenizer_files) + ").",
         "",
     ]
     if chunked:
@@ -118,12 +120,28 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
         f"- source: `{source['repo']}` at revision `{source['revision']}` (commit `{source['commit']}`)",
         *_source_files(infos),
+        *(f"- {role} from `{extra['repo']}` at revision `{extra['revision']}` (commit `{extra['commit']}`): "
+          + ", ".join(f"`{name}`" for name in sorted(extra.get("files", {})))
+          for role, extra in sorted(first.get("extra_sources", {}).items())),
         "- tools: " + ", ".join(f"{name} {version}" for name, version in sorted(first["tools"].items())),
         "- every file's sha256 is listed in `<folder>/build-info.json`",
         "",
     ]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
     return str(card)
+
+
+def _resources(family: ModelFamily, variant: dict[str, Any]) -> str:
+    """The compiled models of the family's components the variant has, chunks as the alternative they are."""
+    names = []
+    for component in (Component(c) for c in variant.get("components", [])):
+        if not family.has(component):
+            continue
+        spec = family.component(component)
+        whole = f"{spec.resource}.mlmodelc"
+        names.append(f"{whole} or " + " + ".join(f"{r}.mlmodelc" for _, r in spec.chunks) if spec.chunks
+                     else whole)
+    return ", ".join(names)
 
 
 def _source_files(infos: Sequence[dict[str, Any]]) -> list[str]:
