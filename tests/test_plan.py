@@ -9,6 +9,7 @@ from publisher.manifest import load_manifests
 from publisher.plan import build_plan
 
 MANIFESTS = Path(__file__).parent.parent / "manifests"
+SD_MANIFESTS = sorted(MANIFESTS.glob("sd-[v2]*.yaml"))  # SD 1.4, 1.5, 2 base, 2.1 base
 
 
 def test_every_variant_of_the_base_models() -> None:
@@ -26,14 +27,12 @@ def test_every_variant_of_the_base_models() -> None:
 
 
 def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
-    plan = build_plan(load_manifests([MANIFESTS]), "me")
+    plan = build_plan(load_manifests(SD_MANIFESTS), "me")  # SDXL's sharing: tests/test_sdxl.py
     counts = plan.counts()
     # per model: the UNet and the two VAE parts once per attention (the float16 SPLIT_EINSUM UNet also as two
     # chunks, for iOS), the text encoder and the safety checker (SD 1.x only) once for every attention
-    # SDXL: both text encoders once, the UNet and the two VAE parts once per attention (its palettized iOS UNet's
-    # chunks are converted by the chunk steps)
-    assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1) + (2 + 2 * 3)
-    assert counts["chunk"] == 4 * 2 + 2  # SDXL: the 6-bit iOS UNet
+    assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1)
+    assert counts["chunk"] == 4 * 2
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
     # the mixed-bit repo's UNet (its V2 conversion shared with the 6-bit repo) after one analysis of the source

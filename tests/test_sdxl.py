@@ -269,3 +269,16 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
                                                "text_embeds"]
     chunk2 = package_info(ios / "packages" / package_name(MODEL_VERSION, "unet_chunk2"))
     assert chunk2.inputs[0].name == "encoder_hidden_states" and [t.name for t in chunk2.outputs] == ["noise_pred"]
+
+
+def test_the_sdxl_manifest_shares_its_conversions() -> None:
+    manifest = Path(__file__).parent.parent / "manifests" / "sd-xl-base-1-0.yaml"
+    plan = build_plan(load_manifests([manifest]), "me")
+    counts = plan.counts()
+    # both text encoders once; the UNet and the two VAE parts once per attention, for both repos; the 6-bit iOS
+    # UNet's chunks converted by the chunk steps; palettized: both text encoders (once), each UNet, both chunks
+    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 * 3, 2, 2 + 2 + 2)
+    for step in plan.steps_of("convert"):
+        assert {v.rsplit("/", 1)[0] for v in step.variants} == {
+            "me/coreml-stable-diffusion-xl-base-1-0", "me/coreml-stable-diffusion-xl-base-1-0-palettized"}, step.id
+    assert {v.attention for v in plan.variants} == {Attention.ORIGINAL, Attention.SPLIT_EINSUM}
