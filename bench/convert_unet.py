@@ -135,8 +135,24 @@ def op_counts(package: Path) -> dict[str, int]:
     return {kind: counts.get(kind, 0) for kind in ("conv", "linear", "matmul", "transpose", "einsum", "reshape")}
 
 
+def _sample_rss(start: float, every: float) -> None:
+    """Print the RSS now and then (a stage that never ends, killed for memory, still leaves its trace)."""
+    import threading
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            now, peak = rss()
+            print(f"  {'...':<28} t={time.perf_counter() - start:7.1f} s  rss={now:5.2f} GiB  peak={peak:5.2f} GiB",
+                  flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def child(mode: str, source: Path, output: Path, attention: str, family: str) -> None:
     start = time.perf_counter()
+    if family == "sdxl":
+        _sample_rss(start, 20.0)
     {"plain": run_plain, "project": run_project, "chunks": run_chunks}[mode](source, output, attention, family)
     _now, peak = rss()
     result: dict[str, object] = {"mode": mode, "wall_s": round(time.perf_counter() - start, 1),
@@ -175,15 +191,21 @@ def main() -> None:
     modes = args.modes.split(",") + (["chunks"] if args.chunks else [])
     for mode in modes:
         print(f"{mode}:", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--source", str(work / "source"),
-                               "--output", str(work / (mode if mode == "chunks" else f"{mode}.mlpackage")),
-                               "--attention", args.attention, "--family", args.family],
-                              capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.strip()]
-        for line in lines[:-1] if proc.returncode == 0 else lines:
-            print(line)
+        proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--source", str(work / "source"),
+                                 "--output", str(work / (mode if mode == "chunks" else f"{mode}.mlpackage")),
+                                 "--attention", args.attention, "--family", args.family],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:  # stage lines as they come
+            if line.strip():
+                lines.append(line.rstrip())
+                if not line.startswith("{"):
+                    print(line.rstrip(), flush=True)
+        stderr = proc.stderr.read()
+        proc.wait()
         if proc.returncode != 0:  # reported, not fatal: the plain path may not fit in memory
-            print(f"  -> {mode} FAILED (exit {proc.returncode}): {proc.stderr[-1500:]}", flush=True)
+            print(f"  -> {mode} FAILED (exit {proc.returncode}): {stderr[-1500:]}", flush=True)
             continue
         results[mode] = json.loads(lines[-1])
         print(f"  -> {results[mode]}", flush=True)

@@ -170,6 +170,18 @@ class PublishRepo(_Model):
         return self.repo.replace("{namespace}", namespace)
 
 
+RUNNER_LABEL = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class Runners(_Model):
+    """Where the scheduled workflow runs this model's jobs (GitHub Actions runner labels)."""
+
+    convert: Annotated[StrictStr, Field(pattern=RUNNER_LABEL, description="Linux job: fetch, convert, compress, "
+                                         "verify (ubuntu-24.04 has 16 GiB)")] = "ubuntu-24.04"
+    compile: Annotated[StrictStr, Field(pattern=RUNNER_LABEL, description="macOS job: compile, Core ML check")] \
+        = "macos-14"
+
+
 class Manifest(_Model):
     name: Annotated[StrictStr, Field(pattern=SLUG_RE, description="short id of the base model, e.g. sd-v1-5")]
     family: Annotated[StrictStr, Field(max_length=64, description="model family (publisher.family): what its "
@@ -179,6 +191,8 @@ class Manifest(_Model):
     license: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9.+-]{0,63}$", description="Hub license id")]
     resolution: Annotated[StrictInt, Field(ge=256, le=2048, multiple_of=64)] = 512
     publish: list[PublishRepo] = Field(min_length=1)
+    runners: Runners = Field(default_factory=Runners, description="runner labels of the scheduled workflow's jobs "
+                             "(a larger runner where a model does not fit the default's memory)")
 
     @property
     def source_components(self) -> list[Component]:

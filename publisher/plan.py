@@ -71,6 +71,9 @@ class Variant:
     family: str = "sd"
     extra_sources: tuple[ExtraSourceRef, ...] = ()
     roles: tuple[tuple[Component, str], ...] = ()  # the components read from an extra source, and its role
+    # where the workflow runs it (not part of what it is: absent from to_json)
+    convert_runner: str = "ubuntu-24.04"
+    compile_runner: str = "macos-14"
 
     @property
     def model_family(self) -> ModelFamily:
@@ -262,7 +265,9 @@ class Plan:
              f"{group[0].manifest_name}/{'+'.join(sorted({v.attention.folder for v in group}))}",
              "variants": " ".join(v.id for v in group), "manifest": group[0].manifest_path,
              "repos": " ".join(sorted({v.repo_id for v in group})),
-             "compile": any(Layout.COMPILED in v.layouts for v in group)}
+             "compile": any(Layout.COMPILED in v.layouts for v in group),
+             # a group is one manifest's variants: its runners
+             "runner": group[0].convert_runner, "compile_runner": group[0].compile_runner}
             for group in groups
         ]}
 
@@ -328,6 +333,8 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     license=manifest.license,
                     family=manifest.family,
                     **_extra_sources(manifest, manifest.components_for(target)),
+                    convert_runner=manifest.runners.convert,
+                    compile_runner=manifest.runners.compile,
                 ))
     return variants
 

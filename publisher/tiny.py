@@ -125,7 +125,7 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, sample_size: int = 32,
     second level and middle, a VAE whose config asks to be upcast (as the SDXL VAE's does). `refiner`: the
     refiner's shape instead (the second text encoder only, 5 geometry values with the aesthetic score)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
