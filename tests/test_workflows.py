@@ -59,7 +59,15 @@ def test_matrix_comes_from_the_plan_and_never_fails_fast() -> None:
         assert strategy["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
     assert workflow["jobs"]["convert"]["if"] == "needs.plan.outputs.count != '0'"
     assert "--no-compile" in json.dumps(workflow["jobs"]["convert"])
-    assert workflow["jobs"]["compile"]["runs-on"].startswith("macos")
+    # the runners come from the manifests through the matrix: macOS for compiling, by default the standard sizes
+    assert workflow["jobs"]["compile"]["runs-on"] == "${{ matrix.compile_runner }}"
+    assert workflow["jobs"]["convert"]["runs-on"] == "${{ matrix.runner }}"
+    from publisher.manifest import load_manifests
+    from publisher.plan import build_plan
+
+    jobs = build_plan(load_manifests([ROOT / "manifests"]), "ns").github_matrix()["include"]
+    assert all(job["compile_runner"].startswith("macos") for job in jobs)
+    assert {job["runner"] for job in jobs if "xl" not in job["manifest"]} == {"ubuntu-24.04"}
 
 
 def test_plan_emits_the_matrix_the_workflow_reads() -> None:
