@@ -19,7 +19,7 @@ from torch import nn
 from publisher.contract import FLOAT16, ModelDims, ModelSpec
 from publisher.convert.attention import apply_vae_attention, attention_core
 from publisher.convert.unet import AneUnet
-from publisher.convert.weight_files import weights_variant
+from publisher.convert.weight_files import load_streaming, weights_variant
 from publisher.errors import SourceError
 from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
 from publisher.manifest import Attention, Component
@@ -165,8 +165,11 @@ def load_component(source: Path, component: Component, attention: Attention, res
     check_component_present(source, component, label or str(source), model_family)
     dims = model_family.dims(source, resolution)
     folder = Path(source) / spec.folder
-    # float32 modules whatever the stored copy (fp16 weights are widened on load: the trace runs in float32)
-    loaded = _loader(spec.loader).from_pretrained(folder, **_LOAD, variant=weights_variant(folder))
+    # float32 modules whatever the stored copy (fp16 weights are widened on load: the trace runs in float32). A
+    # diffusers model with safetensors weights is streamed in (no random-init model, no second copy of the weights);
+    # anything else goes through the library's own loader.
+    cls = _loader(spec.loader)
+    loaded = load_streaming(cls, folder) or cls.from_pretrained(folder, **_LOAD, variant=weights_variant(folder))
     module = WRAPPERS[spec.wrapper](loaded, attention)
     return LoadedComponent(module=module.eval().float(), spec=model_family.model_spec(component, dims), dims=dims)
 

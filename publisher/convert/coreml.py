@@ -70,6 +70,27 @@ def _quiet(_: str) -> None:
     return None
 
 
+# glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), after which the tensors of
+# a large model's forward come from the heap and fragment it: tracing SDXL's UNet grew from 10 to over 19 GiB.
+# A fixed 1 MB threshold gives every large tensor its own mapping, returned to the system when freed.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_large_blocks() -> bool:
+    """Fix glibc's mmap threshold for this process (see above); False where there is no glibc (macOS)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not name.startswith("libc.so"):
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def trace(module: Any, inputs: tuple[Any, ...]) -> Any:
     import torch
 
@@ -97,6 +118,9 @@ def _no_constant_folding() -> Iterator[None]:
             op_class.value_inference = method  # type: ignore[method-assign]
 
 
+COLLECT_EVERY_BYTES = 256 * 2**20
+
+
 def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
     """Replace large float32 constants by float16 ones. Each float32 array is released as soon as its
     replacement exists, so the program never holds both copies of all weights at once."""
@@ -107,6 +131,7 @@ def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
     from coremltools.converters.mil.mil.scope import ScopeInfo
 
     replaced = 0
+    released = 0  # float32 bytes dropped since the last collection
     function = prog.functions["main"]
     # a list of the ops to replace, each slot cleared once done: a removed op must not stay referenced here,
     # or its float32 array would live on to the end of the loop
@@ -128,8 +153,15 @@ def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
             function.replace_uses_of_var_after_op(anchor_op=back.op, old_var=op.outputs[0], new_var=back,
                                                   no_check_var_types=True)
             function.remove_ops([op])
+            released += value.nbytes
             del value, op, half, back
             replaced += 1
+            if released > COLLECT_EVERY_BYTES:
+                # a removed op and its output variable refer to each other: only the cycle collector frees the
+                # float32 array, and without this it would run too rarely to keep the peak down (SDXL's UNet:
+                # +5 GB)
+                gc.collect()
+                released = 0
     del ct
     return replaced
 
@@ -196,6 +228,7 @@ def convert_module(module_holder: list[Any], spec: ModelSpec, example: tuple[Any
     reference to the PyTorch module is dropped before conversion)."""
     inputs = list(spec_inputs or spec.inputs)
     outputs = list(spec_outputs or spec.outputs)
+    return_large_blocks()
     traced = [trace(module_holder.pop(), example)]
     gc.collect()
     progress("trace")

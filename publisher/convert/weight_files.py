@@ -71,3 +71,84 @@ def weights_variant(folder: Path) -> str | None:
     names = [p.name for p in Path(folder).iterdir()] if Path(folder).is_dir() else []
     copies = _weight_copies(names)
     return next((variant for variant, ext in PREFERENCES["auto"] if (variant, ext) in copies), None)
+
+
+# safetensors dtype names -> numpy dtypes (bfloat16 is read as raw 16-bit words and widened through torch)
+_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": "uint16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+    """(offset of the data, tensor name -> {dtype, shape, data_offsets}) of a safetensors file."""
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > 100_000_000:
+            raise SourceError(f"{path}: not a safetensors file (header of {length} bytes)")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _chosen_safetensors(folder: Path) -> list[Path]:
+    """The safetensors files of the one weight copy in a fetched folder (a single file, or an index's shards)."""
+    import json
+
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    copies = _weight_copies(names)
+    for variant, ext in PREFERENCES["auto"]:
+        files = copies.get((variant, ext))
+        if files is None:
+            continue
+        if ext != "safetensors":
+            return []
+        if files[0].endswith(".json"):  # an index and its shards
+            index = json.loads((folder / files[0]).read_text())
+            return [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
+        return [folder / files[0]]
+    return []
+
+
+def load_streaming(cls: object, folder: Path) -> object | None:
+    """A diffusers model built on the meta device and filled tensor by tensor from its safetensors files, each
+    read with plain reads and widened to float32: the float32 weights are the only copy ever held (the library's
+    loader first builds a randomly initialised float32 model, then holds the file's tensors besides it). None when
+    this does not apply (not a diffusers model, no safetensors copy, names that differ from the model's: old
+    checkpoint layouts the library converts), so that the caller uses the library's loader."""
+    import numpy as np
+    import torch
+
+    if not (hasattr(cls, "load_config") and hasattr(cls, "from_config") and hasattr(cls, "_keep_in_fp32_modules")):
+        return None
+    files = _chosen_safetensors(Path(folder))
+    if not files:
+        return None
+    headers = [(path, *_safetensors_header(path)) for path in files]
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(str(folder)))  # type: ignore[attr-defined]
+    expected = set(model.state_dict())
+    if {name for _, _, header in headers for name in header} != expected:
+        return None
+    for path, start, header in headers:
+        with open(path, "rb") as handle:
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):  # type: ignore[index]
+                begin, end = entry["data_offsets"]  # type: ignore[misc]
+                handle.seek(start + begin)
+                buffer = bytearray(end - begin)
+                handle.readinto(buffer)
+                raw = np.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[str(entry["dtype"])])
+                tensor = torch.from_numpy(raw).reshape(entry["shape"])  # type: ignore[arg-type]
+                if entry["dtype"] == "BF16":
+                    tensor = tensor.view(torch.bfloat16)
+                tensor = tensor.float() if tensor.is_floating_point() else tensor
+                owner_name, _, leaf = name.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = tensor
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None  # something the file does not hold (a non-persistent buffer): the library's loader builds it
+    return model.eval()
