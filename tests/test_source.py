@@ -171,3 +171,36 @@ def test_source_cache_key_follows_commit_and_file_list(staging_hub, tmp_path: Pa
     (source / "unet" / "config.json").write_text((source / "unet" / "config.json").read_text() + "\n")
     push_tiny_source(source, "tiny/sd-keyed", staging_hub.url, staging_hub.token)
     assert key() != first
+
+
+def test_streamed_models_equal_the_library_loader(tmp_path: Path) -> None:
+    """A diffusers model read tensor by tensor into a meta-built model holds what diffusers' own loader gives
+    (float32, from the fp16 copy or the float32 one); where it does not apply it declines (None)."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from publisher.convert.weight_files import load_streaming, weights_variant
+    from publisher.tiny import add_hub_copies, build_tiny_pipeline
+
+    source = build_tiny_pipeline(tmp_path / "sd", components=(Component.TEXT_ENCODER, Component.UNET,
+                                                               Component.VAE_DECODER))
+    add_hub_copies(source, fp16=True, decoys=False)
+    for name in ("unet", "vae"):  # only the fp16 copy left, as a fetch leaves it
+        (source / name / "diffusion_pytorch_model.safetensors").unlink()
+    for cls, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+        streamed = load_streaming(cls, source / folder)
+        reference = cls.from_pretrained(source / folder, torch_dtype=torch.float32, low_cpu_mem_usage=False,
+                                        variant=weights_variant(source / folder))
+        assert type(streamed) is cls and not streamed.training
+        ours, theirs = streamed.state_dict(), reference.state_dict()
+        assert set(ours) == set(theirs)
+        assert all(ours[k].dtype == torch.float32 and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert load_streaming(CLIPTextModel, source / "text_encoder") is None  # transformers: its own loader
+    pickled = tmp_path / "pickled"
+    shutil.copytree(source / "unet", pickled)
+    weights = pickled / "diffusion_pytorch_model.fp16.safetensors"
+    weights.rename(pickled / "diffusion_pytorch_model.fp16.bin")
+    assert load_streaming(UNet2DConditionModel, pickled) is None  # no safetensors copy
