@@ -51,7 +51,7 @@ def stage(name: str, start: float) -> None:
     print(f"  {name:<28} t={time.perf_counter() - start:7.1f} s  rss={now:5.2f} GiB  peak={peak:5.2f} GiB", flush=True)
 
 
-def make_source(folder: Path, family: str) -> None:
+def make_source(folder: Path, family: str = "sd") -> None:
     """The UNet with random weights, saved as the fp16 copy the source fetch prefers (and the float32 one for
     SD, as before). model_index.json says whether a refiner's geometry is meant (it is not)."""
     import torch

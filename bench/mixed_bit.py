@@ -43,7 +43,9 @@ def analysis(work: Path, latent: int, samples: int) -> dict:
     (work / "analysis" / "pre-analysis.json").write_text(json.dumps(apple))
     return {"seconds": round(seconds, 1), "peak_gib": round(peak_gib(), 2), "layers": len(record["layers"]),
             "chosen_bits": record["chosen"]["average_bits"], "chosen_psnr_db": record["chosen"]["predicted_psnr_db"],
-            "uniform": record["uniform"], "curve": [(p["average_bits"], p["psnr_db"]) for p in record["curve"]]}
+            "uniform": record["uniform"], "curve": [(p["average_bits"], p["psnr_db"]) for p in record["curve"]],
+            "estimated_layers": {b: len(names) for b, names in record["estimated"].items()},
+            "estimate_check": record["estimate_check"]}
 
 
 def agreement(work: Path, latent: int, count: int) -> dict:

@@ -1,6 +1,7 @@
-"""Execute a full-size SD 1.5-shaped UNet package with the reference executor, next to one PyTorch CPU forward.
+"""Execute a full-size SD 1.5- (or SDXL-) shaped UNet package with the reference executor, next to one PyTorch CPU
+forward.
 
-Run by hand (not in CI):  python bench/verify_unet.py [--source DIR --package PKG]
+Run by hand (not in CI):  python bench/verify_unet.py [--source DIR --package PKG] [--family sdxl]
 Without arguments it makes a random-weight SD 1.5 UNet and converts it first (ORIGINAL attention). Each side runs in
 its own process; both print wall time and peak RSS, and the PSNR between them is printed (>= 35 dB expected).
 """
@@ -22,27 +23,31 @@ sys.path.insert(0, str(ROOT))
 from bench._common import full_size_unet_package, peak_gib, run_child  # noqa: E402
 
 
-def child(mode: str, source: Path, package: Path, out: Path) -> None:
+def child(mode: str, source: Path, package: Path, out: Path, family: str) -> None:
     import torch
 
     from publisher.convert.components import example_inputs, load_component
+    from publisher.family import family_named
     from publisher.manifest import Attention, Component
 
-    loaded = load_component(source, Component.UNET, Attention.ORIGINAL, 512)
-    inputs = example_inputs(loaded.spec)
+    resolution = 1024 if family == "sdxl" else 512
+    model_family = family_named(family)
+    spec = model_family.model_spec(Component.UNET, model_family.dims(source, resolution))
+    inputs = example_inputs(spec)
     start = time.perf_counter()
     if mode == "torch":
+        loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution, family=family)
+        start = time.perf_counter()
         with torch.no_grad():
             result = loaded.module(*inputs).numpy()
     else:
         from publisher.mlpackage import load_program
         from publisher.verify.executor import run_program
 
-        del loaded
         program = load_program(package)  # like the model load on the PyTorch side, not timed
         start = time.perf_counter()
-        result = run_program(program, {"sample": inputs[0].numpy(), "timestep": inputs[1].numpy(),
-                                       "encoder_hidden_states": inputs[2].numpy()})["noise_pred"]
+        result = run_program(program, {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
+                             )["noise_pred"]
     seconds = time.perf_counter() - start
     np.save(out, result)
     print(json.dumps({"mode": mode, "seconds": round(seconds, 1), "peak_gib": round(peak_gib(), 2)}))
@@ -54,16 +59,17 @@ def main() -> None:
     parser.add_argument("--package", type=Path)
     parser.add_argument("--child", choices=["torch", "executor"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl"])
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.source, args.package, args.out)
+        child(args.child, args.source, args.package, args.out, args.family)
         return
     work = Path(tempfile.mkdtemp(prefix="verify-bench-"))
     source, package = full_size_unet_package(work, args.source, args.package)
     results = {}
     for mode in ("torch", "executor"):
         results[mode] = run_child(__file__, ["--child", mode, "--source", str(source), "--package", str(package),
-                                             "--out", str(work / f"{mode}.npy")], mode)
+                                             "--out", str(work / f"{mode}.npy"), "--family", args.family], mode)
         print(results[mode], flush=True)
     from publisher.metrics import psnr
 
