@@ -119,17 +119,28 @@ def _link_tree(snapshot: Path, files: Sequence[SourceFile], target: Path, moves:
     """Hard-link exactly `files` from the download cache into `target` (staged, then renamed into place); a file
     under the repo folder `moves[0]` goes under `moves[1]` instead (an extra source's files where the family
     reads them)."""
+    old, new = moves
+    links = []
+    for item in files:
+        local = item.path
+        if old != new and (not old or local.startswith(old + "/")):
+            local = f"{new}/{local[len(old) + 1:] if old else local}"
+        links.append(((snapshot / item.path).resolve(), local))
+    _linked_folder(target, links)
+
+
+def _linked_folder(target: Path, links: Sequence[tuple[Path, str]]) -> None:
+    """Create `target` holding hard links (file, relative path; a later one replaces an earlier one at the same
+    path), staged next to it and renamed into place; a folder already there is kept (its name is its content)."""
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old, new = moves
     try:
-        for item in files:
-            local = item.path
-            if old != new and (not old or local.startswith(old + "/")):
-                local = f"{new}/{local[len(old) + 1:] if old else local}"
-            link_or_copy((snapshot / item.path).resolve(), staging / local)
+        for source, relative in links:
+            destination = staging / relative
+            destination.unlink(missing_ok=True)
+            link_or_copy(source, destination)
         os.replace(staging, target)
     except OSError:
         if not target.exists():
@@ -216,22 +227,8 @@ def compose_sources(folders: Sequence[Path], cache_dir: Path) -> Path:
 
     digest = hashlib.sha256("\0".join(str(Path(f).resolve()) for f in folders).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "sources" / f"composite--{digest}"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        for folder in folders:
-            for item in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-                destination = staging / item.relative_to(folder)
-                destination.unlink(missing_ok=True)
-                link_or_copy(item.resolve(), destination)
-        os.replace(staging, target)
-    except OSError:
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _linked_folder(target, [(item.resolve(), item.relative_to(folder).as_posix()) for folder in folders
+                            for item in sorted(p for p in Path(folder).rglob("*") if p.is_file())])
     return target
 
 

@@ -15,11 +15,13 @@ iOS), VAE decoder and encoder; no safety checker. Names, shapes and dtypes as Ap
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from publisher.contract import FLOAT16, FLOAT32, LATENT_CHANNELS, UNET_BATCH, ModelDims, ModelSpec, TensorSpec
 from publisher.errors import SourceError
-from publisher.families.sd import UNET_CHUNKS
+from publisher.families.sd import FAMILY as SD
+from publisher.families.sd import sd_model_spec
 from publisher.family import ComponentSpec, ModelFamily, read_config
 from publisher.manifest import Component
 
@@ -100,7 +102,7 @@ def _sequence(dims: ModelDims) -> int:
 
 
 def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
-    latent, res, ch, seq = dims.latent, dims.resolution, dims.latent_channels, _sequence(dims)
+    latent, ch, seq = dims.latent, dims.latent_channels, _sequence(dims)
     if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
         folder = component.value
         hidden = dims.size(f"{folder}.hidden")
@@ -131,41 +133,28 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
         ), "refiner UNet (SDXL)" if refiner else "denoising UNet (SDXL)")
-    vae_float32 = bool(dict(dims.extra).get("vae.float32", 1))
-    vae_dtype = FLOAT32 if vae_float32 else FLOAT16
-    if component is Component.VAE_DECODER:
-        return ModelSpec(component, (
-            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)",
-                       vae_dtype),
-        ), (
-            TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
-        ), "VAE decoder", precision=vae_dtype)
-    if component is Component.VAE_ENCODER:
-        return ModelSpec(component, (
-            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]", vae_dtype),
-        ), (
-            TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
-        ), "VAE encoder", precision=vae_dtype)
+    if component in (Component.VAE_DECODER, Component.VAE_ENCODER):  # SD's, in float32 unless the VAE need not be
+        spec = sd_model_spec(component, dims)
+        if not dict(dims.extra).get("vae.float32", 1):
+            return spec
+        return replace(spec, inputs=tuple(replace(t, dtype=FLOAT32) for t in spec.inputs), precision=FLOAT32)
     raise ValueError(component)
 
 
+# SD's components where SDXL's are the same models; its UNet is 2.57 B parameters: over 1 GB down to 3 bits
+_UNET = replace(SD.component(Component.UNET), chunk_above_bits=3)
 FAMILY = ModelFamily(
     name="sdxl",
     description="Stable Diffusion XL",
     components=(
-        ComponentSpec(Component.TEXT_ENCODER, "text_encoder", "TextEncoder", "transformers:CLIPTextModel",
-                      "text_encoder_xl", compressible=True),
+        replace(SD.component(Component.TEXT_ENCODER), wrapper="text_encoder_xl"),
         ComponentSpec(Component.TEXT_ENCODER_2, "text_encoder_2", "TextEncoder2",
                       "transformers:CLIPTextModelWithProjection", "text_encoder_xl", compressible=True),
-        ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
-                      uses_attention=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=3),
-        ComponentSpec(Component.REFINER, "refiner", "UnetRefiner", "diffusers:UNet2DConditionModel", "unet",
-                      uses_attention=True, compressible=True, chunks=REFINER_CHUNKS, chunk_above_bits=3,
-                      source_role="refiner", source_folder="unet"),
-        ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
-                      uses_attention=True),
-        ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",
-                      uses_attention=True),
+        _UNET,
+        replace(_UNET, component=Component.REFINER, folder="refiner", resource="UnetRefiner", chunks=REFINER_CHUNKS,
+                source_role="refiner", source_folder="unet"),
+        SD.component(Component.VAE_DECODER),
+        SD.component(Component.VAE_ENCODER),
     ),
     model_spec=sdxl_model_spec,
     read_dims=sdxl_dims,
