@@ -23,6 +23,7 @@ def test_every_variant_of_the_base_models() -> None:
     expected.append("me/coreml-stable-diffusion-v1-5-mixed-bit/split_einsum_v2")
     expected += [f"me/coreml-stable-diffusion-xl-base-1-0{suffix}/{folder}" for suffix in ("", "-palettized")
                  for folder in ("original", "split_einsum")]
+    expected.append("me/coreml-stable-diffusion-xl-base-with-refiner-1-0/original")
     assert ids == sorted(expected)
 
 

@@ -145,22 +145,22 @@ def test_extra_sources_are_planned_as_their_own_fetches(tmp_path: Path) -> None:
         load_manifest(write_manifest(tmp_path / "s", source=SOURCE_REPO, text=sd))
 
 
-def test_the_float32_vae_converts_and_meets_the_bar(sdxl_source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("attention", [Attention.ORIGINAL, Attention.SPLIT_EINSUM])
+def test_the_float32_vae_converts_and_meets_the_bar(sdxl_source: Path, tmp_path: Path, attention: Attention) -> None:
     from publisher.convert.coreml import PackageMetadata, convert_component
     from publisher.manifest import DeploymentTarget
     from publisher.mlpackage import package_info
     from publisher.verify.fidelity import verify_package
 
     package = tmp_path / "vae_decoder.mlpackage"
-    convert_component(sdxl_source, Component.VAE_DECODER, Attention.ORIGINAL, RESOLUTION, DeploymentTarget.iOS16,
-                      package, PackageMetadata("tiny/sdxl@main", "openrail++", Attention.ORIGINAL), family="sdxl")
+    convert_component(sdxl_source, Component.VAE_DECODER, attention, RESOLUTION, DeploymentTarget.iOS16,
+                      package, PackageMetadata("tiny/sdxl@main", "openrail++", attention), family="sdxl")
     assert [(t.name, t.dtype) for t in package_info(package).inputs] == [("z", FLOAT32)]
     weights = package / "Data/com.apple.CoreML/weights/weight.bin"
     parameters = sum(p.numel() for p in load_component(sdxl_source, Component.VAE_DECODER, Attention.ORIGINAL,
                                                        RESOLUTION, family="sdxl").module.parameters())
     assert weights.stat().st_size >= 4 * parameters * 0.9  # float32 weights, not float16
-    assert verify_package(package, sdxl_source, "vae_decoder", Attention.ORIGINAL, RESOLUTION,
-                          family="sdxl").passed
+    assert verify_package(package, sdxl_source, "vae_decoder", attention, RESOLUTION, family="sdxl").passed
 
 
 def test_plan_layout_and_chunk_rule(tmp_path: Path) -> None:
@@ -275,10 +275,19 @@ def test_the_sdxl_manifest_shares_its_conversions() -> None:
     manifest = Path(__file__).parent.parent / "manifests" / "sd-xl-base-1-0.yaml"
     plan = build_plan(load_manifests([manifest]), "me")
     counts = plan.counts()
-    # both text encoders once; the UNet and the two VAE parts once per attention, for both repos; the 6-bit iOS
-    # UNet's chunks converted by the chunk steps; palettized: both text encoders (once), each UNet, both chunks
-    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 * 3, 2, 2 + 2 + 2)
+    # both text encoders once; the UNet and the two VAE parts once per attention, for both base repos (and the
+    # with-refiner repo's ORIGINAL); the refiner once; the 6-bit iOS UNet's chunks converted by the chunk steps;
+    # palettized: both text encoders (once), each UNet, both chunks
+    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 * 3 + 1, 2, 2 + 2 + 2)
+    base = {"me/coreml-stable-diffusion-xl-base-1-0", "me/coreml-stable-diffusion-xl-base-1-0-palettized"}
+    with_refiner = "me/coreml-stable-diffusion-xl-base-with-refiner-1-0"
     for step in plan.steps_of("convert"):
-        assert {v.rsplit("/", 1)[0] for v in step.variants} == {
-            "me/coreml-stable-diffusion-xl-base-1-0", "me/coreml-stable-diffusion-xl-base-1-0-palettized"}, step.id
+        repos = {v.rsplit("/", 1)[0] for v in step.variants}
+        if step.params.component == "refiner":
+            assert repos == {with_refiner} and len(step.inputs) == 2, step.id  # the base's and the refiner's fetch
+        elif step.params.attention == "SPLIT_EINSUM":
+            assert repos == base, step.id
+        else:
+            assert repos == base | {with_refiner}, step.id
     assert {v.attention for v in plan.variants} == {Attention.ORIGINAL, Attention.SPLIT_EINSUM}
+    assert {s.params.role for s in plan.steps_of("fetch")} == {"", "refiner"}

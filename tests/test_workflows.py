@@ -78,7 +78,7 @@ def test_plan_emits_the_matrix_the_workflow_reads() -> None:
     assert {"job", "variants", "manifest", "repos"} <= set(matrix["include"][0])
     jobs = [job["variants"].split() for job in matrix["include"]]
     assert sorted(v for job in jobs for v in job) == sorted({v for job in jobs for v in job})  # each variant once
-    assert len({v for job in jobs for v in job}) == 21
+    assert len({v for job in jobs for v in job}) == 22
     # per SD model: ORIGINAL of both repos together, then each split-einsum variant alone; SDXL: ORIGINAL and
     # SPLIT_EINSUM of both repos (the 6-bit repo reuses the float16 conversions)
     assert len(jobs) == 12 + 2
