@@ -67,6 +67,7 @@ def test_schema_round_trip(tmp_path: Path) -> None:
     assert written == committed, "manifests/manifest.schema.json is stale: run `publisher schema -o` to refresh"
     stdout = json.loads(run("schema").stdout)
     assert stdout == written
-    assert set(written["properties"]) == {"name", "family", "description", "source", "license", "resolution", "publish"}
+    assert set(written["properties"]) == {"name", "family", "description", "source", "license", "resolution", "publish",
+                                          "runners"}
     assert written["properties"]["family"]["enum"] == ["sd", "sdxl"]
     assert written["additionalProperties"] is False

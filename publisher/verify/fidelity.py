@@ -25,6 +25,7 @@ from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.manifest import Attention
 from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_bytes
+from publisher.util.memory import return_large_blocks
 from publisher.verify.runtime import Runtime, runtime_named
 
 PSNR_BAR_DB = 35.0
@@ -209,6 +210,7 @@ def verify_package(package: Path, source: Path, submodule: str, attention: Atten
 def store_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                     float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY) -> None:
     """compute_reference, saved to `path` (a top-level function: the build runs it in a process of its own)."""
+    return_large_blocks()
     compute_reference(package, source, submodule, attention, resolution, float16_package, scheme, family).save(path)
 
 
@@ -216,4 +218,5 @@ def check_stored_reference(package: Path, path: Path) -> Fidelity:
     """The package on the executor against the reference saved at `path` (in a process of its own, too)."""
     from publisher.verify.runtime import ExecutorRuntime
 
+    return_large_blocks()
     return compare(package, Reference.load(path), ExecutorRuntime())
