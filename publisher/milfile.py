@@ -107,6 +107,16 @@ def const_values(package: Path) -> dict[str, np.ndarray]:
             if op.type == "const" and op.attributes["val"].type.WhichOneof("type") == "tensorType"}
 
 
+def const_digests(package: Path) -> dict[str, str]:
+    """sha256 of every const tensor of `main` (op name -> hex digest of its bytes), read one at a time."""
+    import hashlib
+
+    reader = WeightReader(PackageFiles.of(package))
+    return {op_name(op): hashlib.sha256(np.ascontiguousarray(reader.read(op.attributes["val"])).tobytes()).hexdigest()
+            for op in main_block(read_spec(package), package).operations
+            if op.type == "const" and op.attributes["val"].type.WhichOneof("type") == "tensorType"}
+
+
 class WeightWriter:
     """A new weight file; `write` appends a blob and returns the proto Value that refers to it."""
 

@@ -111,6 +111,14 @@ def test_6bit_packages_meet_the_bar(converted: dict, tiny_source: Path, tmp_path
     assert result.psnr_vs_float_db is not None
     # the graph matches its own decoded weights far better than the float model it approximates
     assert result.min_psnr_db > min(result.psnr_vs_float_db.values())
+    # the decoded weights (read one at a time) found their parameters by the sha256 of their float16 bytes; a weight
+    # the converter rescaled (the attention scale folded into a query projection) has no byte-equal parameter
+    from publisher.compress.palettize import iter_palettized_weights
+
+    ops = sum(1 for _ in iter_palettized_weights(palettized))
+    (note,) = result.notes
+    replaced = int(note.split()[0])
+    assert note.endswith("parameters replaced by their palettize values") and 0.9 * ops <= replaced <= ops
 
 
 class _SwappedChannels(torch.nn.Module):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -171,10 +172,10 @@ class Palettize(CompressionScheme):
                 "recipe": {op: bits or FLOAT16_BITS for op, bits in sorted(recipe.items())}})
         return report
 
-    def decoded_weights(self, package: Path) -> dict[str, np.ndarray]:
-        from publisher.compress.palettize import read_palettized_weights
+    def decoded_weights(self, package: Path) -> Mapping[str, np.ndarray]:
+        from publisher.compress.palettize import DecodedWeights
 
-        return {name: dense for name, (_, _, dense) in read_palettized_weights(package).items()}
+        return DecodedWeights(package)
 
     def figures(self, report: dict[str, Any]) -> dict[str, Any]:
         ops = report.get("ops", [])

@@ -377,6 +377,33 @@ def iter_palettized_weights(package: Path) -> Iterator[tuple[str, np.ndarray, np
         yield op_name(op), lut, _decode_indices(lut, stored, shape)
 
 
+class DecodedWeights(Mapping[str, np.ndarray]):
+    """The dense weights a palettized package decodes to, by op name, decoded one at a time as they are iterated
+    (a dict of them all would hold a second copy of the model: 5 GB for SDXL's UNet in float16)."""
+
+    def __init__(self, package: Path) -> None:
+        from publisher.milfile import op_name
+
+        self.package = Path(package)
+        self._names = [op_name(op) for op in _lut_ops(self.package)[1]]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        for item, dense in self.items():
+            if item == name:
+                return dense
+        raise KeyError(name)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:  # type: ignore[override]
+        for name, lut, indices in iter_palettized_weights(self.package):
+            yield name, lut_lookup(lut, indices)
+
+
 def read_palettized_weights(package: Path, decoder: str = "project"
                             ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Every constexpr_lut_to_dense op of a saved package: name -> (lut, indices as uint8 of the weight's shape,

@@ -10,7 +10,7 @@ compression) and `palettize` are built in; `register_scheme` adds one (a test ad
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,8 +105,9 @@ class CompressionScheme(ABC):
               ) -> dict[str, Any]:
         """Write the compressed copy of the float16 package `source` to `output`; return the report (JSON)."""
 
-    def decoded_weights(self, package: Path) -> dict[str, np.ndarray]:
-        """Op name -> the dense weight a compressed package decodes to (verification runs PyTorch on them)."""
+    def decoded_weights(self, package: Path) -> Mapping[str, np.ndarray]:
+        """Op name -> the dense weight a compressed package decodes to (verification runs PyTorch on them; it
+        iterates `items()` once, so a scheme may decode lazily). Empty: not this scheme's package."""
         return {}
 
     def figures(self, report: dict[str, Any]) -> dict[str, Any]:

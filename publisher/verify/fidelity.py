@@ -12,8 +12,10 @@ macOS runner.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,27 +127,32 @@ class Reference:
                        float_outputs={k: data[f"float/{k}"] for k in meta["outputs"]} if meta["float"] else None)
 
 
-def _dequantized_module(module: Any, decoded: dict[str, np.ndarray], float16_package: Path | None) -> int:
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
+def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], float16_package: Path | None) -> int:
     """Load the weights a compressed package decodes to into `module`. Each decoded weight is matched to its
-    parameter through the float16 package's weights, byte for byte; without that package, to the parameter
-    of the same size whose values are nearest. Returns how many parameters were replaced."""
+    parameter through the float16 package's weights, byte for byte (by sha256: neither side's bytes are kept);
+    without that package, to the parameter of the same size whose values are nearest. The decoded weights are taken
+    one at a time. Returns how many parameters were replaced."""
     import torch
 
-    from publisher.milfile import const_values
+    from publisher.milfile import const_digests
 
     params = list(module.parameters())
-    originals = const_values(float16_package) if float16_package is not None else {}
-    by_bytes: dict[bytes, list[Any]] = {}
+    originals = const_digests(float16_package) if float16_package is not None else {}
+    by_digest: dict[str, list[Any]] = {}
     by_size: dict[int, list[Any]] = {}
     for param in params:
         if float16_package is not None:
-            by_bytes.setdefault(param.detach().half().numpy().tobytes(), []).append(param)
+            by_digest.setdefault(_digest(param.detach().half().numpy()), []).append(param)
         by_size.setdefault(param.numel(), []).append(param)
     replaced = 0
     for name, dense in decoded.items():
         values = np.asarray(dense, dtype=np.float32)
         if name in originals:
-            targets = by_bytes.get(np.ascontiguousarray(originals[name]).tobytes(), [])
+            targets = by_digest.get(originals[name], [])
         else:
             candidates = by_size.get(values.size, [])
             flat = values.reshape(-1)
