@@ -100,10 +100,6 @@ class ExtraSource(_Model):
     weights: Literal["auto", "fp16", "fp32"] = "auto"
 
 
-# the extra sources a manifest may name (the field of `source:` = the role its fetch plays)
-EXTRA_SOURCES = ("vae", "refiner")
-
-
 class Source(_Model):
     repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="diffusers repo id, `org/name`")]
     revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"

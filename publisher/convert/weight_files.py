@@ -65,12 +65,18 @@ def choose_weights(folder: str, names: Sequence[str], weights: str) -> tuple[lis
     raise SourceError(f"{folder}/ has no {wanted} weights in diffusers' names (weight files: {found})")
 
 
-def weights_variant(folder: Path) -> str | None:
-    """The `variant` to load a component folder with: that of the copy a build prefers among those present (a
-    fetched folder holds exactly one)."""
+def _preferred_copy(folder: Path) -> tuple[tuple[str | None, str], list[str]] | None:
+    """((variant, extension), file names) of the copy a build prefers among those in a folder (a fetched folder
+    holds exactly one), or None."""
     names = [p.name for p in Path(folder).iterdir()] if Path(folder).is_dir() else []
     copies = _weight_copies(names)
-    return next((variant for variant, ext in PREFERENCES["auto"] if (variant, ext) in copies), None)
+    return next(((key, copies[key]) for key in PREFERENCES["auto"] if key in copies), None)
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The `variant` to load a component folder with: that of the copy a build prefers among those present."""
+    chosen = _preferred_copy(folder)
+    return chosen[0][0] if chosen else None
 
 
 # safetensors dtype names -> numpy dtypes (bfloat16 is read as raw 16-bit words and widened through torch)
@@ -96,19 +102,14 @@ def _chosen_safetensors(folder: Path) -> list[Path]:
     """The safetensors files of the one weight copy in a fetched folder (a single file, or an index's shards)."""
     import json
 
-    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    copies = _weight_copies(names)
-    for variant, ext in PREFERENCES["auto"]:
-        files = copies.get((variant, ext))
-        if files is None:
-            continue
-        if ext != "safetensors":
-            return []
-        if files[0].endswith(".json"):  # an index and its shards
-            index = json.loads((folder / files[0]).read_text())
-            return [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
-        return [folder / files[0]]
-    return []
+    chosen = _preferred_copy(folder)
+    if chosen is None or chosen[0][1] != "safetensors":
+        return []
+    files = chosen[1]
+    if files[0].endswith(".json"):  # an index and its shards
+        index = json.loads((folder / files[0]).read_text())
+        return [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
+    return [folder / files[0]]
 
 
 def load_streaming(cls: object, folder: Path) -> object | None:

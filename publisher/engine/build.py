@@ -343,10 +343,9 @@ class _Runner:
         if failures:
             result.status, result.error = "failed", failures[0]
             return
-        fetch = next(s for s in steps if s.kind == "fetch" and isinstance(s.params, FetchParams) and not s.params.role)
-        source = self.fetched[fetch.id]
-        extra_sources = {s.params.role: self.fetched[s.id] for s in steps
-                         if s.kind == "fetch" and isinstance(s.params, FetchParams) and s.params.role}
+        # by role: "" the manifest's source, the rest its extra sources
+        extra_sources = {s.params.role: self.fetched[s.id] for s in steps if isinstance(s.params, FetchParams)}
+        source = extra_sources.pop("")
         repo_dir = self.options.out / variant.repo_id
         folder = repo_dir / variant.attention.folder
         staged = Path(tempfile.mkdtemp(prefix=f".{variant.attention.folder}.", dir=repo_dir if repo_dir.exists()

@@ -227,6 +227,8 @@ def compose_sources(folders: Sequence[Path], cache_dir: Path) -> Path:
 
     digest = hashlib.sha256("\0".join(str(Path(f).resolve()) for f in folders).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "sources" / f"composite--{digest}"
+    if target.exists():  # made by an earlier step: its name is its content
+        return target
     _linked_folder(target, [(item.resolve(), item.relative_to(folder).as_posix()) for folder in folders
                             for item in sorted(p for p in Path(folder).rglob("*") if p.is_file())])
     return target

@@ -38,6 +38,17 @@ def _int(config: dict[str, object], key: str, where: str) -> int:
     return value
 
 
+def _cross_attention_dim(config: dict[str, object]) -> object:
+    value = config.get("cross_attention_dim")
+    return value[0] if isinstance(value, list) else value
+
+
+def _pooled(config: dict[str, object], time_ids: int, where: str) -> int:
+    """The pooled text size a UNet's add-embedding takes besides its `time_ids` geometry embeddings."""
+    return _int(config, "projection_class_embeddings_input_dim", where) - \
+        time_ids * _int(config, "addition_time_embed_dim", where)
+
+
 def _model_index(source: Path) -> dict[str, object]:
     path = Path(source) / "model_index.json"
     try:
@@ -56,11 +67,8 @@ def sdxl_dims(source: Path, resolution: int) -> ModelDims:
     if unet is not None:
         where = f"{source}/unet/config.json"
         ids = REFINER_TIME_IDS if index.get("requires_aesthetics_score") else BASE_TIME_IDS
-        pooled = _int(unet, "projection_class_embeddings_input_dim", where) - \
-            ids * _int(unet, "addition_time_embed_dim", where)
-        extra |= {"time_ids": ids, "pooled": pooled}
-        cross = unet.get("cross_attention_dim")
-        hidden = cross[0] if isinstance(cross, list) else cross
+        extra |= {"time_ids": ids, "pooled": _pooled(unet, ids, where)}
+        hidden = _cross_attention_dim(unet)
     else:
         hidden = None
     for folder in ("text_encoder", "text_encoder_2"):
@@ -74,11 +82,9 @@ def sdxl_dims(source: Path, resolution: int) -> ModelDims:
     refiner = read_config(source, "refiner")
     if refiner is not None:  # the refiner's geometry always has the aesthetic score (Apple's refinerGeometry)
         where = f"{source}/refiner/config.json"
-        cross = refiner.get("cross_attention_dim")
-        extra |= {"refiner.hidden": _int({"v": cross[0] if isinstance(cross, list) else cross}, "v", where),
-                  "refiner.time_ids": REFINER_TIME_IDS,
-                  "refiner.pooled": _int(refiner, "projection_class_embeddings_input_dim", where)
-                  - REFINER_TIME_IDS * _int(refiner, "addition_time_embed_dim", where)}
+        extra |= {"refiner.hidden": _int({"cross_attention_dim": _cross_attention_dim(refiner)},
+                                         "cross_attention_dim", where),
+                  "refiner.time_ids": REFINER_TIME_IDS, "refiner.pooled": _pooled(refiner, REFINER_TIME_IDS, where)}
     vae = read_config(source, "vae")
     if vae is not None:
         extra["vae.float32"] = int(vae.get("force_upcast", True) is not False)
