@@ -1,8 +1,9 @@
 """Upload and download a 1 GiB LFS file through the staging Hub on loopback, next to a raw disk copy.
 
-Run by hand (not in CI):  python bench/staging_transfer.py [--size-mib 1024]
-Prints MiB/s for: raw copy, upload (client hash + LFS PUT + commit), download (hf_hub_download), and the
-server's RSS before and after (peak from /proc/PID/status VmHWM).
+Run by hand (not in CI):  python bench/staging_transfer.py [--size-mib 1024] [--repeat 3]
+Prints MiB/s for: raw copy, upload (client hash + LFS PUT + commit), download (hf_hub_download), each the median of
+`--repeat` rounds (a fresh random file per round: the Hub would not take the same object twice), and the server's
+RSS before and after (peak from /proc/PID/status VmHWM).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -28,9 +30,22 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        block = os.urandom(16 * 1024 * 1024)
+        for _ in range(size // len(block)):
+            handle.write(block)
+        handle.write(os.urandom(size % len(block)))
+
+
+def _rounds(times: list[float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="staging-bench-"))
     with socket.socket() as sock:
@@ -43,38 +58,37 @@ def main() -> None:
     from publisher.staging.process import start_staging_hub
 
     size = args.size_mib * 1024 * 1024
-    source = work / "payload.bin"
-    with open(source, "wb") as handle:
-        block = os.urandom(16 * 1024 * 1024)
-        for _ in range(size // len(block)):
-            handle.write(block)
-        handle.write(os.urandom(size % len(block)))
-
-    start = time.perf_counter()
-    shutil.copyfile(source, work / "copy.bin")
-    os.sync()
-    raw_s = time.perf_counter() - start
-    (work / "copy.bin").unlink()
     mib = size / 2**20
-
+    source = work / "payload.bin"
     token = "bench-token"
+    raw, up, down = [], [], []
     with start_staging_hub(work / "hub", port=port, token=token) as hub:
         api = HfApi(endpoint=hub.url, token=token)
         api.create_repo("bench/transfer")
         rss_start, _ = rss_kib(hub.process.pid)
-        start = time.perf_counter()
-        api.upload_file(path_or_fileobj=str(source), path_in_repo="payload.bin", repo_id="bench/transfer")
-        up_s = time.perf_counter() - start
-        start = time.perf_counter()
-        path = hf_hub_download("bench/transfer", "payload.bin", token=token, cache_dir=work / "cache")
-        down_s = time.perf_counter() - start
+        for round_ in range(args.repeat):
+            write_random(source, size)
+            start = time.perf_counter()
+            shutil.copyfile(source, work / "copy.bin")
+            os.sync()
+            raw.append(time.perf_counter() - start)
+            (work / "copy.bin").unlink()
+            start = time.perf_counter()
+            api.upload_file(path_or_fileobj=str(source), path_in_repo=f"payload{round_}.bin", repo_id="bench/transfer")
+            up.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            path = hf_hub_download("bench/transfer", f"payload{round_}.bin", token=token, cache_dir=work / "cache")
+            down.append(time.perf_counter() - start)
+            assert Path(path).stat().st_size == size
+            shutil.rmtree(work / "cache")
         rss_end, peak = rss_kib(hub.process.pid)
-        assert Path(path).stat().st_size == size
-    print(f"file: {mib:.0f} MiB")
-    print(f"raw disk copy : {raw_s:6.2f} s  {mib / raw_s:7.1f} MiB/s")
+    raw_s, up_s, down_s = (statistics.median(times) for times in (raw, up, down))
+    print(f"file: {mib:.0f} MiB, median of {args.repeat} rounds")
+    print(f"raw disk copy : {raw_s:6.2f} s  {mib / raw_s:7.1f} MiB/s  (rounds: {_rounds(raw)})")
     print(f"upload        : {up_s:6.2f} s  {mib / up_s:7.1f} MiB/s  ({raw_s / up_s:.2f}x raw copy; includes the "
-          "client's sha256 pass)")
-    print(f"download      : {down_s:6.2f} s  {mib / down_s:7.1f} MiB/s  ({raw_s / down_s:.2f}x raw copy)")
+          f"client's sha256 pass; rounds: {_rounds(up)})")
+    print(f"download      : {down_s:6.2f} s  {mib / down_s:7.1f} MiB/s  ({raw_s / down_s:.2f}x raw copy; "
+          f"rounds: {_rounds(down)})")
     print(f"server RSS    : start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB "
           f"(growth {(peak - rss_start) / 1024:.1f} MiB)")
     shutil.rmtree(work, ignore_errors=True)

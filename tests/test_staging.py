@@ -390,6 +390,29 @@ def test_pattern_matching_is_bounded() -> None:
         assert _pattern_matches(pattern, path) is expected, (pattern, path)
 
 
+def _upload_session(hub: StagingHub, repo_id: str, oid: str, size: int) -> dict:
+    """The `upload` action the LFS batch answers for one object (multipart above 256 MiB)."""
+    status, _, body = _raw(hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", json.dumps(
+        {"operation": "upload", "transfers": ["basic", "multipart"], "objects": [{"oid": oid, "size": size}]}),
+        {"Content-Type": "application/vnd.git-lfs+json"})
+    assert status == 200
+    return json.loads(body)["objects"][0]["actions"]["upload"]
+
+
+def _put_part(hub: StagingHub, session: dict, number: int, payload: bytes) -> int:
+    url = urlparse(session["header"][str(number)])
+    return _raw(hub, "PUT", f"{url.path}?{url.query}", payload)[0]
+
+
+def _complete(hub: StagingHub, session: dict, oid: str) -> tuple[int, bytes]:
+    url = urlparse(session["href"])
+    count = len([k for k in session["header"] if k.isdigit()])
+    parts = [{"partNumber": n, "etag": "x"} for n in range(1, count + 1)]
+    status, _, body = _raw(hub, "POST", f"{url.path}?{url.query}", json.dumps({"oid": oid, "parts": parts}),
+                           {"Content-Type": "application/json"})
+    return status, body
+
+
 def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, repo_id: str) -> None:
     """Two upload sessions of the same 300 MiB object, interleaved: each writes its own file; the first completion
     seals its session and adopts the file; a late part write of that session is refused; the second completion
@@ -397,37 +420,52 @@ def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, rep
     block = os.urandom(1 << 20)
     data = block * 300
     oid = hashlib.sha256(data).hexdigest()
-    sessions = []
-    for _ in range(2):
-        status, _, body = _raw(staging_hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", json.dumps(
-            {"operation": "upload", "transfers": ["basic", "multipart"], "objects": [{"oid": oid, "size": len(data)}]}),
-            {"Content-Type": "application/vnd.git-lfs+json"})
-        assert status == 200
-        sessions.append(json.loads(body)["objects"][0]["actions"]["upload"])
+    sessions = [_upload_session(staging_hub, repo_id, oid, len(data)) for _ in range(2)]
     assert sessions[0]["href"] != sessions[1]["href"]
     chunk = int(sessions[0]["header"]["chunk_size"])
     count = len([k for k in sessions[0]["header"] if k.isdigit()])
 
     def put(session: dict, number: int, payload: bytes | None = None) -> int:
-        url = urlparse(session["header"][str(number)])
         part = payload if payload is not None else data[(number - 1) * chunk:number * chunk]
-        return _raw(staging_hub, "PUT", f"{url.path}?{url.query}", part)[0]
-
-    def complete(session: dict) -> int:
-        url = urlparse(session["href"])
-        parts = [{"partNumber": n, "etag": "x"} for n in range(1, count + 1)]
-        return _raw(staging_hub, "POST", f"{url.path}?{url.query}", json.dumps({"oid": oid, "parts": parts}),
-                    {"Content-Type": "application/json"})[0]
+        return _put_part(staging_hub, session, number, part)
 
     for number in range(1, count):
         assert put(sessions[0], number) == 200
     for number in range(1, count + 1):
         assert put(sessions[1], number) == 200
-    assert complete(sessions[1]) == 200
+    assert _complete(staging_hub, sessions[1], oid)[0] == 200
     assert put(sessions[1], 1, b"late bytes") == 409  # a late writer of the finished session is refused
     assert put(sessions[0], count) == 200
-    assert complete(sessions[0]) == 200  # idempotent: the object exists
+    assert _complete(staging_hub, sessions[0], oid)[0] == 200  # idempotent: the object exists
     blob = staging_hub.root / "blobs" / oid[:2] / oid
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == oid
+
+
+def test_parts_hashed_as_they_arrive_never_vouch_for_rewritten_bytes(staging_hub: StagingHub, repo_id: str) -> None:
+    """Completion trusts the sha256 taken while parts arrive in order only if no byte was written twice or out of
+    order: parts sent backwards, or a part first sent right and then overwritten, are hashed from the file."""
+    data = os.urandom(1 << 20) * 260  # 5 parts of 64 MiB (the last one 4 MiB)
+    oid = hashlib.sha256(data).hexdigest()
+    blob = staging_hub.root / "blobs" / oid[:2] / oid
+
+    # 1. right bytes in order, then part 2 overwritten with other bytes: the running hash still matches the oid,
+    #    the file does not; completion must refuse it
+    session = _upload_session(staging_hub, repo_id, oid, len(data))
+    chunk = int(session["header"]["chunk_size"])
+    parts = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    for number, part in enumerate(parts, 1):
+        assert _put_part(staging_hub, session, number, part) == 200
+    assert _put_part(staging_hub, session, 2, bytes(len(parts[1]))) == 200
+    status, body = _complete(staging_hub, session, oid)
+    assert status == 400 and b"does not match" in body
+    assert not blob.exists()
+
+    # 2. parts sent backwards, with part 3 first sent wrong and then right: hashed from the file, accepted
+    session = _upload_session(staging_hub, repo_id, oid, len(data))
+    assert _put_part(staging_hub, session, 3, bytes(len(parts[2]))) == 200
+    for number in range(len(parts), 0, -1):
+        assert _put_part(staging_hub, session, number, parts[number - 1]) == 200
+    assert _complete(staging_hub, session, oid)[0] == 200
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == oid
 
 
