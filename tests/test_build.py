@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from publisher.engine.build import BuildOptions, build
@@ -306,6 +307,37 @@ def test_verify_uses_the_stored_reference_and_no_pytorch_model(built, tmp_path: 
         assert info["fidelity"][submodule]["reference_psnr_db"] == round(value, 2)
         assert abs(info["fidelity"][submodule]["output_psnr_db"] - value) < 0.01  # the build's own figure
     assert all(value > 100 for _, _, value in stand_in["results"])
+
+
+def test_float_references_are_computed_once_and_shared(built) -> None:  # type: ignore[no-untyped-def]
+    """The float model's outputs do not depend on the attention implementation or the compression: one PyTorch run
+    per submodule serves every package of it. Both float16 attentions store the same reference; the palettized
+    packages are held to their decoded weights and compared with that same float reference."""
+    from publisher.verify.fidelity import Reference
+
+    work, _ = built
+    out, store = work / "out", work / "store"
+
+    def references(repo: str, attention: str) -> dict[str, Reference]:
+        info = json.loads((out / "tester" / repo / attention / "build-info.json").read_text())
+        return {submodule: Reference.load(store / "objects" / key[:2] / key / "reference.npz")
+                for submodule, key in info["references"].items()}
+
+    original, v2 = references("coreml-tiny-sd", "original"), references("coreml-tiny-sd", "split_einsum_v2")
+    assert set(original) == set(v2) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for submodule, reference in original.items():
+        assert reference.float_outputs is None
+        for name, value in reference.outputs.items():
+            assert np.array_equal(value, v2[submodule].outputs[name]), (submodule, name)
+    for attention in ("original", "split_einsum_v2"):
+        palettized = references("coreml-tiny-sd-palettized", attention)
+        for submodule in ("text_encoder", "unet"):
+            reference = palettized[submodule]
+            assert reference.float_outputs is not None and "replaced" in reference.notes[0]
+            for name, value in reference.float_outputs.items():
+                assert np.array_equal(value, original[submodule].outputs[name]), (attention, submodule, name)
+                # held to the decoded weights, which differ from the float model's
+                assert not np.array_equal(reference.outputs[name], value)
 
 
 def test_verify_without_stored_reference_says_so(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

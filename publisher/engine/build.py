@@ -54,7 +54,7 @@ from publisher.store import (
     tool_versions,
     tree_files,
 )
-from publisher.util.atomic import atomic_write_text
+from publisher.util.atomic import atomic_write_bytes, atomic_write_text
 from publisher.util.hashing import json_sha256
 from publisher.verify.fidelity import REFERENCE
 
@@ -130,6 +130,8 @@ class _Runner:
         self.built: list[str] = []
         self.cached: list[str] = []
         self.report = report
+        # (source, submodule, resolution, family) -> saved float reference (a few MB): one PyTorch run per build
+        self.float_references: dict[tuple[str, str, int, str], bytes] = {}
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -300,20 +302,34 @@ class _Runner:
         report: dict[str, Any] = {"contract": "ok"}
         if self.options.verify:
             from publisher.convert.coreml import run_isolated
-            from publisher.verify.fidelity import PSNR_BAR_DB, check_stored_reference, store_reference
+            from publisher.verify.fidelity import PSNR_BAR_DB, reference_and_check
 
             package_step = self.plan.steps[step.inputs[0]]
             compressed = package_step.kind == "compress"
             float16 = self.outputs[package_step.inputs[0]].path / PACKAGE if compressed else None
             scheme = package_step.params.scheme if isinstance(package_step.params, CompressParams) else None
             # the PyTorch side once, here: stored with the step for every later check (the macOS runner's Core ML
-            # run included), so that no other machine loads a PyTorch model to verify this package. The PyTorch
-            # model and the executor each run in a process of their own (isolate): neither holds the other's
-            # memory, and the build's own process never holds a model.
+            # run included), so that no other machine loads a PyTorch model to verify this package. It runs in a
+            # process of its own (isolate), the PyTorch model dropped before the executor starts: the build's own
+            # process never holds a model.
             run = run_isolated if self.options.isolate else _call
-            run(store_reference, package, source, submodule, variant.attention,
-                variant.resolution, float16, scheme, work / REFERENCE, variant.family)
-            fidelity = run(check_stored_reference, package, work / REFERENCE)
+            # The float model's outputs depend on the weights and the seeded inputs, not on the attention
+            # implementation or the compression: computed once per build (ORIGINAL attention) and shared by every
+            # package of that submodule; a chunk's inputs come from its cut, so a chunk has its own.
+            key = (str(source), submodule, variant.resolution, variant.family)
+            shared = variant.model_family.chunk_index(submodule) is None
+            floats = work / "float-reference.npz"
+            known = fresh = None
+            if shared and key in self.float_references:
+                atomic_write_bytes(floats, self.float_references[key])
+                known = floats
+            elif shared:
+                fresh = floats
+            fidelity = run(reference_and_check, package, source, submodule, variant.attention, variant.resolution,
+                           float16, scheme, work / REFERENCE, variant.family, known, fresh)
+            if fresh is not None:
+                self.float_references[key] = fresh.read_bytes()
+            floats.unlink(missing_ok=True)
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
                 raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "

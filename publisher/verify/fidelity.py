@@ -64,11 +64,13 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: i
     """(PyTorch module, inputs, output names) for a submodule, chunks included."""
     import torch
 
+    from publisher.convert.attention import use_fused_attention
     from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs
     from publisher.convert.components import example_inputs, load_component
 
     model_family = family_named(family)
     loaded = load_component(source, model_family.component_of(submodule), attention, resolution, family=family)
+    use_fused_attention(loaded.module)  # the same function, without materialising the attention weights
     example = example_inputs(loaded.spec)
     chunk = model_family.chunk_index(submodule)
     if chunk == 0:
@@ -167,16 +169,20 @@ def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], float16_
 
 def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                       float16_package: Path | None = None, scheme: str | None = None,
-                      family: str = DEFAULT_FAMILY) -> Reference:
+                      family: str = DEFAULT_FAMILY, float_reference: Reference | None = None) -> Reference:
     """Run PyTorch on the seeded inputs (on Linux, in the build): the outputs the package is held to. A package
     compressed by `scheme` is held to PyTorch running the weights it decodes to (and compared with the float
-    model as well); `scheme` None: whichever registered scheme recognises the package."""
+    model as well); `scheme` None: whichever registered scheme recognises the package. `float_reference`: the float
+    model's outputs on the same inputs, already computed (one forward fewer)."""
     from publisher.compress.scheme import schemes
 
     module, inputs, names = _reference(source, submodule, attention, resolution, family)
     feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(_declared_inputs(package), inputs,
                                                                                    strict=True)}
-    expected = _torch_outputs(module, inputs, names)
+    reusable = float_reference is not None and float_reference.inputs.keys() == feed.keys() and all(
+        np.array_equal(float_reference.inputs[name], value) for name, value in feed.items())
+    expected = float_reference.outputs if reusable and float_reference is not None else _torch_outputs(
+        module, inputs, names)
     decoded: dict[str, np.ndarray] = {}
     for name, candidate in schemes().items():  # not told: the scheme whose ops the package holds, if any
         if scheme in (None, name):
@@ -214,11 +220,31 @@ def verify_package(package: Path, source: Path, submodule: str, attention: Atten
                                               scheme, family), runtime_named(runtime))
 
 
-def store_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
-                    float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY) -> None:
-    """compute_reference, saved to `path` (a top-level function: the build runs it in a process of its own)."""
+def reference_and_check(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+                        float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY,
+                        float_reference: Path | None = None, save_float_reference: Path | None = None) -> Fidelity:
+    """A verify step's work in one process (one interpreter start instead of two; each PyTorch model is dropped
+    before the next part starts): the float model's reference (read from `float_reference`; else computed with
+    ORIGINAL attention and saved to `save_float_reference`, when given), the package's own reference saved to
+    `path` (the float one itself for a float package; the decoded weights' for a compressed one; a chunk's from
+    its own module), and the package on the executor against it."""
+    import gc
+
     return_large_blocks()
-    compute_reference(package, source, submodule, attention, resolution, float16_package, scheme, family).save(path)
+    known = Reference.load(float_reference) if float_reference is not None else None
+    if known is None and save_float_reference is not None:
+        known = compute_reference(float16_package or package, source, submodule, Attention.ORIGINAL, resolution,
+                                  family=family)
+        known.save(save_float_reference)
+        gc.collect()
+    if float16_package is None and known is not None:
+        reference = known
+    else:
+        reference = compute_reference(package, source, submodule, attention, resolution, float16_package, scheme,
+                                      family, known)
+    reference.save(path)
+    gc.collect()
+    return check_stored_reference(package, path)
 
 
 def check_stored_reference(package: Path, path: Path) -> Fidelity:
