@@ -264,28 +264,3 @@ def test_fetch_source_from_the_hub(tiny_source: Path, hf_api, staging_hub, tmp_p
         fetch_source("tiny/sd2-source", "main", [Component.SAFETY_CHECKER], tmp_path / "cache",
                      endpoint=staging_hub.url, token=staging_hub.token)
 
-
-def test_fused_reference_core_computes_every_attention_core() -> None:
-    """The reference forwards use torch's fused attention kernel: the same function as each traced core."""
-    from publisher.convert.attention import attention_core, fused_core
-
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 64, 1, n, generator=generator) for n in (1024, 77, 77))
-    for attention in Attention:
-        expected = attention_core(attention)(q, k, v, 8)
-        assert torch.allclose(fused_core(q, k, v, 8), expected, atol=1e-5), attention
-    # self-attention shapes, the query chunking of SPLIT_EINSUM_V2 included
-    q, k, v = (torch.randn(1, 32, 1, 1100, generator=generator) for _ in range(3))
-    assert torch.allclose(fused_core(q, k, v, 2), attention_core(Attention.SPLIT_EINSUM_V2)(q, k, v, 2), atol=1e-5)
-
-
-@pytest.mark.parametrize("component", [Component.UNET, Component.VAE_DECODER])
-def test_reference_module_with_fused_attention_matches(tiny_source: Path, component: Component) -> None:
-    from publisher.convert.attention import use_fused_attention
-
-    traced = load_component(tiny_source, component, Attention.SPLIT_EINSUM, RESOLUTION)
-    fused = load_component(tiny_source, component, Attention.SPLIT_EINSUM, RESOLUTION)
-    assert use_fused_attention(fused.module) >= 1
-    inputs = example_inputs(traced.spec)
-    for ref, out in zip(_outputs(traced.module, inputs), _outputs(fused.module, inputs), strict=True):
-        assert psnr(ref, out) >= 100

@@ -121,6 +121,28 @@ def test_6bit_packages_meet_the_bar(converted: dict, tiny_source: Path, tmp_path
     assert note.endswith("parameters replaced by their palettize values") and 0.9 * ops <= replaced <= ops
 
 
+@pytest.mark.parametrize("target", [DeploymentTarget.iOS17, DeploymentTarget.iOS18])
+def test_lut_kernel_decodes_as_coremltools_does(converted: dict, tmp_path: Path, target: DeploymentTarget) -> None:
+    """The executor decodes palettized weights with the project's decoder: the same values coremltools
+    materialises, for the packed iOS16 op and the iOS18 op (grouped-channel LUTs there)."""
+    from publisher.compress.palettization import Granularity
+    from publisher.mlpackage import load_program
+    from publisher.verify.executor import _lut_to_dense
+
+    palettized = tmp_path / "p.mlpackage"
+    config = PalettizeConfig(4, min_elements=256, deployment_target=target) if target is DeploymentTarget.iOS17 \
+        else PalettizeConfig(4, min_elements=256, deployment_target=target,
+                             granularity=Granularity.PER_GROUPED_CHANNEL, group_size=8)
+    palettize_package(converted[Attention.ORIGINAL, Component.UNET], palettized, config, progress=False)
+    ops = [op for op in load_program(palettized).functions["main"].operations
+           if op.op_type == "constexpr_lut_to_dense"]
+    assert ops
+    for op in ops:
+        ours = _lut_to_dense(op, {})
+        theirs = op.materialized_val_inference()
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and np.array_equal(ours, theirs), op.name
+
+
 class _SwappedChannels(torch.nn.Module):
     """Test-only broken conversion: the decoder's output channels in the wrong order (BGR for RGB)."""
 

@@ -359,6 +359,11 @@ def _decode_indices(lut: np.ndarray, stored: np.ndarray, shape: tuple[int, ...] 
     return unpack_indices(stored, int(math.log2(lut.size)), math.prod(shape)).reshape(shape)
 
 
+def decode_lut(lut: np.ndarray, stored: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
+    """The dense weight of a constexpr_lut_to_dense op from its stored pieces (see `_read_lut_op`)."""
+    return lut_lookup(lut, _decode_indices(lut, stored, shape))
+
+
 def _lut_ops(package: Path) -> tuple[Any, list[Any]]:
     from publisher.milfile import PackageFiles, WeightReader, main_block, read_spec
 
@@ -400,8 +405,11 @@ class DecodedWeights(Mapping[str, np.ndarray]):
         raise KeyError(name)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:  # type: ignore[override]
-        for name, lut, indices in iter_palettized_weights(self.package):
-            yield name, lut_lookup(lut, indices)
+        from publisher.milfile import op_name
+
+        reader, ops = _lut_ops(self.package)
+        for op in ops:
+            yield op_name(op), decode_lut(*_read_lut_op(reader, op))
 
 
 def read_palettized_weights(package: Path, decoder: str = "project"

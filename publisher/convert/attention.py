@@ -54,32 +54,6 @@ def original_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int)
     return out.reshape(batch, channels, 1, queries)
 
 
-def fused_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """original_core's arithmetic through torch's fused attention kernel, which never holds the (S, S) weights: for
-    PyTorch reference forwards only (a full-size UNet forward 21 s -> ~9 s here), never traced. q is pre-scaled."""
-    import torch.nn.functional as F
-
-    batch, channels, _, queries = q.shape
-    head_dim = channels // heads
-
-    def heads_first(x: torch.Tensor) -> torch.Tensor:  # (B, C, 1, S) -> (B, heads, S, head_dim)
-        return x.reshape(batch, heads, head_dim, x.shape[3]).transpose(2, 3)
-
-    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=1.0)
-    return out.transpose(2, 3).reshape(batch, channels, 1, queries)
-
-
-def use_fused_attention(module: nn.Module) -> int:
-    """Give every attention core of `module` (any implementation: they compute the same function) the fused
-    kernel; returns how many were swapped."""
-    swapped = 0
-    for child in module.modules():
-        if getattr(getattr(child, "core", None), "__module__", None) == __name__:  # one of this module's cores
-            child.core = fused_core
-            swapped += 1
-    return swapped
-
-
 def split_einsum_core(query_chunk: int | None) -> AttentionCore:
     def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         head_dim = q.shape[1] // heads

@@ -64,13 +64,11 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: i
     """(PyTorch module, inputs, output names) for a submodule, chunks included."""
     import torch
 
-    from publisher.convert.attention import use_fused_attention
     from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs
     from publisher.convert.components import example_inputs, load_component
 
     model_family = family_named(family)
     loaded = load_component(source, model_family.component_of(submodule), attention, resolution, family=family)
-    use_fused_attention(loaded.module)  # the same function, without materialising the attention weights
     example = example_inputs(loaded.spec)
     chunk = model_family.chunk_index(submodule)
     if chunk == 0:
