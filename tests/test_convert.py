@@ -263,4 +263,3 @@ def test_fetch_source_from_the_hub(tiny_source: Path, hf_api, staging_hub, tmp_p
     with pytest.raises(SourceError, match=r"^source tiny/sd2-source@main has no safety_checker"):
         fetch_source("tiny/sd2-source", "main", [Component.SAFETY_CHECKER], tmp_path / "cache",
                      endpoint=staging_hub.url, token=staging_hub.token)
-

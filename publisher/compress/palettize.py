@@ -405,11 +405,8 @@ class DecodedWeights(Mapping[str, np.ndarray]):
         raise KeyError(name)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:  # type: ignore[override]
-        from publisher.milfile import op_name
-
-        reader, ops = _lut_ops(self.package)
-        for op in ops:
-            yield op_name(op), decode_lut(*_read_lut_op(reader, op))
+        for name, lut, indices in iter_palettized_weights(self.package):
+            yield name, lut_lookup(lut, indices)
 
 
 def read_palettized_weights(package: Path, decoder: str = "project"

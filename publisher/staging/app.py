@@ -627,10 +627,10 @@ class HubApp:
             await _drain(request)
             return Response(status_code=200)
         fd, temp = self.store.new_temp()
-        digest = _Sha256Sink()
+        digest = hashlib.sha256()
         try:
             try:
-                written = await self._write_body(request, "lfs_put", fd, 0, size, digest.wrote,
+                written = await self._write_body(request, "lfs_put", fd, 0, size, lambda _, data: digest.update(data),
                                                  f"Body is larger than the announced {size} bytes")
             finally:
                 os.close(fd)
@@ -867,19 +867,6 @@ def _flush_in_background(fd: int) -> None:
             os.close(duplicate)
 
     threading.Thread(target=flush, name="part-flush", daemon=True).start()
-
-
-class _Sha256Sink:
-    """sha256 of a body written front to back (one request: its batches reach the sink in order)."""
-
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
-
-    def wrote(self, _offset: int, data: bytes) -> None:
-        self.digest.update(data)
-
-    def hexdigest(self) -> str:
-        return self.digest.hexdigest()
 
 
 class _RunningHash:
