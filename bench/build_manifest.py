@@ -3,14 +3,15 @@ real repo's layout (every weight copy), by the project and by the plain per-vari
 and republished unchanged.
 
 Run by hand (not in CI; about an hour and ~45 GB of disk at full size):
-    python bench/build_manifest.py [--work DIR] [--variants PATTERN ...] [--tiny]
+    python bench/build_manifest.py [--work DIR] [--variants PATTERN ...] [--jobs N] [--skip-plain] [--tiny]
 
 1. Source: a full-size SD 1.5-shaped pipeline with random weights (UNet, text encoder, VAE, safety checker), saved
    as the float32 safetensors the real repo has, its `fp16` safetensors variant (the same weights cast), and decoys
    of random bytes at the real copies' sizes (`.bin`, `.fp16.bin`, `.non_ema.*`; a single-file checkpoint at the
    root, smaller than the real one), pushed to a staging Hub as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
 2. Project: `build` of the manifest's variants (default: the float16 and 6-bit repos, 4 variants; the mixed-bit
-   repo's analysis alone takes ~24 min, see bench/mixed_bit.py), packages only (compiling needs macOS).
+   repo's analysis alone takes ~24 min, see bench/mixed_bit.py), packages only (compiling needs macOS), `--jobs`
+   steps at once (default one per core; the build's memory-aware scheduler).
 3. Plain path: per variant a fresh process, as Apple's converter runs once per variant: diffusers downloads the
    pipeline's fp16 safetensors variant (Apple's `variant="fp16"`), each component is loaded with the library's
    loader, widened to float32, traced and converted (the same ANE-shaped modules), the chunked UNet through the
@@ -213,7 +214,7 @@ def child_project(args: argparse.Namespace) -> dict[str, Any]:
     manifests = load_manifests([MANIFEST])
     result = build(manifests, BuildOptions(out=args.work / "out", store=args.work / "store", namespace=NAMESPACE,
                                            compile=False, variants=args.variants, endpoint=os.environ["HF_ENDPOINT"],
-                                           token=TOKEN, progress=False))
+                                           token=TOKEN, progress=False, jobs=args.jobs))
     if not result.ok:
         raise SystemExit("; ".join(v.error or "" for v in result.variants if v.error))
     kinds: dict[str, int] = {}
@@ -221,12 +222,15 @@ def child_project(args: argparse.Namespace) -> dict[str, Any]:
         kind = result.plan.steps[step_id].kind
         kinds[kind] = kinds.get(kind, 0) + 1
     seconds: dict[str, float] = {}  # time per step kind, from the store's records of the steps this run built
+    steps: dict[str, float] = {}
     built = set(result.built)
     for record_file in (args.work / "store" / "objects").glob("*/*/record.json"):
         record = json.loads(record_file.read_text())
         if record.get("step") in built:
             seconds[record["kind"]] = round(seconds.get(record["kind"], 0.0) + float(record["seconds"]), 1)
-    return {"built": kinds, "seconds_by_kind": seconds, "cached": len(result.cached),
+            steps[record["step"]] = float(record["seconds"])
+    return {"built": kinds, "seconds_by_kind": seconds, "seconds_by_step": dict(sorted(steps.items())),
+            "jobs": args.jobs, "cached": len(result.cached),
             "variants": len(result.variants), "package_bytes": sum(v.size for v in result.variants)}
 
 
@@ -336,12 +340,19 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model instead (a quick run of the bench)")
     parser.add_argument("--skip-plain", action="store_true", help="the project's side only (e.g. after a change, "
                         "compared with the plain figures of an earlier run on the same machine)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="the project build's steps at once (default: one per core)")
     parser.add_argument("--child", choices=["project", "plain"])
     parser.add_argument("--variant")
     args = parser.parse_args()
     if args.child:
         result = child_project(args) if args.child == "project" else child_plain(args)
-        # this process's peak and the largest of the processes it waited for (the build's isolated conversions)
+        # the build's steps are children of the fork server, which reaps them: stop it and reap it, so that
+        # their peaks count among this process's waited-for descendants
+        import multiprocessing.forkserver
+
+        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+        # this process's peak and the largest of the processes it waited for (the build's isolated steps)
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         result["largest_process_gib"] = round(max(peak_gib(), children), 2)
         print(json.dumps(result), flush=True)

@@ -361,3 +361,28 @@ def test_chunked_variant_publishes_chunks_and_the_whole_unet(tmp_path: Path, sta
     info = json.loads((folder / "build-info.json").read_text())
     assert {"unet", "unet_chunk1", "unet_chunk2"} <= set(info["fidelity"])
     assert all(figures["output_psnr_db"] >= 35 for figures in info["fidelity"].values())
+
+
+def test_parallel_isolated_build_equals_the_sequential_one(built, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two steps at a time, each in a process forked from the preloaded server: the same packages, references and
+    build-info files as one step at a time in the build's own process; each float reference still computed once."""
+    from publisher.verify.fidelity import Reference
+
+    work, sequential = built
+    manifest = work / "manifests"
+    result = build(load_manifests([manifest]), BuildOptions(
+        out=tmp_path / "out", store=tmp_path / "store", namespace="tester", compile=False, endpoint=staging_hub.url,
+        token=staging_hub.token, isolate=True, jobs=2, progress=False))
+    assert result.ok, [v.error for v in result.variants]
+    assert sorted(result.built) == sorted(sequential.built)
+    for variant in result.variants:
+        folder = variant.path
+        assert folder is not None
+        expected = json.loads((work / "out" / folder.relative_to(tmp_path / "out") / "build-info.json").read_text())
+        info = json.loads((folder / "build-info.json").read_text())
+        assert info["files"] == expected["files"], variant.variant.id
+        for submodule, key in info["references"].items():
+            mine = Reference.load(tmp_path / "store" / "objects" / key[:2] / key / "reference.npz")
+            theirs = Reference.load(work / "store" / "objects" / key[:2] / key / "reference.npz")
+            for name, value in mine.outputs.items():
+                assert np.array_equal(value, theirs.outputs[name]), (submodule, name)

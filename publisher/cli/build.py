@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,9 @@ from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="Steps run at once, each in a process of its own "
+                                      "and started only while the estimated peaks fit in the available memory "
+                                      "(0: one per CPU core).")]
 def print_build_table(result: BuildResult) -> None:
     print_table(("variant", "files", "size", "time", "status"),
                 [(r.variant.id, r.files, human_size(r.size), f"{r.seconds:.1f} s", r.status) for r in result.variants])
@@ -43,11 +47,12 @@ def build_command(
     source_endpoint: SourceEndpointOpt = None,
     verify_store: Annotated[bool, typer.Option("--verify-store", help="Re-hash every stored output before reusing "
                                                                       "it (default: trust unchanged files).")] = False,
+    jobs: JobsOpt = 1,
 ) -> None:
     """Build every (or the chosen) variant of the manifests into OUT/<repo>/, redoing only what changed."""
     options = BuildOptions(out=out, store=store, namespace=namespace, compile=not no_compile, verify=not no_verify,
                            variants=variant, endpoint=source_endpoint, token=token_for(source_endpoint),
-                           verify_store=verify_store)
+                           verify_store=verify_store, jobs=jobs or os.cpu_count() or 1)
     result = build(load_manifests(manifests), options)
     print_build_table(result)
     if not result.ok:
