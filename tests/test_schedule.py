@@ -19,6 +19,7 @@ class FakeRunner:
 
     estimates: dict[str, int]
     extra_waits: dict[str, set[str]] = field(default_factory=dict)
+    durations: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.05
     running: set[str] = field(default_factory=set)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -31,6 +32,9 @@ class FakeRunner:
 
     def memory_estimate(self, step: Step) -> int:
         return self.estimates.get(step.id, 0)
+
+    def duration_estimate(self, step: Step) -> float:
+        return self.durations.get(step.id, 0.0)
 
     def run_step(self, step: Step) -> None:
         start = time.perf_counter()
@@ -89,3 +93,12 @@ def test_a_step_waiting_for_a_step_not_run_is_an_error() -> None:
     with pytest.raises(BuildError, match="waits for a step that is not run"):
         run_steps(FakeRunner(estimates={}, extra_waits={"a": {"missing"}}), [step("a")], jobs=2,  # type: ignore[arg-type]
                   budget=0)
+
+
+def test_the_longest_chain_starts_first() -> None:
+    """Plan order would start a and b; c heads the longest chain (c then d), so it starts at once."""
+    steps = [step("a"), step("b"), step("c"), step("d", "c")]
+    runner = FakeRunner(estimates={}, durations={"a": 1.0, "b": 1.0, "c": 5.0, "d": 5.0})
+    run_steps(runner, steps, jobs=2, budget=0)  # type: ignore[arg-type]
+    first_two = sorted(runner.spans, key=lambda s: runner.spans[s][0])[:2]
+    assert "c" in first_two and set(first_two) != {"a", "b"}

@@ -202,6 +202,20 @@ class _Runner:
         """A heavy step's expected peak (bytes), from its component's weights in the source; 0 for the rest."""
         if step.kind not in HEAVY_KINDS:
             return 0
+        return MEMORY_FIXED_BYTES + int(MEMORY_PER_WEIGHT_BYTE * self._weight_bytes(step))
+
+    def duration_estimate(self, step: Step) -> float:
+        """A heavy step's expected duration in arbitrary units (weight bytes x a factor per kind and attention)."""
+        if step.kind not in DURATION_PER_WEIGHT_BYTE:
+            return 0.0
+        attention = getattr(step.params, "attention", None)
+        if step.kind == "verify":
+            attention = self._variant_of(step).attention.value
+        return DURATION_PER_WEIGHT_BYTE[step.kind] * ATTENTION_DURATION.get(attention or "", 1.0) * \
+            self._weight_bytes(step)
+
+    def _weight_bytes(self, step: Step) -> int:
+        """The float32 size of the step's component's weights in its fetched source (0 before the fetch)."""
         component = getattr(step.params, "component", None)
         variant = self._variant_of(step)
         folder = variant.model_family.component(Component(component)).folder if component else None
@@ -212,7 +226,7 @@ class _Runner:
             for name, entry in self.fetched[fetch].files.items():
                 if folder and name.startswith(f"{folder}/") and name.endswith((".safetensors", ".bin")):
                     weights += int(entry.get("size", 0)) * (2 if ".fp16." in name else 1)  # loaded as float32
-        return MEMORY_FIXED_BYTES + int(MEMORY_PER_WEIGHT_BYTE * weights)
+        return weights
 
     def _actions(self) -> dict[str, Callable[[Step, Path], None]]:
         """What each stored step kind runs (fetch and assemble are handled apart: they are not stored)."""
@@ -520,6 +534,12 @@ def _mkdir(path: Path) -> Path:
 MEMORY_PER_WEIGHT_BYTE = 2.0
 MEMORY_FIXED_BYTES = 1 << 30
 HEAVY_KINDS = frozenset({"convert", "chunk", "analyze", "compress", "verify"})
+# A step's expected duration per byte of its component's weights, relative to verifying it (measured at full size:
+# the SD 1.5 UNet converts in ~70 s with ORIGINAL attention, ~250 s with SPLIT_EINSUM_V2, ~50-80 s to verify; the
+# mixed-bit analysis ~24 min). Only the order of the parallel schedule depends on these: longest chains first.
+DURATION_PER_WEIGHT_BYTE = {"convert": 1.0, "chunk": 2.0, "analyze": 20.0, "compress": 0.2, "verify": 1.0}
+ATTENTION_DURATION = {Attention.ORIGINAL.value: 1.0, Attention.SPLIT_EINSUM.value: 2.0,
+                      Attention.SPLIT_EINSUM_V2.value: 3.5}
 
 
 def memory_budget() -> int:
@@ -555,7 +575,9 @@ def run_steps(runner: _Runner, steps: Sequence[Step], jobs: int, budget: int,
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="step") as pool:
         while waiting or running:
             in_use = sum(estimate for _, estimate in running.values())
-            for step in [s for s in waiting if needs[s.id] <= done]:
+            chains = _chain_durations(runner, waiting, needs)  # the longest chains first: the tail stays short
+            ready = sorted((s for s in waiting if needs[s.id] <= done), key=lambda s: -chains[s.id])
+            for step in ready:
                 if len(running) >= jobs:
                     break
                 estimate = runner.memory_estimate(step)
@@ -573,6 +595,21 @@ def run_steps(runner: _Runner, steps: Sequence[Step], jobs: int, budget: int,
                 future.result()  # a bug in the engine itself: stop the build
                 done.add(step.id)
                 finished(step)
+
+
+def _chain_durations(runner: _Runner, steps: Sequence[Step], needs: dict[str, set[str]]) -> dict[str, float]:
+    """Per step, its expected duration plus that of the longest chain of steps waiting for it (estimates made now:
+    a step's weights are known once its source is fetched)."""
+    readers: dict[str, list[str]] = {s.id: [] for s in steps}
+    for step in steps:
+        for before in needs[step.id]:
+            if before in readers:
+                readers[before].append(step.id)
+    own = {s.id: runner.duration_estimate(s) for s in steps}
+    chains: dict[str, float] = {}
+    for step in reversed(steps):  # readers come after what they read in a plan
+        chains[step.id] = own[step.id] + max((chains.get(r, 0.0) for r in readers[step.id]), default=0.0)
+    return chains
 
 
 def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
