@@ -361,6 +361,20 @@ def test_chunked_variant_publishes_chunks_and_the_whole_unet(tmp_path: Path, sta
     info = json.loads((folder / "build-info.json").read_text())
     assert {"unet", "unet_chunk1", "unet_chunk2"} <= set(info["fidelity"])
     assert all(figures["output_psnr_db"] >= 35 for figures in info["fidelity"].values())
+    # the chunks' references come from the whole UNet's float forward, cut in two: chunk 1 takes the UNet's inputs,
+    # chunk 2 what chunk 1 gives (and the text embeddings), and gives exactly the UNet's outputs
+    from publisher.verify.fidelity import Reference
+
+    refs = {name: Reference.load(tmp_path / "store" / "objects" / key[:2] / key / "reference.npz")
+            for name, key in info["references"].items()}
+    unet, first, second = refs["unet"], refs["unet_chunk1"], refs["unet_chunk2"]
+    assert first.inputs.keys() == unet.inputs.keys()
+    assert all(np.array_equal(first.inputs[k], unet.inputs[k]) for k in unet.inputs)
+    assert set(second.inputs) == {"encoder_hidden_states", *first.outputs}
+    assert all(np.array_equal(second.inputs[k], v) for k, v in first.outputs.items())
+    assert np.array_equal(second.inputs["encoder_hidden_states"], unet.inputs["encoder_hidden_states"])
+    assert second.outputs.keys() == unet.outputs.keys()
+    assert all(np.array_equal(second.outputs[k], unet.outputs[k]) for k in unet.outputs)
 
 
 def test_parallel_isolated_build_equals_the_sequential_one(built, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

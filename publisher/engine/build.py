@@ -184,19 +184,23 @@ class _Runner:
         before = {i for i in step.inputs if i in ids}
         group = self._float_reference_group(step)
         if group is not None:
-            first = next(s for s in steps if self._float_reference_group(s) == group)
-            if first.id != step.id:
-                before.add(first.id)
+            producer = next((s for s in steps if self._float_reference_group(s) == group and not self._is_chunk(s)),
+                            None)
+            if producer is not None and producer.id != step.id:
+                before.add(producer.id)
         return before
 
+    def _is_chunk(self, step: Step) -> bool:
+        return isinstance(step.params, VerifyParams) and \
+            self._variant_of(step).model_family.chunk_index(step.params.submodule) is not None
+
     def _float_reference_group(self, step: Step) -> tuple[Any, ...] | None:
-        """Verify steps with the same group share one float reference (see _do_verify); None: not shared."""
+        """Verify steps with the same group share one float forward (see _do_verify): those of a component and of
+        its chunks. None: not a verify step."""
         if step.kind != "verify" or not isinstance(step.params, VerifyParams):
             return None
         variant = self._variant_of(step)
-        if variant.model_family.chunk_index(step.params.submodule) is not None:
-            return None
-        return (tuple(self._fetches_of(step)), step.params.submodule, variant.resolution, variant.family)
+        return (tuple(self._fetches_of(step)), step.params.component, variant.resolution, variant.family)
 
     def memory_estimate(self, step: Step) -> int:
         """A heavy step's expected peak (bytes), from its component's weights in the source; 0 for the rest."""
@@ -369,20 +373,31 @@ class _Runner:
             run = run_isolated if self.options.isolate else _call
             # The float model's outputs depend on the weights and the seeded inputs, not on the attention
             # implementation or the compression: computed once per build (ORIGINAL attention) and shared by every
-            # package of that submodule; a chunk's inputs come from its cut, so a chunk has its own.
-            key = (str(source), submodule, variant.resolution, variant.family)
-            shared = variant.model_family.chunk_index(submodule) is None
+            # package of that submodule. The first verify step of a component computes them (run_steps orders the
+            # rest after it), cut in two where the plan also verifies the component's chunks: the same forward
+            # gives each chunk its inputs and outputs.
+            def key(name: str) -> tuple[str, str, int, str]:
+                return (str(source), name, variant.resolution, variant.family)
+
             floats = work / "float-reference.npz"
             known = fresh = None
-            if shared and key in self.float_references:
-                atomic_write_bytes(floats, self.float_references[key])
+            chunks: dict[str, Path] = {}
+            if key(submodule) in self.float_references:
+                atomic_write_bytes(floats, self.float_references[key(submodule)])
                 known = floats
-            elif shared:
+            elif variant.model_family.chunk_index(submodule) is None:
                 fresh = floats
+                group = self._float_reference_group(step)
+                chunks = {s.params.submodule: work / f"float-reference-{s.params.submodule}.npz"
+                          for s in self.plan.steps.values() if isinstance(s.params, VerifyParams)
+                          and self._is_chunk(s) and self._float_reference_group(s) == group}
             fidelity = run(reference_and_check, package, source, submodule, variant.attention, variant.resolution,
-                           float16, scheme, work / REFERENCE, variant.family, known, fresh)
+                           float16, scheme, work / REFERENCE, variant.family, known, fresh, chunks or None)
             if fresh is not None:
-                self.float_references[key] = fresh.read_bytes()
+                self.float_references[key(submodule)] = fresh.read_bytes()
+            for name, path in chunks.items():
+                self.float_references[key(name)] = path.read_bytes()
+                path.unlink()
             floats.unlink(missing_ok=True)
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:

@@ -218,28 +218,65 @@ def verify_package(package: Path, source: Path, submodule: str, attention: Atten
                                               scheme, family), runtime_named(runtime))
 
 
+def chunk_references(source: Path, component: str, resolution: int, family: str = DEFAULT_FAMILY
+                     ) -> dict[str, Reference]:
+    """The float model's references for a component and for each of its chunks, from one forward through the
+    chunks (ORIGINAL attention): chunk 1 on the component's seeded inputs, chunk 2 on the tensors crossing the cut,
+    whose outputs are the whole component's. Keyed by submodule."""
+    from publisher.convert.chunk import UnetChunk2, chunk_specs
+    from publisher.convert.components import example_inputs, load_component
+
+    model_family = family_named(family)
+    loaded = load_component(source, model_family.component_of(component), Attention.ORIGINAL, resolution,
+                            family=family)
+    example = example_inputs(loaded.spec)
+    specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
+    second = (example[2], *intermediates)  # encoder_hidden_states, then what crosses the cut
+    outputs = _torch_outputs(UnetChunk2(loaded.module, specs.cut), second, [t.name for t in specs.chunk2_outputs])
+    first, last = (name for name, _ in model_family.component(model_family.component_of(component)).chunks)
+
+    def arrays(tensors: Any, names: Any) -> dict[str, np.ndarray]:
+        return {t.name: np.asarray(x.numpy(), dtype=np.float32) for t, x in zip(names, tensors, strict=True)}
+
+    whole_inputs = arrays(example, specs.chunk1_inputs)
+    return {component: Reference(component, whole_inputs, outputs),
+            first: Reference(first, whole_inputs, arrays(intermediates, specs.chunk1_outputs)),
+            last: Reference(last, arrays(second, specs.chunk2_inputs), outputs)}
+
+
 def reference_and_check(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                         float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY,
-                        float_reference: Path | None = None, save_float_reference: Path | None = None) -> Fidelity:
+                        float_reference: Path | None = None, save_float_reference: Path | None = None,
+                        save_chunk_references: Mapping[str, Path] | None = None) -> Fidelity:
     """A verify step's work in one process (one interpreter start instead of two; each PyTorch model is dropped
     before the next part starts): the float model's reference (read from `float_reference`; else computed with
-    ORIGINAL attention and saved to `save_float_reference`, when given), the package's own reference saved to
-    `path` (the float one itself for a float package; the decoded weights' for a compressed one; a chunk's from
-    its own module), and the package on the executor against it."""
+    ORIGINAL attention and saved to `save_float_reference`, when given, together with its chunks' references
+    when `save_chunk_references` names them: the same forward, cut in two), the package's own reference saved to
+    `path` (the float one itself for a float package or a chunk; for a compressed one PyTorch on the weights it
+    decodes to, with ORIGINAL attention as well: the attention implementation does not change the function, only
+    how fast PyTorch computes it), and the package on the executor against it."""
     import gc
 
     return_large_blocks()
     known = Reference.load(float_reference) if float_reference is not None else None
     if known is None and save_float_reference is not None:
-        known = compute_reference(float16_package or package, source, submodule, Attention.ORIGINAL, resolution,
-                                  family=family)
+        if save_chunk_references:
+            computed = chunk_references(source, submodule, resolution, family)
+            for chunk, chunk_path in save_chunk_references.items():
+                computed[chunk].save(chunk_path)
+            known = computed[submodule]
+            del computed
+        else:
+            known = compute_reference(float16_package or package, source, submodule, Attention.ORIGINAL,
+                                      resolution, family=family)
         known.save(save_float_reference)
         gc.collect()
     if float16_package is None and known is not None:
         reference = known
     else:
-        reference = compute_reference(package, source, submodule, attention, resolution, float16_package, scheme,
-                                      family, known)
+        chunked = family_named(family).chunk_index(submodule) is not None
+        reference = compute_reference(package, source, submodule, attention if chunked else Attention.ORIGINAL,
+                                      resolution, float16_package, scheme, family, known)
     reference.save(path)
     gc.collect()
     return check_stored_reference(package, path)
