@@ -301,3 +301,22 @@ def test_float16_cast_is_numpys_bit_for_bit() -> None:
     with np.errstate(over="ignore"):
         expected = values.astype(np.float16)
     assert np.array_equal(to_float16(values).view(np.uint16), expected.view(np.uint16))
+
+
+def _make_temporary_package() -> tuple[str, bool]:
+    """What coremltools does for every converted model: a package folder made with tempfile, left for exit."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(suffix=".mlpackage")
+    Path(folder, "weight.bin").write_bytes(b"\0" * 1024)
+    return folder, Path(folder).exists()
+
+
+def test_isolated_steps_leave_no_temporary_files() -> None:
+    """A process forked from the server ends without exit handlers (coremltools' clean-up of its temporary
+    packages): each step gets a temp folder of its own, removed when it returns."""
+    from publisher.convert.coreml import run_isolated
+
+    folder, existed = run_isolated(_make_temporary_package)
+    assert existed and Path(folder).parent.name.startswith("publisher-step-")
+    assert not Path(folder).exists() and not Path(folder).parent.exists()
