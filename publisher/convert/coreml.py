@@ -251,8 +251,8 @@ def convert_component(source: Path, component: Component, attention: Attention, 
 
 
 # Where the platform allows it, isolated steps start as forks of one server process that has imported torch,
-# coremltools, diffusers and transformers (publisher.convert.preload): ~0.05 s per step instead of a fresh
-# interpreter's ~6 s of imports, ~28 times in a full build. Nothing has run a model in that server, so no thread
+# coremltools, diffusers and transformers (publisher.convert.preload): 0.27 s per step (measured) instead of a
+# fresh interpreter's 6-9 s of imports, ~28 times in a full build. Nothing has run a model in that server, so no thread
 # pool is inherited. Elsewhere (macOS: its system frameworks are not fork-safe) each step is a fresh interpreter.
 PRELOAD = ["publisher.convert.preload"]
 

@@ -385,7 +385,7 @@ class _Runner:
             if key(submodule) in self.float_references:
                 atomic_write_bytes(floats, self.float_references[key(submodule)])
                 known = floats
-            elif variant.model_family.chunk_index(submodule) is None:
+            elif not self._is_chunk(step):
                 fresh = floats
                 group = self._float_reference_group(step)
                 chunks = {s.params.submodule: work / f"float-reference-{s.params.submodule}.npz"

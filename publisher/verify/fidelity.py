@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,12 +59,19 @@ class Fidelity:
         return data
 
 
+def _cut(loaded: Any, example: tuple) -> tuple[Any, tuple, tuple]:
+    """Where a chunked component is cut, what chunk 1 gives for `example`, and what chunk 2 is fed for it (the text
+    embeddings, then the tensors crossing the cut)."""
+    from publisher.convert.chunk import chunk_specs
+
+    specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
+    return specs, intermediates, (example[2], *intermediates)
+
+
 def _reference(source: Path, submodule: str, attention: Attention, resolution: int, family: str
                ) -> tuple[Any, tuple, list[str]]:
     """(PyTorch module, inputs, output names) for a submodule, chunks included."""
-    import torch
-
-    from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs
+    from publisher.convert.chunk import UnetChunk1, UnetChunk2
     from publisher.convert.components import example_inputs, load_component
 
     model_family = family_named(family)
@@ -72,14 +79,17 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: i
     example = example_inputs(loaded.spec)
     chunk = model_family.chunk_index(submodule)
     if chunk == 0:
-        specs, _ = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
+        specs, _, _ = _cut(loaded, example)
         return UnetChunk1(loaded.module, specs.cut), example, [t.name for t in specs.chunk1_outputs]
     if chunk == 1:
-        specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
-        with torch.no_grad():
-            inputs = (example[2], *intermediates)
+        specs, _, inputs = _cut(loaded, example)
         return UnetChunk2(loaded.module, specs.cut), inputs, [t.name for t in specs.chunk2_outputs]
     return loaded.module, example, [t.name for t in loaded.spec.outputs]
+
+
+def _float32_arrays(names: Iterable[str], tensors: Iterable[Any]) -> dict[str, np.ndarray]:
+    """Named float32 arrays of the tensors fed to a module (the reference's inputs, as the executor gets them)."""
+    return {name: np.asarray(x.numpy(), dtype=np.float32) for name, x in zip(names, tensors, strict=True)}
 
 
 def _torch_outputs(module: Any, inputs: tuple, names: list[str]) -> dict[str, np.ndarray]:
@@ -175,8 +185,7 @@ def compute_reference(package: Path, source: Path, submodule: str, attention: At
     from publisher.compress.scheme import schemes
 
     module, inputs, names = _reference(source, submodule, attention, resolution, family)
-    feed = {name: np.asarray(x.numpy(), dtype=np.float32) for (name, _), x in zip(_declared_inputs(package), inputs,
-                                                                                   strict=True)}
+    feed = _float32_arrays((name for name, _ in _declared_inputs(package)), inputs)
     reusable = float_reference is not None and float_reference.inputs.keys() == feed.keys() and all(
         np.array_equal(float_reference.inputs[name], value) for name, value in feed.items())
     expected = float_reference.outputs if reusable and float_reference is not None else _torch_outputs(
@@ -223,25 +232,21 @@ def chunk_references(source: Path, component: str, resolution: int, family: str 
     """The float model's references for a component and for each of its chunks, from one forward through the
     chunks (ORIGINAL attention): chunk 1 on the component's seeded inputs, chunk 2 on the tensors crossing the cut,
     whose outputs are the whole component's. Keyed by submodule."""
-    from publisher.convert.chunk import UnetChunk2, chunk_specs
+    from publisher.convert.chunk import UnetChunk2
     from publisher.convert.components import example_inputs, load_component
 
     model_family = family_named(family)
-    loaded = load_component(source, model_family.component_of(component), Attention.ORIGINAL, resolution,
-                            family=family)
+    spec = model_family.component(model_family.component_of(component))
+    loaded = load_component(source, spec.component, Attention.ORIGINAL, resolution, family=family)
     example = example_inputs(loaded.spec)
-    specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
-    second = (example[2], *intermediates)  # encoder_hidden_states, then what crosses the cut
+    specs, intermediates, second = _cut(loaded, example)
     outputs = _torch_outputs(UnetChunk2(loaded.module, specs.cut), second, [t.name for t in specs.chunk2_outputs])
-    first, last = (name for name, _ in model_family.component(model_family.component_of(component)).chunks)
-
-    def arrays(tensors: Any, names: Any) -> dict[str, np.ndarray]:
-        return {t.name: np.asarray(x.numpy(), dtype=np.float32) for t, x in zip(names, tensors, strict=True)}
-
-    whole_inputs = arrays(example, specs.chunk1_inputs)
+    first, last = (name for name, _ in spec.chunks)
+    whole_inputs = _float32_arrays((t.name for t in specs.chunk1_inputs), example)
     return {component: Reference(component, whole_inputs, outputs),
-            first: Reference(first, whole_inputs, arrays(intermediates, specs.chunk1_outputs)),
-            last: Reference(last, arrays(second, specs.chunk2_inputs), outputs)}
+            first: Reference(first, whole_inputs, _float32_arrays((t.name for t in specs.chunk1_outputs),
+                                                                  intermediates)),
+            last: Reference(last, _float32_arrays((t.name for t in specs.chunk2_inputs), second), outputs)}
 
 
 def reference_and_check(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
