@@ -329,15 +329,22 @@ def test_float_references_are_computed_once_and_shared(built) -> None:  # type: 
         assert reference.float_outputs is None
         for name, value in reference.outputs.items():
             assert np.array_equal(value, v2[submodule].outputs[name]), (submodule, name)
+    palettized = {attention: references("coreml-tiny-sd-palettized", attention)
+                  for attention in ("original", "split_einsum_v2")}
     for attention in ("original", "split_einsum_v2"):
-        palettized = references("coreml-tiny-sd-palettized", attention)
         for submodule in ("text_encoder", "unet"):
-            reference = palettized[submodule]
+            reference = palettized[attention][submodule]
             assert reference.float_outputs is not None and "replaced" in reference.notes[0]
             for name, value in reference.float_outputs.items():
                 assert np.array_equal(value, original[submodule].outputs[name]), (attention, submodule, name)
                 # held to the decoded weights, which differ from the float model's
                 assert not np.array_equal(reference.outputs[name], value)
+    # the palettized UNets of both attentions decode to the same weights: the second is held to the first's
+    # PyTorch outputs (computed once), and both pass on the executor
+    first, second = palettized["original"]["unet"], palettized["split_einsum_v2"]["unet"]
+    assert first.weights_digest is not None and first.weights_digest == second.weights_digest
+    assert "same decoded weights" in second.notes[-1] and len(first.notes) == 1
+    assert all(np.array_equal(first.outputs[name], value) for name, value in second.outputs.items())
 
 
 def test_verify_without_stored_reference_says_so(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

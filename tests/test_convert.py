@@ -320,3 +320,55 @@ def test_isolated_steps_leave_no_temporary_files() -> None:
     folder, existed = run_isolated(_make_temporary_package)
     assert existed and Path(folder).parent.name.startswith("publisher-step-")
     assert not Path(folder).exists() and not Path(folder).parent.exists()
+
+
+@pytest.mark.parametrize(("attention", "component"), [(Attention.SPLIT_EINSUM_V2, Component.UNET),
+                                                      (Attention.ORIGINAL, Component.VAE_DECODER),
+                                                      (Attention.ORIGINAL, Component.TEXT_ENCODER)])
+def test_one_validation_per_pipeline_converts_byte_for_byte(converted: dict, tiny_source: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, attention: Attention,
+                                                            component: Component) -> None:
+    """The conversion that validates the program once per pass pipeline writes the very package coremltools' own
+    pipeline manager (a validation after every pass) writes."""
+    import contextlib
+
+    from publisher.convert import coreml
+
+    monkeypatch.setattr(coreml, "_validated_once_per_pipeline", contextlib.nullcontext)
+    again = tmp_path / "again.mlpackage"
+    coreml.convert_component(tiny_source, component, attention, RESOLUTION, DeploymentTarget.iOS16, again,
+                             PackageMetadata("tiny/sd@main", "mit", attention))
+    assert _tree_digest(again) == _tree_digest(converted[attention, component])
+
+
+def test_a_pipeline_that_breaks_the_program_is_still_refused() -> None:
+    """The one validation at the end of a pipeline catches what a pass broke."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.block import InvalidBlockStateError
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipeline, PassPipelineManager
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    from publisher.convert.coreml import _validated_once_per_pipeline
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
+    def prog(x):  # type: ignore[no-untyped-def]
+        return mb.relu(x=mb.add(x=x, y=1.0))
+
+    class Break:
+        def set_options(self, options: object) -> None:
+            return None
+
+        def __call__(self, program: object) -> None:  # the add's output claims a second consumer
+            ops = list(program.functions["main"].operations)  # type: ignore[attr-defined]
+            add = next(op for op in ops if op.op_type == "add")
+            add.outputs[0]._child_ops.append(add)
+
+    PASS_REGISTRY.passes["test::break_program"] = Break()
+    try:
+        pipeline = PassPipeline(pass_names=["common::noop_elimination", "test::break_program"],
+                                pipeline_name="broken")
+        with _validated_once_per_pipeline(), pytest.raises(InvalidBlockStateError):
+            PassPipelineManager.apply_pipeline(prog, pipeline)
+        assert "test::break_program" in PASS_REGISTRY.passes
+    finally:
+        del PASS_REGISTRY.passes["test::break_program"]

@@ -181,3 +181,20 @@ def test_broken_conversion_is_caught(tiny_source: Path, tmp_path: Path, breaker)
 
     # the interface is right: only the numbers can tell
     assert contract_problems(package, component.value, source_dims(tiny_source, RESOLUTION)) == []
+
+
+def test_decoded_weights_digest_names_what_pytorch_runs() -> None:
+    """Equal for the same decoded weights replacing the same float16 weights (in any order, under other op
+    names); different when one value, a shape or the weight it replaces differs."""
+    from publisher.verify.fidelity import decoded_weights_digest
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 8)).astype(np.float16), rng.standard_normal(16).astype(np.float16)
+    base = decoded_weights_digest({"w1": a, "w2": b}, {"w1": "f1", "w2": "f2"})
+    assert decoded_weights_digest({"x2": b, "x1": a}, {"x1": "f1", "x2": "f2"}) == base
+    changed = a.copy()
+    changed[0, 0] = np.float16(changed[0, 0] + 1)
+    assert decoded_weights_digest({"w1": changed, "w2": b}, {"w1": "f1", "w2": "f2"}) != base
+    assert decoded_weights_digest({"w1": a.reshape(8, 4), "w2": b}, {"w1": "f1", "w2": "f2"}) != base
+    assert decoded_weights_digest({"w1": a, "w2": b}, {"w1": "f2", "w2": "f1"}) != base
+    assert decoded_weights_digest({"w1": a, "w2": b}, {}) != base  # matched by name, not by the float16 weight

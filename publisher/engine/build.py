@@ -58,7 +58,7 @@ from publisher.store import (
 )
 from publisher.util.atomic import atomic_write_bytes, atomic_write_text
 from publisher.util.hashing import json_sha256
-from publisher.verify.fidelity import REFERENCE
+from publisher.verify.fidelity import REFERENCE, Reference
 
 PACKAGE = "model.mlpackage"
 
@@ -135,6 +135,8 @@ class _Runner:
         self.report = report
         # (source, submodule, resolution, family) -> saved float reference (a few MB): one PyTorch run per build
         self.float_references: dict[tuple[str, str, int, str], bytes] = {}
+        # the same key -> the references of its compressed packages by the digest of their decoded weights
+        self.decoded_references: dict[tuple[str, str, int, str], dict[str, bytes]] = {}
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -188,7 +190,20 @@ class _Runner:
                             None)
             if producer is not None and producer.id != step.id:
                 before.add(producer.id)
+            compression = self._compression_of(step)
+            if compression is not None:  # the first package compressed alike may share its decoded reference
+                first = next(s for s in steps if self._float_reference_group(s) == group
+                             and self._compression_of(s) == compression)
+                if first.id != step.id:
+                    before.add(first.id)
         return before
+
+    def _compression_of(self, step: Step) -> tuple[str, str] | None:
+        """A verify step's package's compression (scheme, settings), None for a float16 package."""
+        package = self.plan.steps.get(step.inputs[0]) if step.inputs else None
+        if package is None or not isinstance(package.params, CompressParams):
+            return None
+        return package.params.scheme, json.dumps(package.params.settings, sort_keys=True)
 
     def _is_chunk(self, step: Step) -> bool:
         return isinstance(step.params, VerifyParams) and \
@@ -391,14 +406,28 @@ class _Runner:
                 chunks = {s.params.submodule: work / f"float-reference-{s.params.submodule}.npz"
                           for s in self.plan.steps.values() if isinstance(s.params, VerifyParams)
                           and self._is_chunk(s) and self._float_reference_group(s) == group}
+            # a compressed package whose decoded weights equal an earlier one's (the same weights under another
+            # attention implementation) is held to that one's PyTorch outputs
+            decoded: dict[str, Path] = {}
+            if compressed:
+                for digest, data in self.decoded_references.get(key(submodule), {}).items():
+                    decoded[digest] = work / f"decoded-reference-{digest[:16]}.npz"
+                    atomic_write_bytes(decoded[digest], data)
             fidelity = run(reference_and_check, package, source, submodule, variant.attention, variant.resolution,
-                           float16, scheme, work / REFERENCE, variant.family, known, fresh, chunks or None)
+                           float16, scheme, work / REFERENCE, variant.family, known, fresh, chunks or None,
+                           decoded or None)
             if fresh is not None:
                 self.float_references[key(submodule)] = fresh.read_bytes()
             for name, path in chunks.items():
                 self.float_references[key(name)] = path.read_bytes()
                 path.unlink()
+            for path in decoded.values():
+                path.unlink()
             floats.unlink(missing_ok=True)
+            if compressed:
+                digest = Reference.load(work / REFERENCE).weights_digest
+                if digest is not None:
+                    self.decoded_references.setdefault(key(submodule), {})[digest] = (work / REFERENCE).read_bytes()
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
                 raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "

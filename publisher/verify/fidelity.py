@@ -116,13 +116,15 @@ class Reference:
     outputs: dict[str, np.ndarray]
     float_outputs: dict[str, np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
+    weights_digest: str | None = None  # compressed: what the PyTorch side ran (`decoded_weights_digest`)
 
     def save(self, path: Path) -> None:
         arrays = {f"in/{k}": v for k, v in self.inputs.items()}
         arrays |= {f"out/{k}": v for k, v in self.outputs.items()}
         arrays |= {f"float/{k}": v for k, v in (self.float_outputs or {}).items()}
         meta = json.dumps({"submodule": self.submodule, "notes": self.notes, "inputs": list(self.inputs),
-                           "outputs": list(self.outputs), "float": self.float_outputs is not None})
+                           "outputs": list(self.outputs), "float": self.float_outputs is not None,
+                           "weights_digest": self.weights_digest})
         buffer = io.BytesIO()  # a few MB
         np.savez(buffer, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
         atomic_write_bytes(Path(path), buffer.getvalue())
@@ -134,28 +136,36 @@ class Reference:
             return cls(submodule=meta["submodule"], notes=list(meta["notes"]),
                        inputs={k: data[f"in/{k}"] for k in meta["inputs"]},
                        outputs={k: data[f"out/{k}"] for k in meta["outputs"]},
-                       float_outputs={k: data[f"float/{k}"] for k in meta["outputs"]} if meta["float"] else None)
+                       float_outputs={k: data[f"float/{k}"] for k in meta["outputs"]} if meta["float"] else None,
+                       weights_digest=meta.get("weights_digest"))
 
 
 def _digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], float16_package: Path | None) -> int:
+def decoded_weights_digest(decoded: Mapping[str, np.ndarray], originals: Mapping[str, str]) -> str:
+    """One digest of what the PyTorch side of a compressed package runs: each decoded weight (dtype, shape, bytes)
+    with the float16 weight it replaces (`originals`: op name -> sha256 in the float16 package; the op's name where
+    there is none). Packages of the same source component with equal digests (a palettized ORIGINAL and
+    SPLIT_EINSUM_V2 UNet: same weights, other attention ops) are held to the same outputs."""
+    entries = sorted(f"{originals.get(name, 'op:' + name)} {values.dtype} {list(values.shape)} {_digest(values)}"
+                     for name, values in decoded.items())
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], originals: Mapping[str, str]) -> int:
     """Load the weights a compressed package decodes to into `module`. Each decoded weight is matched to its
-    parameter through the float16 package's weights, byte for byte (by sha256: neither side's bytes are kept);
-    without that package, to the parameter of the same size whose values are nearest. The decoded weights are taken
-    one at a time. Returns how many parameters were replaced."""
+    parameter through the float16 package's weights (`originals`: op name -> sha256), byte for byte (neither
+    side's bytes are kept); without them, to the parameter of the same size whose values are nearest. The decoded
+    weights are taken one at a time. Returns how many parameters were replaced."""
     import torch
 
-    from publisher.milfile import const_digests
-
     params = list(module.parameters())
-    originals = const_digests(float16_package) if float16_package is not None else {}
     by_digest: dict[str, list[Any]] = {}
     by_size: dict[int, list[Any]] = {}
     for param in params:
-        if float16_package is not None:
+        if originals:
             by_digest.setdefault(_digest(param.detach().half().numpy()), []).append(param)
         by_size.setdefault(param.numel(), []).append(param)
     replaced = 0
@@ -175,34 +185,55 @@ def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], float16_
     return replaced
 
 
+def _same_inputs(known: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray]) -> bool:
+    return known.keys() == feed.keys() and all(np.array_equal(known[name], value) for name, value in feed.items())
+
+
 def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                       float16_package: Path | None = None, scheme: str | None = None,
-                      family: str = DEFAULT_FAMILY, float_reference: Reference | None = None) -> Reference:
+                      family: str = DEFAULT_FAMILY, float_reference: Reference | None = None,
+                      decoded_references: Mapping[str, Path] | None = None) -> Reference:
     """Run PyTorch on the seeded inputs (on Linux, in the build): the outputs the package is held to. A package
     compressed by `scheme` is held to PyTorch running the weights it decodes to (and compared with the float
     model as well); `scheme` None: whichever registered scheme recognises the package. `float_reference`: the float
-    model's outputs on the same inputs, already computed (one forward fewer)."""
+    model's outputs on the same inputs, already computed (one forward fewer). `decoded_references`: references of
+    other compressed packages of the same component and inputs, by `weights_digest`: one whose decoded weights are
+    this package's serves as its reference (no PyTorch model is loaded)."""
     from publisher.compress.scheme import schemes
+    from publisher.milfile import const_digests
 
-    module, inputs, names = _reference(source, submodule, attention, resolution, family)
-    feed = _float32_arrays((name for name, _ in _declared_inputs(package)), inputs)
-    reusable = float_reference is not None and float_reference.inputs.keys() == feed.keys() and all(
-        np.array_equal(float_reference.inputs[name], value) for name, value in feed.items())
-    expected = float_reference.outputs if reusable and float_reference is not None else _torch_outputs(
-        module, inputs, names)
-    decoded: dict[str, np.ndarray] = {}
+    decoded: Mapping[str, np.ndarray] = {}
     for name, candidate in schemes().items():  # not told: the scheme whose ops the package holds, if any
         if scheme in (None, name):
             decoded = candidate.decoded_weights(package)
             if decoded:
                 scheme = name
                 break
+    originals: dict[str, str] = {}
+    digest = None
+    if decoded:
+        originals = const_digests(float16_package) if float16_package is not None else {}
+        digest = decoded_weights_digest(decoded, originals)
+        known = decoded_references.get(digest) if decoded_references and float_reference is not None else None
+        if known is not None and float_reference is not None:
+            shared = Reference.load(known)
+            declared = [name for name, _ in _declared_inputs(package)]
+            if shared.weights_digest == digest and list(shared.inputs) == declared and \
+                    _same_inputs(float_reference.inputs, shared.inputs):
+                return Reference(submodule, shared.inputs, shared.outputs, float_outputs=float_reference.outputs,
+                                 notes=[*shared.notes, "the same decoded weights as an earlier package's: its "
+                                        "PyTorch outputs"], weights_digest=digest)
+    module, inputs, names = _reference(source, submodule, attention, resolution, family)
+    feed = _float32_arrays((name for name, _ in _declared_inputs(package)), inputs)
+    reusable = float_reference is not None and _same_inputs(float_reference.inputs, feed)
+    expected = float_reference.outputs if reusable and float_reference is not None else _torch_outputs(
+        module, inputs, names)
     if not decoded:
         return Reference(submodule, feed, expected)
-    replaced = _dequantized_module(module, decoded, float16_package)
+    replaced = _dequantized_module(module, decoded, originals)
     dequantized = _torch_outputs(module, inputs, names)
     return Reference(submodule, feed, dequantized, float_outputs=expected,
-                     notes=[f"{replaced} parameters replaced by their {scheme} values"])
+                     notes=[f"{replaced} parameters replaced by their {scheme} values"], weights_digest=digest)
 
 
 def compare(package: Path, reference: Reference, runtime: Runtime) -> Fidelity:
@@ -252,14 +283,16 @@ def chunk_references(source: Path, component: str, resolution: int, family: str 
 def reference_and_check(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
                         float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY,
                         float_reference: Path | None = None, save_float_reference: Path | None = None,
-                        save_chunk_references: Mapping[str, Path] | None = None) -> Fidelity:
+                        save_chunk_references: Mapping[str, Path] | None = None,
+                        decoded_references: Mapping[str, Path] | None = None) -> Fidelity:
     """A verify step's work in one process (one interpreter start instead of two; each PyTorch model is dropped
     before the next part starts): the float model's reference (read from `float_reference`; else computed with
     ORIGINAL attention and saved to `save_float_reference`, when given, together with its chunks' references
     when `save_chunk_references` names them: the same forward, cut in two), the package's own reference saved to
     `path` (the float one itself for a float package or a chunk; for a compressed one PyTorch on the weights it
     decodes to, with ORIGINAL attention as well: the attention implementation does not change the function, only
-    how fast PyTorch computes it), and the package on the executor against it."""
+    how fast PyTorch computes it; or an earlier package's among `decoded_references` that ran the same decoded
+    weights), and the package on the executor against it."""
     import gc
 
     return_large_blocks()
@@ -281,7 +314,7 @@ def reference_and_check(package: Path, source: Path, submodule: str, attention: 
     else:
         chunked = family_named(family).chunk_index(submodule) is not None
         reference = compute_reference(package, source, submodule, attention if chunked else Attention.ORIGINAL,
-                                      resolution, float16_package, scheme, family, known)
+                                      resolution, float16_package, scheme, family, known, decoded_references)
     reference.save(path)
     gc.collect()
     return check_stored_reference(package, path)
