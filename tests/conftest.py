@@ -84,8 +84,10 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every component x attention implementation converted once (float16, iOS16)."""
+    """Every component x attention implementation converted once (float16, iOS16); a component the attention does
+    not change (all but the UNet) once for all of them, as the build does."""
     from publisher.convert.coreml import PackageMetadata, convert_component
+    from publisher.family import family_named
     from publisher.manifest import Attention, Component, DeploymentTarget
 
     out = tmp_path_factory.mktemp("packages")
@@ -94,6 +96,9 @@ def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         for component in SD_COMPONENTS:
             # the safety checker only exists at 512 (the Swift pipeline feeds it a 512x512 image)
             resolution = 512 if component is Component.SAFETY_CHECKER else RESOLUTION
+            if attention is not Attention.ORIGINAL and not family_named("sd").component(component).uses_attention:
+                packages[attention, component] = packages[Attention.ORIGINAL, component]
+                continue
             path = out / attention.folder / f"{component.value}.mlpackage"
             convert_component(tiny_source, component, attention, resolution, DeploymentTarget.iOS16, path,
                               PackageMetadata("tiny/sd@main", "mit", attention))

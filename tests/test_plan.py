@@ -30,9 +30,10 @@ def test_every_variant_of_the_base_models() -> None:
 def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     plan = build_plan(load_manifests(SD_MANIFESTS), "me")  # SDXL's sharing: tests/test_sdxl.py
     counts = plan.counts()
-    # per model: the UNet and the two VAE parts once per attention (the float16 SPLIT_EINSUM UNet also as two
-    # chunks, for iOS), the text encoder and the safety checker (SD 1.x only) once for every attention
-    assert counts["convert"] == 2 * (3 + 6 + 2) + 2 * (3 + 6 + 1)
+    # per model: the UNet once per attention (the float16 SPLIT_EINSUM UNet also as two chunks, for iOS); the two
+    # VAE parts (diffusers' own, as Apple converts them), the text encoder and the safety checker (SD 1.x only)
+    # once for every attention
+    assert counts["convert"] == 2 * (3 + 2 + 2) + 2 * (3 + 2 + 1)
     assert counts["chunk"] == 4 * 2
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
@@ -48,9 +49,9 @@ def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
             min(repos, key=len)}, step.id  # the float16 and the palettized repo (and the mixed-bit one of SD 1.5)
         assert len(repos) == (3 if "v1-5" in step.id and step.params.attention is None else 2), step.id
         assert step.params.deployment_target == "iOS16"
-    text_encoders = [s for s in plan.steps_of("convert") if s.params.component == "text_encoder"]
-    # every attention of a model
-    assert len(text_encoders) == 4 and sorted(len(s.variants) for s in text_encoders) == [4, 4, 4, 5]
+    for component in ("text_encoder", "vae_decoder", "vae_encoder"):  # every attention of a model
+        steps = [s for s in plan.steps_of("convert") if s.params.component == component]
+        assert len(steps) == 4 and sorted(len(s.variants) for s in steps) == [4, 4, 4, 5], component
 
 
 def test_steps_come_after_their_inputs() -> None:

@@ -275,10 +275,10 @@ def test_the_sdxl_manifest_shares_its_conversions() -> None:
     manifest = Path(__file__).parent.parent / "manifests" / "sd-xl-base-1-0.yaml"
     plan = build_plan(load_manifests([manifest]), "me")
     counts = plan.counts()
-    # both text encoders once; the UNet and the two VAE parts once per attention, for both base repos (and the
+    # both text encoders and the two VAE parts once; the UNet once per attention, for both base repos (and the
     # with-refiner repo's ORIGINAL); the refiner once; the 6-bit iOS UNet's chunks converted by the chunk steps;
     # palettized: both text encoders (once), each UNet, both chunks
-    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 * 3 + 1, 2, 2 + 2 + 2)
+    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 + 2 + 1, 2, 2 + 2 + 2)
     base = {"me/coreml-stable-diffusion-xl-base-1-0", "me/coreml-stable-diffusion-xl-base-1-0-palettized"}
     with_refiner = "me/coreml-stable-diffusion-xl-base-with-refiner-1-0"
     for step in plan.steps_of("convert"):

@@ -11,9 +11,8 @@ Every core takes pre-scaled queries and keys/values as (B, C, 1, S) tensors (C =
 - SPLIT_EINSUM_V2: SPLIT_EINSUM with the queries cut into chunks of 512, so that no intermediate holds a
   (keys x all-queries) matrix; below 512 queries it is SPLIT_EINSUM. A last shorter chunk is kept.
 
-The VAE's spatial self-attention gets the same cores (SpatialAttention4D, its projections 1x1 convolutions) when an
-implementation other than ORIGINAL is asked for; its state dict keys are diffusers' (the module takes over the
-original's children). `Conv1x1` and `linears_to_convs` serve it and the ANE-shaped UNet alike.
+The VAE keeps diffusers' attention for every implementation, as Apple's converter does. `Conv1x1` and
+`linears_to_convs` serve the ANE-shaped UNet.
 """
 
 from __future__ import annotations
@@ -108,46 +107,3 @@ def linears_to_convs(module: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, Conv1x1.from_linear(child))
     return len(swaps)
-
-
-class SpatialAttention4D(nn.Module):
-    """The VAE's single-head spatial `Attention` (group norm, residual) on (B, C, 1, H*W) with a given core."""
-
-    def __init__(self, original: Any, core: AttentionCore) -> None:
-        super().__init__()
-        self.group_norm = original.group_norm
-        self.to_q, self.to_k, self.to_v, self.to_out = original.to_q, original.to_k, original.to_v, original.to_out
-        linears_to_convs(self)
-        self.heads = original.heads
-        self.scale = original.scale
-        self.residual_connection = original.residual_connection
-        self.rescale_output_factor = original.rescale_output_factor
-        self.core = core
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        batch, channels, height, width = hidden_states.shape
-        residual = hidden_states
-        x = self.group_norm(hidden_states) if self.group_norm is not None else hidden_states
-        x = x.reshape(batch, channels, 1, height * width)
-        q = self.to_q(x) * self.scale
-        out = self.core(q, self.to_k(x), self.to_v(x), self.heads)
-        out = self.to_out[0](out).reshape(batch, channels, height, width)
-        if self.residual_connection:
-            out = out + residual
-        return out / self.rescale_output_factor
-
-
-def apply_vae_attention(model: nn.Module, attention: Attention) -> nn.Module:
-    """Swap the VAE's spatial attention modules in place for the given implementation; returns the model."""
-    if attention is Attention.ORIGINAL:
-        return model
-    from diffusers.models.attention_processor import Attention as DiffusersAttention
-
-    core = attention_core(attention)
-    replacements = [(parent, name, SpatialAttention4D(child, core)) for parent in model.modules()
-                    for name, child in parent.named_children()
-                    if isinstance(child, DiffusersAttention) and child.group_norm is not None
-                    and not child.is_cross_attention]
-    for parent, name, replacement in replacements:
-        setattr(parent, name, replacement)
-    return model

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from publisher.contract import FLOAT16, ModelDims, ModelSpec
-from publisher.convert.attention import apply_vae_attention, attention_core
+from publisher.convert.attention import attention_core
 from publisher.convert.unet import AneUnet
 from publisher.convert.weight_files import load_streaming, weights_variant
 from publisher.errors import SourceError
@@ -145,8 +145,10 @@ WRAPPERS: dict[str, Callable[[nn.Module, Attention], nn.Module]] = {
     "text_encoder": lambda module, attention: TextEncoder(module),
     "text_encoder_xl": lambda module, attention: TextEncoderXL(module),
     "unet": lambda module, attention: Unet(module, attention),
-    "vae_decoder": lambda module, attention: VAEDecoder(apply_vae_attention(module, attention)),
-    "vae_encoder": lambda module, attention: VAEEncoder(apply_vae_attention(module, attention)),
+    # the VAE as diffusers has it, whatever the attention implementation: Apple's converter traces it unchanged
+    # ("a pure ConvNet"), so its packages are one conversion shared by every attention folder
+    "vae_decoder": lambda module, attention: VAEDecoder(module),
+    "vae_encoder": lambda module, attention: VAEEncoder(module),
     "safety_checker": lambda module, attention: SafetyChecker(module),
 }
 
