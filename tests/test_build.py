@@ -385,8 +385,9 @@ def test_chunked_variant_publishes_chunks_and_the_whole_unet(tmp_path: Path, sta
 
 
 def test_parallel_isolated_build_equals_the_sequential_one(built, staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Two steps at a time, each in a process forked from the preloaded server: the same packages, references and
-    build-info files as one step at a time in the build's own process; each float reference still computed once."""
+    """Two steps at a time, each in a process forked from the preloaded server: the same packages and build-info
+    files as one step at a time in the build's own process, references equal up to float rounding; each float
+    reference still computed once."""
     from publisher.verify.fidelity import Reference
 
     work, sequential = built
@@ -406,4 +407,5 @@ def test_parallel_isolated_build_equals_the_sequential_one(built, staging_hub, t
             mine = Reference.load(tmp_path / "store" / "objects" / key[:2] / key / "reference.npz")
             theirs = Reference.load(work / "store" / "objects" / key[:2] / key / "reference.npz")
             for name, value in mine.outputs.items():
-                assert np.array_equal(value, theirs.outputs[name]), (submodule, name)
+                # steps side by side run PyTorch on fewer threads: sums in another order, the last bits differ
+                assert np.allclose(value, theirs.outputs[name], rtol=1e-4, atol=1e-5), (submodule, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,33 @@ def test_a_pipeline_that_breaks_the_program_is_still_refused() -> None:
         assert "test::break_program" in PASS_REGISTRY.passes
     finally:
         del PASS_REGISTRY.passes["test::break_program"]
+
+
+def test_a_killed_steps_temp_folder_is_removed_and_a_running_ones_kept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from publisher.convert.coreml import STEP_FOLDER_PREFIX, remove_stale_step_folders
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = tmp_path / f"{STEP_FOLDER_PREFIX}{gone.stdout.strip()}-abc"
+    (dead / "tmp1.mlpackage").mkdir(parents=True)
+    (dead / "tmp1.mlpackage" / "weight.bin").write_bytes(b"\0" * 1024)
+    running = tmp_path / f"{STEP_FOLDER_PREFIX}{os.getpid()}-def"
+    running.mkdir()
+    other = tmp_path / "publisher-hf-home-xyz"
+    other.mkdir()
+    assert remove_stale_step_folders(tmp_path) == 1
+    assert not dead.exists() and running.is_dir() and other.is_dir()
+
+
+def _torch_threads() -> int:
+    return torch.get_num_threads()
+
+
+def test_an_isolated_step_runs_with_the_threads_it_is_given() -> None:
+    from publisher.convert.coreml import run_isolated
+
+    assert run_isolated(_torch_threads, threads=1) == 1
+    assert run_isolated(_torch_threads) == torch.get_num_threads()  # not told: torch's default, as here

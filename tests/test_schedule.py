@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from publisher.engine.build import BuildError, run_steps
+from publisher.engine.build import BuildError, run_steps, step_threads
 from publisher.plan import ConvertParams, Step
 
 
@@ -24,6 +24,7 @@ class FakeRunner:
     running: set[str] = field(default_factory=set)
     spans: dict[str, tuple[float, float]] = field(default_factory=dict)
     beside: list[set[str]] = field(default_factory=list)
+    threads: dict[str, int | None] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def waits_for(self, step: Step, steps: Sequence[Step]) -> set[str]:
@@ -36,8 +37,9 @@ class FakeRunner:
     def duration_estimate(self, step: Step) -> float:
         return self.durations.get(step.id, 0.0)
 
-    def run_step(self, step: Step) -> None:
+    def run_step(self, step: Step, threads: int | None = None) -> None:
         start = time.perf_counter()
+        self.threads[step.id] = threads
         with self.lock:
             self.running.add(step.id)
             self.beside.append(set(self.running))
@@ -102,3 +104,17 @@ def test_the_longest_chain_starts_first() -> None:
     run_steps(runner, steps, jobs=2, budget=0)  # type: ignore[arg-type]
     first_two = sorted(runner.spans, key=lambda s: runner.spans[s][0])[:2]
     assert "c" in first_two and set(first_two) != {"a", "b"}
+
+
+def test_the_cores_are_shared_out_among_the_steps_started_together() -> None:
+    """Two steps started together get half the cores each (at least one thread); a step that starts alone, and
+    so stays alone until it ends, gets them all."""
+    assert step_threads(2, cores=2) == 1 and step_threads(1, cores=2) == 2 and step_threads(3, cores=2) == 1
+    assert step_threads(2, cores=16) == 8
+    steps = [step("a"), step("b"), step("c", "a", "b")]
+    runner = FakeRunner(estimates={})
+    run_steps(runner, steps, jobs=2, budget=0)  # type: ignore[arg-type]
+    assert runner.threads == {"a": step_threads(2), "b": step_threads(2), "c": step_threads(1)}
+    runner = FakeRunner(estimates={}, seconds=0.0)
+    run_steps(runner, steps, jobs=1, budget=0)  # type: ignore[arg-type]
+    assert set(runner.threads.values()) == {None}  # one job: torch's own default

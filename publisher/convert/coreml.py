@@ -290,13 +290,17 @@ def convert_component(source: Path, component: Component, attention: Attention, 
 PRELOAD = ["publisher.convert.preload"]
 
 
-def _child_init(environ: dict[str, str], cwd: str) -> None:
+def _child_init(environ: dict[str, str], cwd: str, threads: int | None) -> None:
     # a fork of the server has the server's environment and working folder: take the caller's, as of this call
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -308,17 +312,21 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 @contextlib.contextmanager
-def _pool() -> Iterator[ProcessPoolExecutor]:
+def _pool(threads: int | None = None) -> Iterator[ProcessPoolExecutor]:
     with ProcessPoolExecutor(max_workers=1, mp_context=_context(), initializer=_child_init,
-                             initargs=(dict(os.environ), os.getcwd())) as pool:
+                             initargs=(dict(os.environ), os.getcwd(), threads)) as pool:
         yield pool
+
+
+STEP_FOLDER_PREFIX = "publisher-step-"
 
 
 def _in_own_temp_folder(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run `function` with the temp folder of its own, removed when it returns. A process forked from the server
     ends without running its exit handlers, which is where coremltools removes the temporary package of every
-    model it converts (1.7 GB for a UNet): without this they would stay in /tmp."""
-    folder = tempfile.mkdtemp(prefix="publisher-step-")
+    model it converts (1.7 GB for a UNet): without this they would stay in /tmp. The folder's name carries the
+    process id, so that one left by a killed step can be told from a running step's (`remove_stale_step_folders`)."""
+    folder = tempfile.mkdtemp(prefix=f"{STEP_FOLDER_PREFIX}{os.getpid()}-")
     tempfile.tempdir = folder
     try:
         return function(*args, **kwargs)
@@ -327,10 +335,32 @@ def _in_own_temp_folder(function: Callable[..., T], *args: Any, **kwargs: Any) -
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_isolated(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_step_folders(root: Path | None = None) -> int:
+    """Remove the temp folders of isolated steps whose process is gone (killed: its `finally` never ran; a UNet
+    step leaves GBs there). Returns how many were removed."""
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STEP_FOLDER_PREFIX}*"):
+        pid = folder.name.removeprefix(STEP_FOLDER_PREFIX).split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def run_isolated(function: Callable[..., T], *args: Any, threads: int | None = None, **kwargs: Any) -> T:
     """Run `function` in a process of its own (its memory is the OS's again once it returns; so are its
-    temporary files)."""
-    with _pool() as pool:
+    temporary files). `threads`: torch's intra-op threads there (None: its default, one per core)."""
+    with _pool(threads) as pool:
         return pool.submit(_in_own_temp_folder, function, *args, **kwargs).result()
 
 

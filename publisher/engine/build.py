@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -116,10 +117,6 @@ class _Fetched:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> size, sha256 of what was downloaded
 
 
-def _call(function: Callable[..., Any], *args: Any) -> Any:
-    return function(*args)
-
-
 class _Runner:
     def __init__(self, plan: Plan, options: BuildOptions, report: Callable[[str], None]) -> None:
         self.plan = plan
@@ -137,10 +134,32 @@ class _Runner:
         self.float_references: dict[tuple[str, str, int, str], bytes] = {}
         # the same key -> the references of its compressed packages by the digest of their decoded weights
         self.decoded_references: dict[tuple[str, str, int, str], dict[str, bytes]] = {}
+        self._local = threading.local()  # per worker thread of run_steps: the running step's torch threads
+
+    def _run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A heavy step's work: in a process of its own (isolate), with the torch threads the step was given;
+        else in this process."""
+        if not self.options.isolate:
+            return function(*args, **kwargs)
+        from publisher.convert.coreml import run_isolated
+
+        return run_isolated(function, *args, threads=getattr(self._local, "threads", None), **kwargs)
+
+    def clean_leftovers(self) -> None:
+        """Remove what killed builds left: half-written store entries, and the temp folders of isolated steps
+        whose process is gone."""
+        from publisher.convert.coreml import remove_stale_step_folders
+
+        self.store.clean_temp()
+        removed = remove_stale_step_folders()
+        if removed:
+            self.report(f"removed {removed} temp folder(s) of killed steps")
 
     # -- steps ---------------------------------------------------------------------------------------------
 
-    def run_step(self, step: Step) -> None:
+    def run_step(self, step: Step, threads: int | None = None) -> None:
+        """Run one step (or take its stored output); `threads`: torch's threads in its isolated process."""
+        self._local.threads = threads
         broken = [i for i in step.inputs if i in self.failed]
         if broken:
             self.failed[step.id] = self.failed[broken[0]]
@@ -312,38 +331,31 @@ class _Runner:
                                attention=Attention(attention) if attention else None)
 
     def _do_convert(self, step: Step, work: Path) -> None:
-        from publisher.convert.coreml import convert_component, convert_isolated
+        from publisher.convert.coreml import convert_component
 
         p = step.params
         assert isinstance(p, ConvertParams)
-        convert = convert_isolated if self.options.isolate else convert_component
         # a component no attention implementation changes is converted as it is (the stock modules)
         attention = Attention(p.attention or Attention.ORIGINAL)
-        convert(self._source_path(step), Component(p.component), attention, p.resolution,
-                DeploymentTarget(p.deployment_target), work / PACKAGE, self._metadata(step), family=p.family)
+        self._run(convert_component, self._source_path(step), Component(p.component), attention, p.resolution,
+                  DeploymentTarget(p.deployment_target), work / PACKAGE, self._metadata(step), family=p.family)
 
     def _do_chunk(self, step: Step, work: Path) -> None:
         from publisher.convert.chunk import convert_unet_chunks
-        from publisher.convert.coreml import run_isolated
 
         p = step.params
         assert isinstance(p, ChunkParams) and p.attention is not None
         outputs = (work / PACKAGE, None) if family_named(p.family).chunk_index(p.chunk) == 0 else (None, work / PACKAGE)
         args = (self._source_path(step), Attention(p.attention), p.resolution, DeploymentTarget(p.deployment_target),
                 outputs, self._metadata(step), p.family, Component(p.component))
-        if self.options.isolate:
-            run_isolated(convert_unet_chunks, *args)
-        else:
-            convert_unet_chunks(*args)
+        self._run(convert_unet_chunks, *args)
 
     def _do_analyze(self, step: Step, work: Path) -> None:
-        from publisher.convert.coreml import run_isolated
         from publisher.verify.sensitivity import analyze_to_folder
 
         p = step.params
         assert isinstance(p, AnalyzeParams)
-        run = run_isolated if self.options.isolate else _call
-        run(analyze_to_folder, self._source_path(step), Component(p.component), p.resolution, p.settings,
+        self._run(analyze_to_folder, self._source_path(step), Component(p.component), p.resolution, p.settings,
             self._variant_of(step).source_repo, work, self.options.progress, p.family)
 
     def _do_compress(self, step: Step, work: Path) -> None:
@@ -374,7 +386,6 @@ class _Runner:
             raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
         report: dict[str, Any] = {"contract": "ok"}
         if self.options.verify:
-            from publisher.convert.coreml import run_isolated
             from publisher.verify.fidelity import PSNR_BAR_DB, reference_and_check
 
             package_step = self.plan.steps[step.inputs[0]]
@@ -385,7 +396,6 @@ class _Runner:
             # run included), so that no other machine loads a PyTorch model to verify this package. It runs in a
             # process of its own (isolate), the PyTorch model dropped before the executor starts: the build's own
             # process never holds a model.
-            run = run_isolated if self.options.isolate else _call
             # The float model's outputs depend on the weights and the seeded inputs, not on the attention
             # implementation or the compression: computed once per build (ORIGINAL attention) and shared by every
             # package of that submodule. The first verify step of a component computes them (run_steps orders the
@@ -413,7 +423,7 @@ class _Runner:
                 for digest, data in self.decoded_references.get(key(submodule), {}).items():
                     decoded[digest] = work / f"decoded-reference-{digest[:16]}.npz"
                     atomic_write_bytes(decoded[digest], data)
-            fidelity = run(reference_and_check, package, source, submodule, variant.attention, variant.resolution,
+            fidelity = self._run(reference_and_check, package, source, submodule, variant.attention, variant.resolution,
                            float16, scheme, work / REFERENCE, variant.family, known, fresh, chunks or None,
                            decoded or None)
             if fresh is not None:
@@ -600,12 +610,21 @@ def memory_budget() -> int:
         return 0
 
 
+def step_threads(running_at_once: int, cores: int | None = None) -> int:
+    """torch's threads for a step started with `running_at_once - 1` others: the cores shared out. Two steps of
+    two threads each on two cores are slower than of one each (measured, full-size UNet, two processes at once:
+    the executor 58 s against 36 s each, the PyTorch forward 29 s against 27 s)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, running_at_once))
+
+
 def run_steps(runner: _Runner, steps: Sequence[Step], jobs: int, budget: int,
               started: Callable[[Step], None] = lambda _: None, finished: Callable[[Step], None] = lambda _: None,
               ) -> None:
     """Run the steps, each once the steps it reads are done: up to `jobs` at a time, a step started beside
     others only when all their estimated peaks fit in `budget` bytes (a step alone always starts). Each heavy
-    step runs in a process of its own, so threads here only wait. The order of `steps` is the tie-break."""
+    step runs in a process of its own, so threads here only wait; it gets the cores shared out among the steps
+    running when it starts (one started alone stays alone: no other step can become ready before it ends). The
+    order of `steps` is the tie-break."""
     if jobs <= 1:
         for step in steps:
             started(step)
@@ -621,16 +640,20 @@ def run_steps(runner: _Runner, steps: Sequence[Step], jobs: int, budget: int,
             in_use = sum(estimate for _, estimate in running.values())
             chains = _chain_durations(runner, waiting, needs)  # the longest chains first: the tail stays short
             ready = sorted((s for s in waiting if needs[s.id] <= done), key=lambda s: -chains[s.id])
+            starting: list[tuple[Step, int]] = []
             for step in ready:
-                if len(running) >= jobs:
+                if len(running) + len(starting) >= jobs:
                     break
                 estimate = runner.memory_estimate(step)
-                if running and in_use + estimate > budget:
+                if (running or starting) and in_use + estimate > budget:
                     continue  # a lighter step further on may still fit
+                starting.append((step, estimate))
+                in_use += estimate
+            threads = step_threads(len(running) + len(starting))
+            for step, estimate in starting:
                 waiting.remove(step)
                 started(step)
-                running[pool.submit(runner.run_step, step)] = (step, estimate)
-                in_use += estimate
+                running[pool.submit(runner.run_step, step, threads)] = (step, estimate)
             if not running:  # nothing can start: an input is not among the steps (it stays unbuilt)
                 raise BuildError(f"{waiting[0].id}: waits for a step that is not run")
             finishing, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -668,7 +691,7 @@ def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
     if needs_compiler:
         require_compiler()
     runner = _Runner(plan, options, report or (lambda _: None))
-    runner.store.clean_temp()
+    runner.clean_leftovers()
     steps = [s for s in plan.steps.values() if ids & set(s.variants) and s.kind not in ("assemble", "zip")
              and (options.compile or s.kind != "compile")]
     with tqdm(total=len(steps), desc="build", unit="step", disable=not options.progress) as bar:
@@ -704,7 +727,7 @@ def analyze_sources(manifests: Sequence[LoadedManifest], options: BuildOptions,
     plan = build_plan(manifests, options.namespace)
     chosen = {v.id for v in select_variants(plan, options.variants)}
     runner = _Runner(plan, options, report or (lambda _: None))
-    runner.store.clean_temp()
+    runner.clean_leftovers()
     fetches = [s for s in plan.steps_of("fetch") if chosen & set(s.variants)]
     analyses = [s for s in plan.steps_of("analyze") if chosen & set(s.variants)]
     for fetch in fetches:
