@@ -356,7 +356,7 @@ class _Runner:
         p = step.params
         assert isinstance(p, AnalyzeParams)
         self._run(analyze_to_folder, self._source_path(step), Component(p.component), p.resolution, p.settings,
-            self._variant_of(step).source_repo, work, self.options.progress, p.family)
+                  self._variant_of(step).source_repo, work, self.options.progress, p.family)
 
     def _do_compress(self, step: Step, work: Path) -> None:
         p = step.params
