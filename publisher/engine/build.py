@@ -423,9 +423,9 @@ class _Runner:
                 for digest, data in self.decoded_references.get(key(submodule), {}).items():
                     decoded[digest] = work / f"decoded-reference-{digest[:16]}.npz"
                     atomic_write_bytes(decoded[digest], data)
-            fidelity = self._run(reference_and_check, package, source, submodule, variant.attention, variant.resolution,
-                           float16, scheme, work / REFERENCE, variant.family, known, fresh, chunks or None,
-                           decoded or None)
+            fidelity = self._run(reference_and_check, package, source, submodule, variant.attention,
+                                 variant.resolution, float16, scheme, work / REFERENCE, variant.family, known, fresh,
+                                 chunks or None, decoded or None)
             if fresh is not None:
                 self.float_references[key(submodule)] = fresh.read_bytes()
             for name, path in chunks.items():

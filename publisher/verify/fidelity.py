@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,21 +144,37 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
+def _digest_entry(name: str, values: np.ndarray, originals: Mapping[str, str]) -> str:
+    return f"{originals.get(name, 'op:' + name)} {values.dtype} {list(values.shape)} {_digest(values)}"
+
+
+def _digest_of(entries: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
+
+
 def decoded_weights_digest(decoded: Mapping[str, np.ndarray], originals: Mapping[str, str]) -> str:
     """One digest of what the PyTorch side of a compressed package runs: each decoded weight (dtype, shape, bytes)
     with the float16 weight it replaces (`originals`: op name -> sha256 in the float16 package; the op's name where
     there is none). Packages of the same source component with equal digests (a palettized ORIGINAL and
     SPLIT_EINSUM_V2 UNet: same weights, other attention ops) are held to the same outputs."""
-    entries = sorted(f"{originals.get(name, 'op:' + name)} {values.dtype} {list(values.shape)} {_digest(values)}"
-                     for name, values in decoded.items())
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    return _digest_of(_digest_entry(name, values, originals) for name, values in decoded.items())
 
 
-def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], originals: Mapping[str, str]) -> int:
-    """Load the weights a compressed package decodes to into `module`. Each decoded weight is matched to its
-    parameter through the float16 package's weights (`originals`: op name -> sha256), byte for byte (neither
-    side's bytes are kept); without them, to the parameter of the same size whose values are nearest. The decoded
-    weights are taken one at a time. Returns how many parameters were replaced."""
+def _noting_digest_entries(decoded: Mapping[str, np.ndarray], originals: Mapping[str, str], entries: list[str]
+                           ) -> Iterator[tuple[str, np.ndarray]]:
+    """The decoded weights, each one's digest entry noted as it goes by: one decoding pass serves the module and
+    the digest."""
+    for name, values in decoded.items():
+        entries.append(_digest_entry(name, values, originals))
+        yield name, values
+
+
+def _dequantized_module(module: Any, decoded: Iterable[tuple[str, np.ndarray]], originals: Mapping[str, str]
+                        ) -> int:
+    """Load the weights a compressed package decodes to (name, dense value) into `module`. Each decoded weight is
+    matched to its parameter through the float16 package's weights (`originals`: op name -> sha256), byte for byte
+    (neither side's bytes are kept); without them, to the parameter of the same size whose values are nearest. The
+    decoded weights are taken one at a time. Returns how many parameters were replaced."""
     import torch
 
     params = list(module.parameters())
@@ -169,7 +185,7 @@ def _dequantized_module(module: Any, decoded: Mapping[str, np.ndarray], original
             by_digest.setdefault(_digest(param.detach().half().numpy()), []).append(param)
         by_size.setdefault(param.numel(), []).append(param)
     replaced = 0
-    for name, dense in decoded.items():
+    for name, dense in decoded:
         values = np.asarray(dense, dtype=np.float32)
         if name in originals:
             targets = by_digest.get(originals[name], [])
@@ -213,9 +229,10 @@ def compute_reference(package: Path, source: Path, submodule: str, attention: At
     digest = None
     if decoded:
         originals = const_digests(float16_package) if float16_package is not None else {}
+    if decoded and decoded_references and float_reference is not None:
         digest = decoded_weights_digest(decoded, originals)
-        known = decoded_references.get(digest) if decoded_references and float_reference is not None else None
-        if known is not None and float_reference is not None:
+        known = decoded_references.get(digest)
+        if known is not None:
             shared = Reference.load(known)
             declared = [name for name, _ in _declared_inputs(package)]
             if shared.weights_digest == digest and list(shared.inputs) == declared and \
@@ -230,7 +247,10 @@ def compute_reference(package: Path, source: Path, submodule: str, attention: At
         module, inputs, names)
     if not decoded:
         return Reference(submodule, feed, expected)
-    replaced = _dequantized_module(module, decoded, originals)
+    entries: list[str] = []  # the digest's, unless it was made above
+    replaced = _dequantized_module(module, decoded.items() if digest else
+                                   _noting_digest_entries(decoded, originals, entries), originals)
+    digest = digest or _digest_of(entries)
     dequantized = _torch_outputs(module, inputs, names)
     return Reference(submodule, feed, dequantized, float_outputs=expected,
                      notes=[f"{replaced} parameters replaced by their {scheme} values"], weights_digest=digest)
