@@ -31,7 +31,8 @@ def full_size_unet_package(work: Path, source: Path | None, package: Path | None
         return source, package
     from bench.convert_unet import make_source  # type: ignore[import-not-found]
     from publisher.convert.coreml import PackageMetadata, convert_isolated
-    from publisher.manifest import Attention, Component, DeploymentTarget
+    from publisher.deployment import DeploymentTarget
+    from publisher.vocabulary import Attention, Component
 
     source = work / "source"
     make_source(source)

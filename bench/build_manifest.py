@@ -245,10 +245,12 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     from publisher.convert.chunk import convert_unet_chunks
     from publisher.convert.components import WRAPPERS, _loader, example_inputs
     from publisher.convert.coreml import PackageMetadata
+    from publisher.deployment import DeploymentTarget
     from publisher.engine.build import BuildOptions  # noqa: F401  (same import cost as the project's child)
-    from publisher.manifest import Attention, Component, DeploymentTarget, load_manifests
+    from publisher.manifest import load_manifests
     from publisher.mlpackage import import_coremltools
     from publisher.plan import build_plan
+    from publisher.vocabulary import Attention, Component
 
     ct = import_coremltools()
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights

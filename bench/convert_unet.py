@@ -76,8 +76,8 @@ def run_plain(source: Path, output: Path, attention: str, family: str) -> None:
     from publisher.convert.components import Unet, example_inputs
     from publisher.convert.weight_files import weights_variant
     from publisher.family import family_named
-    from publisher.manifest import Attention, Component
     from publisher.mlpackage import import_coremltools
+    from publisher.vocabulary import Attention, Component
 
     ct = import_coremltools()
     start = time.perf_counter()
@@ -101,7 +101,8 @@ def run_plain(source: Path, output: Path, attention: str, family: str) -> None:
 
 def run_project(source: Path, output: Path, attention: str, family: str) -> None:
     from publisher.convert.coreml import PackageMetadata, convert_component
-    from publisher.manifest import Attention, Component, DeploymentTarget
+    from publisher.deployment import DeploymentTarget
+    from publisher.vocabulary import Attention, Component
 
     _, resolution, label = FAMILIES[family]
     start = time.perf_counter()
@@ -113,7 +114,8 @@ def run_project(source: Path, output: Path, attention: str, family: str) -> None
 def run_chunks(source: Path, output: Path, attention: str, family: str) -> None:
     from publisher.convert.chunk import convert_unet_chunks
     from publisher.convert.coreml import PackageMetadata
-    from publisher.manifest import Attention, DeploymentTarget
+    from publisher.deployment import DeploymentTarget
+    from publisher.vocabulary import Attention
 
     _, resolution, label = FAMILIES[family]
     output.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def apply(work: Path) -> dict:
     from publisher.compress.scheme import CompressContext
     from publisher.convert.coreml import PackageMetadata, convert_isolated
     from publisher.deployment import DeploymentTarget
-    from publisher.manifest import Attention, Component
+    from publisher.vocabulary import Attention, Component
 
     package = work / "unet.mlpackage"
     start = time.perf_counter()

@@ -24,8 +24,8 @@ from bench._common import full_size_unet_package, peak_gib, run_child  # noqa: E
 
 
 def make_reference(source: Path, package: Path, out: Path) -> None:
-    from publisher.manifest import Attention
     from publisher.verify.fidelity import compute_reference
+    from publisher.vocabulary import Attention
 
     start = time.perf_counter()
     compute_reference(package, source, "unet", Attention.ORIGINAL, 512).save(out)

@@ -28,7 +28,7 @@ def child(mode: str, source: Path, package: Path, out: Path, family: str) -> Non
 
     from publisher.convert.components import example_inputs, load_component
     from publisher.family import family_named
-    from publisher.manifest import Attention, Component
+    from publisher.vocabulary import Attention, Component
 
     resolution = 1024 if family == "sdxl" else 512
     model_family = family_named(family)

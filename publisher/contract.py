@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from publisher.manifest import Attention, Component
+from publisher.vocabulary import Attention, Component
 
 # Apple's Python pipeline opens Stable_Diffusion_version_<model version>_<submodule>.mlpackage
 PACKAGE_TEMPLATE = "Stable_Diffusion_version_{model_version}_{submodule}.mlpackage"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from publisher.contract import PACKAGE_TEMPLATE, ModelDims, ModelSpec, package_name
 from publisher.errors import PublisherError, SourceError
-from publisher.manifest import Component
 from publisher.util.registry import Registry
+from publisher.vocabulary import Component
 
 DEFAULT_FAMILY = "sd"
 
@@ -127,13 +127,8 @@ def read_config(source: Path, folder: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _builtins() -> list[ModelFamily]:
-    from publisher.families import sd, sdxl
-
-    return [sd.FAMILY, sdxl.FAMILY]
-
-
-_REGISTRY: Registry[ModelFamily] = Registry("model family", lambda family: family.name, _builtins)
+_REGISTRY: Registry[ModelFamily] = Registry("model family", lambda family: family.name,
+                                            ("publisher.families.sd:FAMILY", "publisher.families.sdxl:FAMILY"))
 register_family = _REGISTRY.register
 unregister_family = _REGISTRY.unregister
 families = _REGISTRY.all

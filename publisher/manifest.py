@@ -22,6 +22,10 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from publisher.compress.scheme import CompressionSettings, precision_json_schema, validate_precision
 from publisher.deployment import DeploymentTarget
 from publisher.errors import ManifestError
+from publisher.vocabulary import Attention, Component, ComputeUnit, Layout
+
+__all__ = ["Attention", "Component", "ComputeUnit", "DeploymentTarget", "Layout", "LoadedManifest", "Manifest",
+           "load_manifest", "load_manifests"]
 
 SCHEMA_FILE_NAME = "manifest.schema.json"
 # Bounds on what a manifest may make the loader do (a real one is ~1 KB, ~60 nodes, 4 levels deep): a YAML alias
@@ -38,45 +42,7 @@ NAMESPACE_RE = re.compile(_NAME)
 SLUG_RE = r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$"
 
 
-class Attention(str, Enum):
-    ORIGINAL = "ORIGINAL"
-    SPLIT_EINSUM = "SPLIT_EINSUM"
-    SPLIT_EINSUM_V2 = "SPLIT_EINSUM_V2"
-
-    @property
-    def folder(self) -> str:
-        """Folder name in a published repo (`original`, `split_einsum`, `split_einsum_v2`)."""
-        return self.value.lower()
-
-    @property
-    def default_compute_unit(self) -> ComputeUnit:
-        return ComputeUnit.CPU_AND_GPU if self is Attention.ORIGINAL else ComputeUnit.ALL
-
-
-class Component(str, Enum):
-    TEXT_ENCODER = "text_encoder"
-    TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG) text encoder
-    UNET = "unet"
-    REFINER = "refiner"  # SDXL's refiner UNet, from the refiner pipeline (source.refiner)
-    VAE_DECODER = "vae_decoder"
-    VAE_ENCODER = "vae_encoder"
-    SAFETY_CHECKER = "safety_checker"
-
-
 DEFAULT_FAMILY = "sd"
-
-
-class ComputeUnit(str, Enum):
-    ALL = "ALL"
-    CPU_AND_GPU = "CPU_AND_GPU"
-    CPU_AND_NE = "CPU_AND_NE"
-    CPU_ONLY = "CPU_ONLY"
-
-
-class Layout(str, Enum):
-    PACKAGES = "packages"
-    COMPILED = "compiled"
-    ZIP = "zip"
 
 
 StrictInt = Annotated[int, Strict()]
@@ -229,6 +195,12 @@ class LoadedManifest:
     path: Path
     manifest: Manifest
     sha256: str
+    # per `publish` entry: the contents of the files its precision names (a recipe), read once here and checked;
+    # the plan keys the compress steps by them
+    precision_inputs: tuple[dict[str, Any], ...] = ()
+
+    def inputs_of(self, index: int) -> dict[str, Any]:
+        return self.precision_inputs[index] if index < len(self.precision_inputs) else {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,33 +359,55 @@ def _clean_loc(loc: Sequence[Any]) -> Loc:
 
 def parse_manifest(text: str, path: Path) -> tuple[Manifest | None, list[str]]:
     """Validate one manifest's text; returns the manifest or the error lines (`file:line: field: message`)."""
+    manifest, _, errors = _parse(text, path)
+    return manifest, errors
+
+
+def _parse(text: str, path: Path) -> tuple[Manifest | None, tuple[dict[str, Any], ...], list[str]]:
+    """parse_manifest, and the contents of the files each publish entry's precision names (read next to it)."""
+    manifest, document, errors = _validate(text, path)
+    if manifest is None:
+        return None, (), errors
+    inputs: list[dict[str, Any]] = []
+    problems: list[tuple[Loc, str]] = []
+    for index, target in enumerate(manifest.publish):
+        read, found = target.precision.scheme.read_inputs(target.precision, path.parent)
+        inputs.append(read)
+        problems.extend((("publish", index, *loc), message) for loc, message in found)
+    if problems:
+        return None, (), [_one_line(f"{path}:{_line_of(document, loc)}: {format_loc(loc)}: {msg}")
+                          for loc, msg in problems]
+    return manifest, tuple(inputs), []
+
+
+def _validate(text: str, path: Path) -> tuple[Manifest | None, Any, list[str]]:
     name = str(path)
     depth = 0
     for number, char in enumerate(text):  # flow nesting, before the parser recurses into it
         depth += 1 if char in "[{" else -1 if char in "]}" else 0
         if depth > MAX_DEPTH:
-            return None, [f"{name}:{text.count(chr(10), 0, number) + 1}: (yaml): nested deeper than {MAX_DEPTH} "
+            return None, None, [f"{name}:{text.count(chr(10), 0, number) + 1}: (yaml): nested deeper than {MAX_DEPTH} "
                           "levels"]
     try:
         document = YAML(typ="rt").load(text)
     except RecursionError:
-        return None, [f"{name}:1: (yaml): nested deeper than this loader follows (a manifest needs {MAX_DEPTH} "
+        return None, None, [f"{name}:1: (yaml): nested deeper than this loader follows (a manifest needs {MAX_DEPTH} "
                       "levels at most)"]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = (exc.problem or exc.context or "invalid YAML").strip().replace("\n", " ")
-        return None, [_one_line(f"{name}:{line}: (yaml): {problem}")]
+        return None, None, [_one_line(f"{name}:{line}: (yaml): {problem}")]
     except YAMLError as exc:
-        return None, [_one_line(f"{name}:1: (yaml): {str(exc).splitlines()[0] if str(exc) else 'invalid YAML'}")]
+        return None, None, [_one_line(f"{name}:1: (yaml): {str(exc).splitlines()[0] if str(exc) else 'invalid YAML'}")]
     if document is None:
-        return None, [f"{name}:1: (root): the manifest is empty"]
+        return None, None, [f"{name}:1: (root): the manifest is empty"]
     if not isinstance(document, CommentedMap):
-        return None, [f"{name}:1: (root): must be a mapping of fields, not {type(document).__name__}"]
+        return None, None, [f"{name}:1: (root): must be a mapping of fields, not {type(document).__name__}"]
     try:
         plain = _plain(document, [MAX_NODES], 0)
     except _TooLarge as exc:
-        return None, [f"{name}:1: (yaml): {exc}"]
+        return None, None, [f"{name}:1: (yaml): {exc}"]
     try:
         manifest = Manifest.model_validate(plain)
     except ValidationError as exc:
@@ -421,12 +415,12 @@ def parse_manifest(text: str, path: Path) -> tuple[Manifest | None, list[str]]:
         for error in exc.errors(include_url=False):
             loc = _clean_loc(error["loc"])
             lines.append(_one_line(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {_message(error)}"))
-        return None, lines
+        return None, None, lines
     errors = cross_field_errors(manifest)
     if errors:
-        return None, [_one_line(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {msg}")
+        return None, document, [_one_line(f"{name}:{_line_of(document, loc)}: {format_loc(loc)}: {msg}")
                       for loc, msg in errors]
-    return manifest, []
+    return manifest, document, []
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -481,10 +475,11 @@ def _load(path: Path) -> tuple[LoadedManifest | None, list[str]]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         return None, [f"{path}:{line}: (file): not UTF-8 text (byte {exc.start})"]
-    manifest, errors = parse_manifest(text, path)
+    manifest, inputs, errors = _parse(text, path)
     if manifest is None:
         return None, errors
-    return LoadedManifest(path=path, manifest=manifest, sha256=hashlib.sha256(raw).hexdigest()), []
+    return LoadedManifest(path=path, manifest=manifest, sha256=hashlib.sha256(raw).hexdigest(),
+                          precision_inputs=inputs), []
 
 
 def manifest_files(paths: Sequence[Path]) -> list[Path]:

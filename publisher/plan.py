@@ -1,15 +1,17 @@
 """Manifests -> Plan: the variants to publish and the build steps they need, shared where inputs are equal.
 
-Nothing here runs anything. Step ids are readable and deterministic: two variants that need the same work
-name the same step, so the engine does it once (one float16 conversion per source/attention/component
-feeds both the float16 and the palettized repo).
+Nothing here runs anything. A step's id is a readable label (for display) and a digest of what it is: its kind,
+its typed parameters (with the contents of the files they name, a recipe) and its inputs' ids. Two variants share
+a step only when they would compute the same thing (one float16 conversion per source/attention/component feeds
+both the float16 and the palettized repo; two recipes make two compress steps). A stored step's key adds the code
+it runs and the libraries' versions (`step_tools`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,13 +28,29 @@ from publisher.manifest import (
     LoadedManifest,
     check_resolved,
 )
-from publisher.util.hashing import json_sha256
+from publisher.util.codehash import code_digest, module_closure
+from publisher.util.hashing import json_sha256, step_key
+from publisher.util.versions import library_versions
 
 StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "compile", "assemble", "zip"]
 STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "compile",
                                     "assemble", "zip")
 # GitHub Actions refuses a matrix of more than 256 jobs.
 GITHUB_MATRIX_LIMIT = 256
+# The project modules each stored kind's work starts from (engine/build.py's step table runs them); a step's key
+# covers them and every project module they import, normalised (publisher.util.codehash). A compress or analyze
+# step adds its scheme's module. Fetches are keyed by the commit and the files, not by code.
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "convert": ("publisher.convert.coreml",),
+    "chunk": ("publisher.convert.chunk",),
+    "analyze": ("publisher.verify.sensitivity",),
+    "compress": ("publisher.compress.scheme",),
+    "verify": ("publisher.verify.fidelity", "publisher.verify.contract"),
+    "compile": ("publisher.compile",),
+    "zip": ("publisher.layout",),
+}
+# the length of the content digest in a step id
+ID_DIGEST = 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class Variant:
     source_weights: str = "auto"
     license: str = "other"
     family: str = "sd"
+    # the contents of the files `precision` names (a recipe), read with the manifest
+    precision_inputs: dict[str, Any] = field(default_factory=dict, hash=False)
     extra_sources: tuple[ExtraSourceRef, ...] = ()
     roles: tuple[tuple[Component, str], ...] = ()  # the components read from an extra source, and its role
     # where the workflow runs it (not part of what it is: absent from to_json)
@@ -116,6 +136,8 @@ class Variant:
             "folder": self.attention.folder,
             "precision": self.precision.model_dump(mode="json", exclude_none=True),
             "precision_label": self.precision.label,
+            # only when there are any (a recipe file's contents): variant hashes without them stay what they were
+            **({"precision_inputs_sha256": json_sha256(self.precision_inputs)} if self.precision_inputs else {}),
             "components": [c.value for c in self.components],
             "compute_unit": self.compute_unit.value,
             "minimum_deployment_target": self.deployment_target.value,
@@ -155,6 +177,7 @@ class ConvertParams:
     resolution: int
     deployment_target: str
     family: str = "sd"
+    license: str = "other"  # written into the package's metadata
 
 
 @dataclass(frozen=True)
@@ -181,6 +204,7 @@ class CompressParams:
     settings: dict[str, Any]  # the scheme's manifest settings, as JSON
     component: str
     deployment_target: str
+    inputs: dict[str, Any] = field(default_factory=dict)  # the contents of the files the settings name (a recipe)
 
 
 @dataclass(frozen=True)
@@ -224,12 +248,49 @@ class Step:
         if type(self.params) is not PARAMS_OF[self.kind]:
             raise TypeError(f"{self.kind} step {self.id}: params must be {PARAMS_OF[self.kind].__name__}")
 
+    @property
+    def label(self) -> str:
+        """The readable part of the id (for display: the id's digest is what makes it unique)."""
+        return self.id.rsplit("#", 1)[0]
+
     def params_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.params).items()}
 
+    def code_modules(self) -> tuple[str, ...]:
+        """The project modules this step's work starts from (the key covers what they import too)."""
+        modules = STEP_CODE.get(self.kind, ())
+        scheme = getattr(self.params, "scheme", None)
+        if scheme is not None:
+            from publisher.compress.scheme import scheme_named
+
+            modules += (type(scheme_named(scheme)).__module__,)
+        return modules
+
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "inputs": list(self.inputs), "params": self.params_json(),
-                "variants": self.variants}
+        return {"id": self.id, "label": self.label, "kind": self.kind, "inputs": list(self.inputs),
+                "params": self.params_json(), "variants": self.variants}
+
+
+def content_id(label: str, kind: str, params: StepParams, inputs: Sequence[str]) -> str:
+    """A step's id: its label and a digest of its kind, typed parameters and inputs' ids (which are digests too)."""
+    data = {"kind": kind, "params": {k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in dataclasses.asdict(params).items()}, "inputs": list(inputs)}
+    return f"{label}#{json_sha256(data)[:ID_DIGEST]}"
+
+
+def step_tools(step: Step) -> dict[str, str]:
+    """What a stored step's key holds besides its parameters and inputs: the libraries' versions and the digest of
+    the project code it runs (empty for a fetch: keyed by its commit and files)."""
+    if step.kind not in STEP_CODE:
+        return {}
+    return {**library_versions(), "code": code_digest(step.code_modules())}
+
+
+def fetch_key(repo: str, commit: str, params: FetchParams) -> str:
+    """A fetch's key: the commit and what decides which files are taken (the engine's, with the resolved commit;
+    the plan's, with the revision as written)."""
+    where = {"role": params.role, "folders": list(params.folders), "into": params.into} if params.role else {}
+    return step_key("fetch", {"repo": repo, "commit": commit, "weights": params.weights, **where}, [], {})
 
 
 @dataclass
@@ -244,11 +305,34 @@ class Plan:
     def counts(self) -> dict[str, int]:
         return {kind: len(self.steps_of(kind)) for kind in STEP_KINDS}
 
+    def keys(self, extra: Callable[[Step], dict[str, Any]] | None = None) -> dict[str, str]:
+        """Every step's store key as the plan knows it: fetches keyed by the revision as written (the engine uses
+        the commit it resolves to, so the two agree where a manifest pins a commit). `extra`: parameters the
+        engine adds at run time (its options)."""
+        keys: dict[str, str] = {}
+        for step in self.steps.values():
+            if isinstance(step.params, FetchParams):
+                keys[step.id] = fetch_key(step.params.repo, step.params.revision, step.params)
+            else:
+                params = {**step.params_json(), **(extra(step) if extra else {})}
+                keys[step.id] = step_key(step.kind, params, [keys[i] for i in step.inputs], step_tools(step))
+        return keys
+
     def to_json(self) -> dict[str, Any]:
+        keys = self.keys()
+        steps = []
+        for step in self.steps.values():
+            entry = step.to_json()
+            entry["key"] = keys[step.id]
+            if step.kind in STEP_CODE:
+                entry["code"] = {"modules": module_closure(step.code_modules()),
+                                 "sha256": code_digest(step.code_modules())}
+                entry["tools"] = library_versions()
+            steps.append(entry)
         return {
             "namespace": self.namespace,
             "variants": [v.to_json() for v in self.variants],
-            "steps": [s.to_json() for s in self.steps.values()],
+            "steps": steps,
             "counts": {"variants": len(self.variants), **self.counts()},
         }
 
@@ -299,7 +383,10 @@ class _Builder:
     def __init__(self) -> None:
         self.steps: dict[str, Step] = {}
 
-    def add(self, step_id: str, kind: StepKind, inputs: Sequence[str], params: StepParams, variant: str) -> str:
+    def add(self, label: str, kind: StepKind, inputs: Sequence[str], params: StepParams, variant: str) -> str:
+        """The step with this content (a new one, or the one another variant added), with `variant` among its
+        readers; returns its id."""
+        step_id = content_id(label, kind, params, inputs)
         step = self.steps.get(step_id)
         if step is None:
             step = self.steps[step_id] = Step(step_id, kind, tuple(inputs), params)
@@ -307,13 +394,16 @@ class _Builder:
             step.variants.append(variant)
         return step_id
 
+    def label(self, step_id: str) -> str:
+        return self.steps[step_id].label
+
 
 def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Variant]:
     check_resolved(loaded, namespace)
     variants: list[Variant] = []
     for item in loaded:
         manifest = item.manifest
-        for target in manifest.publish:
+        for index, target in enumerate(manifest.publish):
             for attention in target.attention:
                 variants.append(Variant(
                     manifest_name=manifest.name,
@@ -332,6 +422,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     resolution=manifest.resolution,
                     license=manifest.license,
                     family=manifest.family,
+                    precision_inputs=item.inputs_of(index),
                     **_extra_sources(manifest, manifest.components_for(target)),
                     convert_runner=manifest.runners.convert,
                     compile_runner=manifest.runners.compile,
@@ -412,7 +503,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
             base = (origin, attention, component, v.resolution)
             target = _conversion_target(v, float16_targets, base)
             convert = ConvertParams(component.value, attention.value if attention else None, v.resolution,
-                                    target.value, v.family)
+                                    target.value, v.family, v.license)
             whole = (component.value, builder.add(
                 f"convert:{origin}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
                 f"{target.value}", "convert", fetches, convert, v.id))
@@ -437,16 +528,18 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                         f"{json_sha256(request.params)[:12]}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
                 if compressed:
-                    package = builder.add(f"{scheme.name}:{package}:{v.precision.label}:{v.deployment_target.value}",
-                                          "compress", [package, *analysis],
-                                          CompressParams(scheme.name, settings, component.value,
-                                                         v.deployment_target.value), v.id)
-                verify = builder.add(f"verify:{package}", "verify", [package],
+                    package = builder.add(
+                        f"{scheme.name}:{builder.label(package)}:{v.precision.label}:{v.deployment_target.value}",
+                        "compress", [package, *analysis], CompressParams(
+                            scheme.name, settings, component.value, v.deployment_target.value,
+                            dict(v.precision_inputs)), v.id)
+                verify = builder.add(f"verify:{builder.label(package)}", "verify", [package],
                                      VerifyParams(component.value, submodule, v.family), v.id)
                 packages.append((submodule, verify))
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:
-            compiled = [builder.add(f"compile:{package}", "compile", [package], CompileParams(submodule), v.id)
+            compiled = [builder.add(f"compile:{builder.label(package)}", "compile", [package], CompileParams(submodule),
+                                    v.id)
                         for submodule, package in packages if submodule not in packages_only]
         assemble = builder.add(f"assemble:{v.id}", "assemble", [fetch] + [p for _, p in packages] + compiled,
                                AssembleParams(tuple(layout.value for layout in v.layouts)), v.id)

@@ -10,7 +10,6 @@ no longer hash to the record is thrown away and built again. `verify=True` re-ha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from publisher.util.atomic import atomic_write_text
-from publisher.util.hashing import sha256_file
+from publisher.util.hashing import sha256_file, step_key
+from publisher.util.versions import library_versions
+
+__all__ = ["BuildStore", "StoredOutput", "sha256_file", "stamp_of", "step_key", "tool_versions", "tree_files"]
 
 RECORD = "record.json"
 
@@ -49,23 +51,10 @@ def tree_files(root: Path, known: Mapping[Stamp, str] | None = None) -> dict[str
 
 
 def tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
+    """What build-info records: the project's version and the libraries' (a step's key has its code digest)."""
     import publisher
 
-    versions = {"coreml-publisher": publisher.__version__}
-    for name in ("coremltools", "torch", "diffusers", "transformers", "numpy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
-def step_key(kind: str, params: Mapping[str, Any], input_keys: list[str], versions: Mapping[str, str]) -> str:
-    payload = json.dumps({"kind": kind, "params": params, "inputs": input_keys, "tools": versions},
-                         sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return {"coreml-publisher": publisher.__version__, **library_versions()}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from publisher.families.sd import FAMILY as SD
-from publisher.manifest import Component
+from publisher.vocabulary import Component
 
 TINY_TEXT_HIDDEN = 32
 TINY_MAX_LENGTH = 77

@@ -87,8 +87,9 @@ def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     """Every component x attention implementation converted once (float16, iOS16); a component the attention does
     not change (all but the UNet) once for all of them, as the build does."""
     from publisher.convert.coreml import PackageMetadata, convert_component
+    from publisher.deployment import DeploymentTarget
     from publisher.family import family_named
-    from publisher.manifest import Attention, Component, DeploymentTarget
+    from publisher.vocabulary import Attention, Component
 
     out = tmp_path_factory.mktemp("packages")
     packages = {}

@@ -14,14 +14,15 @@ from publisher.contract import ModelDims
 from publisher.convert.chunk import UnetChunk1, UnetChunk2, chunk_specs, convert_unet_chunks
 from publisher.convert.components import example_inputs, load_component
 from publisher.convert.coreml import PackageMetadata, convert_isolated
+from publisher.deployment import DeploymentTarget
 from publisher.engine.source import fetch_source
 from publisher.errors import SourceError
 from publisher.families.sd import sd_model_spec as model_spec
 from publisher.family import family_named
-from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.metrics import psnr
 from publisher.mlpackage import load_program, main_operations, package_info
 from publisher.tiny import build_tiny_pipeline
+from publisher.vocabulary import Attention, Component
 from tests.helpers import SD_COMPONENTS
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models

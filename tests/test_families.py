@@ -20,8 +20,9 @@ from publisher.family import (
     register_family,
     unregister_family,
 )
-from publisher.manifest import Component, load_manifest, load_manifests
+from publisher.manifest import load_manifest, load_manifests
 from publisher.plan import build_plan
+from publisher.vocabulary import Component
 from tests.helpers import write_manifest
 
 DECODER_ONLY = ModelFamily(

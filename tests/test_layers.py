@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "publisher"
 
 # lowest first; a module belongs to the first layer whose prefix matches it (longest prefixes listed first)
 LAYERS: list[tuple[str, ...]] = [
-    ("publisher.errors", "publisher.util", "publisher.metrics", "publisher.build_info", "publisher"),            # base
+    ("publisher.errors", "publisher.util", "publisher.metrics", "publisher.build_info", "publisher.vocabulary",
+     "publisher"),                                                                         # base
     ("publisher.manifest", "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
      "publisher.family", "publisher.families",
      "publisher.deployment"),                                                              # model, files, schemes

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from publisher.deployment import DeploymentTarget
 from publisher.errors import ManifestError
-from publisher.manifest import Attention, ComputeUnit, DeploymentTarget, load_manifest, load_manifests
+from publisher.manifest import load_manifest, load_manifests
+from publisher.vocabulary import Attention, ComputeUnit
 
 GOOD = textwrap.dedent("""\
     name: sd-test

@@ -138,8 +138,8 @@ def sensitive_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from publisher.manifest import Component
     from publisher.tiny import build_tiny_pipeline
+    from publisher.vocabulary import Component
 
     source = build_tiny_pipeline(tmp_path_factory.mktemp("mixed") / "sd", components=(Component.UNET,),
                                  sample_size=16)
@@ -158,10 +158,10 @@ def test_analysis_ranks_prediction_and_package_agree(sensitive_source: Path, tmp
     from publisher.convert.components import example_inputs, load_component
     from publisher.convert.coreml import PackageMetadata, convert_component
     from publisher.deployment import DeploymentTarget
-    from publisher.manifest import Attention, Component
     from publisher.metrics import psnr
     from publisher.verify.executor import run_package
     from publisher.verify.sensitivity import analyze_to_folder, load_record
+    from publisher.vocabulary import Attention, Component
 
     analysis = tmp_path / "analysis"
     analysis.mkdir()

@@ -12,21 +12,21 @@ import pytest
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
 from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
-from publisher.compress.palettization import Granularity
+from publisher.compress.palettization import Granularity, read_recipe
 from publisher.compress.palettize import (
     PalettizeConfig,
     PalettizeError,
     iter_palettized_weights,
-    load_recipe,
     palettize_package,
     read_palettized_weights,
 )
 from publisher.convert.coreml import PackageMetadata, convert_component
-from publisher.manifest import Attention, Component, DeploymentTarget
+from publisher.deployment import DeploymentTarget
 from publisher.metrics import snr
 from publisher.milfile import PackageFiles, WeightReader, const_values, main_block, op_name, operand_values, read_spec
 from publisher.mlpackage import import_coremltools, load_program, main_operations, package_info
 from publisher.tiny import build_tiny_pipeline
+from publisher.vocabulary import Attention, Component
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -174,7 +174,8 @@ def test_recipe_mixed_bits(unet16: Path, tmp_path: Path) -> None:
     names = sorted(_float16_weights(unet16))
     recipe_path = tmp_path / "recipe.json"
     recipe_path.write_text(json.dumps({names[0]: 8, names[1]: 0, "*conv_in*": 2}))
-    recipe = load_recipe(recipe_path)
+    recipe, problem = read_recipe(tmp_path, "recipe.json")
+    assert problem is None
     report = palettize_package(unet16, tmp_path / "mixed.mlpackage",
                                PalettizeConfig(4, recipe=recipe, deployment_target=DeploymentTarget.iOS17),
                                progress=False)
@@ -183,10 +184,11 @@ def test_recipe_mixed_bits(unet16: Path, tmp_path: Path) -> None:
     assert names[1] not in bits  # 0 keeps it float16
     assert {b for n, b in bits.items() if "conv_in" in n} <= {2}
     assert report["mixed"] is True
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"x": 5}))
-    with pytest.raises(PalettizeError, match="nbits must be one of 0, 1, 2, 4, 6, 8"):
-        load_recipe(bad)
+    assert report["recipe_unmatched"] == []
+    unmatched = palettize_package(unet16, tmp_path / "unmatched.mlpackage", PalettizeConfig(
+        4, recipe={names[0]: 8, "no_such_op": 2, "*nowhere*": 1}, deployment_target=DeploymentTarget.iOS17),
+        progress=False)
+    assert unmatched["recipe_unmatched"] == ["*nowhere*", "no_such_op"]
 
 
 def test_refuses_packages_that_are_not_float16(unet16: Path, source: Path, tmp_path: Path) -> None:

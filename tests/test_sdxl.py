@@ -14,9 +14,10 @@ from publisher.contract import FLOAT16, FLOAT32, package_name, zip_file_name
 from publisher.convert.components import example_inputs, load_component
 from publisher.errors import ManifestError
 from publisher.family import family_named
-from publisher.manifest import Attention, Component, load_manifest, load_manifests
+from publisher.manifest import load_manifest, load_manifests
 from publisher.plan import build_plan
 from publisher.tiny import TINY_XL_POOLED, TINY_XL_TEXT_HIDDEN, build_tiny_sdxl_pipeline
+from publisher.vocabulary import Attention, Component
 from tests.helpers import write_manifest
 
 SDXL = family_named("sdxl")
@@ -148,7 +149,7 @@ def test_extra_sources_are_planned_as_their_own_fetches(tmp_path: Path) -> None:
 @pytest.mark.parametrize("attention", [Attention.ORIGINAL, Attention.SPLIT_EINSUM])
 def test_the_float32_vae_converts_and_meets_the_bar(sdxl_source: Path, tmp_path: Path, attention: Attention) -> None:
     from publisher.convert.coreml import PackageMetadata, convert_component
-    from publisher.manifest import DeploymentTarget
+    from publisher.deployment import DeploymentTarget
     from publisher.mlpackage import package_info
     from publisher.verify.fidelity import verify_package
 

@@ -11,10 +11,11 @@ import pytest
 
 from publisher.convert.coreml import PackageMetadata, convert_component
 from publisher.convert.weight_files import choose_weights
+from publisher.deployment import DeploymentTarget
 from publisher.engine.source import SourceFile, fetch_source, select_source_files
 from publisher.errors import SourceError
-from publisher.manifest import Attention, Component, DeploymentTarget
 from publisher.tiny import add_hub_copies, build_tiny_pipeline, push_tiny_source
+from publisher.vocabulary import Attention, Component
 from tests.helpers import SD_COMPONENTS
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models

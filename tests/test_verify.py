@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from publisher.compress.palettize import PalettizeConfig, palettize_package
 from publisher.convert.components import example_inputs, load_component, source_dims
 from publisher.convert.coreml import PackageMetadata, convert_module
-from publisher.manifest import Attention, Component, DeploymentTarget
+from publisher.deployment import DeploymentTarget
 from publisher.mlpackage import import_coremltools
 from publisher.verify import executor
 from publisher.verify.executor import ExecutorError, run_program
 from publisher.verify.fidelity import PSNR_BAR_DB, verify_package
+from publisher.vocabulary import Attention, Component
 from tests.conftest import RESOLUTION
 from tests.helpers import SD_COMPONENTS
 

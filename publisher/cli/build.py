@@ -18,10 +18,11 @@ from publisher.cli._options import (
     print_table,
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
-from publisher.manifest import Component, load_manifests
+from publisher.manifest import load_manifests
 from publisher.plan import FetchParams, build_plan
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
+from publisher.vocabulary import Component
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="Steps run at once, each in a process of its own "

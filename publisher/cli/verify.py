@@ -25,10 +25,10 @@ def verify_command(
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Run each package on the same seeded inputs as PyTorch and check PSNR >= 35 dB (exit 1 below it)."""
-    from publisher.manifest import Attention
     from publisher.verify.build_dir import verify_build_dir
     from publisher.verify.fidelity import verify_package
     from publisher.verify.runtime import runtime_named
+    from publisher.vocabulary import Attention
 
     engine = runtime_named(runtime)
     if target.suffix == ".mlpackage":

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from publisher.compress.palettize import Granularity
 from publisher.compress.scheme import AnalysisRequest, CompressContext, CompressionScheme, CompressionSettings, Loc
 from publisher.deployment import DeploymentTarget
 from publisher.errors import PublisherError
@@ -21,11 +21,6 @@ ANALYSIS = "analysis.json"  # the analysis step's result (publisher.verify.sensi
 MIXED_BIT_COMPONENT = "unet"
 CANDIDATE_BITS = (1, 2, 4, 6, 8)
 FLOAT16_BITS = 16  # in a recipe: the layer stays float16
-
-
-class Granularity(str, Enum):
-    PER_TENSOR = "per_tensor"
-    PER_GROUPED_CHANNEL = "per_grouped_channel"
 
 
 class MixedBit(BaseModel):
@@ -57,6 +52,12 @@ class PalettizeSettings(CompressionSettings):
     @property
     def effective_group_size(self) -> int:
         return self.group_size or 16
+
+
+# Bounds on a recipe file (Apple's SDXL UNet recipe names ~800 layers, a few tens of KB).
+MAX_RECIPE_BYTES = 4 * 1024 * 1024
+MAX_RECIPE_ENTRIES = 100_000
+RECIPE_BITS = (0, *CANDIDATE_BITS)  # 0: the weight stays float16
 
 
 def inside_folder(relative: str) -> bool:
@@ -122,6 +123,16 @@ class Palettize(CompressionScheme):
             errors.append((("precision", "group_size"), "only allowed with granularity per_grouped_channel"))
         return errors
 
+    def read_inputs(self, settings: CompressionSettings, manifest_folder: Path
+                    ) -> tuple[dict[str, Any], list[tuple[Loc, str]]]:
+        s = self._settings(settings)
+        if s.recipe is None or not inside_folder(s.recipe):
+            return {}, []  # no file, or one `problems` refuses
+        recipe, problem = read_recipe(manifest_folder, s.recipe)
+        if problem is not None:
+            return {}, [(("precision", "recipe"), problem)]
+        return {"recipe": recipe}, []
+
     def analysis(self, settings: CompressionSettings, component: str) -> AnalysisRequest | None:
         s = self._settings(settings)
         if s.mixed_bit is None or component != MIXED_BIT_COMPONENT:
@@ -134,17 +145,15 @@ class Palettize(CompressionScheme):
 
     def apply(self, source: Path, output: Path, settings: CompressionSettings, context: CompressContext
               ) -> dict[str, Any]:
-        from publisher.compress.palettize import PalettizeConfig, load_recipe, palettize_package, recipe_for_package
+        from publisher.compress.palettize import PalettizeConfig, palettize_package, recipe_for_package
 
         s = self._settings(settings)
         recipe: dict[str, int] = {}
         chosen: dict[str, Any] | None = None
         if s.recipe is not None:
-            folder = context.manifest_folder.resolve()
-            path = (folder / s.recipe).resolve()
-            if not path.is_relative_to(folder):  # a symlink out of the manifests' folder
-                raise PublisherError(f"recipe {s.recipe} leads outside the manifest's folder {folder}")
-            recipe = load_recipe(path)
+            if "recipe" not in context.inputs:
+                raise PublisherError(f"recipe {s.recipe}: not read with the manifest (the plan carries its contents)")
+            recipe = {str(name): int(bits) for name, bits in context.inputs["recipe"].items()}
         nbits = s.nbits or 0
         if s.mixed_bit is not None and context.component == MIXED_BIT_COMPONENT:
             if context.analysis is None:
@@ -204,3 +213,41 @@ class Palettize(CompressionScheme):
 
 
 SCHEME = Palettize()
+
+
+def read_recipe(folder: Path, relative: str) -> tuple[dict[str, int], str | None]:
+    """A recipe file (JSON object: op name or fnmatch pattern -> nbits, 0 keeps the weight float16), read from
+    inside the manifest's folder and checked: (the recipe, None) or ({}, one line naming the file, line and entry)."""
+    base = folder.resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):  # a symlink out of the manifest's folder
+        return {}, f"{relative} leads outside the manifest's folder"
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            return {}, f"{relative}: {size} bytes; a recipe may have {MAX_RECIPE_BYTES} at most"
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, f"{relative}: cannot read the recipe: {getattr(exc, 'strerror', None) or exc}"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return {}, f"{relative}:{getattr(exc, 'lineno', 1)}: not JSON: {getattr(exc, 'msg', exc)}"
+    if not isinstance(data, dict):
+        return {}, f"{relative}:1: a recipe is a JSON object of op name -> nbits, not {type(data).__name__}"
+    if not data:
+        return {}, f"{relative}:1: the recipe is empty"
+    if len(data) > MAX_RECIPE_ENTRIES:
+        return {}, f"{relative}: {len(data)} entries; a recipe may have {MAX_RECIPE_ENTRIES} at most"
+    for name, bits in data.items():
+        if not name.strip():
+            return {}, f"{relative}:{_line_of_key(text, name)}: an op name is empty"
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in RECIPE_BITS:
+            return {}, (f"{relative}:{_line_of_key(text, name)}: {name!r}: nbits must be one of "
+                        f"{', '.join(map(str, RECIPE_BITS))} (0 keeps it float16), not {json.dumps(bits)}")
+    return {str(name): int(bits) for name, bits in sorted(data.items())}, None
+
+
+def _line_of_key(text: str, key: str) -> int:
+    at = text.find(json.dumps(key))
+    return text.count("\n", 0, at) + 1 if at >= 0 else 1

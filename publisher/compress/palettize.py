@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -18,6 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import numpy as np
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
 from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
-from publisher.compress.palettization import Granularity
 from publisher.deployment import DeploymentTarget
 from publisher.errors import PublisherError
 from publisher.mlpackage import import_coremltools
@@ -36,6 +35,11 @@ MIN_ELEMENTS = 2048
 # The embedding table is looked up, not multiplied: Apple's converter leaves it float16.
 _LOOKUP_OPS = {"gather", "gather_nd", "gather_along_axis"}
 SUPPORTED_NBITS = (1, 2, 4, 6, 8)
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
+    PER_GROUPED_CHANNEL = "per_grouped_channel"
 
 
 class PalettizeError(PublisherError):
@@ -58,20 +62,6 @@ class PalettizeConfig:
             if fnmatch.fnmatchcase(op_name, pattern):
                 return int(bits)
         return self.nbits
-
-
-def load_recipe(path: Path) -> dict[str, int]:
-    """A mixed-bit recipe: JSON object {op name or pattern: nbits}; 0 keeps that weight float16."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise PalettizeError(f"{path}: cannot read the recipe: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PalettizeError(f"{path}: a recipe is a JSON object of op name -> nbits")
-    for name, bits in data.items():
-        if bits not in (0, *SUPPORTED_NBITS):
-            raise PalettizeError(f"{path}: {name}: nbits must be one of 0, 1, 2, 4, 6, 8, not {bits!r}")
-    return {str(k): int(v) for k, v in data.items()}
 
 
 FINGERPRINT_VALUES = 64
@@ -301,7 +291,7 @@ def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any]
 
 def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
     """Write a palettized copy of `source` to `output`; returns the report (see `read_report_from_package`)."""
-    from publisher.milfile import main_block, read_spec
+    from publisher.milfile import main_block, op_name, read_spec
 
     ct = import_coremltools()
     for bits in {config.nbits, *config.recipe.values()} - {0}:
@@ -326,6 +316,10 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
         raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
     _write_palettized(source, spec, block, candidates, config, ios18, output, progress)
     report = read_report_from_package(output, source)
+    if config.recipe:  # names no float16 weight of this package answers to (the variant checks them all)
+        names = [op_name(op) for op in block.operations if _is_float16_weight(op)]
+        report["recipe_unmatched"] = sorted(key for key in config.recipe if key not in names and not any(
+            fnmatch.fnmatchcase(name, key) for name in names))
     report.update({"source": source.name, "nbits": config.nbits, "granularity": config.granularity.value,
                    "group_size": config.group_size if config.granularity is Granularity.PER_GROUPED_CHANNEL else None,
                    "mixed": bool(config.recipe), "seconds": round(time.perf_counter() - start, 2)})

@@ -45,8 +45,10 @@ class CompressContext:
     """What a compress step knows besides the scheme's settings."""
 
     deployment_target: DeploymentTarget
-    manifest_folder: Path  # files a manifest names (a recipe) are read relative to it, never outside it
     component: str
+    # what the files the settings name held when the manifest was loaded (`CompressionScheme.read_inputs`): part
+    # of the step's parameters, so its store key follows their contents; the step never reads the files again
+    inputs: Mapping[str, Any] = field(default_factory=dict)
     analysis: Path | None = None  # the output folder of the step's analysis step, when the scheme asked for one
     progress: bool = True
 
@@ -98,6 +100,13 @@ class CompressionScheme(ABC):
     def analysis(self, settings: CompressionSettings, component: str) -> AnalysisRequest | None:
         return None
 
+    def read_inputs(self, settings: CompressionSettings, manifest_folder: Path
+                    ) -> tuple[dict[str, Any], list[tuple[Loc, str]]]:
+        """The contents of the files the settings name (a recipe), read and checked once when the manifest is
+        loaded: (JSON-able contents, problems at their location in the publish entry). The contents become the
+        compress step's parameters (`CompressContext.inputs`): two repos share a step only when they are equal."""
+        return {}, []
+
     # -- running (the engine's compress step; verification; the card) --------------------------------------
 
     @abstractmethod
@@ -116,13 +125,9 @@ class CompressionScheme(ABC):
         return {}
 
 
-def _builtins() -> list[CompressionScheme]:
-    from publisher.compress import float16, palettization
-
-    return [float16.SCHEME, palettization.SCHEME]
-
-
-_REGISTRY: Registry[CompressionScheme] = Registry("compression scheme", lambda scheme: scheme.name, _builtins)
+_REGISTRY: Registry[CompressionScheme] = Registry(
+    "compression scheme", lambda scheme: scheme.name,
+    ("publisher.compress.float16:SCHEME", "publisher.compress.palettization:SCHEME"))
 register_scheme = _REGISTRY.register
 unregister_scheme = _REGISTRY.unregister
 schemes = _REGISTRY.all
@@ -139,7 +144,7 @@ def validate_precision(raw: Any, handler: Callable[[Any], Any]) -> CompressionSe
                                   {"types": ", ".join(schemes())})
     known = schemes()
     kind = raw.get("type")
-    if kind not in known:
+    if not isinstance(kind, str) or kind not in known:  # a mapping or a list is no name (and not hashable)
         details: list[InitErrorDetails] = [{
             "type": PydanticCustomError("literal_error", "must be one of {expected}",
                                         {"expected": ", ".join(known)}),

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from publisher.manifest import Attention
+from publisher.vocabulary import Attention
 
 QUERY_CHUNK = 512
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -19,7 +19,7 @@ from torch import nn
 from publisher.contract import FLOAT32, TensorSpec
 from publisher.convert.components import Unet
 from publisher.convert.unet import AneUnet, UnetState
-from publisher.manifest import Attention, Component
+from publisher.vocabulary import Attention, Component
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from publisher.convert.unet import AneUnet
 from publisher.convert.weight_files import load_streaming, weights_variant
 from publisher.errors import SourceError
 from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
-from publisher.manifest import Attention, Component
+from publisher.vocabulary import Attention, Component
 
 _LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from publisher.contract import FLOAT16, FLOAT32, ModelSpec, TensorSpec
-from publisher.manifest import Attention, Component, DeploymentTarget
+from publisher.deployment import DeploymentTarget
 from publisher.mlpackage import import_coremltools, save_package
 from publisher.util.memory import return_large_blocks
+from publisher.vocabulary import Attention, Component
 
 T = TypeVar("T")
 

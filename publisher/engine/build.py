@@ -45,7 +45,9 @@ from publisher.plan import (
     VerifyParams,
     ZipParams,
     build_plan,
+    fetch_key,
     select_variants,
+    step_tools,
 )
 from publisher.store import (
     BuildStore,
@@ -169,19 +171,15 @@ class _Runner:
             return
         if step.kind == "assemble":
             return  # per variant, after its steps
-        params = step.params_json()
-        if step.kind in ("convert", "chunk"):
-            params["license"] = self._variant_of(step).license
-        if step.kind == "verify":
-            params["fidelity"] = self.options.verify
-        key = step_key(step.kind, params, [self.keys[i] for i in step.inputs], self.versions)
+        params = {**step.params_json(), **self.run_params(step)}
+        key = step_key(step.kind, params, [self.keys[i] for i in step.inputs], step_tools(step))
         self.keys[step.id] = key
         stored = self.store.get(key)
         if stored is not None:
             self.outputs[step.id] = stored
             self.cached.append(step.id)
             return
-        self.report(f"{step.kind} {step.id.split(':', 1)[1]}")
+        self.report(f"{step.kind} {step.label.split(':', 1)[1]}")
         try:
             with self.store.building(key, {"step": step.id, "kind": step.kind, "params": params}) as work:
                 self._actions()[step.kind](step, work)
@@ -197,6 +195,10 @@ class _Runner:
             raise BuildError(f"{step.id}: the stored output did not verify right after it was written")
         self.outputs[step.id] = stored
         self.built.append(step.id)
+
+    def run_params(self, step: Step) -> dict[str, Any]:
+        """What the build's options add to a step's parameters (and so to its key)."""
+        return {"fidelity": self.options.verify} if step.kind == "verify" else {}
 
     def waits_for(self, step: Step, steps: Sequence[Step]) -> set[str]:
         """The steps among `steps` this one must follow: its inputs, and for a verify step that reuses a float
@@ -294,9 +296,7 @@ class _Runner:
         for warning in fetched.warnings:
             self.report(f"warning: {warning}")
         # the commit and the weights setting decide every component's files (the choice is a function of both)
-        where = {"role": params.role, "folders": list(params.folders), "into": params.into} if params.role else {}
-        key = step_key("fetch", {"repo": fetched.repo, "commit": fetched.commit, "weights": params.weights,
-                                 **where}, [], {})
+        key = fetch_key(fetched.repo, fetched.commit, params)
         self.keys[step.id] = key
         self.fetched[step.id] = _Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision,
                                          {f.path: f.to_json() for f in fetched.files})
@@ -327,7 +327,7 @@ class _Runner:
         source = self._source(step)
         assert isinstance(step.params, ConvertParams)
         attention = step.params.attention
-        return PackageMetadata(source=f"{source.repo}@{source.commit}", license=self._variant_of(step).license,
+        return PackageMetadata(source=f"{source.repo}@{source.commit}", license=step.params.license,
                                attention=Attention(attention) if attention else None)
 
     def _do_convert(self, step: Step, work: Path) -> None:
@@ -364,9 +364,8 @@ class _Runner:
         scheme = scheme_named(p.scheme)
         settings = scheme.settings_model.model_validate(p.settings)
         analysis = self.outputs[step.inputs[1]].path if len(step.inputs) > 1 else None
-        context = CompressContext(deployment_target=DeploymentTarget(p.deployment_target),
-                                  manifest_folder=Path(self._variant_of(step).manifest_path).parent,
-                                  component=p.component, analysis=analysis, progress=self.options.progress)
+        context = CompressContext(deployment_target=DeploymentTarget(p.deployment_target), component=p.component,
+                                  inputs=p.inputs, analysis=analysis, progress=self.options.progress)
         report = scheme.apply(self.outputs[step.inputs[0]].path / PACKAGE, work / PACKAGE, settings, context)
         report["scheme"] = scheme.name
         atomic_write_text(work / REPORT, json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -464,6 +463,10 @@ class _Runner:
     def assemble(self, variant: Variant, result: VariantResult) -> None:
         steps = self.variant_steps(variant)
         failures = [self.failed[s.id] for s in steps if s.id in self.failed]
+        unmatched = self._unmatched_recipe_names(steps)
+        if unmatched:
+            failures.append(f"{variant.id}: the recipe names {len(unmatched)} op(s) that match no weight of the "
+                            f"variant's packages: {', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''}")
         if failures:
             result.status, result.error = "failed", failures[0]
             return
@@ -555,6 +558,18 @@ class _Runner:
         result.size = sum(size for _, size in files.values())
         result.seconds = round(seconds, 1)
         result.path = folder
+
+    def _unmatched_recipe_names(self, steps: Sequence[Step]) -> list[str]:
+        """The names of a variant's recipe that no compressed package of it answers to (each compress step reports
+        those it did not match; a name counts once every component has missed it)."""
+        missed: set[str] | None = None
+        for step in steps:
+            if step.kind == "compress" and step.id in self.outputs:
+                report = json.loads((self.outputs[step.id].path / REPORT).read_text())
+                if "recipe_unmatched" in report:
+                    names = set(report["recipe_unmatched"])
+                    missed = names if missed is None else missed & names
+        return sorted(missed or ())
 
     def _vouched(self, steps: Sequence[Step]) -> dict[Stamp, str]:
         known: dict[Stamp, str] = {}

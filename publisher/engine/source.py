@@ -26,7 +26,7 @@ from publisher.convert.weight_files import choose_weights
 from publisher.errors import SourceError
 from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.layout import link_or_copy
-from publisher.manifest import Component
+from publisher.vocabulary import Component
 
 # downloaded when present besides the family's own tokenizer files (diffusers reads them; the apps do not)
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")

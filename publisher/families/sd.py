@@ -18,7 +18,7 @@ from publisher.contract import (
 )
 from publisher.errors import SourceError
 from publisher.family import ComponentSpec, ModelFamily, read_config
-from publisher.manifest import Component
+from publisher.vocabulary import Component
 
 # The Swift pipeline feeds the safety checker a (1, 512, 512, 3) image whatever the model's resolution.
 SAFETY_CHECKER_RESOLUTION = 512

@@ -23,7 +23,7 @@ from publisher.errors import SourceError
 from publisher.families.sd import FAMILY as SD
 from publisher.families.sd import sd_model_spec
 from publisher.family import ComponentSpec, ModelFamily, read_config
-from publisher.manifest import Component
+from publisher.vocabulary import Component
 
 BASE_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
 REFINER_TIME_IDS = 5  # original (h, w), crop top-left (y, x), aesthetic score

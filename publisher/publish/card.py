@@ -11,8 +11,8 @@ from typing import Any
 
 from publisher.contract import zip_file_name
 from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
-from publisher.manifest import Component
 from publisher.util.sizes import human_size
+from publisher.vocabulary import Component
 
 TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
 

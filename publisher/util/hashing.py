@@ -14,6 +14,13 @@ def json_sha256(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def step_key(kind: str, params: object, input_keys: list[str], tools: object) -> str:
+    """A build step's store key: its kind, parameters, its inputs' keys and what it runs with (code, libraries)."""
+    payload = json.dumps({"kind": kind, "params": params, "inputs": input_keys, "tools": tools},
+                         sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

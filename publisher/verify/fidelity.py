@@ -24,11 +24,11 @@ import numpy as np
 
 from publisher.errors import ToolchainError
 from publisher.family import DEFAULT_FAMILY, family_named
-from publisher.manifest import Attention
 from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_bytes
 from publisher.util.memory import return_large_blocks
 from publisher.verify.runtime import Runtime, runtime_named
+from publisher.vocabulary import Attention
 
 PSNR_BAR_DB = 35.0
 REFERENCE = "reference.npz"  # a verify step's stored seeded inputs and PyTorch outputs

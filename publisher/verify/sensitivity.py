@@ -42,9 +42,9 @@ from publisher.compress.recipe import (
 )
 from publisher.errors import PublisherError
 from publisher.family import DEFAULT_FAMILY
-from publisher.manifest import Attention, Component
 from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_text
+from publisher.vocabulary import Attention, Component
 
 ANALYSIS_LATENT = 16  # latent size the analysis runs at (at most the model's own)
 SAMPLES = 2  # seeded input sets (Apple: 8 prompts on a GPU)
