@@ -332,16 +332,14 @@ def _raw(hub: StagingHub, method: str, path: str, body: bytes | str | None = Non
 
 def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
     """Round two: bounded objects and bodies, safe error headers, no 500 on malformed input, full parent ids."""
-    import time
-
     head = hf_api.upload_file(path_or_fileobj=b"x", path_in_repo="a.txt", repo_id=repo_id).oid
     # an LFS object the Hub would refuse: answered per object, no part URL is built
-    started = time.perf_counter()
     status, _, body = _raw(staging_hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", json.dumps(
         {"operation": "upload", "transfers": ["basic", "multipart"],
          "objects": [{"oid": "a" * 64, "size": 10**18}]}), {"Content-Type": "application/vnd.git-lfs+json"})
-    # one part URL per 64 MiB of 10^18 bytes is 15 billion URLs: the unbounded server never answers; 10 s is load room
-    assert status == 200 and time.perf_counter() - started < 10
+    # one part URL per 64 MiB of 10^18 bytes is 15 billion URLs: the unbounded server never answers (the
+    # connection's timeout catches that hang); the answer's size bounds the work
+    assert status == 200 and len(body) < 4096
     answer = json.loads(body)["objects"][0]
     assert answer["error"]["code"] == 422 and "actions" not in answer
     # bodies past the limit are refused from the announced length, unread
@@ -375,14 +373,18 @@ def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging
 
 
 def test_pattern_matching_is_bounded() -> None:
-    import time
+    import threading
 
     from publisher.staging.storage import _pattern_matches
 
-    started = time.perf_counter()
-    assert not _pattern_matches("x/" + "*a" * 40 + "b", "x/" + "a" * 1000)
-    # the regex version took 5 s for ten '*a' against 40 characters, x4-5 per extra '*a': forty never finish
-    assert time.perf_counter() - started < 10
+    # the regex version took 5 s for ten '*a' against 40 characters, x4-5 per extra '*a': forty never finish.
+    # The join's timeout only catches that hang; the matcher's work is linear in pattern x path
+    answer: list[bool] = []
+    worker = threading.Thread(target=lambda: answer.append(
+        _pattern_matches("x/" + "*a" * 40 + "b", "x/" + "a" * 1000)), daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert answer == [False]
     for pattern, path, expected in [("*.bin", "a/b/c.bin", True), ("a/*.bin", "a/b/c.bin", False),
                                     ("a/**/c.bin", "a/x/y/c.bin", True), ("/build", "x/build/y", False),
                                     ("build", "x/build/y.txt", True), ("a/b", "a/bc", False)]:
