@@ -92,7 +92,8 @@ def apply(work: Path) -> dict:
     def size(path: Path) -> int:
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
-    context = CompressContext(DeploymentTarget.iOS17, work, "unet", work / "analysis", progress=False)
+    context = CompressContext(deployment_target=DeploymentTarget.iOS17, component="unet",
+                              analysis=work / "analysis", progress=False)
     start = time.perf_counter()
     mixed = SCHEME.apply(package, work / "mixed.mlpackage", PalettizeSettings(type="palettize", mixed_bit={
         "target_bits": 4.5}), context)

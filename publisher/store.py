@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from publisher.util.atomic import atomic_write_text
+from publisher.util.codehash import code_digest
 from publisher.util.hashing import sha256_file, step_key
 from publisher.util.versions import library_versions
 
@@ -51,10 +52,14 @@ def tree_files(root: Path, known: Mapping[Stamp, str] | None = None) -> dict[str
 
 
 def tool_versions() -> dict[str, str]:
-    """What build-info records: the project's version and the libraries' (a step's key has its code digest)."""
+    """What build-info records: the project's version, the libraries' and a digest of the code every stored step
+    kind runs (each step's key has its own kind's), so that `publisher status` sees a code change."""
     import publisher
+    from publisher.compress.scheme import schemes
+    from publisher.plan import STEP_CODE
 
-    return {"coreml-publisher": publisher.__version__, **library_versions()}
+    modules = {m for kind in STEP_CODE.values() for m in kind} | {type(s).__module__ for s in schemes().values()}
+    return {"coreml-publisher": publisher.__version__, **library_versions(), "code": code_digest(tuple(sorted(modules)))}
 
 
 @dataclass(frozen=True)

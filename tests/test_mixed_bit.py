@@ -188,8 +188,9 @@ def test_analysis_ranks_prediction_and_package_agree(sensitive_source: Path, tmp
                       PackageMetadata("tiny/sd@main", "mit", Attention.ORIGINAL))
     mixed = tmp_path / "mixed.mlpackage"
     settings = PalettizeSettings(type="palettize", mixed_bit={"target_bits": 4.5})
-    report = SCHEME.apply(float16, mixed, settings, CompressContext(DeploymentTarget.iOS17, tmp_path, "unet",
-                                                                    analysis, progress=False))
+    report = SCHEME.apply(float16, mixed, settings, CompressContext(deployment_target=DeploymentTarget.iOS17,
+                                                                    component="unet", analysis=analysis,
+                                                                    progress=False))
     figures = SCHEME.figures(report)
     # every analysed layer matched an op by content, so the package holds the recipe's average
     assert figures["mixed_bit"]["matched_ops"] == len(chosen["layers"])

@@ -86,8 +86,8 @@ def fetch_command(
     target: TargetOpt = "hub",
     endpoint: EndpointOpt = None,
     revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit.")] = "main",
-    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Refuse a zip that expands to more bytes.")] = (
-        DEFAULT_MAX_UNCOMPRESSED),
+    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Refuse a variant listed at more bytes, or a zip that "
+                                           "expands to more.")] = DEFAULT_MAX_UNCOMPRESSED,
     max_entries: Annotated[int, typer.Option("--max-entries", help="Refuse a zip with more entries.")] = (
         DEFAULT_MAX_ENTRIES),
 ) -> None:
@@ -98,6 +98,6 @@ def fetch_command(
 
     url = resolve_endpoint(target, endpoint)
     result = fetch_variant(repo, variant, to, endpoint=url, token=token_for(url), revision=revision,
-                           max_bytes=max_bytes, max_entries=max_entries)
+                           max_bytes=max_bytes, max_entries=max_entries, progress=True)
     typer.echo(f"{repo}@{result.commit[:12]} {variant}: {len(result.files)} files, {result.bytes} bytes verified"
                + (f", extracted into {result.extracted}" if result.extracted else ""))

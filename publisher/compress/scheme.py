@@ -40,7 +40,7 @@ class CompressionSettings(BaseModel):
         return self.scheme.label(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompressContext:
     """What a compress step knows besides the scheme's settings."""
 

@@ -84,31 +84,76 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
+MAX_INDEX_BYTES = 64 * 2**20
+
+
+def check_safetensors(path: Path) -> None:
+    """The safetensors library's own checks of a file's header (its size, every tensor's dtype, shape and offsets
+    inside the file, no overlaps or gaps), made before anything is allocated from it; a one-line error else."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SourceError(f"{path}: not a valid safetensors file: {str(exc).splitlines()[0] if str(exc) else exc}"
+                          ) from exc
+
+
 def _safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
-    """(offset of the data, tensor name -> {dtype, shape, data_offsets}) of a safetensors file."""
+    """(offset of the data, tensor name -> {dtype, shape, data_offsets}) of a safetensors file the library's
+    checks accept."""
     import json
     import struct
 
+    check_safetensors(path)
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
-        if length > 100_000_000:
-            raise SourceError(f"{path}: not a safetensors file (header of {length} bytes)")
         header = json.loads(handle.read(length))
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise SourceError(f"{path}: tensor {name} has dtype {entry.get('dtype')!r}, which no model here uses")
     return 8 + length, header
+
+
+def index_shards(folder: Path, index_name: str) -> list[str]:
+    """The shard files a sharded copy's index names, each a plain file name of this copy inside `folder` (the
+    index comes from the source repo: a name like `../../x` or `/etc/x` is refused, never opened)."""
+    import json
+
+    path = Path(folder) / index_name
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise SourceError(f"{path}: {path.stat().st_size} bytes; an index may have {MAX_INDEX_BYTES} at most")
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: cannot read the shard index: {exc}") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{path}: a shard index needs a non-empty weight_map")
+    match = _WEIGHT.match(index_name)
+    shards = sorted({str(name) for name in weight_map.values()})
+    for name in shards:
+        shard = _WEIGHT.match(name) if isinstance(name, str) else None
+        if shard is None or not shard["sext"] or match is None or shard["sext"] != match["iext"] \
+                or shard["svariant"] != match["ivariant"] or shard["stem"] != match["stem"]:
+            raise SourceError(f"{path}: weight_map names '{name}', which is not a shard of this copy (a file "
+                              f"of {Path(folder).name}/ named like {index_name.split('.')[0]}-00001-of-00002)")
+        if not (Path(folder) / name).is_file():
+            raise SourceError(f"{path}: weight_map names {name}, which the source does not have")
+    return shards
 
 
 def _chosen_safetensors(folder: Path) -> list[Path]:
     """The safetensors files of the one weight copy in a fetched folder (a single file, or an index's shards)."""
-    import json
-
     chosen = _preferred_copy(folder)
     if chosen is None or chosen[0][1] != "safetensors":
         return []
     files = chosen[1]
     if files[0].endswith(".json"):  # an index and its shards
-        index = json.loads((folder / files[0]).read_text())
-        return [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
+        return [folder / name for name in index_shards(folder, files[0])]
     return [folder / files[0]]
 
 

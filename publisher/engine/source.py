@@ -36,8 +36,9 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 class SourceFile:
     path: str  # relative to the repo root
     size: int
-    sha256: str | None  # the Hub's LFS oid (None for small files kept in git)
+    sha256: str | None  # the Hub's LFS oid (None for small files kept in git); once verified, of the bytes used
     blob_id: str | None = None
+    verified: bool = False  # the downloaded bytes were checked against the Hub's listing
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"size": self.size}
@@ -45,6 +46,8 @@ class SourceFile:
             data["sha256"] = self.sha256
         if self.blob_id:
             data["git_oid"] = self.blob_id
+        if self.verified:
+            data["verified"] = True
         return data
 
 
@@ -179,14 +182,18 @@ def plan_source(repo: str, revision: str, components: Sequence[Component], endpo
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    from publisher.util.net import talking_to
+
     label = f"{repo}@{revision}"
     api = HfApi(endpoint=endpoint, token=token or False)  # never a token looked up on its own
-    try:
-        info = api.repo_info(repo, revision=revision, files_metadata=True)
-    except RevisionNotFoundError as exc:
-        raise SourceError(f"source {repo} has no revision '{revision}'") from exc
-    except RepositoryNotFoundError as exc:
-        raise SourceError(f"source repo {repo} not found (or private without a token) at {api.endpoint}") from exc
+    with talking_to(api.endpoint, f"listing the files of source {label}"):
+        try:
+            info = api.repo_info(repo, revision=revision, files_metadata=True)
+        except RevisionNotFoundError as exc:
+            raise SourceError(f"source {repo} has no revision '{revision}'") from exc
+        except RepositoryNotFoundError as exc:
+            raise SourceError(f"source repo {repo} not found (or private without a token) at {api.endpoint}"
+                              ) from exc
     tree = {s.rfilename: SourceFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
             for s in info.siblings or []}
     folder = None
@@ -209,15 +216,87 @@ def fetch_source(repo: str, revision: str, components: list[Component] | tuple[C
 
     chosen = plan_source(repo, revision, components, endpoint, token, weights, family,
                          folders=None if extra is None else extra[0])
-    snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
-                                 cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
+    from publisher.util.net import talking_to
+
+    with talking_to(endpoint, f"downloading source {repo}@{chosen.commit[:12]}"):
+        snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
+                                     cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
     moves = ("", "") if extra is None else (chosen.folder or "", extra[1])
     where = "" if extra is None else f"--{moves[0] or 'root'}-as-{moves[1]}"
     folder = Path(cache_dir) / "sources" / \
         f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}{where}"
+    verified = verify_source_files(Path(snapshot), chosen.files, folder.with_name(folder.name + ".verified.json"),
+                                   f"{repo}@{chosen.commit[:12]}")
     _link_tree(Path(snapshot), chosen.files, folder, moves)
-    return FetchedSource(repo=repo, revision=revision, commit=chosen.commit, path=folder, files=chosen.files,
+    check_weight_files(folder)
+    return FetchedSource(repo=repo, revision=revision, commit=chosen.commit, path=folder, files=verified,
                          warnings=chosen.warnings)
+
+
+def verify_source_files(snapshot: Path, files: Sequence[SourceFile], record: Path, label: str
+                        ) -> tuple[SourceFile, ...]:
+    """Check every downloaded file against what the Hub lists for it (size, and the LFS sha256 or the git blob id)
+    before anything loads it; returns the files with the sha256 of the bytes that will be used. Files unchanged
+    (inode, size, mtime) since an earlier check are not read again (`record`). A mismatch is a one-line error,
+    and the bad copy is removed from the download cache so that a rerun downloads it again."""
+    import hashlib
+
+    from publisher.util.atomic import atomic_write_text
+
+    try:
+        known = json.loads(record.read_text()) if record.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    checked: dict[str, Any] = {}
+    out = []
+    for item in files:
+        path = (snapshot / item.path).resolve()
+        info = path.stat()
+        stamp = [info.st_ino, info.st_size, info.st_mtime_ns]
+        previous = known.get(item.path)
+        if isinstance(previous, dict) and previous.get("stamp") == stamp and previous.get("listed") == \
+                [item.sha256, item.blob_id]:
+            sha256 = str(previous["sha256"])
+        else:
+            if info.st_size != item.size:
+                _drop(path)
+                raise SourceError(f"source {label}: {item.path} is {info.st_size} bytes, the Hub lists {item.size}")
+            sha, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % info.st_size)
+            with open(path, "rb") as handle:
+                while block := handle.read(8 * 1024 * 1024):
+                    sha.update(block)
+                    if item.sha256 is None:
+                        blob.update(block)
+            sha256 = sha.hexdigest()
+            wrong = (item.sha256 is not None and sha256 != item.sha256) or \
+                (item.sha256 is None and item.blob_id is not None and blob.hexdigest() != item.blob_id)
+            if wrong:
+                _drop(path)
+                listed = item.sha256 or item.blob_id
+                raise SourceError(f"source {label}: {item.path} does not match the checksum the Hub lists ({listed}); "
+                                  "the bad copy was removed from the download cache")
+        checked[item.path] = {"stamp": stamp, "sha256": sha256, "listed": [item.sha256, item.blob_id]}
+        out.append(SourceFile(item.path, item.size, sha256, item.blob_id, verified=True))
+    if checked != known:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(checked, sort_keys=True) + "\n")
+    return tuple(out)
+
+
+def _drop(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every weight copy in a fetched folder passes the safetensors library's header checks, and every shard index
+    names only shard files of its own copy inside its folder."""
+    from publisher.convert.weight_files import check_safetensors, index_shards
+
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        if path.name.endswith(".safetensors"):
+            check_safetensors(path)
+        elif ".index" in path.name and path.name.endswith(".json"):
+            index_shards(path.parent, path.name)
 
 
 def compose_sources(folders: Sequence[Path], cache_dir: Path) -> Path:

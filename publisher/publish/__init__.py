@@ -12,7 +12,8 @@ from publisher.build_info import BUILD_INFO, read_build_info
 from publisher.errors import PublisherError
 from publisher.manifest import LoadedManifest
 from publisher.plan import Variant, build_plan, select_variants
-from publisher.util.tokens import token_for
+from publisher.util.net import talking_to
+from publisher.util.tokens import token_for, token_variable
 
 STAGING_ENDPOINT = "http://127.0.0.1:8765"
 HUB_ENDPOINT = "https://huggingface.co"
@@ -63,8 +64,10 @@ def publish(manifests: Sequence[LoadedManifest], options: PublishOptions,
     api = hub_api(endpoint, options.token)
     outcomes = []
     for repo_id, variants in group_by_repo(chosen).items():
-        outcomes.append(publish_repo(api, repo_id, options.out / repo_id, variants, endpoint,
-                                     dry_run=options.dry_run, create_pr=options.create_pr, say=say))
+        with talking_to(endpoint, f"publishing {repo_id}", token_variable(endpoint)):
+            outcomes.append(publish_repo(api, repo_id, options.out / repo_id, variants, endpoint,
+                                         dry_run=options.dry_run, create_pr=options.create_pr, say=say,
+                                         token_name=token_variable(endpoint)))
     return outcomes
 
 
@@ -80,10 +83,7 @@ class VariantStatus:
 def status(manifests: Sequence[LoadedManifest], namespace: str, endpoint: str, token: str | None,
            source_endpoint: str | None = None, variants: Sequence[str] | None = None) -> list[VariantStatus]:
     """For each variant: is it published, at which repo revision, and is it current with the manifest (same
-    variant settings, same source commit, same tools)?"""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
+    variant settings, same source commit, same tools and code)?"""
     from publisher.store import tool_versions
 
     plan = build_plan(manifests, namespace)
@@ -96,34 +96,40 @@ def status(manifests: Sequence[LoadedManifest], namespace: str, endpoint: str, t
     source_commits: dict[tuple[str, str], str | None] = {}
     results = []
     for variant in chosen:
-        key = (variant.source_repo, variant.source_revision)
-        if key not in source_commits:
-            try:
-                source_commits[key] = source_api.repo_info(variant.source_repo, revision=variant.source_revision).sha
-            except (RepositoryNotFoundError, RevisionNotFoundError):
-                source_commits[key] = None
-        try:
-            revision = api.repo_info(variant.repo_id).sha
-            local = hf_hub_download(variant.repo_id, f"{variant.attention.folder}/{BUILD_INFO}", revision=revision,
-                                    endpoint=endpoint, token=token or False)
-            info = read_build_info(Path(local))
-        except RepositoryNotFoundError:
-            results.append(VariantStatus(variant, False, None, False, "repo does not exist"))
-            continue
-        except EntryNotFoundError:
-            results.append(VariantStatus(variant, False, revision, False, "variant not published"))
-            continue
-        except PublisherError:  # written by another version of the publisher (or not by it at all)
-            results.append(VariantStatus(variant, True, revision, False, "its build-info is not one this version reads"))
-            continue
-        reasons = []
-        if info.variant != variant.to_json():
-            reasons.append("manifest settings changed")
-        if source_commits[key] is None:
-            reasons.append("source unreachable")
-        elif info.source.commit != source_commits[key]:
-            reasons.append("source has a new commit")
-        if info.tools != versions:
-            reasons.append("tool versions changed")
-        results.append(VariantStatus(variant, True, revision, not reasons, ", ".join(reasons) or "current"))
+        with talking_to(endpoint, f"reading the status of {variant.id}"):
+            results.append(_variant_status(variant, api, source_api, endpoint, token, versions, source_commits))
     return results
+
+
+def _variant_status(variant: Variant, api: Any, source_api: Any, endpoint: str, token: str | None,
+                    versions: dict[str, str], source_commits: dict[tuple[str, str], str | None]) -> VariantStatus:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    key = (variant.source_repo, variant.source_revision)
+    if key not in source_commits:
+        try:
+            source_commits[key] = source_api.repo_info(variant.source_repo, revision=variant.source_revision).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            source_commits[key] = None
+    try:
+        revision = api.repo_info(variant.repo_id).sha
+        local = hf_hub_download(variant.repo_id, f"{variant.attention.folder}/{BUILD_INFO}", revision=revision,
+                                endpoint=endpoint, token=token or False)
+        info = read_build_info(Path(local))
+    except RepositoryNotFoundError:
+        return VariantStatus(variant, False, None, False, "repo does not exist")
+    except EntryNotFoundError:
+        return VariantStatus(variant, False, revision, False, "variant not published")
+    except PublisherError:  # written by another version of the publisher (or not by it at all)
+        return VariantStatus(variant, True, revision, False, "its build-info is not one this version reads")
+    reasons = []
+    if info.variant != variant.to_json():
+        reasons.append("manifest settings changed")
+    if source_commits[key] is None:
+        reasons.append("source unreachable")
+    elif info.source.commit != source_commits[key]:
+        reasons.append("source has a new commit")
+    if info.tools != versions:
+        reasons.append("tool versions or the project's code changed")
+    return VariantStatus(variant, True, revision, not reasons, ", ".join(reasons) or "current")

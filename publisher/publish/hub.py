@@ -6,9 +6,11 @@ names its parent, so two publishers racing on one repo cannot interleave: the se
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from publisher.build_info import BUILD_INFO, read_build_info
@@ -39,6 +41,7 @@ class FileChange:
     path: str
     local: Path | None  # None: delete
     size: int
+    sha256: str | None = None  # what build-info recorded for it (checked again as the client hashes it to send)
 
 
 @dataclass
@@ -67,19 +70,69 @@ class RepoOutcome:
     pr_url: str | None = None
 
 
-def local_variant_files(repo_dir: Path, variant: Variant) -> dict[str, Path]:
-    """Repo path -> local file for one variant: its folder and its zip."""
+# Files an OS or a file manager leaves in folders: skipped with a warning, never published.
+OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "Icon\r", ".directory"})
+
+
+def _is_litter(name: str) -> bool:
+    return name in OS_LITTER or name.startswith("._")
+
+
+def local_variant_files(repo_dir: Path, variant: Variant, say: Callable[[str], None] = lambda _: None
+                        ) -> dict[str, Path]:
+    """Repo path -> local file for one variant: exactly the files its build-info lists (and build-info itself),
+    each a regular file inside the build (a symbolic link is never followed out of it). Any other file in the
+    variant folder is refused, OS litter (`.DS_Store`, `._*`, ...) skipped with a warning."""
     folder = repo_dir / variant.attention.folder
-    if not (folder / BUILD_INFO).exists():
+    info_path = folder / BUILD_INFO
+    if not info_path.exists() and not info_path.is_symlink():
         raise PublishError(f"{variant.id} is not built in {repo_dir} (run `publisher build` first)")
-    files = {p.relative_to(repo_dir).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    zip_path = repo_dir / variant.zip_name
-    info = read_build_info(folder / BUILD_INFO)
-    if f"../{variant.zip_name}" in info.files:
-        if not zip_path.exists():
-            raise PublishError(f"{variant.id}: {variant.zip_name} is listed in build-info.json but missing")
-        files[variant.zip_name] = zip_path
+    _regular_file(info_path, folder)
+    info = read_build_info(info_path)
+    prefix = variant.attention.folder
+    files = {f"{prefix}/{BUILD_INFO}": info_path}
+    for name in info.files:
+        if name.startswith("../"):
+            if name != f"../{variant.zip_name}":
+                raise PublishError(f"{info_path}: lists {name}, which is not this variant's zip")
+            path, repo_path = repo_dir / variant.zip_name, variant.zip_name
+            if not path.exists() and not path.is_symlink():
+                raise PublishError(f"{variant.id}: {variant.zip_name} is listed in build-info.json but missing")
+        else:
+            parts = PurePosixPath(name).parts
+            if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+                raise PublishError(f"{info_path}: lists '{name}', which is not a path inside the variant folder")
+            path, repo_path = folder.joinpath(*parts), f"{prefix}/{'/'.join(parts)}"
+            if not path.exists() and not path.is_symlink():
+                raise PublishError(f"{variant.id}: {name} is listed in build-info.json but missing (rebuild it)")
+        _regular_file(path, repo_dir)
+        files[repo_path] = path
+    listed = {p for p in files.values()}
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for name in sorted(names + [d for d in dirs if (Path(root) / d).is_symlink()]):
+            path = Path(root) / name
+            if path in listed:
+                continue
+            shown = path.relative_to(repo_dir).as_posix()
+            if _is_litter(name):
+                say(f"warning: {shown} is not in build-info.json: left out (OS litter)")
+                continue
+            raise PublishError(f"{variant.id}: {shown} is in the variant folder but not in build-info.json: "
+                               "only built files are published (remove it, or rebuild)")
     return files
+
+
+def _regular_file(path: Path, inside: Path) -> None:
+    """`path` is a regular file (not a link) and every folder above it up to `inside` is a real folder."""
+    for part in [path, *path.relative_to(inside).parents]:
+        if part == Path("."):
+            continue
+        at = part if part.is_absolute() else inside / part
+        if at.is_symlink():
+            raise PublishError(f"{at}: a symbolic link in the build; a build writes regular files only, and "
+                               "publishing never follows a link out of it")
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise PublishError(f"{path}: not a regular file")
 
 
 def _same(local: Path, remote: RemoteFile, sha256: str | None) -> bool:
@@ -99,9 +152,9 @@ def diff_variant(variant: Variant, local: dict[str, Path], remote: dict[str, Rem
     for path, file in local.items():
         size = file.stat().st_size
         if path not in remote:
-            diff.added.append(FileChange(path, file, size))
+            diff.added.append(FileChange(path, file, size, known.get(path)))
         elif not _same(file, remote[path], known.get(path)):
-            diff.changed.append(FileChange(path, file, size))
+            diff.changed.append(FileChange(path, file, size, known.get(path)))
     for path, entry in remote.items():
         owned = path.startswith(folder + "/") or path == variant.zip_name
         if owned and path not in local:
@@ -121,10 +174,18 @@ def remote_tree(api: Any, repo_id: str, revision: str) -> dict[str, RemoteFile]:
 
 
 def _operations(diff: VariantDiff) -> list[Any]:
+    """The commit's operations. The client hashes each file it is given (its upload_info): that sha256 must be the
+    one build-info recorded, or the file changed since it was built and nothing is sent."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    ops: list[Any] = [CommitOperationAdd(path_in_repo=c.path, path_or_fileobj=str(c.local))
-                      for c in diff.added + diff.changed]
+    ops: list[Any] = []
+    for change in diff.added + diff.changed:
+        op = CommitOperationAdd(path_in_repo=change.path, path_or_fileobj=str(change.local))
+        sent = op.upload_info.sha256.hex()
+        if change.sha256 is not None and sent != change.sha256:
+            raise PublishError(f"{change.path}: its content changed since it was built (sha256 {sent[:16]}..., "
+                               f"build-info records {change.sha256[:16]}...): rebuild before publishing")
+        ops.append(op)
     ops += [CommitOperationDelete(path_in_repo=c.path) for c in diff.removed]
     return ops
 
@@ -189,7 +250,7 @@ def retry_after(exc: BaseException, cap_s: float = 300.0) -> float | None:
 
 def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
                  dry_run: bool = False, create_pr: bool = False, say: Callable[[str], None] = lambda _: None,
-                 attempts: int = 4, backoff_s: float = 1.0) -> RepoOutcome:
+                 attempts: int = 4, backoff_s: float = 1.0, token_name: str = "HF_TOKEN") -> RepoOutcome:
     """Publish the given variants of one repo (one commit each; the card rides with the last commit).
 
     A transient failure (5xx, 429, a dropped connection) is retried with backoff; each attempt diffs against the
@@ -204,7 +265,8 @@ def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Vari
         try:
             # a retry after the first commit opened a PR continues on that PR instead of opening another
             pr_revision = _pr_revision(pr_url) if pr_url else None
-            outcome = _publish_once(api, repo_id, repo_dir, variants, endpoint, dry_run, create_pr, say, pr_revision)
+            outcome = _publish_once(api, repo_id, repo_dir, variants, endpoint, dry_run, create_pr, say, pr_revision,
+                                    token_name)
             outcome.commits = commits + outcome.commits
             outcome.pr_url = outcome.pr_url or pr_url
             return outcome
@@ -232,8 +294,8 @@ def _first_line(exc: BaseException | None) -> str:
 
 
 def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
-                  dry_run: bool, create_pr: bool, say: Callable[[str], None], pr_revision: str | None = None
-                  ) -> RepoOutcome:
+                  dry_run: bool, create_pr: bool, say: Callable[[str], None], pr_revision: str | None = None,
+                  token_name: str = "HF_TOKEN") -> RepoOutcome:
     """One attempt: diff against main (or against the PR a previous attempt opened) and commit what differs."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -245,7 +307,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
         remote = remote_tree(api, repo_id, head)
     except RepositoryNotFoundError:
         head, remote = None, {}
-    locals_ = {v.id: local_variant_files(repo_dir, v) for v in variants}
+    locals_ = {v.id: local_variant_files(repo_dir, v, say) for v in variants}
     diffs = [diff_variant(v, locals_[v.id], remote) for v in variants]
     infos = []
     for folder in sorted(p for p in repo_dir.iterdir() if (p / BUILD_INFO).exists()):
@@ -272,7 +334,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
         say(f"{repo_id}: committing {diff.folder} ({len(diff.added)} added, {len(diff.changed)} changed, "
             f"{len(diff.removed)} removed)")
         try:
-            head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome)
+            head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome, token_name)
         except Exception as exc:
             exc.outcome = outcome  # type: ignore[attr-defined]  # the commits that did land, for the retry
             raise
@@ -282,7 +344,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
 
         say(f"{repo_id}: updating the model card")
         _commit(api, repo_id, [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card_bytes)],
-                "Update model card", head, create_pr, revision, outcome)
+                "Update model card", head, create_pr, revision, outcome, token_name)
     return outcome
 
 
@@ -291,7 +353,7 @@ def _pr_revision(pr_url: str) -> str:
 
 
 def _commit(api: Any, repo_id: str, ops: list[Any], message: str, parent: str | None, create_pr: bool,
-            pr_revision: str | None, outcome: RepoOutcome) -> str:
+            pr_revision: str | None, outcome: RepoOutcome, token_name: str = "HF_TOKEN") -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
@@ -306,8 +368,8 @@ def _commit(api: Any, repo_id: str, ops: list[Any], message: str, parent: str | 
             raise PublishError(f"{repo_id} changed while publishing (another publisher committed first); "
                                "nothing of this variant was written: rerun to publish on top of it") from exc
         if status in (401, 403):
-            raise PublishError(f"{repo_id}: the Hub refused the write ({status}): check HF_TOKEN's permissions") \
-                from exc
+            raise PublishError(f"{repo_id}: the Hub refused the write ({status}): check {token_name} (the token this "
+                               "command sent) and its permissions") from exc
         # a 5xx/429 is retried: the next attempt diffs again, so a commit that did land is not sent twice
         raise PublishError(f"{repo_id}: commit failed ({status}): {str(exc).splitlines()[0]}",
                            transient=status in TRANSIENT_STATUS) from exc

@@ -34,3 +34,8 @@ def token_for(endpoint: str | None) -> str | None:
             token = get_token()
         return token or None
     return os.environ.get(STAGING_TOKEN_VARIABLE) or None
+
+
+def token_variable(endpoint: str | None) -> str:
+    """The environment variable whose token a command sends to `endpoint` (for hints after a 401/403)."""
+    return "HF_TOKEN" if is_real_hub(effective_endpoint(endpoint)) else STAGING_TOKEN_VARIABLE
