@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import shutil
 import stat
 import time
@@ -198,25 +199,37 @@ def fetch_variant(repo_id: str, variant: str, to: Path, endpoint: str | None = N
         if created:
             shutil.rmtree(to, ignore_errors=True)
         raise
+    finally:
+        _remove_if_empty(to / _STAGING)
 
 
 @contextlib.contextmanager
 def _exclusive(to: Path, variant: str) -> Iterator[None]:
-    """One fetch of a variant into a folder at a time (a lock the system drops when the process dies)."""
+    """One fetch of a variant into a folder at a time (a lock the system drops when the process dies). The lock
+    file is removed by its holder; a process that locked a file already unlinked tries the new one."""
     (to / _STAGING).mkdir(parents=True, exist_ok=True)
     lock_path = to / _STAGING / f"{hashlib.sha256(variant.encode()).hexdigest()[:16]}.lock"
-    handle = open(lock_path, "a+")
-    try:
+    while True:
+        handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
+            handle.close()
             raise FetchError(f"another fetch of {variant} into {to} is running; wait for it (nothing was "
                              "changed)") from exc
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # its holder removed it as we opened it: lock the current one
+    try:
         yield
     finally:
-        handle.close()
         with contextlib.suppress(OSError):
             lock_path.unlink()
+        handle.close()
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -300,7 +313,7 @@ def _download(repo_id: str, entry: Any, commit: str, local: Path, done: Path, en
                 written = have
                 window_start, window_bytes = time.monotonic(), 0
                 with open(local, "ab" if have else "wb") as sink:
-                    for block in response.iter_bytes(_CHUNK):
+                    for block in response.iter_bytes():  # as it arrives: a trickle is seen
                         written += len(block)
                         if written > entry.size:
                             raise FetchError(f"{entry.path}: the server sent more than the {entry.size} bytes it "

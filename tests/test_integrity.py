@@ -27,7 +27,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from publisher.convert.weight_files import _safetensors_header, check_safetensors, index_shards
 from publisher.engine.source import fetch_source
-from publisher.errors import SourceError
+from publisher.errors import PublisherError, SourceError
 from publisher.fetch import FetchError, fetch_variant, safe_extract
 from publisher.util.net import NetworkError
 from publisher.vocabulary import Component
@@ -316,7 +316,7 @@ def test_a_damaged_zip_is_one_line_and_leaves_no_target(staging_hub, hf_api, tmp
 
 # -- publish ---------------------------------------------------------------------------------------------------
 
-def _fake_build(tmp_path: Path) -> tuple[Any, Path, Path, dict[str, bytes]]:
+def _fake_build(tmp_path: Path, namespace: str) -> tuple[Any, Path, Path, dict[str, bytes]]:
     """A variant folder as a build leaves it (files and their build-info), without converting anything."""
     from publisher.build_info import BUILD_INFO, BuildInfo, write_build_info
     from publisher.manifest import load_manifests
@@ -324,7 +324,7 @@ def _fake_build(tmp_path: Path) -> tuple[Any, Path, Path, dict[str, bytes]]:
     from tests.helpers import write_manifest
 
     manifest = write_manifest(tmp_path / "m")
-    variant = next(v for v in build_plan(load_manifests([manifest]), "tester").variants
+    variant = next(v for v in build_plan(load_manifests([manifest]), namespace).variants
                    if v.repo_id.endswith("coreml-tiny-sd") and v.attention.folder == "original")
     repo_dir = tmp_path / "out" / variant.repo_id
     folder = repo_dir / "original"
@@ -344,7 +344,7 @@ def test_publish_sends_exactly_what_build_info_lists(staging_hub, tmp_path: Path
     from publisher.build_info import BUILD_INFO
     from publisher.publish.hub import PublishError, publish_repo
 
-    variant, repo_dir, _, built = _fake_build(tmp_path)
+    variant, repo_dir, _, built = _fake_build(tmp_path, "integrity-listed")
     folder = repo_dir / "original"
     api = HfApi(endpoint=staging_hub.url, token=staging_hub.token)
     warnings: list[str] = []
@@ -376,17 +376,17 @@ def test_publish_sends_exactly_what_build_info_lists(staging_hub, tmp_path: Path
     publish()
     assert any(".DS_Store is not in build-info.json: left out" in w for w in warnings)
     remote = sorted(e.path for e in api.list_repo_tree(variant.repo_id, recursive=True) if isinstance(e, RepoFile))
-    assert remote == sorted(["README.md", f"original/{BUILD_INFO}", *(f"original/{n}" for n in built)])
+    assert remote == sorted([".gitattributes", "README.md", f"original/{BUILD_INFO}", *(f"original/{n}" for n in built)])
 
 
 def test_a_refused_token_names_the_one_the_command_sent(staging_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from publisher.manifest import load_manifests
     from publisher.publish import PublishOptions, publish
 
-    variant, _, manifest, _ = _fake_build(tmp_path)
-    options = PublishOptions(out=tmp_path / "out", namespace="tester", target="staging", endpoint=staging_hub.url,
+    variant, _, manifest, _ = _fake_build(tmp_path, "integrity-token")
+    options = PublishOptions(out=tmp_path / "out", namespace="integrity-token", target="staging", endpoint=staging_hub.url,
                              token="not-the-staging-token", variants=[variant.id])
-    with pytest.raises(NetworkError) as info:
+    with pytest.raises(PublisherError) as info:
         publish(load_manifests([manifest]), options)
     message = str(info.value)
     assert message.startswith(f"publishing {variant.repo_id} at {staging_hub.url.removeprefix('http://')}: ")

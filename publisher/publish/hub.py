@@ -319,13 +319,13 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
     outcome = RepoOutcome(repo_id, diffs, card_changed)
     if dry_run:
         return outcome
+    pending = [d for d in diffs if not d.empty]
+    operations = [_operations(diff) for diff in pending]  # every file checked before anything is written
     if head is None:
         api.create_repo(repo_id, exist_ok=True)
         head = api.repo_info(repo_id).sha
-    pending = [d for d in diffs if not d.empty]
     revision = pr_revision
-    for index, diff in enumerate(pending):
-        ops = _operations(diff)
+    for index, (diff, ops) in enumerate(zip(pending, operations, strict=True)):
         last = index == len(pending) - 1
         if last and card_changed:
             from huggingface_hub import CommitOperationAdd

@@ -28,8 +28,15 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def _imported(name: str, tree: ast.AST) -> set[str]:
-    """Project modules a module imports anywhere in it (function-level imports too), with their parent packages."""
+def _imported(name: str, path: Path) -> set[str]:
+    return set(_imported_by(name, path, _stamp(path)))
+
+
+@functools.lru_cache(maxsize=512)
+def _imported_by(name: str, path: Path, stamp: tuple[int, int]) -> frozenset[str]:
+    """Project modules a module imports anywhere in it (function-level imports too), with their parent packages
+    (once per version of the file: `stamp`)."""
+    tree = _parsed(path, stamp)
     found: set[str] = set()
     own = module_file(name)
     package = name if own is not None and own.name == "__init__.py" else name.rpartition(".")[0]
@@ -48,16 +55,12 @@ def _imported(name: str, tree: ast.AST) -> set[str]:
         parts = module.split(".")
         for i in range(1, len(parts) + 1):
             closed.add(".".join(parts[:i]))
-    return {m for m in closed if module_file(m) is not None}
+    return frozenset(m for m in closed if module_file(m) is not None)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
     info = path.stat()
     return info.st_mtime_ns, info.st_size
-
-
-def _tree(path: Path) -> ast.Module:
-    return _parsed(path, _stamp(path))
 
 
 @functools.lru_cache(maxsize=512)
@@ -97,7 +100,7 @@ def module_closure(names: Iterable[str]) -> list[str]:
         seen.add(name)
         path = module_file(name)
         assert path is not None
-        todo.extend(_imported(name, _tree(path)) - seen)
+        todo.extend(_imported(name, path) - seen)
     return sorted(seen)
 
 

@@ -1,0 +1,157 @@
+"""The step table: what each stored step kind runs (fetch and assemble are handled apart: they are not stored).
+Each action reads its inputs' stored outputs and writes into `work`, the store's temp folder for the step."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from publisher.compile import compile_package
+from publisher.compress.scheme import REPORT, CompressContext, scheme_named
+from publisher.contract import zip_folder_name
+from publisher.deployment import DeploymentTarget
+from publisher.engine.references import References
+from publisher.engine.state import PACKAGE, BuildError, BuildState
+from publisher.family import family_named
+from publisher.layout import link_tree, write_zip
+from publisher.plan import AnalyzeParams, ChunkParams, CompressParams, ConvertParams, Step, VerifyParams, ZipParams
+from publisher.util.atomic import atomic_write_bytes, atomic_write_text
+from publisher.verify.fidelity import REFERENCE, Reference
+from publisher.vocabulary import Attention, Component
+
+
+class StepActions:
+    def __init__(self, state: BuildState, references: References) -> None:
+        self.state = state
+        self.references = references
+
+    def table(self) -> dict[str, Callable[[Step, Path], None]]:
+        return {"convert": self.convert, "chunk": self.chunk, "analyze": self.analyze, "compress": self.compress,
+                "verify": self.verify, "compile": self.compile, "zip": self.zip}
+
+    def convert(self, step: Step, work: Path) -> None:
+        from publisher.convert.coreml import convert_component
+
+        p = step.params
+        assert isinstance(p, ConvertParams)
+        # a component no attention implementation changes is converted as it is (the stock modules)
+        attention = Attention(p.attention or Attention.ORIGINAL)
+        self.state.run(convert_component, self.state.source_path(step), Component(p.component), attention, p.resolution,
+                  DeploymentTarget(p.deployment_target), work / PACKAGE, self.state.metadata(step), family=p.family)
+
+    def chunk(self, step: Step, work: Path) -> None:
+        from publisher.convert.chunk import convert_unet_chunks
+
+        p = step.params
+        assert isinstance(p, ChunkParams) and p.attention is not None
+        outputs = (work / PACKAGE, None) if family_named(p.family).chunk_index(p.chunk) == 0 else (None, work / PACKAGE)
+        args = (self.state.source_path(step), Attention(p.attention), p.resolution, DeploymentTarget(p.deployment_target),
+                outputs, self.state.metadata(step), p.family, Component(p.component))
+        self.state.run(convert_unet_chunks, *args)
+
+    def analyze(self, step: Step, work: Path) -> None:
+        from publisher.verify.sensitivity import analyze_to_folder
+
+        p = step.params
+        assert isinstance(p, AnalyzeParams)
+        self.state.run(analyze_to_folder, self.state.source_path(step), Component(p.component), p.resolution, p.settings,
+                  self.state.variant_of(step).source_repo, work, self.state.options.progress, p.family)
+
+    def compress(self, step: Step, work: Path) -> None:
+        p = step.params
+        assert isinstance(p, CompressParams)
+        scheme = scheme_named(p.scheme)
+        settings = scheme.settings_model.model_validate(p.settings)
+        analysis = self.state.outputs[step.inputs[1]].path if len(step.inputs) > 1 else None
+        context = CompressContext(deployment_target=DeploymentTarget(p.deployment_target), component=p.component,
+                                  inputs=p.inputs, analysis=analysis, progress=self.state.options.progress)
+        report = scheme.apply(self.state.outputs[step.inputs[0]].path / PACKAGE, work / PACKAGE, settings, context)
+        report["scheme"] = scheme.name
+        atomic_write_text(work / REPORT, json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    def verify(self, step: Step, work: Path) -> None:
+        from publisher.convert.components import source_dims
+        from publisher.verify.contract import contract_problems
+
+        variant = self.state.variant_of(step)
+        source = self.state.source_path(step)
+        dims = source_dims(source, variant.resolution, variant.family)
+        package = self.state.outputs[step.inputs[0]].path / PACKAGE
+        assert isinstance(step.params, VerifyParams)
+        submodule = step.params.submodule
+        problems = contract_problems(package, submodule, dims, variant.family)
+        if problems:
+            raise BuildError(f"{submodule} breaks the apps' contract: {'; '.join(problems)}")
+        report: dict[str, Any] = {"contract": "ok"}
+        if self.state.options.verify:
+            from publisher.verify.fidelity import PSNR_BAR_DB, reference_and_check
+
+            package_step = self.state.plan.steps[step.inputs[0]]
+            compressed = package_step.kind == "compress"
+            float16 = self.state.outputs[package_step.inputs[0]].path / PACKAGE if compressed else None
+            scheme = package_step.params.scheme if isinstance(package_step.params, CompressParams) else None
+            # the PyTorch side once, here: stored with the step for every later check (the macOS runner's Core ML
+            # run included), so that no other machine loads a PyTorch model to verify this package. It runs in a
+            # process of its own (isolate), the PyTorch model dropped before the executor starts: the build's own
+            # process never holds a model.
+            # The float model's outputs depend on the weights and the seeded inputs, not on the attention
+            # implementation or the compression: computed once per build (ORIGINAL attention) and shared by every
+            # package of that submodule. The first verify step of a component computes them (run_steps orders the
+            # rest after it), cut in two where the plan also verifies the component's chunks: the same forward
+            # gives each chunk its inputs and outputs.
+            def key(name: str) -> tuple[str, str, int, str]:
+                return (str(source), name, variant.resolution, variant.family)
+
+            floats = work / "float-reference.npz"
+            known = fresh = None
+            chunks: dict[str, Path] = {}
+            if key(submodule) in self.references.floats:
+                atomic_write_bytes(floats, self.references.floats[key(submodule)])
+                known = floats
+            elif not self.state.is_chunk(step):
+                fresh = floats
+                group = self.references.group(step)
+                chunks = {s.params.submodule: work / f"float-reference-{s.params.submodule}.npz"
+                          for s in self.state.plan.steps.values() if isinstance(s.params, VerifyParams)
+                          and self.state.is_chunk(s) and self.references.group(s) == group}
+            # a compressed package whose decoded weights equal an earlier one's (the same weights under another
+            # attention implementation) is held to that one's PyTorch outputs
+            decoded: dict[str, Path] = {}
+            if compressed:
+                for digest, data in self.references.decoded.get(key(submodule), {}).items():
+                    decoded[digest] = work / f"decoded-reference-{digest[:16]}.npz"
+                    atomic_write_bytes(decoded[digest], data)
+            fidelity = self.state.run(reference_and_check, package, source, submodule, variant.attention,
+                                 variant.resolution, float16, scheme, work / REFERENCE, variant.family, known, fresh,
+                                 chunks or None, decoded or None)
+            if fresh is not None:
+                self.references.floats[key(submodule)] = fresh.read_bytes()
+            for name, path in chunks.items():
+                self.references.floats[key(name)] = path.read_bytes()
+                path.unlink()
+            for path in decoded.values():
+                path.unlink()
+            floats.unlink(missing_ok=True)
+            if compressed:
+                digest = Reference.load(work / REFERENCE).weights_digest
+                if digest is not None:
+                    self.references.decoded.setdefault(key(submodule), {})[digest] = (work / REFERENCE).read_bytes()
+            report["fidelity"] = fidelity.to_json()
+            if not fidelity.passed:
+                raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "
+                                 f"{PSNR_BAR_DB:.0f} dB bar: not published")
+        link_tree(package, work / PACKAGE)
+        atomic_write_text(work / "verify.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    def compile(self, step: Step, work: Path) -> None:
+        compiled = compile_package(self.state.outputs[step.inputs[0]].path / PACKAGE, work)
+        if compiled.name != "model.mlmodelc":
+            compiled.rename(work / "model.mlmodelc")
+
+    def zip(self, step: Step, work: Path) -> None:
+        assert isinstance(step.params, ZipParams)
+        variant = self.state.variant_of(step)
+        resources = self.state.options.out / variant.repo_id / variant.attention.folder / "compiled"
+        write_zip(resources, work / "archive.zip", zip_folder_name(variant.repo_name, variant.attention))
