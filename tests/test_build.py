@@ -410,3 +410,23 @@ def test_parallel_isolated_build_equals_the_sequential_one(built, staging_hub, t
             for name, value in mine.outputs.items():
                 # steps side by side run PyTorch on fewer threads: sums in another order, the last bits differ
                 assert np.allclose(value, theirs.outputs[name], rtol=1e-4, atol=1e-5), (submodule, name)
+
+
+def _fails_deep_inside() -> None:
+    def convert_layer_seven() -> None:
+        raise ValueError("layer seven has no weights")
+
+    convert_layer_seven()
+
+
+def test_a_failing_isolated_step_keeps_the_childs_traceback(tmp_path: Path) -> None:
+    """--debug shows where a step failed, also when it failed in its own process: the engine keeps the formatted
+    exception, which carries the child's traceback."""
+    import traceback
+
+    from publisher.convert.coreml import run_isolated
+
+    with pytest.raises(ValueError, match="layer seven") as info:
+        run_isolated(_fails_deep_inside)
+    text = "".join(traceback.format_exception(info.value))
+    assert "convert_layer_seven" in text and "_fails_deep_inside" in text

@@ -52,12 +52,19 @@ class Identity(CompressionScheme):
 
     def apply(self, source: Path, output: Path, settings: CompressionSettings, context: CompressContext
               ) -> dict[str, Any]:
+        assert isinstance(settings, IdentitySettings)
+        if settings.tag == "boom":
+            _rewrite_the_weights(source)
         shutil.copytree(source, output)
         self.applied.append(context.component)
         return {"bytes": sum(p.stat().st_size for p in output.rglob("*") if p.is_file())}
 
     def figures(self, report: dict[str, Any]) -> dict[str, Any]:
         return {"scheme": self.name, "bits": 16, "compressed_ops": 0, "package_bytes": report["bytes"]}
+
+
+def _rewrite_the_weights(source: Path) -> None:
+    raise RuntimeError(f"cannot rewrite {source.name}")
 
 
 @pytest.fixture
@@ -132,3 +139,13 @@ def test_the_engine_runs_a_registered_scheme(identity: Identity, tmp_path: Path,
     assert unet["scheme"] == "identity" and unet["package_bytes"] > 0  # the scheme's own figures, on record
     assert unet["output_psnr_db"] >= 35  # verified like any package
     assert "scheme" not in info["fidelity"]["text_encoder"]  # not compressed: no figures
+    # a scheme that fails: one line for the table, the step's whole traceback kept for --debug
+    (tmp_path / "manifests" / "tiny-sd.yaml").write_text(
+        (tmp_path / "manifests" / "tiny-sd.yaml").read_text().replace("tag: copy", "tag: boom"))
+    failed = build(load_manifests([manifest]), BuildOptions(
+        out=tmp_path / "out", store=tmp_path / "store", namespace="tester", compile=False, endpoint=staging_hub.url,
+        token=staging_hub.token, isolate=False, progress=False))
+    variant = failed.variants[0]
+    assert variant.status == "failed" and "\n" not in (variant.error or "")
+    assert variant.error is not None and "RuntimeError: cannot rewrite model.mlpackage" in variant.error
+    assert variant.traceback is not None and "_rewrite_the_weights" in variant.traceback

@@ -62,7 +62,9 @@ def _quiet_third_parties() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(args)
-    if not debug:
+    if debug:
+        os.environ["PUBLISHER_DEBUG"] = "1"  # the commands show what they keep for it (a failing step's traceback)
+    else:
         _quiet_third_parties()
     try:
         app(args=args, prog_name="publisher", standalone_mode=False)

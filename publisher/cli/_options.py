@@ -42,3 +42,8 @@ def print_table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def debug_enabled() -> bool:
+    """`--debug` was given (the top-level handler sets PUBLISHER_DEBUG for the commands)."""
+    return os.environ.get("PUBLISHER_DEBUG", "") not in ("", "0")

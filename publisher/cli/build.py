@@ -15,6 +15,7 @@ from publisher.cli._options import (
     SourceEndpointOpt,
     StoreOpt,
     VariantsOpt,
+    debug_enabled,
     print_table,
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
@@ -35,6 +36,8 @@ def print_build_table(result: BuildResult) -> None:
     for r in result.variants:
         if r.error:
             typer.echo(f"error: {r.variant.id}: {r.error}", err=True)
+            if r.traceback and debug_enabled():  # the failing step's own traceback (its child process's too)
+                typer.echo(r.traceback.rstrip(), err=True)
 
 
 def build_command(

@@ -1,0 +1,115 @@
+"""The staging Hub's writes of files: preupload and commits (NDJSON)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from publisher.staging.cards import validate_card
+from publisher.staging.http import (
+    PREFIXES,
+    USER,
+    HubBase,
+    _flag,
+    _json,
+    _lines,
+)
+from publisher.staging.storage import (
+    LFS_SIZE_THRESHOLD,
+    StoreError,
+    check_path,
+    is_ignored,
+)
+from publisher.util.hashing import git_blob_id
+
+
+class CommitsApi(HubBase):
+    async def preupload(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        body = await _json(request)
+        create_pr = _flag(request.query_params.get("create_pr"))
+        commit = self.store.resolve(found, "main" if create_pr and rev == "main" else rev)
+        files = body.get("files")
+        if not isinstance(files, list) or len(files) > 256:
+            raise StoreError(400, "'files' must be a list of at most 256 entries")
+        gitignore = body.get("gitIgnore")
+        gitignore = gitignore if isinstance(gitignore, str) else self.store.gitignore(commit)
+        current = {f.path: f for f in self.store.files(commit)}
+        answers = []
+        for item in files:
+            if not isinstance(item, dict) or not isinstance(item.get("size"), int) or isinstance(item["size"], bool) \
+                    or item["size"] < 0:
+                raise StoreError(400, "each file needs 'path' and a non-negative integer 'size'")
+            path = check_path(str(item.get("path", "")))
+            mode = self.store.upload_mode(found, commit, path, item["size"])
+            remote = current.get(path)
+            oid = None
+            if remote is not None:
+                oid = remote.sha256 if mode == "lfs" else remote.git_oid
+                if remote.lfs != (mode == "lfs"):
+                    oid = None  # storage kind changes: the file must be sent again
+            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": is_ignored(gitignore, path), "oid": oid})
+        return JSONResponse({"files": answers, "commitOid": commit})
+
+    async def commit(self, request: Request, t: str, repo: str, rev: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        create_pr = _flag(request.query_params.get("create_pr"))
+        header: dict[str, Any] | None = None
+        operations: list[tuple[str, dict[str, Any]]] = []
+        number = 0
+        async for line in _lines(request):
+            self._count("commit", len(line) + 1)
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                key, value = item["key"], item["value"]
+                if not isinstance(value, dict):
+                    raise TypeError("value must be an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(400, f"Malformed NDJSON at line {number}: {exc}") from exc
+            if key == "header":
+                header = value
+            elif key == "file":
+                if value.get("encoding", "base64") != "base64":
+                    raise StoreError(400, f"line {number}: only base64 encoding is accepted")
+                try:
+                    data = base64.b64decode(value.get("content", ""), validate=True)
+                except ValueError as exc:
+                    raise StoreError(400, f"line {number}: content is not valid base64") from exc
+                check_path(str(value.get("path", "")))
+                if len(data) > LFS_SIZE_THRESHOLD:  # as the Hub: a regular file above 10 MB goes through LFS
+                    raise StoreError(422, f"line {number}: {value['path']} is {len(data)} bytes; files larger than "
+                                          f"{LFS_SIZE_THRESHOLD} bytes must be pushed with LFS", "FileTooLarge")
+                if value["path"] == "README.md":  # as the Hub: a card whose metadata does not parse is refused
+                    errors, _ = validate_card(data.decode("utf-8", "replace"))
+                    if errors:
+                        raise StoreError(400, f"Invalid metadata in README.md: {'; '.join(errors)}",
+                                         "InvalidMetadata")
+                value = {"path": value["path"], "_sha256": self.store.put_bytes(data), "_size": len(data),
+                         "_git_oid": git_blob_id(data)}
+                operations.append((key, value))
+            elif key in ("lfsFile", "deletedFile", "deletedFolder"):
+                operations.append((key, value))
+            else:
+                raise StoreError(400, f"line {number}: unknown key '{key}'")
+        if header is None or not str(header.get("summary", "")).strip():
+            raise StoreError(400, "The commit needs a header with a summary")
+        parent = header.get("parentCommit")
+        if parent is not None and not (isinstance(parent, str) and re.fullmatch(r"[0-9a-f]{40}", parent)):
+            raise StoreError(400, "parentCommit must be a full commit id (40 hex characters)")
+        oid, pr = self.store.commit(found, rev, operations, str(header["summary"]), str(header.get("description", "")),
+                                    header.get("parentCommit"), create_pr, USER)
+        base = f"{self._base(request)}/{PREFIXES[found.type]}{found.id}"
+        return JSONResponse({"success": True, "commitOid": oid, "commitUrl": f"{base}/commit/{oid}",
+                             "commitMessage": header["summary"],
+                             "pullRequestUrl": f"{base}/discussions/{pr}" if pr else None})
+
+    # -- downloads ----------------------------------------------------------------------------------------
+
