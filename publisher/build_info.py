@@ -16,7 +16,7 @@ from publisher.errors import PublisherError
 from publisher.util.atomic import atomic_write_text
 
 BUILD_INFO = "build-info.json"
-VERSION = 1
+VERSION: Literal[1] = 1
 
 
 class _Model(BaseModel):

@@ -83,9 +83,9 @@ def write_zip(resources: Path, zip_path: Path, top_folder: str) -> None:
     where sizes need it. The CRC of the next file is computed in a second thread while the current one is copied
     in the kernel, so zipping runs near the speed of a plain copy."""
     entries: list[tuple[str, Path | None]] = [(f"{top_folder}/", None)]
-    for path in sorted(p for p in resources.rglob("*") if p.name != "record.json"):
-        name = f"{top_folder}/{path.relative_to(resources).as_posix()}"
-        entries.append((name + "/", None) if path.is_dir() else (name, path))
+    for item in sorted(p for p in resources.rglob("*") if p.name != "record.json"):
+        name = f"{top_folder}/{item.relative_to(resources).as_posix()}"
+        entries.append((name + "/", None) if item.is_dir() else (name, item))
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     date = ((ZIP_TIME[0] - 1980) << 9) | (ZIP_TIME[1] << 5) | ZIP_TIME[2]
     central = []

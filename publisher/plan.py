@@ -442,6 +442,7 @@ def _extra_sources(manifest: Any, components: Sequence[Component]) -> dict[str, 
 def _extra_fetch(v: Variant, ref: ExtraSourceRef) -> FetchParams:
     """What to fetch from an extra source: a custom VAE from the repo's `vae/` or its root, into `vae/`; a
     family's component (the refiner) from the folder its spec names, into the component's folder."""
+    folders: tuple[str, ...]
     if ref.role == "vae":
         folders, into = ("vae", ""), "vae"
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from publisher.families.sd import FAMILY as SD
 from publisher.vocabulary import Component
@@ -77,7 +78,7 @@ def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component
         text.eval().save_pretrained(folder / "text_encoder")
         model_index["text_encoder"] = ["transformers", "CLIPTextModel"]
     if Component.UNET in components:
-        unet = UNet2DConditionModel(
+        unet: Any = UNet2DConditionModel(  # diffusers' models are typed without torch's methods
             sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
@@ -85,7 +86,7 @@ def build_tiny_pipeline(folder: Path, seed: int = 0, components: tuple[Component
         unet.eval().save_pretrained(folder / "unet")
         model_index["unet"] = ["diffusers", "UNet2DConditionModel"]
     if Component.VAE_DECODER in components or Component.VAE_ENCODER in components:
-        vae = AutoencoderKL(
+        vae: Any = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
             block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8)
@@ -159,7 +160,7 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, sample_size: int = 32,
         folder / "text_encoder_2")
     cross = TINY_XL_TEXT_HIDDEN[1] if refiner else sum(TINY_XL_TEXT_HIDDEN)
     time_ids = 5 if refiner else 6
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(  # diffusers' models are typed without torch's methods
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
@@ -185,11 +186,12 @@ def build_tiny_sdxl_vae(folder: Path, sample_size: int = 32, force_upcast: bool 
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    AutoencoderKL(
+    vae: Any = AutoencoderKL(  # diffusers' models are typed without torch's methods
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size * 8, scaling_factor=0.13025,
-        force_upcast=force_upcast).eval().save_pretrained(folder)
+        force_upcast=force_upcast)
+    vae.eval().save_pretrained(folder)
     return Path(folder)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +37,7 @@ def manifest_paths(paths: list[Path] | None) -> list[Path]:
     return list(paths) if paths else [Path("manifests")]
 
 
-def print_table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+def print_table(header: tuple[str, ...], rows: Sequence[Sequence[object]]) -> None:
     """Columns padded to their widest cell, two spaces apart (the one table layout of every command)."""
     cells = [tuple(str(cell) for cell in row) for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

@@ -5,6 +5,7 @@ intermediate arrays), releasing the GIL so that packing runs beside the solver."
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -12,7 +13,7 @@ from numba import njit
 
 @njit(cache=True, nogil=True)
 def _pack(indices: np.ndarray, nbits: int, out: np.ndarray) -> None:
-    pending = 0  # bits not yet written, least significant first
+    pending: Any = 0  # bits not yet written, least significant first (an int64 in the compiled kernel)
     filled = 0
     position = 0
     for value in indices:
@@ -30,7 +31,7 @@ def _pack(indices: np.ndarray, nbits: int, out: np.ndarray) -> None:
 @njit(cache=True, nogil=True)
 def _unpack(packed: np.ndarray, nbits: int, out: np.ndarray) -> None:
     mask = (1 << nbits) - 1
-    pending = 0
+    pending: Any = 0  # an int64 in the compiled kernel
     filled = 0
     position = 0
     for i in range(out.size):

@@ -115,7 +115,7 @@ def _lookup_inputs(block: Any) -> set[str]:
     """Names of the values that lookup ops (the embedding table's gather) read."""
     from publisher.milfile import walk_operations
 
-    names = set()
+    names: set[str] = set()
     for op in walk_operations(block):
         if op.type in _LOOKUP_OPS:
             names.update(binding.name for argument in op.inputs.values() for binding in argument.arguments
@@ -398,6 +398,7 @@ class DecodedWeights(Mapping[str, np.ndarray]):
                 return dense
         raise KeyError(name)
 
+    # a generator, not an ItemsView: each weight is decoded once, as it is read (verification streams them)
     def items(self) -> Iterator[tuple[str, np.ndarray]]:  # type: ignore[override]
         for name, lut, indices in iter_palettized_weights(self.package):
             yield name, lut_lookup(lut, indices)

@@ -161,16 +161,17 @@ def validate_precision(raw: Any, handler: Callable[[Any], Any]) -> CompressionSe
                  else [] for error in errors]
         if not any(owned):
             raise
-        details: list[InitErrorDetails] = []
+        refined: list[InitErrorDetails] = []
         for error, owners in zip(errors, owned, strict=True):
             if owners:
-                details.append({"type": PydanticCustomError("scheme_field", "only allowed when type is {owners}",
+                refined.append({"type": PydanticCustomError("scheme_field", "only allowed when type is {owners}",
                                                             {"owners": " or ".join(f"'{o}'" for o in owners)}),
                                 "loc": tuple(error["loc"]), "input": error["input"]})
             else:
-                details.append({"type": error["type"], "loc": tuple(error["loc"]), "input": error["input"],
+                refined.append({"type": error["type"], "loc": tuple(error["loc"]), "input": error["input"],
+                                # pydantic's ErrorDetails and InitErrorDetails share `ctx`; its stub says otherwise
                                 **({"ctx": error["ctx"]} if "ctx" in error else {})})  # type: ignore[typeddict-item]
-        raise ValidationError.from_exception_data("precision", details) from None
+        raise ValidationError.from_exception_data("precision", refined) from None
 
 
 def precision_json_schema() -> dict[str, Any]:

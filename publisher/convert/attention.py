@@ -95,9 +95,9 @@ class Conv1x1(nn.Conv2d):
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         weight = state_dict.get(prefix + "weight")
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a diffusers (out, in) linear weight
-            state_dict = dict(state_dict)  # type: ignore[assignment]
-            state_dict[prefix + "weight"] = weight[:, :, None, None]  # type: ignore[index]
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+            state_dict = dict(state_dict)
+            state_dict[prefix + "weight"] = weight[:, :, None, None]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def linears_to_convs(module: nn.Module) -> int:

@@ -18,7 +18,9 @@ from torch import nn
 
 from publisher.contract import FLOAT32, TensorSpec
 from publisher.convert.components import Unet
+from publisher.convert.coreml import PackageMetadata
 from publisher.convert.unet import AneUnet, UnetState
+from publisher.deployment import DeploymentTarget
 from publisher.vocabulary import Attention, Component
 
 
@@ -90,8 +92,8 @@ def chunk_specs(wrapper: Unet, unet_inputs: tuple[TensorSpec, ...], unet_outputs
     return ChunkSpecs(cut, unet_inputs, middle, (context, *middle), unet_outputs), intermediates
 
 
-def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: object,
-                        outputs: tuple[Path | None, Path | None], metadata: object, family: str = "sd",
+def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: DeploymentTarget,
+                        outputs: tuple[Path | None, Path | None], metadata: PackageMetadata, family: str = "sd",
                         component: Component = Component.UNET) -> list[str]:
     """Convert a UNet of `source` (the `unet`, or SDXL's `refiner`) into its two chunk packages (a None output
     skips that chunk)."""
@@ -103,12 +105,13 @@ def convert_unet_chunks(source: Path, attention: Attention, resolution: int, tar
     assert isinstance(loaded.module, Unet)
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
     paths = []
-    if outputs[0] is not None:
-        paths.append(convert_module([UnetChunk1(loaded.module, specs.cut)], loaded.spec, example, target,  # type: ignore[arg-type]
-                                    metadata, outputs[0], specs.chunk1_inputs, specs.chunk1_outputs).path)  # type: ignore[arg-type]
-    if outputs[1] is not None:
+    first, second = outputs
+    if first is not None:
+        paths.append(convert_module([UnetChunk1(loaded.module, specs.cut)], loaded.spec, example, target,
+                                    metadata, first, specs.chunk1_inputs, specs.chunk1_outputs).path)
+    if second is not None:
         context = example[2]
-        paths.append(convert_module([UnetChunk2(loaded.module, specs.cut)], loaded.spec,  # type: ignore[arg-type]
-                                    (context, *intermediates), target, metadata, outputs[1],  # type: ignore[arg-type]
+        paths.append(convert_module([UnetChunk2(loaded.module, specs.cut)], loaded.spec,
+                                    (context, *intermediates), target, metadata, second,
                                     specs.chunk2_inputs, specs.chunk2_outputs).path)
     return paths

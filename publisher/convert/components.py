@@ -27,8 +27,13 @@ from publisher.vocabulary import Attention, Component
 _LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
 
 
+# A model as diffusers or transformers loaded it, read by its attributes (typed Any: nn.Module types every attribute
+# `Tensor | Module`, which says nothing about the library's models).
+Loaded = Any
+
+
 class TextEncoder(nn.Module):
-    def __init__(self, text_model: nn.Module) -> None:
+    def __init__(self, text_model: Loaded) -> None:
         super().__init__()
         self.text_model = text_model
 
@@ -41,7 +46,7 @@ class TextEncoderXL(nn.Module):
     """SDXL's text encoders: the hidden states before the last encoder layer, and the pooled embedding (the
     projected `text_embeds` where the model has a projection, as OpenCLIP bigG has; else the pooler output)."""
 
-    def __init__(self, text_model: nn.Module) -> None:
+    def __init__(self, text_model: Loaded) -> None:
         super().__init__()
         self.text_model = text_model
 
@@ -55,7 +60,7 @@ class Unet(nn.Module):
     """The ANE-shaped UNet (publisher.convert.unet) for every attention implementation; encoder_hidden_states
     arrive as (B, C, 1, S), the Swift pipeline's layout, and are consumed as they are."""
 
-    def __init__(self, unet: nn.Module, attention: Attention) -> None:
+    def __init__(self, unet: Loaded, attention: Attention) -> None:
         super().__init__()
         self.unet = AneUnet(unet, attention_core(attention))
         self.attention = attention
@@ -67,7 +72,7 @@ class Unet(nn.Module):
 
 
 class VAEDecoder(nn.Module):
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: Loaded) -> None:
         super().__init__()
         self.post_quant_conv = vae.post_quant_conv
         self.decoder = vae.decoder
@@ -77,7 +82,7 @@ class VAEDecoder(nn.Module):
 
 
 class VAEEncoder(nn.Module):
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: Loaded) -> None:
         super().__init__()
         self.encoder = vae.encoder
         self.quant_conv = vae.quant_conv
@@ -94,14 +99,14 @@ class SafetyChecker(nn.Module):
     flagged when any score is > 0 (`has_nsfw_concepts` shaped (B, 1, 1, 1)) and a flagged image is blacked out.
     """
 
-    def __init__(self, checker: nn.Module) -> None:
+    def __init__(self, checker: Loaded) -> None:
         super().__init__()
         self.vision_model = checker.vision_model
         self.visual_projection = checker.visual_projection
-        self.concept_embeds = checker.concept_embeds
-        self.special_care_embeds = checker.special_care_embeds
-        self.concept_embeds_weights = checker.concept_embeds_weights
-        self.special_care_embeds_weights = checker.special_care_embeds_weights
+        self.concept_embeds: torch.Tensor = checker.concept_embeds
+        self.special_care_embeds: torch.Tensor = checker.special_care_embeds
+        self.concept_embeds_weights: torch.Tensor = checker.concept_embeds_weights
+        self.special_care_embeds_weights: torch.Tensor = checker.special_care_embeds_weights
 
     @staticmethod
     def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

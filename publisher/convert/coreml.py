@@ -95,12 +95,12 @@ def _no_constant_folding() -> Iterator[None]:
 
     originals = {op_class: op_class.value_inference for op_class in (cast15, cast17)}
     for op_class in originals:
-        op_class.value_inference = refuse  # type: ignore[method-assign]
+        op_class.value_inference = refuse
     try:
         yield
     finally:
         for op_class, method in originals.items():
-            op_class.value_inference = method  # type: ignore[method-assign]
+            op_class.value_inference = method
 
 
 @contextlib.contextmanager
@@ -125,11 +125,11 @@ def _validated_once_per_pipeline() -> Iterator[None]:
         prog.validate(check_essential_scope=bool(names) and names[-1] == "common::dead_code_elimination")
 
     original = PassPipelineManager.__dict__["apply_pipeline"]
-    PassPipelineManager.apply_pipeline = staticmethod(apply_pipeline)  # type: ignore[method-assign]
+    PassPipelineManager.apply_pipeline = staticmethod(apply_pipeline)
     try:
         yield
     finally:
-        PassPipelineManager.apply_pipeline = original  # type: ignore[method-assign]
+        PassPipelineManager.apply_pipeline = original
 
 
 COLLECT_EVERY_BYTES = 256 * 2**20

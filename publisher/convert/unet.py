@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +24,16 @@ from torch import nn
 
 from publisher.convert.attention import AttentionCore, channel_layer_norm, linears_to_convs
 
+# A diffusers block read by its attributes. Typed as Any: nn.Module types every attribute `Tensor | Module`, which
+# says nothing about diffusers' blocks (their submodules, configs and flags).
+Block = Any
+
 
 def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(f"the ANE-shaped UNet supports SD 1.x/2.x and SDXL UNets; this one has {what}")
 
 
-def _check_config(unet: nn.Module) -> None:
+def _check_config(unet: Block) -> None:
     config = unet.config
     for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim", "time_embedding_act_fn"):
         if config.get(key) is not None:
@@ -45,7 +50,7 @@ def _check_config(unet: nn.Module) -> None:
 
 # -- the building blocks, on 4-D tensors ---------------------------------------------------------------------
 
-def resnet_forward(resnet: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def resnet_forward(resnet: Block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """diffusers' ResnetBlock2D with the time embedding as (B, C, 1, 1) and its projection a 1x1 conv."""
     h = resnet.conv1(resnet.nonlinearity(resnet.norm1(x)))
     if resnet.time_emb_proj is not None:
@@ -56,14 +61,14 @@ def resnet_forward(resnet: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> tor
     return (x + h) / resnet.output_scale_factor
 
 
-def attention_forward(attn: nn.Module, x: torch.Tensor, context: torch.Tensor, core: AttentionCore) -> torch.Tensor:
+def attention_forward(attn: Block, x: torch.Tensor, context: torch.Tensor, core: AttentionCore) -> torch.Tensor:
     """A diffusers `Attention` on (B, C, 1, S) queries and (B, C', 1, S') keys/values."""
     q = attn.to_q(x) * attn.scale
     out = core(q, attn.to_k(context), attn.to_v(context), attn.heads)
     return attn.to_out[0](out)
 
 
-def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def feed_forward(ff: Block, x: torch.Tensor) -> torch.Tensor:
     projection = ff.net[0]
     hidden = projection.proj(x)
     if type(projection).__name__ == "GEGLU":
@@ -74,7 +79,7 @@ def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ff.net[2](hidden)
 
 
-def transformer_forward(transformer: nn.Module, x: torch.Tensor, context: torch.Tensor,
+def transformer_forward(transformer: Block, x: torch.Tensor, context: torch.Tensor,
                         core: AttentionCore) -> torch.Tensor:
     """diffusers' Transformer2DModel (continuous input) with (B, C, 1, H*W) tokens throughout."""
     batch, _, height, width = x.shape
@@ -127,7 +132,7 @@ class AneUnet(nn.Module):
     "text_time"): the image geometry and the pooled text embedding, added to the time embedding.
     """
 
-    def __init__(self, unet: nn.Module, core: AttentionCore) -> None:
+    def __init__(self, unet: Block, core: AttentionCore) -> None:
         super().__init__()
         _check_config(unet)
         linears_to_convs(unet)
@@ -168,13 +173,13 @@ class AneUnet(nn.Module):
         unet, core = self.unet, self.core
         stages = [Stage("conv_in", (unet.conv_in,), lambda s: unet.conv_in(s.hidden), push=True)]
 
-        def resnet(module: nn.Module) -> Callable[[UnetState], torch.Tensor]:
+        def resnet(module: Block) -> Callable[[UnetState], torch.Tensor]:
             return lambda s: resnet_forward(module, s.hidden, s.emb)
 
-        def transformer(module: nn.Module) -> Callable[[UnetState], torch.Tensor]:
+        def transformer(module: Block) -> Callable[[UnetState], torch.Tensor]:
             return lambda s: transformer_forward(module, s.hidden, s.context, core)
 
-        def plain(module: nn.Module) -> Callable[[UnetState], torch.Tensor]:
+        def plain(module: Block) -> Callable[[UnetState], torch.Tensor]:
             return lambda s: module(s.hidden)
 
         for b, block in enumerate(unet.down_blocks):

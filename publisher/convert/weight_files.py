@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from publisher.errors import SourceError
 
@@ -101,7 +102,7 @@ def check_safetensors(path: Path) -> None:
                           ) from exc
 
 
-def _safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+def _safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
     """(offset of the data, tensor name -> {dtype, shape, data_offsets}) of a safetensors file the library's
     checks accept."""
     import json
@@ -157,7 +158,7 @@ def _chosen_safetensors(folder: Path) -> list[Path]:
     return [folder / files[0]]
 
 
-def load_streaming(cls: object, folder: Path) -> object | None:
+def load_streaming(cls: Any, folder: Path) -> Any:
     """A diffusers model built on the meta device and filled tensor by tensor from its safetensors files, each
     read with plain reads and widened to float32: the float32 weights are the only copy ever held (the library's
     loader first builds a randomly initialised float32 model, then holds the file's tensors besides it). None when
@@ -173,19 +174,19 @@ def load_streaming(cls: object, folder: Path) -> object | None:
         return None
     headers = [(path, *_safetensors_header(path)) for path in files]
     with torch.device("meta"):
-        model = cls.from_config(cls.load_config(str(folder)))  # type: ignore[attr-defined]
+        model = cls.from_config(cls.load_config(str(folder)))
     expected = set(model.state_dict())
     if {name for _, _, header in headers for name in header} != expected:
         return None
     for path, start, header in headers:
         with open(path, "rb") as handle:
-            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):  # type: ignore[index]
-                begin, end = entry["data_offsets"]  # type: ignore[misc]
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                begin, end = entry["data_offsets"]
                 handle.seek(start + begin)
                 buffer = bytearray(end - begin)
                 handle.readinto(buffer)
                 raw = np.frombuffer(buffer, dtype=_SAFETENSORS_DTYPES[str(entry["dtype"])])
-                tensor = torch.from_numpy(raw).reshape(entry["shape"])  # type: ignore[arg-type]
+                tensor = torch.from_numpy(raw).reshape(entry["shape"])
                 if entry["dtype"] == "BF16":
                     tensor = tensor.view(torch.bfloat16)
                 tensor = tensor.float() if tensor.is_floating_point() else tensor

@@ -98,9 +98,9 @@ class Assembler:
             link_or_copy(self.state.outputs[zip_step.id].path / "archive.zip", zip_path)
         files = tree_files(folder, known)
         if zip_path.exists() and zip_step is not None and compiled_layout:
-            info = zip_path.stat()  # a hard link of the zip step's output: its hash is on that record
-            digest = self.state.outputs[zip_step.id].vouched().get(stamp_of(info)) or sha256_file(zip_path)
-            files[f"../{variant.zip_name}"] = (digest, info.st_size)
+            zipped = zip_path.stat()  # a hard link of the zip step's output: its hash is on that record
+            digest = self.state.outputs[zip_step.id].vouched().get(stamp_of(zipped)) or sha256_file(zip_path)
+            files[f"../{variant.zip_name}"] = (digest, zipped.st_size)
         seconds = sum(self.state.outputs[s.id].seconds for s in steps if s.id in self.state.outputs)
         info = BuildInfo.model_validate({
             "variant": variant.to_json(),

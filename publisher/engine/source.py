@@ -188,7 +188,7 @@ def plan_source(repo: str, revision: str, components: Sequence[Component], endpo
     api = HfApi(endpoint=endpoint, token=token or False)  # never a token looked up on its own
     with talking_to(api.endpoint, f"listing the files of source {label}"):
         try:
-            info = api.repo_info(repo, revision=revision, files_metadata=True)
+            info = api.model_info(repo, revision=revision, files_metadata=True)
         except RevisionNotFoundError as exc:
             raise SourceError(f"source {repo} has no revision '{revision}'") from exc
         except RepositoryNotFoundError as exc:

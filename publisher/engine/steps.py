@@ -135,9 +135,10 @@ class StepActions:
                 path.unlink()
             floats.unlink(missing_ok=True)
             if compressed:
-                digest = Reference.load(work / REFERENCE).weights_digest
-                if digest is not None:
-                    self.references.decoded.setdefault(key(submodule), {})[digest] = (work / REFERENCE).read_bytes()
+                weights_digest = Reference.load(work / REFERENCE).weights_digest
+                if weights_digest is not None:
+                    self.references.decoded.setdefault(key(submodule), {})[weights_digest] = \
+                        (work / REFERENCE).read_bytes()
             report["fidelity"] = fidelity.to_json()
             if not fidelity.passed:
                 raise BuildError(f"{submodule}: output PSNR {fidelity.min_psnr_db:.1f} dB is under the "

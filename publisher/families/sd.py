@@ -82,8 +82,15 @@ def sd_dims(source: Path, resolution: int) -> ModelDims:
         raise SourceError(f"{source}: cannot tell the text embedding size (no unet/ or text_encoder/ config)")
     unet = read_config(source, "unet") or {}
     latent, out = unet.get("in_channels", LATENT_CHANNELS), unet.get("out_channels", LATENT_CHANNELS)
-    return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=int(latent),  # type: ignore[arg-type]
-                     unet_out_channels=int(out))  # type: ignore[arg-type]
+    return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=config_int(latent),
+                     unet_out_channels=config_int(out))
+
+
+def config_int(value: object) -> int:
+    """A config's integer (checked: a config is the source repo's, untrusted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SourceError(f"expected an integer in the UNet config, not {value!r}")
+    return int(value)
 
 
 FAMILY = ModelFamily(

@@ -21,7 +21,7 @@ from pathlib import Path
 from publisher.contract import FLOAT16, FLOAT32, LATENT_CHANNELS, UNET_BATCH, ModelDims, ModelSpec, TensorSpec
 from publisher.errors import SourceError
 from publisher.families.sd import FAMILY as SD
-from publisher.families.sd import sd_model_spec
+from publisher.families.sd import config_int, sd_model_spec
 from publisher.family import ComponentSpec, ModelFamily, read_config
 from publisher.vocabulary import Component
 
@@ -92,8 +92,8 @@ def sdxl_dims(source: Path, resolution: int) -> ModelDims:
         hidden = extra.get("text_encoder.hidden", 0) + extra.get("text_encoder_2.hidden", 0)
     if not isinstance(hidden, int) or hidden <= 0:
         raise SourceError(f"{source}: cannot tell the text embedding size (no unet/ or text encoder configs)")
-    latent = int((unet or {}).get("in_channels", LATENT_CHANNELS))  # type: ignore[call-overload]
-    out = int((unet or {}).get("out_channels", LATENT_CHANNELS))  # type: ignore[call-overload]
+    latent = config_int((unet or {}).get("in_channels", LATENT_CHANNELS))
+    out = config_int((unet or {}).get("out_channels", LATENT_CHANNELS))
     return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=latent, unet_out_channels=out,
                      extra=tuple(sorted(extra.items())))
 

@@ -162,7 +162,7 @@ def diff_variant(variant: Variant, local: dict[str, Path], remote: dict[str, Rem
     return diff
 
 
-def remote_tree(api: Any, repo_id: str, revision: str) -> dict[str, RemoteFile]:
+def remote_tree(api: Any, repo_id: str, revision: str | None) -> dict[str, RemoteFile]:
     from huggingface_hub.hf_api import RepoFile
 
     tree: dict[str, RemoteFile] = {}
@@ -336,7 +336,7 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
         try:
             head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome, token_name)
         except Exception as exc:
-            exc.outcome = outcome  # type: ignore[attr-defined]  # the commits that did land, for the retry
+            exc.outcome = outcome  # type: ignore[attr-defined]  # what landed, read by the retry
             raise
         revision = outcome.pr_url and _pr_revision(outcome.pr_url)
     if not pending and card_changed:

@@ -71,7 +71,7 @@ class ReposApi(HubBase):
         except ValueError as exc:
             raise StoreError(400, "'limit' must be an integer") from exc
         visible = self._authenticated(request)
-        items = []
+        items: list[dict[str, Any]] = []
         for found in self.store.list_repos(t.removesuffix("s")):
             if (found.private and not visible) or (author and found.id.split("/")[0] != author) or \
                     (search and search not in found.id.lower()):
@@ -116,7 +116,8 @@ class ReposApi(HubBase):
     async def validate_yaml(self, request: Request) -> Response:
         body = await _json(request)
         errors, warnings = validate_card(str(body.get("content", "")))
-        payload = {"errors": [{"message": e} for e in errors], "warnings": [{"message": w} for w in warnings]}
+        payload: dict[str, Any] = {"errors": [{"message": e} for e in errors],
+                                   "warnings": [{"message": w} for w in warnings]}
         if errors:
             payload["error"] = "Invalid metadata in README.md: " + "; ".join(errors)
         return JSONResponse(payload, status_code=400 if errors else 200)

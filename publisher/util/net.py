@@ -62,7 +62,7 @@ def talking_to(endpoint: str | None, what: str, token_name: str | None = None) -
 def cause_of(exc: BaseException) -> str:
     """The innermost reason of a transport error (`[Errno 111] Connection refused`, `timed out`)."""
     inner: BaseException = exc
-    while inner.__cause__ is not None or inner.__context__ is not None:
-        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    while (deeper := inner.__cause__ or inner.__context__) is not None:
+        inner = deeper
     text = str(inner).strip() or str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

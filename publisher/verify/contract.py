@@ -20,8 +20,8 @@ def contract_problems(package: Path, submodule: str, dims: ModelDims, family: st
     chunk = model_family.chunk_index(submodule)
     got_in = [(t.name, t.shape, t.dtype) for t in info.inputs]
     got_out = [(t.name, t.shape, t.dtype) for t in info.outputs]
-    want_in = [(t.name, t.shape, t.dtype) for t in spec.inputs]
-    want_out = [(t.name, t.shape, t.dtype) for t in spec.outputs]
+    want_in: list[tuple[str, tuple[int, ...], str]] | None = [(t.name, t.shape, t.dtype) for t in spec.inputs]
+    want_out: list[tuple[str, tuple[int, ...], str]] | None = [(t.name, t.shape, t.dtype) for t in spec.outputs]
     if chunk == 0:
         # intermediates (chunk 2's inputs are checked against them by the chunk tests): float32 like every output
         want_out = None

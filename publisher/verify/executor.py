@@ -87,11 +87,11 @@ def _gather_nd(op: Any, v: Mapping[str, np.ndarray]) -> np.ndarray:
     if batch_dims == 0:
         return x[tuple(np.moveaxis(indices, -1, 0))]
     batch_shape = x.shape[:batch_dims]
-    out = [None] * int(np.prod(batch_shape))
+    out: list[np.ndarray] = []
     flat_x = x.reshape((-1, *x.shape[batch_dims:]))
     flat_i = indices.reshape((-1, *indices.shape[batch_dims:]))
     for b in range(flat_x.shape[0]):
-        out[b] = flat_x[b][tuple(np.moveaxis(flat_i[b], -1, 0))]
+        out.append(flat_x[b][tuple(np.moveaxis(flat_i[b], -1, 0))])
     stacked = np.stack(out)
     return stacked.reshape(batch_shape + stacked.shape[1:])
 

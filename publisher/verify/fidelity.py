@@ -80,11 +80,16 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: i
     chunk = model_family.chunk_index(submodule)
     if chunk == 0:
         specs, _, _ = _cut(loaded, example)
-        return UnetChunk1(loaded.module, specs.cut), example, [t.name for t in specs.chunk1_outputs]
+        return UnetChunk1(_unet(loaded.module), specs.cut), example, [t.name for t in specs.chunk1_outputs]
     if chunk == 1:
         specs, _, inputs = _cut(loaded, example)
-        return UnetChunk2(loaded.module, specs.cut), inputs, [t.name for t in specs.chunk2_outputs]
+        return UnetChunk2(_unet(loaded.module), specs.cut), inputs, [t.name for t in specs.chunk2_outputs]
     return loaded.module, example, [t.name for t in loaded.spec.outputs]
+
+
+def _unet(module: Any) -> Any:
+    """A chunked component's loaded module: the UNet wrapper (convert/components.Unet) the chunks cut in two."""
+    return module
 
 
 def _float32_arrays(names: Iterable[str], tensors: Iterable[Any]) -> dict[str, np.ndarray]:
@@ -126,7 +131,8 @@ class Reference:
                            "outputs": list(self.outputs), "float": self.float_outputs is not None,
                            "weights_digest": self.weights_digest})
         buffer = io.BytesIO()  # a few MB
-        np.savez(buffer, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **arrays)
+        arrays["__meta__"] = np.frombuffer(meta.encode(), dtype=np.uint8)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **arrays reach its allow_pickle flag
         atomic_write_bytes(Path(path), buffer.getvalue())
 
     @classmethod
@@ -291,7 +297,7 @@ def chunk_references(source: Path, component: str, resolution: int, family: str 
     loaded = load_component(source, spec.component, Attention.ORIGINAL, resolution, family=family)
     example = example_inputs(loaded.spec)
     specs, intermediates, second = _cut(loaded, example)
-    outputs = _torch_outputs(UnetChunk2(loaded.module, specs.cut), second, [t.name for t in specs.chunk2_outputs])
+    outputs = _torch_outputs(UnetChunk2(_unet(loaded.module), specs.cut), second, [t.name for t in specs.chunk2_outputs])
     first, last = (name for name, _ in spec.chunks)
     whole_inputs = _float32_arrays((t.name for t in specs.chunk1_inputs), example)
     return {component: Reference(component, whole_inputs, outputs),

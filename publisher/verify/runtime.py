@@ -62,7 +62,7 @@ class CoreMLRuntime:
             gc.collect()
 
 
-RUNTIMES = {"reference": ExecutorRuntime, "coreml": CoreMLRuntime}
+RUNTIMES: dict[str, type[Runtime]] = {"reference": ExecutorRuntime, "coreml": CoreMLRuntime}
 
 
 def runtime_named(name: str) -> Runtime:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -71,8 +71,10 @@ class UnetProbe:
         from publisher.convert.components import example_inputs, load_component
 
         loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution, family=family)
-        self.wrapper = loaded.module
-        self.ane = self.wrapper.unet
+        # convert/components.Unet, the ANE-shaped UNet (convert/unet.AneUnet) behind the apps' interface, read by
+        # its stages (Any: nn.Module types every attribute `Tensor | Module`)
+        self.wrapper = cast(Any, loaded.module)
+        self.ane = cast(Any, self.wrapper.unet)
         self.samples = samples
         per_seed = [example_inputs(loaded.spec, seed=seed) for seed in range(samples)]
         self.inputs = tuple(torch.cat([x[i] for x in per_seed]) for i in range(len(per_seed[0])))
@@ -253,22 +255,22 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
     for target in CURVE_BITS:
         recipe = choose_bits(layers, target)
         achieved = average_bits(layers, recipe)
-        measured = measure(recipe)
+        curve_psnr = measure(recipe)
         key = recipe_key(achieved)
-        recipes[key], baselines[key] = recipe, measured
-        curve.append({"target_bits": target, "average_bits": round(achieved, 4), "psnr_db": round(measured, 2),
+        recipes[key], baselines[key] = recipe, curve_psnr
+        curve.append({"target_bits": target, "average_bits": round(achieved, 4), "psnr_db": round(curve_psnr, 2),
                       "summed_psnr_db": round(predicted_psnr_db(layers, recipe), 2), "recipe": key})
     for bits in CANDIDATE_BITS:  # uniform palettization, for comparison
         baselines[f"uniform_{bits}bit"] = measure({layer.name: bits for layer in layers})
 
     chosen: dict[str, Any] | None = None
     if settings.get("mixed_bit"):  # a manifest's target; without one (`publisher recipe` before choosing), the curve
-        chosen_recipe, target = _choose(layers, settings["mixed_bit"], measure)
+        chosen_recipe, chosen_target = _choose(layers, settings["mixed_bit"], measure)
         chosen_average = average_bits(layers, chosen_recipe)
         predicted = measure(chosen_recipe)
         chosen_key = recipe_key(chosen_average)
         recipes[chosen_key], baselines[chosen_key] = chosen_recipe, predicted
-        chosen = {"target": dict(target), "recipe": chosen_key, "average_bits": round(chosen_average, 4),
+        chosen = {"target": dict(chosen_target), "recipe": chosen_key, "average_bits": round(chosen_average, 4),
                   "predicted_psnr_db": round(predicted, 2), "float16_psnr_db": round(float16_vs_float32, 2),
                   "layers": [{"name": layer.name, "sha256": layer.sha256, "size": layer.size,
                               "fingerprint": by_name[layer.name].fingerprint, "nbits": chosen_recipe[layer.name]}
