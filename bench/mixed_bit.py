@@ -1,7 +1,7 @@
 """Mixed-bit pre-analysis of a full-size SD 1.5-shaped UNet (random weights) on this machine's CPU.
 
 Run by hand (not in CI):  python bench/mixed_bit.py [--latent 16] [--samples 2] [--agreement 12] [--apply]
-- the analysis as the build runs it (publisher.verify.sensitivity.analyze, target 4.5 bits): wall time, peak RSS;
+- the analysis as the build runs it (publisher.compress.sensitivity.analyze, target 4.5 bits): wall time, peak RSS;
 - `--agreement N`: single-layer 4-bit sensitivities of N layers (spread over the UNet) at the analysis latent size
   and at the full 64x64, and the Spearman rank correlation between the two rankings;
 - `--apply`: the float16 UNet package converted, the chosen recipe applied, and a uniform 6-bit palettization
@@ -32,7 +32,7 @@ def make(work: Path) -> dict:
 
 
 def analysis(work: Path, latent: int, samples: int) -> dict:
-    from publisher.verify.sensitivity import analyze
+    from publisher.compress.sensitivity import analyze
 
     start = time.perf_counter()
     record, apple = analyze(work / "source", 512, {"mixed_bit": {"target_bits": 4.5}}, "bench/sd15-random",
@@ -51,8 +51,8 @@ def analysis(work: Path, latent: int, samples: int) -> dict:
 def agreement(work: Path, latent: int, count: int) -> dict:
     import numpy as np
 
-    from publisher.compress.palettization import Granularity
-    from publisher.verify.sensitivity import UnetProbe, _Weights
+    from publisher.compress.palettize_scheme import Granularity
+    from publisher.compress.sensitivity import UnetProbe, _Weights
 
     def sensitivities(size: int) -> tuple[list[str], list[float], float]:
         probe = UnetProbe(work / "source", size * 8, samples=1)
@@ -77,7 +77,7 @@ def agreement(work: Path, latent: int, count: int) -> dict:
 
 
 def apply(work: Path) -> dict:
-    from publisher.compress.palettization import SCHEME, PalettizeSettings
+    from publisher.compress.palettize_scheme import SCHEME, PalettizeSettings
     from publisher.compress.scheme import CompressContext
     from publisher.convert.coreml import PackageMetadata, convert_isolated
     from publisher.deployment import DeploymentTarget

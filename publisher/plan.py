@@ -43,7 +43,7 @@ GITHUB_MATRIX_LIMIT = 256
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "convert": ("publisher.convert.coreml",),
     "chunk": ("publisher.convert.chunk",),
-    "analyze": ("publisher.verify.sensitivity",),
+    "analyze": ("publisher.compress.sensitivity",),
     "compress": ("publisher.compress.scheme",),
     "verify": ("publisher.verify.fidelity", "publisher.verify.contract"),
     "compile": ("publisher.compile",),

@@ -16,7 +16,8 @@ LAYERS: list[tuple[str, ...]] = [
      "publisher.deployment"),                                                              # model, files, schemes
     ("publisher.plan",),                                                                  # what to build
     ("publisher.convert", "publisher.verify", "publisher.compile", "publisher.layout",
-     "publisher.store"),                                                                  # the stages
+     "publisher.store",
+     "publisher.compress.sensitivity"),  # the stages (the mixed-bit analysis runs the ANE UNet: convert/ is below it)
     ("publisher.engine", "publisher.fetch", "publisher.publish", "publisher.staging"),   # running them, the Hub
     ("publisher.tiny", "publisher.demo"),                                                 # fixtures, the demo
     ("publisher.cli", "publisher.__main__"),                                              # the command line

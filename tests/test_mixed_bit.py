@@ -153,14 +153,14 @@ def sensitive_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_analysis_ranks_prediction_and_package_agree(sensitive_source: Path, tmp_path: Path) -> None:
-    from publisher.compress.palettization import SCHEME, PalettizeSettings
+    from publisher.compress.palettize_scheme import SCHEME, PalettizeSettings
     from publisher.compress.scheme import CompressContext
+    from publisher.compress.sensitivity import analyze_to_folder, load_record
     from publisher.convert.components import example_inputs, load_component
     from publisher.convert.coreml import PackageMetadata, convert_component
     from publisher.deployment import DeploymentTarget
     from publisher.metrics import psnr
     from publisher.verify.executor import run_package
-    from publisher.verify.sensitivity import analyze_to_folder, load_record
     from publisher.vocabulary import Attention, Component
 
     analysis = tmp_path / "analysis"

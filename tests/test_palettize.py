@@ -12,7 +12,6 @@ import pytest
 from publisher.compress.kmeans import palettize_grouped, palettize_tensor
 from publisher.compress.lut import lut_lookup, lut_snr
 from publisher.compress.packing import pack_indices, unpack_indices
-from publisher.compress.palettization import Granularity, read_recipe
 from publisher.compress.palettize import (
     PalettizeConfig,
     PalettizeError,
@@ -20,6 +19,7 @@ from publisher.compress.palettize import (
     palettize_package,
     read_palettized_weights,
 )
+from publisher.compress.palettize_scheme import Granularity, read_recipe
 from publisher.convert.coreml import PackageMetadata, convert_component
 from publisher.deployment import DeploymentTarget
 from publisher.metrics import snr

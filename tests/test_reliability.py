@@ -324,9 +324,9 @@ def test_fetch_verifies_and_refuses_tampering(built, staging_hub, tmp_path: Path
     assert missing.returncode == 1 and missing.stderr.startswith(f"error: {variant.repo_id}@")
 
 
-def _zip_bytes(entries: dict[str, bytes | None]) -> bytes:
+def _zip_bytes(entries: dict[str, bytes | None], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
         for name, data in entries.items():
             if data is None:
                 archive.writestr(zipfile.ZipInfo(name), b"")
@@ -343,7 +343,8 @@ def test_fetch_of_a_zip_owns_only_its_paths(hf_api, staging_hub, tmp_path: Path)
         "good": _zip_bytes({f"{top}/vocab.json": b"{}", f"{top}/Unet.mlmodelc/coremldata.bin": b"x" * 10}),
         "cache": _zip_bytes({f"{top}/vocab.json": b"{}", ".cache/huggingface/x": b"wipe"}),
         "clash": _zip_bytes({f"{top}/a": b"file", f"{top}/a/b": b"inside"}),
-        "bomb": _zip_bytes({f"{top}/zeros.bin": b"\0" * 3_000_000}),
+        # small on the wire (its listed size passes --max-bytes), large unpacked
+        "bomb": _zip_bytes({f"{top}/zeros.bin": b"\0" * 3_000_000}, zipfile.ZIP_DEFLATED),
     }
     target = tmp_path / "to"
     (target / ".cache").mkdir(parents=True)

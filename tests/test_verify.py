@@ -126,7 +126,7 @@ def test_6bit_packages_meet_the_bar(converted: dict, tiny_source: Path, tmp_path
 def test_lut_kernel_decodes_as_coremltools_does(converted: dict, tmp_path: Path, target: DeploymentTarget) -> None:
     """The executor decodes palettized weights with the project's decoder: the same values coremltools
     materialises, for the packed iOS16 op and the iOS18 op (grouped-channel LUTs there)."""
-    from publisher.compress.palettization import Granularity
+    from publisher.compress.palettize_scheme import Granularity
     from publisher.mlpackage import load_program
     from publisher.verify.executor import _lut_to_dense
 

@@ -127,8 +127,8 @@ def recipe_command(
 ) -> None:
     """Print the mixed-bit curve of each source's UNet (average bits vs measured PSNR against float16) and plot it;
     the analysis is the build's own step, cached in the store, so a build after it reuses it."""
+    from publisher.compress.sensitivity import load_record, plot_curve
     from publisher.engine.build import analyze_sources
-    from publisher.verify.sensitivity import load_record, plot_curve
 
     options = BuildOptions(store=store, namespace=namespace, variants=variant, endpoint=source_endpoint,
                            token=token_for(source_endpoint))

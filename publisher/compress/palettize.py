@@ -291,7 +291,7 @@ def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any]
 
 def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
     """Write a palettized copy of `source` to `output`; returns the report (see `read_report_from_package`)."""
-    from publisher.milfile import main_block, op_name, read_spec
+    from publisher.milfile import main_block, op_name, read_spec, walk_operations
 
     ct = import_coremltools()
     for bits in {config.nbits, *config.recipe.values()} - {0}:
@@ -314,12 +314,15 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
     candidates = _candidates(block, config)
     if not candidates:
         raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
+    # the recipe's names no float16 weight of this package answers to (the variant checks them all), read before
+    # the writer turns the chosen weights into lookup ops
+    weights = [op_name(op) for op in walk_operations(block) if _is_float16_weight(op)]
+    unmatched = sorted(key for key in config.recipe if key not in weights and not any(
+        fnmatch.fnmatchcase(name, key) for name in weights))
     _write_palettized(source, spec, block, candidates, config, ios18, output, progress)
     report = read_report_from_package(output, source)
-    if config.recipe:  # names no float16 weight of this package answers to (the variant checks them all)
-        names = [op_name(op) for op in block.operations if _is_float16_weight(op)]
-        report["recipe_unmatched"] = sorted(key for key in config.recipe if key not in names and not any(
-            fnmatch.fnmatchcase(name, key) for name in names))
+    if config.recipe:
+        report["recipe_unmatched"] = unmatched
     report.update({"source": source.name, "nbits": config.nbits, "granularity": config.granularity.value,
                    "group_size": config.group_size if config.granularity is Granularity.PER_GROUPED_CHANNEL else None,
                    "mixed": bool(config.recipe), "seconds": round(time.perf_counter() - start, 2)})

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from publisher.compress.palettization import CANDIDATE_BITS as PALETTE_BITS
-from publisher.compress.palettization import FLOAT16_BITS
+from publisher.compress.palettize_scheme import CANDIDATE_BITS as PALETTE_BITS
+from publisher.compress.palettize_scheme import FLOAT16_BITS
 
 OPTIONS = (*PALETTE_BITS, FLOAT16_BITS)
 APPLE_PRE_ANALYSIS = "pre-analysis.json"  # the analysis step's copy in Apple's layout

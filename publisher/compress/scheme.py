@@ -127,7 +127,7 @@ class CompressionScheme(ABC):
 
 _REGISTRY: Registry[CompressionScheme] = Registry(
     "compression scheme", lambda scheme: scheme.name,
-    ("publisher.compress.float16:SCHEME", "publisher.compress.palettization:SCHEME"))
+    ("publisher.compress.float16:SCHEME", "publisher.compress.palettize_scheme:SCHEME"))
 register_scheme = _REGISTRY.register
 unregister_scheme = _REGISTRY.unregister
 schemes = _REGISTRY.all

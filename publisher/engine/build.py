@@ -197,7 +197,7 @@ def analyze_sources(manifests: Sequence[LoadedManifest], options: BuildOptions,
     """Run the plan's mixed-bit analyses (fetching their sources) through the store, nothing else. A source that
     no variant analyses gets one with default settings (per-tensor LUTs, no target), so that its curve can be
     looked at before a target is chosen."""
-    from publisher.compress.palettization import SCHEME as PALETTIZE
+    from publisher.compress.palettize_scheme import SCHEME as PALETTIZE
 
     plan = build_plan(manifests, options.namespace)
     chosen = {v.id for v in select_variants(plan, options.variants)}

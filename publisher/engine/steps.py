@@ -52,7 +52,7 @@ class StepActions:
         self.state.run(convert_unet_chunks, *args)
 
     def analyze(self, step: Step, work: Path) -> None:
-        from publisher.verify.sensitivity import analyze_to_folder
+        from publisher.compress.sensitivity import analyze_to_folder
 
         p = step.params
         assert isinstance(p, AnalyzeParams)

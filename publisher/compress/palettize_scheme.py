@@ -16,7 +16,7 @@ from publisher.compress.scheme import AnalysisRequest, CompressContext, Compress
 from publisher.deployment import DeploymentTarget
 from publisher.errors import PublisherError
 
-ANALYSIS = "analysis.json"  # the analysis step's result (publisher.verify.sensitivity writes it)
+ANALYSIS = "analysis.json"  # the analysis step's result (publisher.compress.sensitivity writes it)
 # The UNet is what mixed-bit recipes are for (Apple's pre-analysis covers the UNet alone).
 MIXED_BIT_COMPONENT = "unet"
 CANDIDATE_BITS = (1, 2, 4, 6, 8)
@@ -168,6 +168,8 @@ class Palettize(CompressionScheme):
         config = PalettizeConfig(nbits=nbits, granularity=s.granularity, group_size=s.effective_group_size,
                                  recipe=recipe, deployment_target=context.deployment_target)
         report = palettize_package(source, output, config, progress=context.progress)
+        if s.recipe is None:  # a recipe the analysis made names the package's own ops: nothing to check
+            report.pop("recipe_unmatched", None)
         if chosen is not None:
             report["mixed_bit"] = {key: chosen[key] for key in ("target", "average_bits", "predicted_psnr_db",
                                                                  "float16_psnr_db") if key in chosen}

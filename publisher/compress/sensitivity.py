@@ -27,8 +27,8 @@ from typing import Any, cast
 import numpy as np
 
 from publisher.compress.kmeans import value_map
-from publisher.compress.palettization import ANALYSIS, CANDIDATE_BITS, Granularity
 from publisher.compress.palettize import MIN_ELEMENTS, dense_palettized, weight_fingerprint
+from publisher.compress.palettize_scheme import ANALYSIS, CANDIDATE_BITS, Granularity
 from publisher.compress.recipe import (
     APPLE_PRE_ANALYSIS,
     CURVE_BITS,
