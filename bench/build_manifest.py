@@ -314,7 +314,8 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
 def stats(endpoint: str) -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(f"{endpoint}/api/staging/stats", timeout=30) as response:
+    request = urllib.request.Request(f"{endpoint}/api/staging/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 

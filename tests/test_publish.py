@@ -31,7 +31,8 @@ def _files(root: Path) -> dict[str, str]:
 def _stats(hub) -> dict:  # type: ignore[no-untyped-def]
     import urllib.request
 
-    with urllib.request.urlopen(f"{hub.url}/api/staging/stats") as response:
+    request = urllib.request.Request(f"{hub.url}/api/staging/stats", headers={"Authorization": f"Bearer {hub.token}"})
+    with urllib.request.urlopen(request) as response:
         return json.loads(response.read())
 
 

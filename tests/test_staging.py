@@ -32,7 +32,7 @@ from publisher.staging.process import StagingHub
 
 def stats(hub: StagingHub) -> dict:
     conn = _conn(hub)
-    conn.request("GET", "/api/staging/stats")
+    conn.request("GET", "/api/staging/stats", headers={"Authorization": f"Bearer {hub.token}"})
     return json.loads(conn.getresponse().read())
 
 
@@ -639,3 +639,69 @@ def test_listing_moving_squashing_implicit_folder_deletes_and_licenses(hf_api: H
     hf_api.upload_file(path_or_fileobj=b"---\nlicense: openrail++\n---\n# card\n", path_in_repo="README.md",
                        repo_id=moved)
     hf_api.delete_repo(moved)
+
+
+def test_round_three_refs_names_and_bounds(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    """Refs as the Hub keeps them, repo ids compared exactly, stats behind the token, malformed input a 4xx."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hf_api.upload_file(path_or_fileobj=b"one", path_in_repo="a.txt", repo_id=repo_id)
+    hf_api.create_tag(repo_id, tag="v1")
+    tagged = hf_api.list_repo_refs(repo_id).tags[0].target_commit
+    # a branch and a tag cannot share a name, either way round
+    with pytest.raises(HfHubHTTPError) as info:
+        hf_api.create_branch(repo_id, branch="v1")
+    assert info.value.response.status_code == 409
+    hf_api.create_branch(repo_id, branch="b2")
+    with pytest.raises(HfHubHTTPError) as info:
+        hf_api.create_tag(repo_id, tag="b2")
+    assert info.value.response.status_code == 409
+    # deleting a "branch" named like a tag's ref deletes nothing; a commit cannot move a tag
+    status, _, _ = _raw(staging_hub, "DELETE", f"/api/models/{repo_id}/branch/refs%2Ftags%2Fv1")
+    assert status == 404
+    with pytest.raises(HfHubHTTPError):
+        hf_api.create_commit(repo_id, operations=[CommitOperationAdd("b.txt", b"two")], commit_message="x",
+                             revision="refs/tags/v1")
+    refs = hf_api.list_repo_refs(repo_id)
+    assert [(t.name, t.target_commit) for t in refs.tags] == [("v1", tagged)]
+    assert {b.name for b in refs.branches} == {"main", "b2"}
+    # the Kelvin sign (U+212A) folds to "k" in Unicode, not in ASCII: it reaches no repo
+    owner = repo_id.split("/")[0]
+    hf_api.create_repo(f"{owner}/k", exist_ok=True)
+    status, _, _ = _raw(staging_hub, "GET", f"/api/models/{owner}/%E2%84%AA")
+    assert status in (401, 404)
+    # the server's counters are for the token's holder; a negative cursor is refused, not read from the end
+    conn = _conn(staging_hub)
+    conn.request("GET", "/api/staging/stats")
+    assert conn.getresponse().status == 401
+    status, _, _ = _raw(staging_hub, "GET", f"/api/models/{repo_id}/tree/main?cursor=-5")
+    assert status == 400
+    # a signature that is not ASCII is a refusal, not a crash
+    oid = "a" * 64
+    status, headers, _ = _raw(staging_hub, "PUT", f"/lfs/upload/{oid}?size=1&expires=99999999999&sig=%C3%A9", b"x")
+    assert status == 403 and "x-error-message" in headers
+
+
+def test_validate_yaml_bounds_alias_bombs_and_nesting(staging_hub: StagingHub) -> None:
+    """A few KB of YAML aliases would expand to billions of values to check (and errors to report): refused by
+    the alias count, the answer stays small; deep nesting is a 4xx, not a crash."""
+    levels = ["a0: &a0 [{name: 1, results: [{task: 1, dataset: 1, metrics: [1]}]}]"]
+    for level in range(1, 9):
+        previous = f"*a{level - 1}"
+        levels.append(f"a{level}: &a{level} [{', '.join([previous] * 10)}]")
+    card = "---\n" + "\n".join(levels) + "\nmodel-index: *a8\n---\n"
+    assert len(card) < 4096
+    status, _, body = _raw(staging_hub, "POST", "/api/validate-yaml", json.dumps({"content": card}),
+                           {"Content-Type": "application/json"})
+    assert status == 400 and len(body) < 4096
+    assert "aliases" in json.loads(body)["error"]
+    # 30 aliases of a small list: accepted by the alias bound, the walk and the error list stay bounded
+    card = "---\nm: &m [{name: 1}]\nmodel-index: [" + ", ".join(["*m"] * 30) + "]\n---\n"
+    status, _, body = _raw(staging_hub, "POST", "/api/validate-yaml", json.dumps({"content": card}),
+                           {"Content-Type": "application/json"})
+    assert status == 400 and len(json.loads(body)["errors"]) <= 100
+    deep = "---\nx: " + "[" * 5000 + "]" * 5000 + "\n---\n"
+    status, headers, _ = _raw(staging_hub, "POST", "/api/validate-yaml", json.dumps({"content": deep}),
+                              {"Content-Type": "application/json"})
+    assert 400 <= status < 500 and "x-error-message" in headers

@@ -87,6 +87,8 @@ class FilesApi(HubBase):
             start = int(request.query_params.get("cursor", "0"))
         except ValueError as exc:
             raise StoreError(400, "cursor and limit must be integers") from exc
+        if start < 0:  # a slice from the end would serve the last entries
+            raise StoreError(400, "cursor must not be negative")
         page = items[start:start + limit]
         response = JSONResponse(page)
         if start + limit < len(items):

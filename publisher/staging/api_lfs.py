@@ -58,7 +58,7 @@ class LfsApi(HubBase):
         session = request.query_params.get("session", "")
         if not re.fullmatch(r"[0-9a-f]{0,32}", session):
             raise StoreError(403, "Upload URL is not signed")
-        if not hmac.compare_digest(signature, self._sign(oid, size, expires, session)):
+        if not signature.isascii() or not hmac.compare_digest(signature, self._sign(oid, size, expires, session)):
             raise StoreError(403, "Upload URL signature does not match")
         if expires < time.time():
             raise StoreError(403, "Upload URL has expired")

@@ -14,6 +14,7 @@ from publisher.staging.http import (
     HubBase,
     _json,
     _private,
+    header_safe,
 )
 from publisher.staging.storage import (
     StoreError,
@@ -102,7 +103,9 @@ class ReposApi(HubBase):
         return JSONResponse({})
 
     async def stats(self, request: Request) -> Response:
-        """Not part of the Hub's API: request and byte counts, so tests can prove that nothing was re-sent."""
+        """Not part of the Hub's API: request and byte counts, so tests can prove that nothing was re-sent (for the
+        token's holder only)."""
+        self._require_write(request)
         return JSONResponse({"requests": self.faults.seen, "bytes_received": self.bytes_received,
                              "bytes_sent": self.bytes_sent})
 
@@ -118,9 +121,12 @@ class ReposApi(HubBase):
         errors, warnings = validate_card(str(body.get("content", "")))
         payload: dict[str, Any] = {"errors": [{"message": e} for e in errors],
                                    "warnings": [{"message": w} for w in warnings]}
-        if errors:
-            payload["error"] = "Invalid metadata in README.md: " + "; ".join(errors)
-        return JSONResponse(payload, status_code=400 if errors else 200)
+        if not errors:
+            return JSONResponse(payload)
+        payload["error"] = "Invalid metadata in README.md: " + "; ".join(errors)
+        response = JSONResponse(payload, status_code=400)
+        response.headers["X-Error-Message"] = header_safe(payload["error"])[:200]
+        return response
 
     async def repo_info(self, request: Request, t: str, repo: str, rev: str = "main") -> Response:
         found = self._repo(request, t, repo)

@@ -23,15 +23,48 @@ llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
 """.split())
 
 
+# Bounds on what a card's metadata may make the server do: the Hub's cards are a few KB with no aliases; an alias
+# bomb multiplies the values to check (and the errors) with each level.
+MAX_METADATA_BYTES = 256 * 1024
+MAX_ALIASES = 50
+MAX_ERRORS = 100
+
+
+class _TooMuch(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents with more aliases than a card ever has."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _TooMuch(f"more than {MAX_ALIASES} YAML aliases in the metadata")
+        return super().compose_node(parent, index)
+
+
 def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+MAX_VISITS = 10_000  # model-index entries, results and metrics looked at (aliases can multiply them)
 
 
 def _model_index_errors(index: Any) -> list[str]:
     if not isinstance(index, list):
         return ['"model-index" must be an array']
     errors: list[str] = []
+    visits = 0
     for i, entry in enumerate(index):
+        visits += 1 + (len(entry.get("results") or []) if isinstance(entry, dict) and
+                       isinstance(entry.get("results"), list) else 0)
+        if visits > MAX_VISITS or len(errors) >= MAX_ERRORS:
+            errors.append('"model-index" is larger than a card\'s metadata is checked for')
+            break
         at = f'"model-index[{i}]"'
         if not isinstance(entry, dict):
             errors.append(f"{at} must be an object")
@@ -58,6 +91,9 @@ def _model_index_errors(index: Any) -> list[str]:
             if not isinstance(metrics, list) or not metrics:
                 errors.append(f"{where}.metrics must be a non-empty array")
                 continue
+            visits += len(metrics)
+            if visits > MAX_VISITS:
+                break
             for k, metric in enumerate(metrics):
                 if not isinstance(metric, dict) or not isinstance(metric.get("type"), str) or "value" not in metric:
                     errors.append(f"{where}.metrics[{k}] must have a string 'type' and a 'value'")
@@ -66,11 +102,18 @@ def _model_index_errors(index: Any) -> list[str]:
 
 def validate_card(content: str) -> tuple[list[str], list[str]]:
     """Return (errors, warnings) for a README's metadata block."""
-    match = _FRONT_MATTER.match(content)
+    head = content[:MAX_METADATA_BYTES]
+    match = _FRONT_MATTER.match(head)
     if match is None:
+        if len(content) > MAX_METADATA_BYTES and head.lstrip().startswith("---"):
+            return [f"the metadata block does not end within {MAX_METADATA_BYTES} bytes"], []
         return [], ["empty or missing yaml metadata in repo card"]
     try:
-        data = yaml.safe_load(match.group(1))
+        data = yaml.load(match.group(1), Loader=_BoundedLoader)
+    except _TooMuch as exc:
+        return [f"Invalid YAML in metadata: {exc}"], []
+    except RecursionError:
+        return ["Invalid YAML in metadata: nested too deeply"], []
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 2})" if mark is not None else ""
@@ -93,4 +136,4 @@ def validate_card(content: str) -> tuple[list[str], list[str]]:
         errors.extend(_model_index_errors(data["model-index"]))
     if "widget" in data and not isinstance(data["widget"], list):
         errors.append('"widget" must be an array')
-    return errors, []
+    return errors[:MAX_ERRORS], []

@@ -41,6 +41,15 @@ _SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def repo_key(repo_id: str) -> str:
+    """Repo ids compare case-insensitively in ASCII only: Unicode folding would let the Kelvin sign (U+212A) reach
+    repo `k` (a Hub repo id is ASCII; a non-ASCII one matches no repo)."""
+    return repo_id.translate(_ASCII_LOWER)
+
+
 class StoreError(Exception):
     """A refused operation: HTTP status, the Hub's X-Error-Code (if any), a message."""
 
@@ -270,18 +279,18 @@ class HubStore:
 
     def get_repo(self, repo_type: str, repo_id: str) -> Repo | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_id.lower())).fetchone()
+            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_key(repo_id))).fetchone()
         return self._repo_from_row(row) if row else None
 
     def create_repo(self, repo_type: str, repo_id: str, private: bool, author: str) -> tuple[Repo, bool]:
         check_repo_id(repo_id)
         with self._lock, self._transaction():
-            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_id.lower())).fetchone()
+            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_key(repo_id))).fetchone()
             if row:
                 return self._repo_from_row(row), False
             created = now_iso()
             cursor = self._db.execute("INSERT INTO repos(type, id, key, private, created) VALUES(?,?,?,?,?)",
-                                      (repo_type, repo_id, repo_id.lower(), int(private), created))
+                                      (repo_type, repo_id, repo_key(repo_id), int(private), created))
             repo = Repo(pk=int(cursor.lastrowid or 0), type=repo_type, id=repo_id, private=private, created=created)
             content = DEFAULT_GITATTRIBUTES.encode()
             sha256 = self.put_bytes(content)
@@ -329,12 +338,16 @@ class HubStore:
         with self._lock, self._transaction():
             if name in self.refs(repo):
                 raise StoreError(409, f"Branch '{name}' already exists")
+            if f"refs/tags/{name}" in self.refs(repo):
+                raise StoreError(409, f"A tag named '{name}' exists: a branch and a tag cannot share a name")
             oid = self.resolve(repo, starting_point or "main")
             self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, name, oid))
 
     def delete_branch(self, repo: Repo, name: str) -> None:
         if name == "main":
             raise StoreError(403, "Cannot delete the main branch")
+        if name.startswith("refs/"):  # tags and pull requests' refs are not branches
+            raise StoreError(404, f"Branch '{name}' not found", "RevisionNotFound")
         with self._lock:
             cursor = self._db.execute("DELETE FROM refs WHERE repo=? AND name=?", (repo.pk, name))
         if cursor.rowcount == 0:
@@ -380,9 +393,9 @@ class HubStore:
     def move_repo(self, repo: Repo, new_id: str) -> Repo:
         check_repo_id(new_id)
         with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM repos WHERE type=? AND key=?", (repo.type, new_id.lower())).fetchone():
+            if self._db.execute("SELECT 1 FROM repos WHERE type=? AND key=?", (repo.type, repo_key(new_id))).fetchone():
                 raise StoreError(409, f"You already have a repo named {new_id}")
-            self._db.execute("UPDATE repos SET id=?, key=? WHERE pk=?", (new_id, new_id.lower(), repo.pk))
+            self._db.execute("UPDATE repos SET id=?, key=? WHERE pk=?", (new_id, repo_key(new_id), repo.pk))
         return Repo(pk=repo.pk, type=repo.type, id=new_id, private=repo.private, created=repo.created)
 
     def super_squash(self, repo: Repo, branch: str, message: str, author: str) -> str:
@@ -434,7 +447,8 @@ class HubStore:
             head = self.resolve(repo, revision)
             branch = revision.removeprefix("refs/heads/")
             branches = self.refs(repo)
-            if branch not in branches:
+            # a commit moves a branch or a pull request's ref, never a tag
+            if branch not in branches or (branch.startswith("refs/") and not re.fullmatch(r"refs/pr/\d+", branch)):
                 raise StoreError(400, f"Revision '{revision}' is not a branch: commits go to a branch", "RevisionNotFound")
             base = head
             if parent_commit:
@@ -528,8 +542,10 @@ class HubStore:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", tag) or ".." in tag:
             raise StoreError(400, f"Invalid tag name '{tag}'")
         with self._lock, self._transaction():
-            if f"refs/tags/{tag}" in self.refs(repo) or tag in self.refs(repo):
+            if f"refs/tags/{tag}" in self.refs(repo):
                 raise StoreError(409, f"Tag '{tag}' already exists")
+            if tag in self.refs(repo):
+                raise StoreError(409, f"A branch named '{tag}' exists: a branch and a tag cannot share a name")
             self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, f"refs/tags/{tag}", self.resolve(repo,
                                                                                                        revision)))
 
