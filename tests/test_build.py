@@ -430,3 +430,48 @@ def test_a_failing_isolated_step_keeps_the_childs_traceback(tmp_path: Path) -> N
         run_isolated(_fails_deep_inside)
     text = "".join(traceback.format_exception(info.value))
     assert "convert_layer_seven" in text and "_fails_deep_inside" in text
+
+
+RECIPES_MANIFEST = """\
+name: tiny-sd
+source:
+  repo: {source}
+  revision: main
+license: mit
+resolution: 256
+publish:
+""" + "".join(f"""\
+  - repo: "{{{{namespace}}}}/coreml-tiny-sd-{name}"
+    precision: {{{{type: palettize, nbits: 6, recipe: {name}.json}}}}
+    attention: [ORIGINAL]
+    components: [unet]
+    layouts: [packages]
+""" for name in ("a", "b", "c"))
+
+
+def test_each_repo_is_palettized_by_its_own_recipe(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
+    """Two repos that differ only in their recipe file get their own packages; a recipe name that matches no
+    weight fails its variant; editing a recipe in place rebuilds exactly what reads it."""
+    folder = tmp_path / "manifests"
+    manifest = write_manifest(folder, text=RECIPES_MANIFEST)
+    (folder / "a.json").write_text(json.dumps({"*": 8}))
+    (folder / "b.json").write_text(json.dumps({"*up_blocks*": 8, "*": 6}))  # the first match decides
+    (folder / "c.json").write_text(json.dumps({"no_such_op": 2}))
+    result = build(load_manifests([manifest]), options(tmp_path, staging_hub))
+    by_repo = {r.variant.repo_name: r for r in result.variants}
+    out = tmp_path / "out" / "tester"
+
+    def unet_bits(repo: str) -> float:
+        info = json.loads((out / repo / "original" / "build-info.json").read_text())
+        return info["fidelity"]["unet"]["bits"]
+
+    assert unet_bits("coreml-tiny-sd-a") == 8
+    assert 6 < unet_bits("coreml-tiny-sd-b") < 8
+    assert by_repo["coreml-tiny-sd-c"].status == "failed"
+    assert "no_such_op" in (by_repo["coreml-tiny-sd-c"].error or "") and "match no weight" in (
+        by_repo["coreml-tiny-sd-c"].error or "")
+    assert sum(s.startswith("convert:") for s in result.built) == 1  # one float16 UNet for the three
+    (folder / "b.json").write_text(json.dumps({"*": 8}))
+    again = build(load_manifests([manifest]), options(tmp_path, staging_hub))
+    assert sorted(s.split(":")[0] for s in again.built) == ["palettize", "verify"]
+    assert unet_bits("coreml-tiny-sd-b") == 8

@@ -131,7 +131,9 @@ class Palettize(CompressionScheme):
         recipe, problem = read_recipe(manifest_folder, s.recipe)
         if problem is not None:
             return {}, [(("precision", "recipe"), problem)]
-        return {"recipe": recipe}, []
+        # as [name, bits] pairs in the file's order: the first entry that matches an op decides its bits, so the
+        # order is part of what the step computes (and of its key)
+        return {"recipe": [[name, bits] for name, bits in recipe.items()]}, []
 
     def analysis(self, settings: CompressionSettings, component: str) -> AnalysisRequest | None:
         s = self._settings(settings)
@@ -153,7 +155,7 @@ class Palettize(CompressionScheme):
         if s.recipe is not None:
             if "recipe" not in context.inputs:
                 raise PublisherError(f"recipe {s.recipe}: not read with the manifest (the plan carries its contents)")
-            recipe = {str(name): int(bits) for name, bits in context.inputs["recipe"].items()}
+            recipe = {str(name): int(bits) for name, bits in context.inputs["recipe"]}
         nbits = s.nbits or 0
         if s.mixed_bit is not None and context.component == MIXED_BIT_COMPONENT:
             if context.analysis is None:
@@ -219,7 +221,8 @@ SCHEME = Palettize()
 
 def read_recipe(folder: Path, relative: str) -> tuple[dict[str, int], str | None]:
     """A recipe file (JSON object: op name or fnmatch pattern -> nbits, 0 keeps the weight float16), read from
-    inside the manifest's folder and checked: (the recipe, None) or ({}, one line naming the file, line and entry)."""
+    inside the manifest's folder and checked: (the recipe in the file's order, None) or ({}, one line naming the file,
+    line and entry)."""
     base = folder.resolve()
     path = (base / relative).resolve()
     if not path.is_relative_to(base):  # a symlink out of the manifest's folder
@@ -247,7 +250,7 @@ def read_recipe(folder: Path, relative: str) -> tuple[dict[str, int], str | None
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in RECIPE_BITS:
             return {}, (f"{relative}:{_line_of_key(text, name)}: {name!r}: nbits must be one of "
                         f"{', '.join(map(str, RECIPE_BITS))} (0 keeps it float16), not {json.dumps(bits)}")
-    return {str(name): int(bits) for name, bits in sorted(data.items())}, None
+    return {str(name): int(bits) for name, bits in data.items()}, None
 
 
 def _line_of_key(text: str, key: str) -> int:
