@@ -8,6 +8,20 @@ import sys
 from pathlib import Path
 
 
+def staging_client_env(work: Path) -> int:
+    """A free loopback port for a staging Hub, and the client's settings pointed at it (before huggingface_hub is
+    imported: it reads them then). Returns the port."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    os.environ.update({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_XET": "1",
+                       "HF_HOME": str(work / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    return port
+
+
 def peak_gib() -> float:
     """VmHWM of this process in GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

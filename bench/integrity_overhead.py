@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench._common import staging_client_env  # noqa: E402
 
 # float16 package weights of SD 1.5 (MB): the UNet, the text encoder, the VAE decoder and encoder, the safety checker
 SIZES_MB = {"unet": 1720, "text_encoder": 246, "vae_decoder": 99, "vae_encoder": 68, "safety_checker": 304}
@@ -91,11 +92,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full sizes (0.05 for a quick run)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="integrity-bench-"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_XET": "1",
-                       "HF_HOME": str(work / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    port = staging_client_env(work)
     from huggingface_hub import HfApi, snapshot_download
 
     from publisher.fetch import fetch_variant

@@ -20,7 +20,7 @@ from publisher.errors import ToolchainError
 from publisher.layout import write_zip
 from publisher.manifest import load_manifests
 from publisher.store import BuildStore
-from tests.helpers import CHUNKED_MANIFEST, write_manifest
+from tests.helpers import CHUNKED_MANIFEST, MANIFEST_HEAD, write_manifest
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -432,15 +432,7 @@ def test_a_failing_isolated_step_keeps_the_childs_traceback(tmp_path: Path) -> N
     assert "convert_layer_seven" in text and "_fails_deep_inside" in text
 
 
-RECIPES_MANIFEST = """\
-name: tiny-sd
-source:
-  repo: {source}
-  revision: main
-license: mit
-resolution: 256
-publish:
-""" + "".join(f"""\
+RECIPES_MANIFEST = MANIFEST_HEAD + "".join(f"""\
   - repo: "{{{{namespace}}}}/coreml-tiny-sd-{name}"
     precision: {{{{type: palettize, nbits: 6, recipe: {name}.json}}}}
     attention: [ORIGINAL]
