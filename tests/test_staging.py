@@ -705,3 +705,44 @@ def test_validate_yaml_bounds_alias_bombs_and_nesting(staging_hub: StagingHub) -
     status, headers, _ = _raw(staging_hub, "POST", "/api/validate-yaml", json.dumps({"content": deep}),
                               {"Content-Type": "application/json"})
     assert 400 <= status < 500 and "x-error-message" in headers
+
+
+def test_half_sent_headers_are_dropped_and_others_served(tmp_path: Path) -> None:
+    """Slowloris: connections that never finish their headers are closed after the header deadline (1 s here),
+    and another client is served while they hang."""
+    import socket
+
+    from huggingface_hub import HfApi
+
+    from publisher.staging.process import start_staging_hub
+
+    with start_staging_hub(tmp_path / "hub", token="t", env={"PUBLISHER_STAGING_HEADER_DEADLINE_S": "1"}) as hub:
+        host, port = urlparse(hub.url).hostname, urlparse(hub.url).port
+        slow = []
+        for _ in range(20):
+            sock = socket.create_connection((host, port))
+            sock.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and never the rest
+            sock.settimeout(120)  # only catches a server that keeps them forever
+            slow.append(sock)
+        api = HfApi(endpoint=hub.url, token="t")
+        api.create_repo("t/served", exist_ok=True)
+        assert api.repo_exists("t/served")
+        for sock in slow:
+            assert sock.recv(1024) == b""  # closed by the server, not by this test
+            sock.close()
+
+
+def test_paths_info_is_bounded_and_finds_folders_by_index(hf_api: HfApi, repo_id: str, staging_hub: StagingHub
+                                                          ) -> None:
+    """paths-info needs no token on a public repo: its work is bounded by the paths asked (at most 1000), each
+    looked up, not scanned against every file."""
+    from huggingface_hub import CommitOperationAdd
+
+    hf_api.create_commit(repo_id, operations=[CommitOperationAdd(f"d{i % 7}/f{i}.txt", b"x") for i in range(60)],
+                         commit_message="files")
+    entries = hf_api.get_paths_info(repo_id, ["d3", "d3/f3.txt", "missing", "d3/f3.txt"])
+    assert sorted((type(e).__name__, e.path) for e in entries) == [("RepoFile", "d3/f3.txt"), ("RepoFolder", "d3")]
+    form = "&".join(f"paths=p{i}" for i in range(1001))
+    status, headers, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/paths-info/main", form,
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400 and "1000 at most" in headers["x-error-message"]

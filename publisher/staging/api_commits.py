@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -104,8 +105,10 @@ class CommitsApi(HubBase):
         parent = header.get("parentCommit")
         if parent is not None and not (isinstance(parent, str) and re.fullmatch(r"[0-9a-f]{40}", parent)):
             raise StoreError(400, "parentCommit must be a full commit id (40 hex characters)")
-        oid, pr = self.store.commit(found, rev, operations, str(header["summary"]), str(header.get("description", "")),
-                                    header.get("parentCommit"), create_pr, USER)
+        # a commit of thousands of files is disk and database work: off the event loop, so others are served
+        oid, pr = await asyncio.to_thread(self.store.commit, found, rev, operations, str(header["summary"]),
+                                          str(header.get("description", "")), header.get("parentCommit"), create_pr,
+                                          USER)
         base = f"{self._base(request)}/{PREFIXES[found.type]}{found.id}"
         return JSONResponse({"success": True, "commitOid": oid, "commitUrl": f"{base}/commit/{oid}",
                              "commitMessage": header["summary"],

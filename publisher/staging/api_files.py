@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,8 @@ from publisher.staging.storage import (
     StoreError,
     check_path,
 )
+
+MAX_PATHS_INFO = 1000  # paths per paths-info request
 
 
 class FilesApi(HubBase):
@@ -69,6 +72,13 @@ class FilesApi(HubBase):
         info = self.store.commit_info(oid)
         return {"id": oid, "title": info.get("title", ""), "date": info.get("date")}
 
+    def _tree_items(self, found: Repo, commit: str, path: str, recursive: bool, expand: bool) -> list[dict[str, Any]]:
+        """A tree listing's entries (a big tree is work: run in a thread, off the event loop)."""
+        files = self.store.files(commit, path) if path else self.store.files(commit)
+        if path and not any(f.path.startswith(path + "/") for f in files):
+            raise StoreError(404, f"Entry not found: {path}", "EntryNotFound")
+        return self._entries(found, commit, files, path, recursive, expand)
+
     async def tree(self, request: Request, t: str, repo: str, rev: str, path: str = "") -> Response:
         found = self._repo(request, t, repo)
         commit = self.store.resolve(found, rev)
@@ -77,10 +87,7 @@ class FilesApi(HubBase):
             check_path(path)
         recursive = _flag(request.query_params.get("recursive"))
         expand = _flag(request.query_params.get("expand"))
-        files = self.store.files(commit, path) if path else self.store.files(commit)
-        if path and not any(f.path.startswith(path + "/") for f in files):
-            raise StoreError(404, f"Entry not found: {path}", "EntryNotFound")
-        items = self._entries(found, commit, files, path, recursive, expand)
+        items = await asyncio.to_thread(self._tree_items, found, commit, path, recursive, expand)
         limit = TREE_PAGE_EXPANDED if expand else TREE_PAGE
         try:
             limit = max(1, min(limit, int(request.query_params.get("limit", limit))))
@@ -103,18 +110,26 @@ class FilesApi(HubBase):
         # urlencoded form (the client's `data=`), parsed here: no multipart dependency for one endpoint
         form = parse_qs((await _body(request, MAX_JSON_BODY)).decode("utf-8", "replace"), keep_blank_values=True)
         paths = form.get("paths", [])
+        if len(paths) > MAX_PATHS_INFO:
+            raise StoreError(400, f"{len(paths)} paths; paths-info answers {MAX_PATHS_INFO} at most per request")
         expand = _flag((form.get("expand") or [""])[0])
+        return JSONResponse(await asyncio.to_thread(self._paths_info, found, commit, paths, expand))
+
+    def _paths_info(self, found: Repo, commit: str, paths: list[str], expand: bool) -> list[dict[str, Any]]:
+        """Each path's entry: files by a dict, folders by the set of every file's parent folders (no scan of the
+        tree per path)."""
         files = self.store.files(commit)
         by_path = {f.path: f for f in files}
+        folders = {f.path[:i] for f in files for i in range(len(f.path)) if f.path[i] == "/"}
         items = []
-        for path in paths:
-            path = path.strip("/")
+        for path in dict.fromkeys(p.strip("/") for p in paths):
             if path in by_path:
                 items.append(self._file_item(by_path[path], expand))
-            elif path and any(f.path.startswith(path + "/") for f in files):
+            elif path in folders:
                 parent = path.rsplit("/", 1)[0] if "/" in path else ""
-                items.extend(i for i in self._entries(found, commit, files, parent, False, expand) if i["path"] == path)
-        return JSONResponse(items)
+                under = [f for f in files if f.path.startswith(path + "/")]
+                items.extend(i for i in self._entries(found, commit, under, parent, False, expand) if i["path"] == path)
+        return items
 
     # -- uploads ------------------------------------------------------------------------------------------
 

@@ -2,15 +2,61 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from publisher.staging.app import HubApp
 from publisher.staging.storage import HubStore
 from publisher.util.atomic import atomic_write_text
+
+# A request's headers must arrive within this long of its first byte (or of the connection): a client that sends
+# them a byte at a time (slowloris) is dropped, not kept forever. uvicorn's own timer runs between requests only.
+HEADER_DEADLINE_S = float(os.environ.get("PUBLISHER_STAGING_HEADER_DEADLINE_S", "10"))
+# Connections (and requests in flight) at most; past it new ones get 503 rather than starving the others.
+MAX_CONNECTIONS = 512
+
+
+class DeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's headers."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(HEADER_DEADLINE_S, self._drop)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _drop(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -42,7 +88,8 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 0, token: str | None 
     # loop/http "auto" take uvloop and httptools (dependencies): a 1 GiB upload 7.1 s -> 3.1 s with the changes
     # that came with them (bench/staging_transfer.py); the pure-Python h11 parser was the bound
     config = uvicorn.Config(hub.app, log_level=log_level, access_log=False, timeout_keep_alive=30,
-                            h11_max_incomplete_event_size=1024 * 1024)
+                            h11_max_incomplete_event_size=1024 * 1024, http=DeadlineProtocol,
+                            limit_concurrency=MAX_CONNECTIONS)
     server = uvicorn.Server(config)
     if ready_file is not None:
         atomic_write_text(ready_file, url + "\n")
