@@ -746,3 +746,17 @@ def test_paths_info_is_bounded_and_finds_folders_by_index(hf_api: HfApi, repo_id
     status, headers, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/paths-info/main", form,
                               {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 400 and "1000 at most" in headers["x-error-message"]
+
+
+def test_preupload_bounds_its_ignore_matching(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
+    """300 patterns of '*a' against long paths took 25 s on the event loop: the matching work is bounded first."""
+    gitignore = "\n".join("*a" * 40 + f"b{i}" for i in range(300))
+    files = [{"path": "x/" + "a" * 200 + f"{i}.bin", "size": 1, "sample": ""} for i in range(200)]
+    status, headers, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/preupload/main",
+                              json.dumps({"files": files, "gitIgnore": gitignore}),
+                              {"Content-Type": "application/json"})
+    assert status == 400 and "more matching than one preupload does" in headers["x-error-message"]
+    # an ordinary one is answered
+    status, _, body = _raw(staging_hub, "POST", f"/api/models/{repo_id}/preupload/main",
+                           json.dumps({"files": files[:2], "gitIgnore": "*.log\n"}), {"Content-Type": "application/json"})
+    assert status == 200 and [f["shouldIgnore"] for f in json.loads(body)["files"]] == [False, False]

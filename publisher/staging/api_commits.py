@@ -28,6 +28,8 @@ from publisher.staging.storage import (
 )
 from publisher.util.hashing import git_blob_id
 
+MAX_IGNORE_WORK = 20_000_000  # gitIgnore characters x path characters per preupload (a real one: ~100 x 10_000)
+
 
 class CommitsApi(HubBase):
     async def preupload(self, request: Request, t: str, repo: str, rev: str) -> Response:
@@ -40,6 +42,12 @@ class CommitsApi(HubBase):
             raise StoreError(400, "'files' must be a list of at most 256 entries")
         gitignore = body.get("gitIgnore")
         gitignore = gitignore if isinstance(gitignore, str) else self.store.gitignore(commit)
+        # matching is linear in pattern x path: the request's whole matching work is bounded before it is done
+        pattern_chars = sum(len(line) for line in gitignore.splitlines() if line.strip())
+        path_chars = sum(len(str(item.get("path", ""))) for item in files if isinstance(item, dict))
+        if pattern_chars * path_chars > MAX_IGNORE_WORK:
+            raise StoreError(400, f"gitIgnore of {pattern_chars} characters against {path_chars} characters of paths "
+                             f"is more matching than one preupload does ({MAX_IGNORE_WORK})")
         current = {f.path: f for f in self.store.files(commit)}
         answers = []
         for item in files:
