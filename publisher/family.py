@@ -12,7 +12,7 @@ family that way).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +56,21 @@ class ModelFamily:
 
     def component(self, component: Component) -> ComponentSpec:
         for spec in self.components:
-            if spec.component is component:
+            if spec.component == component:
                 return spec
         raise PublisherError(f"family '{self.name}' has no component '{component.value}'")
 
     def has(self, component: Component) -> bool:
-        return any(spec.component is component for spec in self.components)
+        return any(spec.component == component for spec in self.components)
 
     @property
     def component_names(self) -> tuple[Component, ...]:
         return tuple(spec.component for spec in self.components)
+
+    def ordered(self, components: Iterable[Component]) -> list[Component]:
+        """`components` (each one of this family's) in the order the family declares them."""
+        names = self.component_names
+        return sorted(set(components), key=names.index)
 
     def submodules(self, component: Component, chunked: bool) -> tuple[str, ...]:
         """Package submodule names as Apple's Python pipeline opens them (chunks when chunked and it has any)."""

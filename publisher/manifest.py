@@ -257,7 +257,10 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
             for index, item in _duplicates(getattr(target, field) or []):
                 errors.append((at + (field, index), f"duplicate '{_show(item)}'"))
         for index, component in enumerate(target.components or []):
-            if component not in manifest.source_components:
+            if not family.has(component):
+                errors.append((at + ("components", index), f"'{component.value}' is not a component of family "
+                               f"'{family.name}' ({', '.join(c.value for c in family.component_names)})"))
+            elif component not in manifest.source_components:
                 errors.append((at + ("components", index),
                                f"'{component.value}' is not provided by the source (see source.components)"))
             elif family.component(component).resolution not in (None, manifest.resolution):
@@ -586,6 +589,21 @@ def json_schema() -> dict[str, Any]:
     from publisher.family import families
 
     schema["properties"]["family"]["enum"] = list(families())
+    # component names are the families' own (a plug-in family adds its names): the registered ones, for editors
+    names = list(dict.fromkeys(c.value for family in families().values() for c in family.component_names))
+
+    def mark(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.pop("x-component", False):
+                node.pop("pattern", None)
+                node["enum"] = names
+            for value in node.values():
+                mark(value)
+        elif isinstance(node, list):
+            for value in node:
+                mark(value)
+
+    mark(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "coreml-publisher manifest"
     return schema

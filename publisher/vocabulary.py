@@ -5,7 +5,9 @@ The manifest schema, the plan, the families and the stages all speak them; nothi
 
 from __future__ import annotations
 
+import re
 from enum import Enum
+from typing import Any, ClassVar
 
 
 class Attention(str, Enum):
@@ -23,14 +25,58 @@ class Attention(str, Enum):
         return ComputeUnit.CPU_AND_GPU if self is Attention.ORIGINAL else ComputeUnit.ALL
 
 
-class Component(str, Enum):
-    TEXT_ENCODER = "text_encoder"
-    TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG) text encoder
-    UNET = "unet"
-    REFINER = "refiner"  # SDXL's refiner UNet, from the refiner pipeline (source.refiner)
-    VAE_DECODER = "vae_decoder"
-    VAE_ENCODER = "vae_encoder"
-    SAFETY_CHECKER = "safety_checker"
+COMPONENT_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class Component(str):
+    """A model component's name (`unet`, `text_encoder`, ...). A family declares the components it has
+    (`family.ComponentSpec`): a new family, or ControlNet, adds its own without editing this module. The names below
+    are the built-in families' own, for the code that names one."""
+
+    __slots__ = ()
+
+    TEXT_ENCODER: ClassVar[Component]
+    TEXT_ENCODER_2: ClassVar[Component]  # SDXL's second (OpenCLIP bigG) text encoder
+    UNET: ClassVar[Component]
+    REFINER: ClassVar[Component]  # SDXL's refiner UNet, from the refiner pipeline (source.refiner)
+    VAE_DECODER: ClassVar[Component]
+    VAE_ENCODER: ClassVar[Component]
+    SAFETY_CHECKER: ClassVar[Component]
+
+    def __new__(cls, name: str) -> Component:
+        if not isinstance(name, str) or not re.fullmatch(COMPONENT_NAME, name):
+            raise ValueError(f"a component name is lowercase letters, digits and _ (at most 64), not {name!r}")
+        return super().__new__(cls, name)
+
+    @property
+    def value(self) -> str:
+        """The name (as an enum's value reads: code written for the enum this was keeps working)."""
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Component({str.__repr__(self)})"
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: Any, handler: Any) -> dict[str, Any]:
+        # marked, so that the manifest's schema can list the registered families' names where one goes
+        return {"type": "string", "pattern": COMPONENT_NAME, "x-component": True}
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(strict=True, pattern=COMPONENT_NAME),
+            serialization=core_schema.plain_serializer_function_ser_schema(str))
+
+
+Component.TEXT_ENCODER = Component("text_encoder")
+Component.TEXT_ENCODER_2 = Component("text_encoder_2")
+Component.UNET = Component("unet")
+Component.REFINER = Component("refiner")
+Component.VAE_DECODER = Component("vae_decoder")
+Component.VAE_ENCODER = Component("vae_encoder")
+Component.SAFETY_CHECKER = Component("safety_checker")
 
 
 class ComputeUnit(str, Enum):

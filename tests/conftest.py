@@ -96,7 +96,7 @@ def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     for attention in Attention:
         for component in SD_COMPONENTS:
             # the safety checker only exists at 512 (the Swift pipeline feeds it a 512x512 image)
-            resolution = 512 if component is Component.SAFETY_CHECKER else RESOLUTION
+            resolution = 512 if component == Component.SAFETY_CHECKER else RESOLUTION
             if attention is not Attention.ORIGINAL and not family_named("sd").component(component).uses_attention:
                 packages[attention, component] = packages[Attention.ORIGINAL, component]
                 continue

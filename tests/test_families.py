@@ -105,3 +105,31 @@ def test_the_engine_builds_a_registered_family(decoder_only: ModelFamily, tmp_pa
         assert set(info["fidelity"]) == {"vae_decoder"} and info["fidelity"]["vae_decoder"]["output_psnr_db"] >= 35
         # only what the family loads was fetched: the VAE and the tokenizer, no UNet or text encoder
         assert {name.split("/")[0] for name in info["source"]["files"]} == {"model_index.json", "tokenizer", "vae"}
+
+
+def test_a_family_declares_component_names_of_its_own(tmp_path: Path) -> None:
+    """A new family (or ControlNet) adds components without editing a shared list: the name is the family's."""
+    from dataclasses import replace
+
+    from publisher.manifest import json_schema
+
+    own = Component("latent_decoder")
+    family = replace(DECODER_ONLY, name="own-names", components=(replace(DECODER_ONLY.components[0],
+                                                                        component=own),))
+    register_family(family)
+    try:
+        text = MANIFEST.replace("family: decoder-only", "family: own-names").replace(
+            "    layouts: [packages]", "    layouts: [packages]\n    components: [latent_decoder]")
+        loaded = load_manifest(write_manifest(tmp_path, text=text))
+        assert loaded.manifest.source_components == [own]
+        plan = build_plan([loaded], "me")
+        assert {s.params.component for s in plan.steps_of("convert")} == {"latent_decoder"}
+        assert "latent_decoder" in json_schema()["$defs"]["Source"]["properties"]["components"]["anyOf"][0][
+            "items"]["enum"]
+        # the built-in SD family does not have it
+        with pytest.raises(ManifestError, match="'latent_decoder' is not a component of family 'sd'"):
+            load_manifest(write_manifest(tmp_path / "sd", text=text.replace("family: own-names\n", "")))
+    finally:
+        unregister_family(family.name)
+    with pytest.raises(ValueError, match="a component name is lowercase"):
+        Component("Latent Decoder")

@@ -19,11 +19,11 @@ from publisher.cli._options import (
     print_table,
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
+from publisher.family import family_named
 from publisher.manifest import load_manifests
 from publisher.plan import FetchParams, build_plan
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
-from publisher.vocabulary import Component
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Where the repos' folders are laid out.")]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=0, help="Steps run at once, each in a process of its own "
@@ -101,7 +101,7 @@ def source_key_command(
     for item in load_manifests(manifests):
         manifest = item.manifest
         wanted = {c for target in manifest.publish for c in manifest.components_for(target)}
-        components = sorted((c for c in wanted if not manifest.source_role(c)), key=list(Component).index)
+        components = family_named(manifest.family).ordered(c for c in wanted if not manifest.source_role(c))
         chosen = plan_source(manifest.source.repo, manifest.source.revision, components, endpoint=source_endpoint,
                              token=token_for(source_endpoint), weights=manifest.source.weights,
                              family=manifest.family)

@@ -326,7 +326,7 @@ def _choose(layers: list[LayerSensitivity], target: Mapping[str, Any], measure: 
 def analyze_to_folder(source: Path, component: Component, resolution: int, settings: Mapping[str, Any],
                       model_version: str, out: Path, progress: bool = True, family: str = DEFAULT_FAMILY) -> None:
     """The analysis step: `analysis.json` (ours) and `pre-analysis.json` (Apple's layout) written into `out`."""
-    if component is not Component.UNET:
+    if component != Component.UNET:
         raise PublisherError(f"a mixed-bit analysis is for the UNet, not {component.value}")
     record, apple = analyze(source, resolution, settings, model_version, progress=progress, family=family)
     atomic_write_text(out / ANALYSIS, json.dumps(record, indent=1, sort_keys=True) + "\n")

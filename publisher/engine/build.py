@@ -33,6 +33,7 @@ from publisher.engine.state import (
 )
 from publisher.engine.steps import StepActions
 from publisher.errors import PublisherError
+from publisher.family import family_named
 from publisher.manifest import LoadedManifest
 from publisher.plan import (
     AnalyzeParams,
@@ -135,8 +136,8 @@ class _Runner:
         params = step.params
         assert isinstance(params, FetchParams)
         # the manifest's source: the components not read from an extra source
-        components = sorted({c for v in self.state.plan.variants if v.id in step.variants for c in v.components
-                             if not v.role_of(c)}, key=lambda c: list(Component).index(c))
+        components = family_named(params.family).ordered(
+            c for v in self.state.plan.variants if v.id in step.variants for c in v.components if not v.role_of(c))
         try:
             fetched = fetch_source(params.repo, params.revision, components,
                                    self.state.options.store / "hub-cache", endpoint=self.state.options.endpoint,

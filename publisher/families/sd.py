@@ -27,14 +27,14 @@ UNET_CHUNKS = (("unet_chunk1", "UnetChunk1"), ("unet_chunk2", "UnetChunk2"))
 
 def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
     latent, res, hidden, ch = dims.latent, dims.resolution, dims.text_hidden, dims.latent_channels
-    if component is Component.TEXT_ENCODER:
+    if component == Component.TEXT_ENCODER:
         return ModelSpec(component, (
             TensorSpec("input_ids", (1, TEXT_SEQUENCE_LENGTH), "CLIP token ids of the prompt", FLOAT32),
         ), (
             TensorSpec("last_hidden_state", (1, TEXT_SEQUENCE_LENGTH, hidden), "per-token text embeddings"),
             TensorSpec("pooled_outputs", (1, hidden), "embedding at the end-of-text token"),
         ), "CLIP text encoder")
-    if component is Component.UNET:
+    if component == Component.UNET:
         return ModelSpec(component, (
             TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
             TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
@@ -43,19 +43,19 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
         ), "denoising UNet")
-    if component is Component.VAE_DECODER:
+    if component == Component.VAE_DECODER:
         return ModelSpec(component, (
             TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
         ), (
             TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
         ), "VAE decoder")
-    if component is Component.VAE_ENCODER:
+    if component == Component.VAE_ENCODER:
         return ModelSpec(component, (
             TensorSpec("x", (1, 3, res, res), "image in [-1, 1]", FLOAT16),
         ), (
             TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
         ), "VAE encoder")
-    if component is Component.SAFETY_CHECKER:
+    if component == Component.SAFETY_CHECKER:
         return ModelSpec(component, (
             TensorSpec("clip_input", (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE), "CLIP-preprocessed image", FLOAT16),
             TensorSpec("images", (1, res, res, 3), "the generated image, NHWC", FLOAT16),

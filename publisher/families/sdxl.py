@@ -112,8 +112,8 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
     if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
         folder = component.value
         hidden = dims.size(f"{folder}.hidden")
-        pooled = dims.size("pooled") if component is Component.TEXT_ENCODER_2 else hidden
-        name = "OpenCLIP bigG text encoder (with projection)" if component is Component.TEXT_ENCODER_2 \
+        pooled = dims.size("pooled") if component == Component.TEXT_ENCODER_2 else hidden
+        name = "OpenCLIP bigG text encoder (with projection)" if component == Component.TEXT_ENCODER_2 \
             else "CLIP text encoder"
         return ModelSpec(component, (
             TensorSpec("input_ids", (1, seq), "token ids of the prompt", FLOAT32),
@@ -122,7 +122,7 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
             TensorSpec("pooled_outputs", (1, pooled), "pooled (projected) text embedding"),
         ), name)
     if component in (Component.UNET, Component.REFINER):
-        refiner = component is Component.REFINER
+        refiner = component == Component.REFINER
         hidden = dims.size("refiner.hidden") if refiner else dims.text_hidden
         context = "the second text encoder's hidden states" if refiner else \
             "both text encoders' hidden states, concatenated"
