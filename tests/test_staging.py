@@ -760,3 +760,28 @@ def test_preupload_bounds_its_ignore_matching(hf_api: HfApi, repo_id: str, stagi
     status, _, body = _raw(staging_hub, "POST", f"/api/models/{repo_id}/preupload/main",
                            json.dumps({"files": files[:2], "gitIgnore": "*.log\n"}), {"Content-Type": "application/json"})
     assert status == 200 and [f["shouldIgnore"] for f in json.loads(body)["files"]] == [False, False]
+
+
+def test_tree_pages_come_from_one_listing(tmp_path: Path) -> None:
+    """Each page of a tree listing used to recompute the whole tree (5.5 s a page at 110k files): a commit never
+    changes, so its listing is made once and its pages are cut from it."""
+    from publisher.staging.app import HubApp
+    from publisher.staging.storage import HubStore
+
+    store = HubStore(tmp_path / "hub")
+    try:
+        repo, _ = store.create_repo("model", "t/r", False, "tester")
+        ops = [("file", {"path": f"d/f{i}.txt", "_sha256": store.put_bytes(b"%d" % i), "_size": len(b"%d" % i),
+                         "_git_oid": "0" * 40}) for i in range(30)]
+        commit, _ = store.commit(repo, "main", ops, "s", "", None, False, "tester")
+        hub = HubApp(store, token="t")
+        reads: list[str] = []
+        real = store.files
+        store.files = lambda *args: reads.append(args[0]) or real(*args)  # type: ignore[method-assign]
+        first = hub._tree_items(repo, commit, "", True, False)
+        again = hub._tree_items(repo, commit, "", True, False)
+        assert again == first and len(first) == 32 and reads == [commit]  # 30 files, their folder, .gitattributes
+        hub._tree_items(repo, commit, "", False, False)  # another listing is its own
+        assert len(reads) == 2
+    finally:
+        store.close()

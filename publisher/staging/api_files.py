@@ -30,6 +30,7 @@ from publisher.staging.storage import (
 )
 
 MAX_PATHS_INFO = 1000  # paths per paths-info request
+LISTINGS_KEPT = 4  # tree listings kept for their next pages
 
 
 class FilesApi(HubBase):
@@ -73,11 +74,22 @@ class FilesApi(HubBase):
         return {"id": oid, "title": info.get("title", ""), "date": info.get("date")}
 
     def _tree_items(self, found: Repo, commit: str, path: str, recursive: bool, expand: bool) -> list[dict[str, Any]]:
-        """A tree listing's entries (a big tree is work: run in a thread, off the event loop)."""
+        """A tree listing's entries (a big tree is work: run in a thread, off the event loop). A commit never
+        changes, so a listing is kept for the pages that follow (the last few, by their commit and options)."""
+        key = (found.pk, commit, path, recursive, expand)
+        with self._listings_lock:
+            if key in self._listings:
+                self._listings.move_to_end(key)
+                return self._listings[key]
         files = self.store.files(commit, path) if path else self.store.files(commit)
         if path and not any(f.path.startswith(path + "/") for f in files):
             raise StoreError(404, f"Entry not found: {path}", "EntryNotFound")
-        return self._entries(found, commit, files, path, recursive, expand)
+        items = self._entries(found, commit, files, path, recursive, expand)
+        with self._listings_lock:
+            self._listings[key] = items
+            while len(self._listings) > LISTINGS_KEPT:
+                self._listings.popitem(last=False)
+        return items
 
     async def tree(self, request: Request, t: str, repo: str, rev: str, path: str = "") -> Response:
         found = self._repo(request, t, repo)

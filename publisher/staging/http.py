@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import re
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +93,9 @@ class HubBase:
         self.faults = faults or Faults.from_env()
         self.bytes_received: dict[str, int] = {}
         self.bytes_sent: dict[str, int] = {}  # file bytes served by /resolve (what clients downloaded)
+        # tree listings by (repo, commit, path, recursive, expand), newest last: the pages of one listing
+        self._listings: OrderedDict[tuple[Any, ...], list[dict[str, Any]]] = OrderedDict()
+        self._listings_lock = threading.Lock()
         t = r"(?P<t>models|datasets|spaces)"
         repo = r"(?P<repo>[^/]+/[^/]+?)"
         self.routes: list[tuple[str, re.Pattern[str], str]] = [
