@@ -407,3 +407,23 @@ def test_an_isolated_step_runs_with_the_threads_it_is_given() -> None:
 
     assert run_isolated(_torch_threads, threads=1) == 1
     assert run_isolated(_torch_threads) == torch.get_num_threads()  # not told: torch's default, as here
+
+
+@pytest.mark.parametrize("attention", list(Attention))
+def test_unet_weights_are_pytorchs_to_q_included(converted: dict, tiny_source: Path, attention: Attention) -> None:
+    """Every UNet weight of a package is its PyTorch parameter in float16, byte for byte: the attention scale
+    multiplies the scores, as in Apple's converter, so it is not folded into `to_q` (Apple's apply script and our
+    verification match weights by value)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_source / "unet")
+    params = {name: p.detach().numpy().astype(np.float16) for name, p in unet.named_parameters()
+              if p.dim() >= 2 and p.numel() >= 256}
+    by_bytes = {hashlib.sha256(v.reshape(-1).tobytes()).hexdigest(): name for name, v in params.items()}
+    package_weights = {hashlib.sha256(op.val.val.reshape(-1).tobytes()).hexdigest()
+                       for op in main_operations(load_program(converted[attention, Component.UNET]))
+                       if op.op_type == "const" and isinstance(op.val.val, np.ndarray)
+                       and op.val.val.dtype == np.float16 and op.val.val.size >= 256}
+    missing = sorted(name for digest, name in by_bytes.items() if digest not in package_weights)
+    assert any(name.endswith("to_q.weight") for name in params)
+    assert missing == []

@@ -1,7 +1,10 @@
 """Attention cores for conversion, written from the published description of the Neural Engine layout.
 
-Every core takes pre-scaled queries and keys/values as (B, C, 1, S) tensors (C = heads x head_dim) and returns
-(B, C, 1, S_queries); only the core differs between the three attention implementations:
+Every core takes queries and keys/values as (B, C, 1, S) tensors (C = heads x head_dim) and the attention scale, and
+returns (B, C, 1, S_queries). The scale multiplies the scores, as Apple's converter does, not the queries: a scalar
+after a linear layer is folded into its weight by coremltools, and the published `to_q` weights would no longer be
+PyTorch's (Apple's apply script and our verification match weights by value). Only the core differs between the
+three attention implementations:
 
 - ORIGINAL: all heads at once, (B, heads, head_dim, S) views and two batched products; coremltools lowers both
   einsums to a `matmul` with transposed operands, so the graph has no `transpose`.
@@ -26,7 +29,7 @@ from torch import nn
 from publisher.vocabulary import Attention
 
 QUERY_CHUNK = 512
-AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
 def channel_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -42,19 +45,19 @@ def channel_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def original_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def original_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     batch, channels, _, queries = q.shape
     head_dim = channels // heads
     q = q.reshape(batch, heads, head_dim, queries)
     k = k.reshape(batch, heads, head_dim, k.shape[3])
     v = v.reshape(batch, heads, head_dim, v.shape[3])
-    weights = torch.einsum("bhcq,bhck->bhqk", q, k).softmax(dim=3)
+    weights = (torch.einsum("bhcq,bhck->bhqk", q, k) * scale).softmax(dim=3)
     out = torch.einsum("bhqk,bhck->bhcq", weights, v)
     return out.reshape(batch, channels, 1, queries)
 
 
 def split_einsum_core(query_chunk: int | None) -> AttentionCore:
-    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
         head_dim = q.shape[1] // heads
         queries = q.shape[3]
         keys_last = k.transpose(1, 3)  # (B, S_keys, 1, C): the one transpose of the layer
@@ -66,7 +69,7 @@ def split_einsum_core(query_chunk: int | None) -> AttentionCore:
             pieces = []
             for start in range(0, queries, step):
                 q_h = q[:, channels, :, start:start + step]
-                weights = torch.einsum("bchq,bkhc->bkhq", q_h, k_h).softmax(dim=1)
+                weights = (torch.einsum("bchq,bkhc->bkhq", q_h, k_h) * scale).softmax(dim=1)
                 pieces.append(torch.einsum("bkhq,bchk->bchq", weights, v_h))
             outputs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
         return torch.cat(outputs, dim=1)

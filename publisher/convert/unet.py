@@ -63,8 +63,7 @@ def resnet_forward(resnet: Block, x: torch.Tensor, emb: torch.Tensor) -> torch.T
 
 def attention_forward(attn: Block, x: torch.Tensor, context: torch.Tensor, core: AttentionCore) -> torch.Tensor:
     """A diffusers `Attention` on (B, C, 1, S) queries and (B, C', 1, S') keys/values."""
-    q = attn.to_q(x) * attn.scale
-    out = core(q, attn.to_k(context), attn.to_v(context), attn.heads)
+    out = core(attn.to_q(x), attn.to_k(context), attn.to_v(context), attn.heads, attn.scale)
     return attn.to_out[0](out)
 
 
