@@ -179,6 +179,10 @@ def test_analysis_ranks_prediction_and_package_agree(sensitive_source: Path, tmp
     apple = json.loads((analysis / "pre-analysis.json").read_text())
     assert apple["recipes"][chosen["recipe"]] == bits
     assert apple["baselines"][chosen["recipe"]] == round(chosen["predicted_psnr_db"], 1)
+    # every baseline Apple's pre-analysis writes, `linear_8bit` included (Apple's plot of the file reads it)
+    baselines = apple["baselines"]
+    assert {"original", "linear_8bit"} <= set(baselines)
+    assert baselines["uniform_1bit"] < baselines["linear_8bit"] < baselines["original"]
     back = sorted(layers_from_apple(apple), key=lambda layer: layer.psnr_db[4])
     assert back[0].name == SENSITIVE
 
@@ -239,3 +243,17 @@ def test_recipe_command_then_a_build_publish_the_recipe(tmp_path: Path, staging_
     assert "text_encoder" not in {c for c, f in info["fidelity"].items() if "bits" in f}  # no nbits: float16
     card = card_text("tester/coreml-tiny-sd-mixed", [info], "http://hub")
     assert "mixed-bit recipe for 4.5 bits" in card
+
+
+def test_linear_8bit_is_int8_per_tensor_with_zero_kept() -> None:
+    from publisher.compress.sensitivity import linear_8bit
+
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((64, 32)) * 0.2 + 0.05).astype(np.float16)
+    values[0, 0] = 0
+    out = linear_8bit(values)
+    step = (max(0.0, float(values.max())) - min(0.0, float(values.min()))) / 255
+    assert out.shape == values.shape and out[0, 0] == 0  # the range holds 0, and 0 is a level
+    assert np.max(np.abs(out - values.astype(np.float32))) <= step / 2 + 1e-6
+    assert len(np.unique(out)) <= 256
+    assert len(np.unique(linear_8bit(np.full((4, 4), 3.0)))) == 1  # a constant tensor stays one level

@@ -127,6 +127,24 @@ def _copy_state(state: Any) -> Any:
     return UnetState(hidden=state.hidden, emb=state.emb, context=state.context, skips=list(state.skips))
 
 
+# Not a palette: `_Weights.set` with this "bit-width" gives a weight its linear 8-bit (int8) quantization, the baseline
+# Apple's pre-analysis reports as `linear_8bit` (its plot of the file draws it).
+LINEAR_8BIT = -8
+
+
+def linear_8bit(values: np.ndarray) -> np.ndarray:
+    """A weight quantized to int8 and back, per tensor, with a zero point (the range always holds 0), as the
+    `linear_8bit` baseline of Apple's pre-analysis measures it."""
+    low = min(0.0, float(values.min()))
+    high = max(0.0, float(values.max()))
+    if high == low:
+        return values.astype(np.float32)
+    scale = (high - low) / 255.0
+    zero = np.round(-128.0 - low / scale)
+    quantized = np.clip(np.round(values.astype(np.float32) / scale) + zero, -128, 127)
+    return ((quantized - zero) * scale).astype(np.float32)
+
+
 class _Weights:
     """Sets a candidate's weight to its float16 original or to its palettized version. Per-tensor palettizations
     are kept as 128 KB pattern -> value maps (publisher.compress.kmeans.value_map), so revisiting a (layer, bits)
@@ -143,6 +161,8 @@ class _Weights:
         original = self.originals[candidate.name]
         if bits == FLOAT16_BITS:
             value = original.float()
+        elif bits == LINEAR_8BIT:
+            value = torch.from_numpy(linear_8bit(original.numpy())).reshape(original.shape)
         else:
             values = original.numpy()
             if self.granularity is Granularity.PER_TENSOR:
@@ -262,6 +282,8 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
                       "summed_psnr_db": round(predicted_psnr_db(layers, recipe), 2), "recipe": key})
     for bits in CANDIDATE_BITS:  # uniform palettization, for comparison
         baselines[f"uniform_{bits}bit"] = measure({layer.name: bits for layer in layers})
+    # Apple's baseline (its plotting reads it): every analysed weight linearly quantized to 8 bits
+    baselines["linear_8bit"] = measure({layer.name: LINEAR_8BIT for layer in layers})
 
     chosen: dict[str, Any] | None = None
     if settings.get("mixed_bit"):  # a manifest's target; without one (`publisher recipe` before choosing), the curve
