@@ -522,7 +522,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                 pieces = [whole]
             compressed = v.compresses(component)
             analysis: list[str] = []
-            request = scheme.analysis(v.precision, component.value) if compressed else None
+            request = scheme.analysis(v.precision, component.value, v.precision_inputs) if compressed else None
             if request is not None:  # of the source's weights: shared by every attention and target
                 analyze = AnalyzeParams(scheme.name, request.component, v.resolution, request.params, v.family)
                 analysis = [builder.add(f"analyze:{source}:{request.component}:{v.resolution}:{scheme.name}:"

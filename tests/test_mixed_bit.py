@@ -257,3 +257,80 @@ def test_linear_8bit_is_int8_per_tensor_with_zero_kept() -> None:
     assert np.max(np.abs(out - values.astype(np.float32))) <= step / 2 + 1e-6
     assert len(np.unique(out)) <= 256
     assert len(np.unique(linear_8bit(np.full((4, 4), 3.0)))) == 1  # a constant tensor stays one level
+
+
+APPLE_RECIPE_MANIFEST = MANIFEST_HEAD + """\
+  - repo: "{{namespace}}/coreml-tiny-sd-apple-recipe"
+    precision: {{type: palettize, mixed_bit: {{recipe: {{file: pre-analysis.json, key: recipe_5.00_bit_mixedpalette}}}}}}
+    attention: [ORIGINAL]
+    components: [unet]
+    layouts: [packages]
+"""
+
+
+def _apple_file(folder: Path, recipe: dict) -> None:  # type: ignore[type-arg]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pre-analysis.json").write_text(json.dumps({
+        "model_version": "tiny/sd", "baselines": {"original": 80.0, "recipe_5.00_bit_mixedpalette": 40.0},
+        "recipes": {"recipe_5.00_bit_mixedpalette": recipe}}))
+
+
+def test_apple_recipe_files_are_read_and_checked_with_the_manifest(tmp_path: Path) -> None:
+    from publisher.plan import build_plan
+
+    _apple_file(tmp_path, {"down_blocks.0.resnets.0.conv1": 4, "mid_block.resnets.0.conv2": 16})
+    path = write_manifest(tmp_path, text=APPLE_RECIPE_MANIFEST)
+    loaded = load_manifest(path)
+    assert loaded.inputs_of(0)["apple_recipe"] == [["down_blocks.0.resnets.0.conv1", 4],
+                                                   ["mid_block.resnets.0.conv2", 16]]
+    plan = build_plan([loaded], "me")
+    (analyze,) = plan.steps_of("analyze")
+    assert analyze.params.settings["apple_recipe"] == loaded.inputs_of(0)["apple_recipe"]
+    assert plan.variants[0].precision.label == "mixed 5.00-bit (Apple recipe)"
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "pre-analysis.json" in text)
+    for recipe, message in [({"x": 3}, "bits must be one of 1, 2, 4, 6, 8, 16 (16 keeps it float16), not 3"),
+                            ({"x": True}, "not true")]:
+        _apple_file(tmp_path, recipe)
+        with pytest.raises(ManifestError) as info:
+            load_manifest(path)
+        assert info.value.lines[0].replace(str(path), "m.yaml").startswith(
+            f"m.yaml:{line}: publish[0].precision.mixed_bit.recipe: pre-analysis.json: recipes.")
+        assert message in info.value.lines[0]
+    (tmp_path / "pre-analysis.json").write_text(json.dumps({"recipes": {"recipe_4.50_bit_mixedpalette": {"x": 4}}}))
+    with pytest.raises(ManifestError, match=r"no recipe recipe_5\.00_bit_mixedpalette \(it has recipe_4\.50"):
+        load_manifest(path)
+    both = APPLE_RECIPE_MANIFEST.replace("mixed_bit: {{recipe:", "mixed_bit: {{target_bits: 4, recipe:")
+    with pytest.raises(ManifestError, match="give one of target_bits, target_psnr_db or recipe"):
+        load_manifest(write_manifest(tmp_path / "both", text=both))
+
+
+@pytest.mark.slow
+def test_a_build_from_apples_recipe_format(tmp_path: Path, tiny_source: Path, staging_hub, tiny_source_repo  # type: ignore[no-untyped-def]
+                                           ) -> None:
+    """A recipe in Apple's layout (diffusers module names, 16 = float16) applies with every layer matched, no
+    analysis run; a module the UNet does not have fails the variant with its name."""
+    from diffusers import UNet2DConditionModel
+    from torch import nn
+
+    from publisher.engine.build import BuildOptions, build
+    from publisher.manifest import load_manifests
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_source / "unet")
+    names = [name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+             and module.weight.numel() >= 4096][:6]
+    recipe = {name: bits for name, bits in zip(names, [4, 8, 16, 6, 2, 8], strict=False)}
+    folder = tmp_path / "manifests"
+    _apple_file(folder, recipe)
+    manifest = write_manifest(folder, text=APPLE_RECIPE_MANIFEST)
+    options = BuildOptions(out=tmp_path / "out", store=tmp_path / "store", namespace="tester", compile=False,
+                           endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False)
+    result = build(load_manifests([manifest]), options)
+    assert result.ok, [v.error for v in result.variants]
+    info = json.loads((tmp_path / "out/tester/coreml-tiny-sd-apple-recipe/original/build-info.json").read_text())
+    unet_figures = info["fidelity"]["unet"]
+    assert unet_figures["mixed_bit"]["layers"] == len(recipe) == unet_figures["mixed_bit"]["matched_ops"]
+    assert sorted(unet_figures["recipe"].values()) == sorted(recipe.values())  # every layer at its bits
+    _apple_file(folder, {**recipe, "down_blocks.9.nothing": 4})
+    failed = build(load_manifests([manifest]), options)
+    assert not failed.ok and "down_blocks.9.nothing" in (failed.variants[0].error or "")
+

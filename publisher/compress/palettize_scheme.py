@@ -23,14 +23,33 @@ CANDIDATE_BITS = (1, 2, 4, 6, 8)
 FLOAT16_BITS = 16  # in a recipe: the layer stays float16
 
 
+class AppleRecipe(BaseModel):
+    """One recipe of a file in the layout of Apple's `mixed_bit_compression_pre_analysis.py` (its `recipes`: diffusers
+    module name -> bits, 16 keeps the weight float16), as its `mixed_bit_compression_apply.py --selected-recipe`
+    reads it: listed modules get their bits, the others stay float16."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: Annotated[str, Strict(), Field(min_length=1, max_length=255, description="relative to the manifest")]
+    key: Annotated[str, Strict(), Field(pattern=r"^recipe_\d+\.\d+_bit_mixedpalette$",
+                                        description="e.g. recipe_4.50_bit_mixedpalette")]
+
+    @property
+    def bits(self) -> float:
+        return float(self.key.split("_")[1])
+
+
 class MixedBit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     target_bits: Annotated[float, Field(gt=1.0, le=8.0, description="average bits per UNet weight")] | None = None
     target_psnr_db: Annotated[float, Field(gt=0.0, le=120.0, description="end-to-end PSNR of the UNet output "
                                                                            "against the float16 model")] | None = None
+    recipe: AppleRecipe | None = Field(default=None, description="a recipe in Apple's pre-analysis format (Apple "
+                                       "publishes them for the base models): no analysis is run")
 
     @property
     def label(self) -> str:
+        if self.recipe is not None:
+            return f"mixed {self.recipe.bits:.2f}-bit (Apple recipe)"
         if self.target_bits is not None:
             return f"mixed {self.target_bits:.2f}-bit"
         return f"mixed @{self.target_psnr_db:g} dB"
@@ -94,6 +113,8 @@ class Palettize(CompressionScheme):
     def weight_bits(self, settings: CompressionSettings) -> float:
         s = self._settings(settings)
         if s.mixed_bit is not None:
+            if s.mixed_bit.recipe is not None:
+                return s.mixed_bit.recipe.bits
             return s.mixed_bit.target_bits or 8.0
         return float(s.nbits or 16)
 
@@ -107,9 +128,13 @@ class Palettize(CompressionScheme):
         if s.nbits is None and s.mixed_bit is None:
             errors.append((("precision", "nbits"), "required when type is 'palettize'"))
         if s.mixed_bit is not None:
-            given = [name for name in ("target_bits", "target_psnr_db") if getattr(s.mixed_bit, name) is not None]
+            given = [name for name in ("target_bits", "target_psnr_db", "recipe")
+                     if getattr(s.mixed_bit, name) is not None]
             if len(given) != 1:
-                errors.append((("precision", "mixed_bit"), "give one of target_bits or target_psnr_db"))
+                errors.append((("precision", "mixed_bit"), "give one of target_bits, target_psnr_db or recipe"))
+            if s.mixed_bit.recipe is not None and not inside_folder(s.mixed_bit.recipe.file):
+                errors.append((("precision", "mixed_bit", "recipe", "file"),
+                               "must be a relative path inside the manifest's folder"))
             if s.recipe is not None:
                 errors.append((("precision", "recipe"), "not with mixed_bit: the analysis chooses the bits"))
         if target.level < 17:
@@ -126,6 +151,14 @@ class Palettize(CompressionScheme):
     def read_inputs(self, settings: CompressionSettings, manifest_folder: Path
                     ) -> tuple[dict[str, Any], list[tuple[Loc, str]]]:
         s = self._settings(settings)
+        apple = s.mixed_bit.recipe if s.mixed_bit is not None else None
+        if apple is not None:
+            if not inside_folder(apple.file):
+                return {}, []  # `problems` refuses it
+            layers, problem = read_apple_recipe(manifest_folder, apple.file, apple.key)
+            if problem is not None:
+                return {}, [(("precision", "mixed_bit", "recipe"), problem)]
+            return {"apple_recipe": [[name, bits] for name, bits in layers.items()]}, []
         if s.recipe is None or not inside_folder(s.recipe):
             return {}, []  # no file, or one `problems` refuses
         recipe, problem = read_recipe(manifest_folder, s.recipe)
@@ -135,15 +168,19 @@ class Palettize(CompressionScheme):
         # order is part of what the step computes (and of its key)
         return {"recipe": [[name, bits] for name, bits in recipe.items()]}, []
 
-    def analysis(self, settings: CompressionSettings, component: str) -> AnalysisRequest | None:
+    def analysis(self, settings: CompressionSettings, component: str, inputs: Mapping[str, Any] | None = None
+                 ) -> AnalysisRequest | None:
         s = self._settings(settings)
         if s.mixed_bit is None or component != MIXED_BIT_COMPONENT:
             return None
-        return AnalysisRequest(component, {
+        params: dict[str, Any] = {
             "mixed_bit": s.mixed_bit.model_dump(mode="json", exclude_none=True),
             "granularity": s.granularity.value,
             "group_size": s.effective_group_size if s.granularity is Granularity.PER_GROUPED_CHANNEL else None,
-        })
+        }
+        if s.mixed_bit.recipe is not None:  # the recipe's layers matched to the source's weights: no measuring
+            params["apple_recipe"] = list((inputs or {}).get("apple_recipe", []))
+        return AnalysisRequest(component, params)
 
     def apply(self, source: Path, output: Path, settings: CompressionSettings, context: CompressContext
               ) -> dict[str, Any]:
@@ -256,3 +293,35 @@ def read_recipe(folder: Path, relative: str) -> tuple[dict[str, int], str | None
 def _line_of_key(text: str, key: str) -> int:
     at = text.find(json.dumps(key))
     return text.count("\n", 0, at) + 1 if at >= 0 else 1
+
+
+APPLE_BITS = (*CANDIDATE_BITS, FLOAT16_BITS)
+
+
+def read_apple_recipe(folder: Path, relative: str, key: str) -> tuple[dict[str, int], str | None]:
+    """Recipe `key` of a file in Apple's pre-analysis layout (`recipes`: module name -> 1/2/4/6/8, 16 for float16),
+    read from inside the manifest's folder and checked: (module name -> bits, None) or ({}, one line)."""
+    base = folder.resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        return {}, f"{relative} leads outside the manifest's folder"
+    try:
+        size = path.stat().st_size
+        if size > 16 * MAX_RECIPE_BYTES:  # Apple's files hold the per-layer tables too: a few MB for SDXL
+            return {}, f"{relative}: {size} bytes; a pre-analysis file may have {16 * MAX_RECIPE_BYTES} at most"
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return {}, f"{relative}: cannot read it as JSON: {getattr(exc, 'strerror', None) or exc}"
+    recipes = data.get("recipes") if isinstance(data, dict) else None
+    if not isinstance(recipes, dict) or not recipes:
+        return {}, f"{relative}: no `recipes` (not a file in the layout of Apple's pre-analysis)"
+    if key not in recipes:
+        return {}, f"{relative}: no recipe {key} (it has {', '.join(sorted(map(str, recipes))[:8])})"
+    recipe = recipes[key]
+    if not isinstance(recipe, dict) or not recipe or len(recipe) > MAX_RECIPE_ENTRIES:
+        return {}, f"{relative}: recipes.{key} must be a non-empty object of module name -> bits"
+    for name, bits in recipe.items():
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in APPLE_BITS:
+            return {}, (f"{relative}: recipes.{key}.{name}: bits must be one of "
+                        f"{', '.join(map(str, APPLE_BITS))} (16 keeps it float16), not {json.dumps(bits)}")
+    return {str(name): int(bits) for name, bits in recipe.items()}, None

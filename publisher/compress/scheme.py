@@ -97,7 +97,10 @@ class CompressionScheme(ABC):
         conversion made for an older target)."""
         return False
 
-    def analysis(self, settings: CompressionSettings, component: str) -> AnalysisRequest | None:
+    def analysis(self, settings: CompressionSettings, component: str, inputs: Mapping[str, Any] | None = None
+                 ) -> AnalysisRequest | None:
+        """An analysis of the source this component's compression needs first (None: none); `inputs` are the
+        contents `read_inputs` read."""
         return None
 
     def read_inputs(self, settings: CompressionSettings, manifest_folder: Path

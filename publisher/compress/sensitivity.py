@@ -350,9 +350,51 @@ def analyze_to_folder(source: Path, component: Component, resolution: int, setti
     """The analysis step: `analysis.json` (ours) and `pre-analysis.json` (Apple's layout) written into `out`."""
     if component != Component.UNET:
         raise PublisherError(f"a mixed-bit analysis is for the UNet, not {component.value}")
+    if settings.get("mixed_bit", {}).get("recipe"):  # a recipe given in Apple's layout: matched, not measured
+        record = apple_recipe_record(source, resolution, settings, model_version, family)
+        atomic_write_text(out / ANALYSIS, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        recipe = settings["mixed_bit"]["recipe"]
+        apple = {"model_version": model_version, "baselines": {},
+                 "recipes": {recipe["key"]: dict(settings["apple_recipe"])}}
+        atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
+        return
     record, apple = analyze(source, resolution, settings, model_version, progress=progress, family=family)
     atomic_write_text(out / ANALYSIS, json.dumps(record, indent=1, sort_keys=True) + "\n")
     atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
+
+
+def apple_recipe_record(source: Path, resolution: int, settings: Mapping[str, Any], model_version: str,
+                        family: str = DEFAULT_FAMILY) -> dict[str, Any]:
+    """An analysis record whose choice is a recipe in Apple's layout: its module names matched to the source UNet's
+    weights (the compress step finds them in the package by their float16 bytes). Modules the recipe leaves out stay
+    float16, as Apple's apply script leaves them; a name that is no weight of this UNet is an error naming the first."""
+    import torch
+
+    from publisher.convert.components import load_component
+
+    recipe = {str(name): int(bits) for name, bits in settings["apple_recipe"]}
+    loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution, family=family)
+    unet = cast(Any, loaded.module).unet.unet  # the diffusers module: its parameter names are Apple's module names
+    weights = {name.removesuffix(".weight"): p for name, p in unet.named_parameters() if name.endswith(".weight")}
+    unknown = [name for name in recipe if name not in weights]
+    if unknown:
+        raise PublisherError(f"the recipe names {len(unknown)} module(s) this UNet has no weight for: "
+                             f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+    layers: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for name, bits in recipe.items():
+            values = weights[name].detach().half().numpy()
+            layers.append({"name": name, "size": int(values.size), "nbits": bits,
+                           "sha256": hashlib.sha256(values.tobytes()).hexdigest(),
+                           "fingerprint": weight_fingerprint(values)})
+    covered = sum(layer["size"] for layer in layers)
+    average = sum(layer["size"] * layer["nbits"] for layer in layers) / covered
+    key = settings["mixed_bit"]["recipe"]["key"]
+    return {"version": 1, "model_version": model_version, "component": "unet", "resolution": resolution,
+            "source_of_recipe": {"format": "apple-pre-analysis", "file": settings["mixed_bit"]["recipe"]["file"],
+                                 "key": key},
+            "chosen": {"target": {"recipe": key}, "recipe": key, "average_bits": round(average, 4),
+                       "layers": layers}}
 
 
 def load_record(folder: Path) -> dict[str, Any]:

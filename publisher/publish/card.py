@@ -163,6 +163,8 @@ def _target(target: dict[str, Any]) -> str:
         return f"{target['target_bits']} bits"
     if "target_psnr_db" in target:
         return f"{target['target_psnr_db']} dB"
+    if "recipe" in target:
+        return f"Apple's recipe `{target['recipe']}` (given in Apple's pre-analysis format, not measured here)"
     return "its target"
 
 
