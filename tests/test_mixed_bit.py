@@ -98,8 +98,8 @@ MIXED = MANIFEST_HEAD + """\
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
     ("{target_bits: 4.5}", "{target_bits: 4.5, target_psnr_db: 40}",
-     "publish[0].precision.mixed_bit: give one of target_bits or target_psnr_db"),
-    ("{target_bits: 4.5}", "{}", "publish[0].precision.mixed_bit: give one of target_bits or target_psnr_db"),
+     "publish[0].precision.mixed_bit: give one of target_bits, target_psnr_db or recipe"),
+    ("{target_bits: 4.5}", "{}", "publish[0].precision.mixed_bit: give one of target_bits, target_psnr_db or recipe"),
     ("{target_bits: 4.5}", "{target_bits: 0.5}", "publish[0].precision.mixed_bit.target_bits: input should be "
                                                  "greater than 1"),
     ("{target_bits: 4.5}}", "{target_bits: 4.5}}, recipe: r.json",
