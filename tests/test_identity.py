@@ -107,8 +107,16 @@ def test_a_code_change_rekeys_its_steps_and_a_comment_changes_nothing(tmp_path: 
     unchanged = {label.split(":")[0] for label in before if before[label] == after[label]}
     assert {"convert", "palettize", "verify"} <= changed
     assert "fetch" in unchanged and "fetch" not in changed
-    # a change to the zip writer moves only what it runs (no zip in these layouts: nothing at all here)
+    # a family's module is loaded by its registry from a name in a string: its code counts as imported code
     converter.write_text(source)
+    assert keys_by_label(plan_of(path)) == before
+    family = root / "families" / "sd.py"
+    family_source = family.read_text()
+    family.write_text(family_source + "\n_CHANGED = 1\n")
+    after = keys_by_label(plan_of(path))
+    assert {label.split(":")[0] for label in before if before[label] != after[label]} >= {"convert", "verify"}
+    family.write_text(family_source)
+    # a change to the zip writer moves only what it runs (no zip in these layouts: nothing at all here)
     assert keys_by_label(plan_of(path)) == before
     (root / "layout.py").write_text((root / "layout.py").read_text() + "\n_CHANGED = 1\n")
     assert keys_by_label(plan_of(path)) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,14 +29,19 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+# A project module named in a string: the registries load their built-ins so (`"publisher.families.sd:FAMILY"`),
+# and that code runs as surely as an imported module's.
+_NAMED_MODULE = re.compile(r"^(publisher(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?::[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
 def _imported(name: str, path: Path) -> set[str]:
     return set(_imported_by(name, path, _stamp(path)))
 
 
 @functools.lru_cache(maxsize=512)
 def _imported_by(name: str, path: Path, stamp: tuple[int, int]) -> frozenset[str]:
-    """Project modules a module imports anywhere in it (function-level imports too), with their parent packages
-    (once per version of the file: `stamp`)."""
+    """Project modules a module imports anywhere in it (function-level imports too, and modules named in strings),
+    with their parent packages (once per version of the file: `stamp`)."""
     tree = _parsed(path, stamp)
     found: set[str] = set()
     own = module_file(name)
@@ -50,6 +56,9 @@ def _imported_by(name: str, path: Path, stamp: tuple[int, int]) -> frozenset[str
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                (named := _NAMED_MODULE.match(node.value)):
+            found.add(named.group(1))
     closed: set[str] = set()
     for module in found:
         parts = module.split(".")
