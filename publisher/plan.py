@@ -286,6 +286,12 @@ def step_tools(step: Step) -> dict[str, str]:
     return {**library_versions(), "code": code_digest(step.code_modules())}
 
 
+def stored_key(step: Step, input_keys: list[str], extra: dict[str, Any] | None = None) -> str:
+    """A stored step's key: its kind, its parameters (with what the build's options add, `extra`), its inputs' keys
+    and what it runs with (`step_tools`). The engine and `Plan.keys` both compute it here."""
+    return step_key(step.kind, {**step.params_json(), **(extra or {})}, input_keys, step_tools(step))
+
+
 def fetch_key(repo: str, commit: str, params: FetchParams) -> str:
     """A fetch's key: the commit and what decides which files are taken (the engine's, with the resolved commit;
     the plan's, with the revision as written)."""
@@ -314,8 +320,7 @@ class Plan:
             if isinstance(step.params, FetchParams):
                 keys[step.id] = fetch_key(step.params.repo, step.params.revision, step.params)
             else:
-                params = {**step.params_json(), **(extra(step) if extra else {})}
-                keys[step.id] = step_key(step.kind, params, [keys[i] for i in step.inputs], step_tools(step))
+                keys[step.id] = stored_key(step, [keys[i] for i in step.inputs], extra(step) if extra else None)
         return keys
 
     def to_json(self) -> dict[str, Any]:

@@ -44,9 +44,8 @@ from publisher.plan import (
     build_plan,
     fetch_key,
     select_variants,
-    step_tools,
+    stored_key,
 )
-from publisher.store import step_key
 from publisher.vocabulary import Component, Layout
 
 __all__ = ["PACKAGE", "BuildError", "BuildOptions", "BuildResult", "VariantResult", "analyze_sources", "build",
@@ -84,8 +83,8 @@ class _Runner:
             return
         if step.kind == "assemble":
             return  # per variant, after its steps
-        params = {**step.params_json(), **self.run_params(step)}
-        key = step_key(step.kind, params, [self.state.keys[i] for i in step.inputs], step_tools(step))
+        params = {**step.params_json(), **self.run_params(step)}  # also on the stored record
+        key = stored_key(step, [self.state.keys[i] for i in step.inputs], self.run_params(step))
         self.state.keys[step.id] = key
         stored = self.state.store.get(key)
         if stored is not None:
