@@ -85,7 +85,6 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 MAX_INDEX_BYTES = 64 * 2**20
 
 

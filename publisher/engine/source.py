@@ -26,6 +26,8 @@ from publisher.convert.weight_files import choose_weights
 from publisher.errors import SourceError
 from publisher.family import DEFAULT_FAMILY, family_named
 from publisher.layout import link_or_copy
+from publisher.util.atomic import atomic_write_text
+from publisher.util.net import talking_to
 from publisher.vocabulary import Component
 
 # downloaded when present besides the family's own tokenizer files (diffusers reads them; the apps do not)
@@ -182,8 +184,6 @@ def plan_source(repo: str, revision: str, components: Sequence[Component], endpo
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    from publisher.util.net import talking_to
-
     label = f"{repo}@{revision}"
     api = HfApi(endpoint=endpoint, token=token or False)  # never a token looked up on its own
     with talking_to(api.endpoint, f"listing the files of source {label}"):
@@ -216,8 +216,6 @@ def fetch_source(repo: str, revision: str, components: list[Component] | tuple[C
 
     chosen = plan_source(repo, revision, components, endpoint, token, weights, family,
                          folders=None if extra is None else extra[0])
-    from publisher.util.net import talking_to
-
     with talking_to(endpoint, f"downloading source {repo}@{chosen.commit[:12]}"):
         snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
                                      cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
@@ -241,8 +239,6 @@ def verify_source_files(snapshot: Path, files: Sequence[SourceFile], record: Pat
     and the bad copy is removed from the download cache so that a rerun downloads it again."""
     import hashlib
 
-    from publisher.util.atomic import atomic_write_text
-
     try:
         known = json.loads(record.read_text()) if record.exists() else {}
     except (OSError, ValueError):
@@ -259,7 +255,7 @@ def verify_source_files(snapshot: Path, files: Sequence[SourceFile], record: Pat
             sha256 = str(previous["sha256"])
         else:
             if info.st_size != item.size:
-                _drop(path)
+                path.unlink(missing_ok=True)
                 raise SourceError(f"source {label}: {item.path} is {info.st_size} bytes, the Hub lists {item.size}")
             sha, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % info.st_size)
             with open(path, "rb") as handle:
@@ -271,7 +267,7 @@ def verify_source_files(snapshot: Path, files: Sequence[SourceFile], record: Pat
             wrong = (item.sha256 is not None and sha256 != item.sha256) or \
                 (item.sha256 is None and item.blob_id is not None and blob.hexdigest() != item.blob_id)
             if wrong:
-                _drop(path)
+                path.unlink(missing_ok=True)
                 listed = item.sha256 or item.blob_id
                 raise SourceError(f"source {label}: {item.path} does not match the checksum the Hub lists ({listed}); "
                                   "the bad copy was removed from the download cache")
@@ -281,10 +277,6 @@ def verify_source_files(snapshot: Path, files: Sequence[SourceFile], record: Pat
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(checked, sort_keys=True) + "\n")
     return tuple(out)
-
-
-def _drop(path: Path) -> None:
-    path.unlink(missing_ok=True)
 
 
 def check_weight_files(folder: Path) -> None:
