@@ -256,25 +256,33 @@ class Palettize(CompressionScheme):
 SCHEME = Palettize()
 
 
+def _read_json_inside(folder: Path, relative: str, max_bytes: int, what: str) -> tuple[str, Any, str | None]:
+    """A JSON file the manifest names, read from inside its folder (a symlink out of it is refused) and bounded
+    before it is read: (text, value, None) or ("", None, one line naming the file)."""
+    base = folder.resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        return "", None, f"{relative} leads outside the manifest's folder"
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return "", None, f"{relative}: {size} bytes; {what} may have {max_bytes} at most"
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return "", None, f"{relative}: cannot read the recipe: {getattr(exc, 'strerror', None) or exc}"
+    try:
+        return text, json.loads(text), None
+    except ValueError as exc:
+        return "", None, f"{relative}:{getattr(exc, 'lineno', 1)}: not JSON: {getattr(exc, 'msg', exc)}"
+
+
 def read_recipe(folder: Path, relative: str) -> tuple[dict[str, int], str | None]:
     """A recipe file (JSON object: op name or fnmatch pattern -> nbits, 0 keeps the weight float16), read from
     inside the manifest's folder and checked: (the recipe in the file's order, None) or ({}, one line naming the file,
     line and entry)."""
-    base = folder.resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base):  # a symlink out of the manifest's folder
-        return {}, f"{relative} leads outside the manifest's folder"
-    try:
-        size = path.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            return {}, f"{relative}: {size} bytes; a recipe may have {MAX_RECIPE_BYTES} at most"
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return {}, f"{relative}: cannot read the recipe: {getattr(exc, 'strerror', None) or exc}"
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        return {}, f"{relative}:{getattr(exc, 'lineno', 1)}: not JSON: {getattr(exc, 'msg', exc)}"
+    text, data, problem = _read_json_inside(folder, relative, MAX_RECIPE_BYTES, "a recipe")
+    if problem is not None:
+        return {}, problem
     if not isinstance(data, dict):
         return {}, f"{relative}:1: a recipe is a JSON object of op name -> nbits, not {type(data).__name__}"
     if not data:
@@ -301,17 +309,10 @@ APPLE_BITS = (*CANDIDATE_BITS, FLOAT16_BITS)
 def read_apple_recipe(folder: Path, relative: str, key: str) -> tuple[dict[str, int], str | None]:
     """Recipe `key` of a file in Apple's pre-analysis layout (`recipes`: module name -> 1/2/4/6/8, 16 for float16),
     read from inside the manifest's folder and checked: (module name -> bits, None) or ({}, one line)."""
-    base = folder.resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base):
-        return {}, f"{relative} leads outside the manifest's folder"
-    try:
-        size = path.stat().st_size
-        if size > 16 * MAX_RECIPE_BYTES:  # Apple's files hold the per-layer tables too: a few MB for SDXL
-            return {}, f"{relative}: {size} bytes; a pre-analysis file may have {16 * MAX_RECIPE_BYTES} at most"
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return {}, f"{relative}: cannot read it as JSON: {getattr(exc, 'strerror', None) or exc}"
+    # Apple's files hold the per-layer tables too: a few MB for SDXL
+    _, data, problem = _read_json_inside(folder, relative, 16 * MAX_RECIPE_BYTES, "a pre-analysis file")
+    if problem is not None:
+        return {}, problem
     recipes = data.get("recipes") if isinstance(data, dict) else None
     if not isinstance(recipes, dict) or not recipes:
         return {}, f"{relative}: no `recipes` (not a file in the layout of Apple's pre-analysis)"
