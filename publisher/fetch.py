@@ -178,7 +178,7 @@ def fetch_variant(repo_id: str, variant: str, to: Path, endpoint: str | None = N
     created = not to.exists()
     to.mkdir(parents=True, exist_ok=True)
     try:
-        with _exclusive(to, variant):
+        with _exclusive(to, variant):  # another fetch of the variant running: refused before anything is touched
             # one staging folder per (repo, commit, variant): a rerun after a failure or a kill resumes there
             key = hashlib.sha256(f"{repo_id}\0{commit}\0{variant}".encode()).hexdigest()[:16]
             staging = to / _STAGING / key
@@ -186,21 +186,17 @@ def fetch_variant(repo_id: str, variant: str, to: Path, endpoint: str | None = N
             try:
                 return _download_and_place(repo_id, variant, wanted, commit, to, staging, endpoint, token, say,
                                            max_bytes, max_entries, stall_s, progress)
-            except _Interrupted:
-                raise
+            except (_Interrupted, KeyboardInterrupt):
+                raise  # a transfer broken off stays staged and resumes
             except BaseException:
-                # a variant that does not verify is dropped whole (an interrupted download stays and resumes)
-                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)  # a variant that does not verify is dropped whole
                 raise
-    except _Interrupted:
-        raise
-    except BaseException:
+    finally:
+        # only what this fetch left empty goes: a target it made is gone again after a fault, anything another
+        # fetch has there stays
         _remove_if_empty(to / _STAGING)
         if created:
-            shutil.rmtree(to, ignore_errors=True)
-        raise
-    finally:
-        _remove_if_empty(to / _STAGING)
+            _remove_if_empty(to)
 
 
 @contextlib.contextmanager
