@@ -316,9 +316,11 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
         raise PalettizeError(f"{source}: no weight of {config.min_elements} or more float16 elements to palettize")
     # the recipe's names no float16 weight of this package answers to (the variant checks them all), read before
     # the writer turns the chosen weights into lookup ops
-    weights = [op_name(op) for op in walk_operations(block) if _is_float16_weight(op)]
-    unmatched = sorted(key for key in config.recipe if key not in weights and not any(
-        fnmatch.fnmatchcase(name, key) for name in weights))
+    unmatched: list[str] = []
+    if config.recipe:
+        weights = {op_name(op) for op in walk_operations(block) if _is_float16_weight(op)}
+        unmatched = sorted(key for key in config.recipe if key not in weights and not any(
+            fnmatch.fnmatchcase(name, key) for name in weights))
     _write_palettized(source, spec, block, candidates, config, ios18, output, progress)
     report = read_report_from_package(output, source)
     if config.recipe:
