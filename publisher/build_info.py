@@ -33,6 +33,8 @@ class SourceInfo(_Model):
     revision: str
     commit: str
     files: dict[str, dict[str, Any]] = {}  # source file -> size, sha256 (what was downloaded and loaded)
+    scale: float | None = None  # a LoRA's: the scale it was fused at
+    architecture: str | None = None  # a single-file checkpoint's config repo: what the checkpoint was found to be
 
 
 class ManifestRef(_Model):
@@ -44,7 +46,8 @@ class BuildInfo(_Model):
     version: Literal[1] = VERSION
     variant: dict[str, Any]  # publisher.plan.Variant.to_json()
     source: SourceInfo
-    # the other repos components were read from, by role (a custom VAE: "vae"; SDXL's refiner: "refiner")
+    # the other repos components were read from, by role (a custom VAE: "vae"; SDXL's refiner: "refiner"; a
+    # single-file checkpoint's config repo: "config"; the LoRAs fused in, in order: "lora01", "lora02", ...)
     extra_sources: dict[str, SourceInfo] = {}
     manifest: ManifestRef
     tools: dict[str, str]
@@ -58,6 +61,10 @@ class BuildInfo(_Model):
         data = self.model_dump(mode="json")
         if not data["extra_sources"]:  # absent when there are none: such a file reads as it always did
             del data["extra_sources"]
+        for source in (data["source"], *data.get("extra_sources", {}).values()):
+            for name in ("scale", "architecture"):  # only where they apply (a LoRA, a checkpoint's config)
+                if source[name] is None:
+                    del source[name]
         return data
 
 

@@ -42,6 +42,7 @@ class ComponentSpec:
     # files are fetched into `folder` (SDXL's refiner: the refiner pipeline's `unet/` as `refiner/`)
     source_role: str = ""
     source_folder: str = ""  # its folder in that extra source's repo
+    in_checkpoint: bool = True  # a single-file checkpoint of the family holds its weights (not the safety checker)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ModelFamily:
     read_dims: Callable[[Path, int], ModelDims]
     tokenizer_files: tuple[str, ...] = ("vocab.json", "merges.txt")
     swift_pipeline: str = "StableDiffusionPipeline"  # the Swift package's pipeline type that loads the Resources
+    # the diffusers pipeline whose single-file and LoRA loaders read a community checkpoint of the family
+    diffusers_pipeline: str = "diffusers:StableDiffusionPipeline"
 
     def component(self, component: Component) -> ComponentSpec:
         for spec in self.components:

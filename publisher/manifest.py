@@ -66,9 +66,42 @@ class ExtraSource(_Model):
     weights: Literal["auto", "fp16", "fp32"] = "auto"
 
 
+# a file inside a repo (single-file checkpoints, LoRAs): relative, no backslash; `.`/`..` segments are refused by
+# the cross-field rules (the schema's regex engine has no look-ahead)
+REPO_FILE_RE = r"^[A-Za-z0-9_][A-Za-z0-9._ +()/-]{0,254}$"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+MAX_LORAS = 16
+
+
+class ConfigSource(_Model):
+    """The diffusers-format repo whose configs and tokenizer describe a single-file checkpoint's architecture."""
+
+    repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="repo id, `org/name`")]
+    revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
+
+
+class LoraSource(_Model):
+    """A LoRA fused into the UNet and text encoder(s) before conversion (diffusers' and kohya's formats)."""
+
+    repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="repo id, `org/name`")]
+    file: Annotated[StrictStr, Field(pattern=REPO_FILE_RE, description="the LoRA's weights file in the repo")]
+    revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
+    scale: Annotated[float, Strict(), Field(ge=-8, le=8, allow_inf_nan=False)] = 1.0
+
+
 class Source(_Model):
     repo: Annotated[StrictStr, Field(pattern=f"^{REPO_ID_RE.pattern}$", description="diffusers repo id, `org/name`")]
     revision: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")] = "main"
+    file: Annotated[StrictStr, Field(pattern=REPO_FILE_RE)] | None = Field(
+        default=None, description="a single-file checkpoint in `repo` (original LDM key layout, .safetensors; a "
+        ".ckpt pickle only if it loads with torch.load(weights_only=True)); needs `config`"
+    )
+    config: ConfigSource | None = Field(
+        default=None, description="with `file`: the diffusers-format repo whose model_index.json, configs and "
+        "tokenizer describe the checkpoint (its weights are never downloaded)"
+    )
+    loras: list[LoraSource] = Field(default_factory=list, max_length=MAX_LORAS, description="LoRAs fused into "
+                                    "the UNet and text encoder(s), in this order, each at its scale")
     vae: ExtraSource | None = Field(
         default=None, description="a custom VAE for the VAE components (any family): a pipeline repo's `vae/` or a "
         "VAE repo with its config.json at the root, e.g. madebyollin/sdxl-vae-fp16-fix"
@@ -163,7 +196,8 @@ class Manifest(_Model):
         if self.source.components is not None:
             return list(self.source.components)
         family = family_named(self.family)  # a component read from an extra source is there when that source is
-        return [c for c in family.component_names if self.source_role(c) is not None]
+        return [c for c in family.component_names if self.source_role(c) is not None and
+                (self.source.file is None or self.source_role(c) or family.component(c).in_checkpoint)]
 
     def source_role(self, component: Component) -> str | None:
         """Which source a component is read from: "" (the manifest's source), "vae" or "refiner"; None when its
@@ -231,6 +265,7 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
     family = known[manifest.family]
     for index, item in _duplicates(manifest.source.components or []):
         errors.append((("source", "components", index), f"duplicate '{_show(item)}'"))
+    errors.extend(_community_source_errors(manifest, family))
     if manifest.source.refiner is not None and not any(spec.source_role == "refiner" for spec in family.components):
         errors.append((("source", "refiner"), f"family '{family.name}' has no refiner"))
     for index, item in enumerate(manifest.source.components or []):
@@ -293,6 +328,36 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                                "refused"))
         if Layout.ZIP in target.layouts and Layout.COMPILED not in target.layouts:
             errors.append((at + ("layouts",), "'zip' needs 'compiled' (the zip holds the compiled Resources)"))
+    return errors
+
+
+def _community_source_errors(manifest: Manifest, family: Any) -> list[tuple[Loc, str]]:
+    """The rules of a single-file checkpoint and of LoRAs (`source.file`, `source.config`, `source.loras`)."""
+    source = manifest.source
+    errors: list[tuple[Loc, str]] = []
+    files: list[tuple[Loc, str]] = [(("source", "file"), source.file)] if source.file is not None else []
+    files += [(("source", "loras", index, "file"), lora.file) for index, lora in enumerate(source.loras)]
+    for loc, name in files:
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            errors.append((loc, "must be a file path inside the repo (no empty, '.' or '..' part)"))
+        elif not name.lower().endswith(CHECKPOINT_SUFFIXES):
+            errors.append((loc, f"must be a {' or '.join(CHECKPOINT_SUFFIXES)} file"))
+    if source.file is not None:
+        if source.config is None:
+            errors.append((("source", "file"), "needs source.config: the diffusers repo whose configs and tokenizer "
+                           "describe the checkpoint (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"))
+        if source.weights != "auto":
+            errors.append((("source", "weights"), "does not apply to a single-file checkpoint (its weights are "
+                           "converted in the file's own precision)"))
+        for index, item in enumerate(source.components or []):
+            if family.has(item) and not family.component(item).source_role and \
+                    not family.component(item).in_checkpoint:
+                errors.append((("source", "components", index), f"'{item.value}' is not in a single-file "
+                               "checkpoint"))
+    elif source.config is not None:
+        errors.append((("source", "config"), "applies only with source.file (a single-file checkpoint)"))
+    for index, _ in _duplicates([(lora.repo.lower(), lora.file) for lora in source.loras]):
+        errors.append((("source", "loras", index), "duplicate LoRA (same repo and file)"))
     return errors
 
 

@@ -91,6 +91,11 @@ class Variant:
     precision_inputs: dict[str, Any] = field(default_factory=dict, hash=False)
     extra_sources: tuple[ExtraSourceRef, ...] = ()
     roles: tuple[tuple[Component, str], ...] = ()  # the components read from an extra source, and its role
+    # a community source: one checkpoint file of `source_repo`, described by the diffusers repo `source_config`
+    # (repo, revision); LoRAs fused before conversion, each (repo, file, revision, scale)
+    source_file: str = ""
+    source_config: tuple[str, str] = ("", "")
+    source_loras: tuple[tuple[str, str, str, float], ...] = ()
     # where the workflow runs it (not part of what it is: absent from to_json)
     convert_runner: str = "ubuntu-24.04"
     compile_runner: str = "macos-14"
@@ -144,7 +149,13 @@ class Variant:
             "chunk_unet": self.chunk_unet,
             "layouts": [layout.value for layout in self.layouts],
             "source": {"repo": self.source_repo, "revision": self.source_revision,
-                       **({"weights": self.source_weights} if self.source_weights != "auto" else {})},
+                       **({"weights": self.source_weights} if self.source_weights != "auto" else {}),
+                       # only when given: the variant hash of a diffusers-format source stays what it was
+                       **({"file": self.source_file, "config": {"repo": self.source_config[0],
+                                                                "revision": self.source_config[1]}}
+                          if self.source_file else {}),
+                       **({"loras": [{"repo": r, "file": f, "revision": v, "scale": s}
+                                     for r, f, v, s in self.source_loras]} if self.source_loras else {})},
             "resolution": self.resolution,
             "license": self.license,
             "family": self.family,
@@ -168,6 +179,15 @@ class FetchParams:
     role: str = ""
     folders: tuple[str, ...] = ()
     into: str = ""
+    # the manifest's source as a community model: one checkpoint file, the diffusers repo that describes it,
+    # LoRAs fused before conversion (repo, file, revision, scale); see publisher.engine.community
+    file: str = ""
+    config: tuple[str, str] = ("", "")
+    loras: tuple[tuple[str, str, str, float], ...] = ()
+
+    @property
+    def community(self) -> bool:
+        return bool(self.file or self.loras)
 
 
 @dataclass(frozen=True)
@@ -295,7 +315,10 @@ def stored_key(step: Step, input_keys: list[str], extra: dict[str, Any] | None =
 def fetch_key(repo: str, commit: str, params: FetchParams) -> str:
     """A fetch's key: the commit and what decides which files are taken (the engine's, with the resolved commit;
     the plan's, with the revision as written)."""
-    where = {"role": params.role, "folders": list(params.folders), "into": params.into} if params.role else {}
+    where: dict[str, Any] = {"role": params.role, "folders": list(params.folders), "into": params.into} \
+        if params.role else {}
+    if params.community:
+        where |= {"file": params.file, "config": list(params.config), "loras": [list(lora) for lora in params.loras]}
     return step_key("fetch", {"repo": repo, "commit": commit, "weights": params.weights, **where}, [], {})
 
 
@@ -429,6 +452,11 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                     family=manifest.family,
                     precision_inputs=item.inputs_of(index),
                     **_extra_sources(manifest, manifest.components_for(target)),
+                    source_file=manifest.source.file or "",
+                    source_config=(manifest.source.config.repo, manifest.source.config.revision)
+                    if manifest.source.config else ("", ""),
+                    source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale))
+                                       for lora in manifest.source.loras),
                     convert_runner=manifest.runners.convert,
                     compile_runner=manifest.runners.compile,
                 ))
@@ -460,6 +488,10 @@ def _origin(v: Variant, component: Component | None = None) -> str:
     """The sources a step reads, as a label: the manifest's source (the weight copy is part of it: the same repo
     read as fp32 is another source), plus the extra source a component comes from."""
     source = f"{v.source_repo}@{v.source_revision}" + ("" if v.source_weights == "auto" else f"#{v.source_weights}")
+    if v.source_file:
+        source += f":{v.source_file}"
+    if v.source_loras:  # the LoRAs and their scales make another source (the label shows their digest)
+        source += f"+{len(v.source_loras)}lora#{json_sha256([list(lora) for lora in v.source_loras])[:8]}"
     role = v.role_of(component) if component is not None else ""
     return source + (f"+{v.extra_source(role).label}" if role else "")
 
@@ -494,8 +526,9 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         scheme = v.precision.scheme
         settings = v.precision.model_dump(mode="json", exclude_none=True)
         source = _origin(v)
-        fetch = builder.add(f"fetch:{source}", "fetch", [], FetchParams(v.source_repo, v.source_revision,
-                                                                        v.source_weights, v.family), v.id)
+        fetch = builder.add(f"fetch:{source}", "fetch", [], FetchParams(
+            v.source_repo, v.source_revision, v.source_weights, v.family, file=v.source_file,
+            config=v.source_config, loras=v.source_loras), v.id)
         extra_fetches = {ref.role: builder.add(f"fetch:{ref.label}:{ref.role}", "fetch", [], _extra_fetch(v, ref),
                                                v.id) for ref in v.extra_sources}
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)

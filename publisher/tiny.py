@@ -230,3 +230,117 @@ def push_tiny_source(folder: Path, repo_id: str, endpoint: str, token: str | Non
     api.create_repo(repo_id, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="tiny SD-shaped source model")
     return str(info.oid)
+
+
+# --- community sources: a pipeline as one checkpoint in the original (LDM) key layout, and a LoRA for it -------
+
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _ldm_unet_name(name: str, blocks_with_attention: set[int], layers: int) -> str:
+    """A diffusers SD UNet weight's name in the original layout (`input_blocks`, `middle_block`, `output_blocks`)."""
+    parts = name.split(".")
+    rest = ".".join(parts[4:])
+
+    def resnet(tail: str) -> str:
+        head, _, end = tail.partition(".")
+        return f"{_LDM_RESNET[head]}.{end}"
+
+    if parts[0] == "time_embedding":
+        return f"time_embed.{0 if parts[1] == 'linear_1' else 2}.{parts[2]}"
+    if parts[0] in ("conv_in", "conv_norm_out", "conv_out"):
+        return {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[parts[0]] + \
+            f".{parts[1]}"
+    if parts[0] == "mid_block":
+        tail = ".".join(parts[3:])
+        return f"middle_block.{2 * int(parts[2])}.{resnet(tail)}" if parts[1] == "resnets" else \
+            f"middle_block.1.{tail}"
+    block = int(parts[1])
+    if parts[0] == "down_blocks":
+        first = 1 + block * (layers + 1)
+        if parts[2] == "downsamplers":
+            return f"input_blocks.{first + layers}.0.op.{parts[-1]}"
+        return f"input_blocks.{first + int(parts[3])}." + (f"0.{resnet(rest)}" if parts[2] == "resnets" else f"1.{rest}")
+    first = block * (layers + 1)  # up_blocks: one more layer per block
+    if parts[2] == "upsamplers":
+        return f"output_blocks.{first + layers}.{2 if block in blocks_with_attention else 1}.conv.{parts[-1]}"
+    return f"output_blocks.{first + int(parts[3])}." + (f"0.{resnet(rest)}" if parts[2] == "resnets" else f"1.{rest}")
+
+
+def _ldm_vae_name(name: str, blocks: int) -> tuple[str, bool]:
+    """A diffusers VAE weight's name in the original layout; and whether it is an attention projection (a 1x1
+    convolution there)."""
+    parts = name.split(".")
+    side = parts[0]
+    if parts[1] in ("down_blocks", "up_blocks"):
+        level = int(parts[2]) if parts[1] == "down_blocks" else blocks - 1 - int(parts[2])
+        kind = "down" if parts[1] == "down_blocks" else "up"
+        if parts[3] == "resnets":
+            return f"{side}.{kind}.{level}.block.{parts[4]}.{'nin_shortcut' if parts[5] == 'conv_shortcut' else parts[5]}" \
+                f".{parts[-1]}", False
+        return f"{side}.{kind}.{level}.{'downsample' if kind == 'down' else 'upsample'}.conv.{parts[-1]}", False
+    if parts[1] == "mid_block":
+        if parts[2] == "resnets":
+            layer = "nin_shortcut" if parts[4] == "conv_shortcut" else parts[4]
+            return f"{side}.mid.block_{int(parts[3]) + 1}.{layer}.{parts[-1]}", False
+        return f"{side}.mid.attn_1.{_LDM_VAE_ATTENTION['.'.join(parts[4:-1])]}.{parts[-1]}", \
+            parts[4] != "group_norm"
+    if parts[1] == "conv_norm_out":
+        return f"{side}.norm_out.{parts[-1]}", False
+    return name, False
+
+
+def write_single_file(folder: Path, path: Path, dtype: str = "float32") -> Path:
+    """Write an SD 1.x pipeline folder's UNet, VAE and text encoder as one checkpoint in the original key layout
+    (what trainers and model sites publish): `.safetensors`, or a `.ckpt` pickle of `{"state_dict": ...}`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    attention_blocks = {int(n.split(".")[1]) for n in unet if n.startswith("up_blocks.") and ".attentions." in n}
+    tensors = {f"model.diffusion_model.{_ldm_unet_name(n, attention_blocks, unet_config['layers_per_block'])}": v
+               for n, v in unet.items()}
+    for name, value in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        new, conv = _ldm_vae_name(name, len(vae_config["block_out_channels"]))
+        tensors[f"first_stage_model.{new}"] = value[:, :, None, None] if conv and value.ndim == 2 else value
+    for name, value in load_file(folder / "text_encoder" / "model.safetensors").items():
+        # the original layout keeps transformers' `text_model.` level, which newer transformers flatten
+        tensors["cond_stage_model.transformer." + ("" if name.startswith("text_model.") else "text_model.") + name] = \
+            value
+    tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(tensors, path, metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": tensors, "global_step": 1}, path)
+    return path
+
+
+def write_tiny_lora(folder: Path, path: Path, seed: int = 1, text_encoder: bool = True, rank: int = 4) -> Path:
+    """A LoRA for a tiny SD pipeline in diffusers' format (peft layers on the UNet's attention projections, and on
+    the text encoder's q/v projections unless `text_encoder` is false), random non-zero weights."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    torch.manual_seed(seed)
+    unet_config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    pipe.unet.add_adapter(unet_config)
+    layers: dict[str, Any] = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
+    if text_encoder:
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                           target_modules=["q_proj", "v_proj"]), pipe.text_encoder)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
+    path = Path(path)
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers)
+    return path

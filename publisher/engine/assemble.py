@@ -41,6 +41,7 @@ class Assembler:
         # by role: "" the manifest's source, the rest its extra sources
         extra_sources = {s.params.role: self.state.fetched[s.id] for s in steps if isinstance(s.params, FetchParams)}
         source = extra_sources.pop("")
+        extra_sources.update(source.parts)  # a community source's config repo and LoRAs
         repo_dir = self.state.options.out / variant.repo_id
         folder = repo_dir / variant.attention.folder
         staged = Path(tempfile.mkdtemp(prefix=f".{variant.attention.folder}.", dir=repo_dir if repo_dir.exists()
@@ -105,10 +106,12 @@ class Assembler:
         info = BuildInfo.model_validate({
             "variant": variant.to_json(),
             "source": {"repo": source.repo, "revision": source.revision, "commit": source.commit,
+                       # a single-file source: the checkpoint; else the files of the variant's components
                        "files": {name: entry for name, entry in sorted(source.files.items())
-                                 if name.split("/")[0] in self._folders_of(variant)}},
+                                 if "config" in source.parts or name.split("/")[0] in self._folders_of(variant)}},
             "extra_sources": {role: {"repo": f.repo, "revision": f.revision, "commit": f.commit,
-                                     "files": dict(sorted(f.files.items()))}
+                                     "files": dict(sorted(f.files.items())), "scale": f.scale,
+                                     "architecture": f.architecture}
                               for role, f in sorted(extra_sources.items())},
             # this variant's settings, hashed: editing another variant of the manifest leaves this file alone
             "manifest": {"name": variant.manifest_name, "variant_sha256": json_sha256(variant.to_json())},

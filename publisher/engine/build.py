@@ -84,7 +84,7 @@ class _Runner:
         if step.kind == "assemble":
             return  # per variant, after its steps
         params = {**step.params_json(), **self.run_params(step)}  # also on the stored record
-        key = stored_key(step, [self.state.keys[i] for i in step.inputs], self.run_params(step))
+        key = stored_key(step, [self.state.input_key(i, step) for i in step.inputs], self.run_params(step))
         self.state.keys[step.id] = key
         stored = self.state.store.get(key)
         if stored is not None:
@@ -137,6 +137,9 @@ class _Runner:
         # the manifest's source: the components not read from an extra source
         components = family_named(params.family).ordered(
             c for v in self.state.plan.variants if v.id in step.variants for c in v.components if not v.role_of(c))
+        if params.community:
+            self._fetch_community(step, params, components)
+            return
         try:
             fetched = fetch_source(params.repo, params.revision, components,
                                    self.state.options.store / "hub-cache", endpoint=self.state.options.endpoint,
@@ -152,6 +155,21 @@ class _Runner:
         self.state.keys[step.id] = key
         self.state.fetched[step.id] = Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision,
                                               {f.path: f.to_json() for f in fetched.files})
+
+    def _fetch_community(self, step: Step, params: FetchParams, components: list[Component]) -> None:
+        """A single-file checkpoint and/or LoRAs: fetched, checked and prepared (engine/community.py)."""
+        from publisher.engine.community import fetch_community
+
+        try:
+            fetched = fetch_community(self.state, params, components)
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            self.state.failed[step.id] = str(exc) if isinstance(exc, PublisherError) else \
+                f"fetch {step.label}: {type(exc).__name__}: {text[-1] if text else ''}"
+            self.state.tracebacks[step.id] = "".join(traceback.format_exception(exc))
+            return
+        self.state.keys[step.id] = fetched.key
+        self.state.fetched[step.id] = fetched
 
 
 def build(manifests: Sequence[LoadedManifest], options: BuildOptions,

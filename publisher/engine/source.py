@@ -175,12 +175,10 @@ class SourcePlan:
         return f"{self.repo.replace('/', '--')}-{self.commit[:12]}-{self.digest[:16]}"
 
 
-def plan_source(repo: str, revision: str, components: Sequence[Component], endpoint: str | None = None,
-                token: str | bool | None = None, weights: str = "auto", family: str = DEFAULT_FAMILY,
-                folders: Sequence[str] | None = None) -> SourcePlan:
-    """Resolve the revision and choose the files (one API call; nothing is downloaded). One-line errors for a
-    missing repo, revision, component or weight file. `folders`: an extra source, of which only one component is
-    fetched, from the first of these repo folders ("" for the root) that it has."""
+def repo_tree(repo: str, revision: str, endpoint: str | None, token: str | bool | None
+              ) -> tuple[str, dict[str, SourceFile]]:
+    """The commit `revision` resolves to and the repo's files there (path -> listing), in one API call; one-line
+    errors for a missing repo or revision."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -196,13 +194,24 @@ def plan_source(repo: str, revision: str, components: Sequence[Component], endpo
                               ) from exc
     tree = {s.rfilename: SourceFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
             for s in info.siblings or []}
+    return str(info.sha), tree
+
+
+def plan_source(repo: str, revision: str, components: Sequence[Component], endpoint: str | None = None,
+                token: str | bool | None = None, weights: str = "auto", family: str = DEFAULT_FAMILY,
+                folders: Sequence[str] | None = None) -> SourcePlan:
+    """Resolve the revision and choose the files (one API call; nothing is downloaded). One-line errors for a
+    missing repo, revision, component or weight file. `folders`: an extra source, of which only one component is
+    fetched, from the first of these repo folders ("" for the root) that it has."""
+    label = f"{repo}@{revision}"
+    commit, tree = repo_tree(repo, revision, endpoint, token)
     folder = None
     if folders is None:
         files, warnings = select_source_files(tree, components, weights, label, family)
     else:
         folder = component_folder(tree, folders, label)
         files, warnings = select_component_files(tree, folder, weights, label)
-    return SourcePlan(repo, revision, str(info.sha), tuple(files), tuple(warnings), folder)
+    return SourcePlan(repo, revision, commit, tuple(files), tuple(warnings), folder)
 
 
 def fetch_source(repo: str, revision: str, components: list[Component] | tuple[Component, ...], cache_dir: Path,
@@ -212,22 +221,30 @@ def fetch_source(repo: str, revision: str, components: list[Component] | tuple[C
     """Download the files a build of `components` loads (see the module doc and plan_source). `extra`: an extra
     source, (its candidate repo folders, the folder the family reads the component from); only that component
     is fetched, and it is laid out under the family's folder."""
-    from huggingface_hub import snapshot_download
-
     chosen = plan_source(repo, revision, components, endpoint, token, weights, family,
                          folders=None if extra is None else extra[0])
+    moves = ("", "") if extra is None else (chosen.folder or "", extra[1])
+    where = "" if extra is None else f"--{moves[0] or 'root'}-as-{moves[1]}"
+    return download_planned(chosen, cache_dir, endpoint, token, where, moves)
+
+
+def download_planned(chosen: SourcePlan, cache_dir: Path, endpoint: str | None, token: str | bool | None,
+                     suffix: str = "", moves: tuple[str, str] = ("", "")) -> FetchedSource:
+    """Download exactly `chosen.files` at its commit, check each against the Hub's listing and link them into a
+    folder of their own (named by the commit, the file list and `suffix`)."""
+    from huggingface_hub import snapshot_download
+
+    repo = chosen.repo
     with talking_to(endpoint, f"downloading source {repo}@{chosen.commit[:12]}"):
         snapshot = snapshot_download(repo, revision=chosen.commit, allow_patterns=[f.path for f in chosen.files],
                                      cache_dir=str(cache_dir), endpoint=endpoint, token=token or False)
-    moves = ("", "") if extra is None else (chosen.folder or "", extra[1])
-    where = "" if extra is None else f"--{moves[0] or 'root'}-as-{moves[1]}"
     folder = Path(cache_dir) / "sources" / \
-        f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}{where}"
+        f"{repo.replace('/', '--')}--{chosen.commit[:12]}--{chosen.digest[:12]}{suffix}"
     verified = verify_source_files(Path(snapshot), chosen.files, folder.with_name(folder.name + ".verified.json"),
                                    f"{repo}@{chosen.commit[:12]}")
     _link_tree(Path(snapshot), chosen.files, folder, moves)
     check_weight_files(folder)
-    return FetchedSource(repo=repo, revision=revision, commit=chosen.commit, path=folder, files=verified,
+    return FetchedSource(repo=repo, revision=chosen.revision, commit=chosen.commit, path=folder, files=verified,
                          warnings=chosen.warnings)
 
 

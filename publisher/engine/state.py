@@ -69,6 +69,15 @@ class Fetched:
     repo: str
     revision: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> size, sha256 of what was downloaded
+    # a community source (publisher.engine.community): the other repos it was made from by role ("config",
+    # "lora01", ...), the key of each component folder by the content the conversion reads (so a LoRA that leaves
+    # the text encoder alone leaves its key alone), the float32 bytes of the weights loaded (memory estimates),
+    # what the checkpoint was found to be, each LoRA's scale
+    parts: dict[str, Fetched] = field(default_factory=dict)
+    folder_keys: dict[str, str] = field(default_factory=dict)
+    loaded_bytes: dict[str, int] = field(default_factory=dict)
+    architecture: str | None = None
+    scale: float | None = None
 
 
 class BuildState:
@@ -97,6 +106,16 @@ class BuildState:
         from publisher.convert.coreml import run_isolated
 
         return run_isolated(function, *args, threads=getattr(self._local, "threads", None), **kwargs)
+
+    def input_key(self, input_id: str, step: Step) -> str:
+        """The key a step's input contributes to its key: a community source's per-folder key for the step's
+        component (what it reads), any other input's own key."""
+        fetched = self.fetched.get(input_id)
+        component = getattr(step.params, "component", None)
+        if fetched is not None and fetched.folder_keys and component is not None:
+            folder = self.variant_of(step).model_family.component(Component(component)).folder
+            return fetched.folder_keys.get(folder, fetched.key)
+        return self.keys[input_id]
 
     def variant_of(self, step: Step) -> Variant:
         return next(v for v in self.plan.variants if v.id in step.variants)
@@ -143,9 +162,12 @@ class BuildState:
         for fetch in self.fetches_of(step):
             if fetch not in self.fetched:
                 continue
-            for name, entry in self.fetched[fetch].files.items():
+            loaded = self.fetched[fetch].loaded_bytes or {
+                name: int(entry.get("size", 0)) * (2 if ".fp16." in name else 1)  # loaded as float32
+                for name, entry in self.fetched[fetch].files.items()}
+            for name, size in loaded.items():
                 if folder and name.startswith(f"{folder}/") and name.endswith((".safetensors", ".bin")):
-                    weights += int(entry.get("size", 0)) * (2 if ".fp16." in name else 1)  # loaded as float32
+                    weights += size
         return weights
 
     def variant_steps(self, variant: Variant) -> list[Step]:

@@ -105,7 +105,7 @@ FAMILY = ModelFamily(
         ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder"),
         ComponentSpec(Component.SAFETY_CHECKER, "safety_checker", "SafetyChecker",
                       "diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
-                      "safety_checker", resolution=SAFETY_CHECKER_RESOLUTION),
+                      "safety_checker", resolution=SAFETY_CHECKER_RESOLUTION, in_checkpoint=False),
     ),
     model_spec=sd_model_spec,
     read_dims=sd_dims,

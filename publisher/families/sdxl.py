@@ -165,4 +165,5 @@ FAMILY = ModelFamily(
     model_spec=sdxl_model_spec,
     read_dims=sdxl_dims,
     swift_pipeline="StableDiffusionXLPipeline",
+    diffusers_pipeline="diffusers:StableDiffusionXLPipeline",
 )

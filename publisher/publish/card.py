@@ -120,9 +120,11 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
         f"- source: `{source['repo']}` at revision `{source['revision']}` (commit `{source['commit']}`)",
         *_source_files(infos),
+        *_community_lines(first.get("extra_sources", {})),
         *(f"- {role} from `{extra['repo']}` at revision `{extra['revision']}` (commit `{extra['commit']}`): "
           + ", ".join(f"`{name}`" for name in sorted(extra.get("files", {})))
-          for role, extra in sorted(first.get("extra_sources", {}).items())),
+          for role, extra in sorted(first.get("extra_sources", {}).items())
+          if role != "config" and not role.startswith("lora")),
         "- tools: " + ", ".join(f"{name} {version}" for name, version in sorted(first["tools"].items())),
         "- every file's sha256 is listed in `<folder>/build-info.json`",
         "",
@@ -155,6 +157,26 @@ def _source_files(infos: Sequence[dict[str, Any]]) -> list[str]:
     for name, entry in sorted(files.items()):
         digest = f", sha256 `{entry['sha256']}`" if entry.get("sha256") else ""
         lines.append(f"  - `{name}` ({human_size(entry['size'])}{digest})")
+    return lines
+
+
+def _community_lines(extras: dict[str, Any]) -> list[str]:
+    """A community source's provenance: the base architecture a single-file checkpoint was read with, the LoRAs
+    fused into it with their scales."""
+    lines = []
+    config = extras.get("config")
+    if config is not None:
+        found = f" ({config['architecture']})" if config.get("architecture") else ""
+        lines.append(f"- a single-file checkpoint{found}, read as the architecture of `{config['repo']}` at revision "
+                     f"`{config['revision']}` (commit `{config['commit']}`; its configs and tokenizer only)")
+    loras = [extras[role] for role in sorted(extras) if role.startswith("lora")]
+    if loras:
+        lines.append("- LoRAs fused into the UNet and text encoder(s) before conversion, in this order:")
+        for lora in loras:
+            for name, entry in sorted(lora.get("files", {}).items()):
+                digest = f", sha256 `{entry['sha256']}`" if entry.get("sha256") else ""
+                lines.append(f"  - `{lora['repo']}/{name}` at scale {lora.get('scale', 1.0):g} (commit "
+                             f"`{lora['commit']}`{digest})")
     return lines
 
 
