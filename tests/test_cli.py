@@ -18,14 +18,14 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_validate_repo_manifests() -> None:
     result = run("validate", "manifests/")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("5 manifests valid")
+    assert result.stdout.strip().endswith("6 manifests valid")
 
 
 def test_plan_json_lists_every_variant() -> None:
     result = run("plan", "manifests/", "--json", "--namespace", "me")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["counts"]["variants"] == 22
+    assert data["counts"]["variants"] == 24
     assert {(v["repo"], v["attention"]) for v in data["variants"]} >= {
         ("me/coreml-stable-diffusion-v1-5", "ORIGINAL"), ("me/coreml-stable-diffusion-v1-5-palettized",
                                                            "SPLIT_EINSUM_V2")}

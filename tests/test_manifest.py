@@ -11,7 +11,7 @@ import pytest
 
 from publisher.deployment import DeploymentTarget
 from publisher.errors import ManifestError
-from publisher.manifest import load_manifest, load_manifests
+from publisher.manifest import load_manifest, load_manifests, parse_manifest
 from publisher.vocabulary import Attention, ComputeUnit
 
 GOOD = textwrap.dedent("""\
@@ -179,7 +179,7 @@ def test_two_manifests_may_not_share_a_repo(tmp_path: Path) -> None:
 def test_repo_manifests_are_valid() -> None:
     loaded = load_manifests([Path(__file__).parent.parent / "manifests"])
     assert sorted(item.manifest.source.repo for item in loaded) == [
-        "CompVis/stable-diffusion-v1-4", "stabilityai/stable-diffusion-2-1-base",
+        "CompVis/stable-diffusion-v1-4", "Lykon/DreamShaper", "stabilityai/stable-diffusion-2-1-base",
         "stabilityai/stable-diffusion-2-base", "stabilityai/stable-diffusion-xl-base-1.0",
         "stable-diffusion-v1-5/stable-diffusion-v1-5"]
     for item in loaded:
@@ -302,3 +302,47 @@ def test_every_bad_value_at_any_depth_is_one_line(tmp_path: Path) -> None:
                 assert lines and all(line.match(text) for text in lines), (loc, value, lines)
             checked += 1
     assert checked > 300
+
+
+def test_community_source_rules(tmp_path: Path) -> None:
+    """A single-file checkpoint needs the config repo that describes it; `weights` and the safety checker do not
+    apply to it; LoRA files stay inside their repo and are named once."""
+    text = """\
+name: x
+source:
+  repo: a/b
+  file: sub/model.ckpt
+  weights: fp16
+  components: [unet, safety_checker]
+  loras:
+    - {repo: e/f, file: l.safetensors, scale: 1}
+    - {repo: e/f, file: a/../b.pt}
+    - {repo: E/f, file: l.safetensors, scale: 0.5}
+license: mit
+publish:
+  - repo: n/x
+    precision: {type: float16}
+    attention: [ORIGINAL]
+"""
+    manifest, errors = parse_manifest(text, tmp_path / "m.yaml")
+    assert manifest is None
+    where = str(tmp_path / "m.yaml")
+    assert errors == [
+        f"{where}:9: source.loras[1].file: must be a file path inside the repo (no empty, '.' or '..' part)",
+        f"{where}:4: source.file: needs source.config: the diffusers repo whose configs and tokenizer describe the "
+        "checkpoint (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)",
+        f"{where}:5: source.weights: does not apply to a single-file checkpoint (its weights are converted in the "
+        "file's own precision)",
+        f"{where}:6: source.components[1]: 'safety_checker' is not in a single-file checkpoint",
+        f"{where}:10: source.loras[2]: duplicate LoRA (same repo and file)",
+    ]
+    _, errors = parse_manifest(text.replace("  file: sub/model.ckpt\n", "").replace("  weights: fp16\n", "")
+                               .replace("  loras:", "  config: {repo: c/d}\n  loras:"), tmp_path / "m.yaml")
+    assert f"{where}:5: source.config: applies only with source.file (a single-file checkpoint)" in errors
+    _, errors = parse_manifest(text.replace("scale: 1}", "scale: '1'}"), tmp_path / "m.yaml")
+    assert errors == [f"{where}:8: source.loras[0].scale: input should be a valid number"]
+    ok, errors = parse_manifest(text.replace("  weights: fp16\n", "").replace(", safety_checker", "")
+                                .replace("  loras:", "  config: {repo: c/d}\n  loras:")
+                                .replace("    - {repo: e/f, file: a/../b.pt}\n", "")
+                                .replace("E/f", "g/h"), tmp_path / "m.yaml")
+    assert errors == [] and ok is not None and [lora.scale for lora in ok.source.loras] == [1.0, 0.5]

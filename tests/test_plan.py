@@ -24,6 +24,8 @@ def test_every_variant_of_the_base_models() -> None:
     expected += [f"me/coreml-stable-diffusion-xl-base-1-0{suffix}/{folder}" for suffix in ("", "-palettized")
                  for folder in ("original", "split_einsum")]
     expected.append("me/coreml-stable-diffusion-xl-base-with-refiner-1-0/original")
+    # a community fine-tune: one single-file checkpoint with a LoRA
+    expected += ["me/coreml-dreamshaper-8-lcm/original", "me/coreml-dreamshaper-8-lcm/split_einsum"]
     assert ids == sorted(expected)
 
 

@@ -95,6 +95,7 @@ def source_key_command(
     the files a build downloads from it (for the workflow's source cache)."""
     import hashlib
 
+    from publisher.engine.community import community_plans
     from publisher.engine.source import plan_source
 
     keys = []
@@ -102,16 +103,18 @@ def source_key_command(
         manifest = item.manifest
         wanted = {c for target in manifest.publish for c in manifest.components_for(target)}
         components = family_named(manifest.family).ordered(c for c in wanted if not manifest.source_role(c))
-        chosen = plan_source(manifest.source.repo, manifest.source.revision, components, endpoint=source_endpoint,
-                             token=token_for(source_endpoint), weights=manifest.source.weights,
-                             family=manifest.family)
-        keys.append(chosen.cache_key)
-        for fetch in build_plan([item], DEFAULT_NAMESPACE).steps_of("fetch"):  # the extra sources (VAE, refiner)
+        token = token_for(source_endpoint)
+        for fetch in build_plan([item], DEFAULT_NAMESPACE).steps_of("fetch"):
             params = fetch.params
-            if isinstance(params, FetchParams) and params.role:
-                keys.append(plan_source(params.repo, params.revision, [], endpoint=source_endpoint,
-                                        token=token_for(source_endpoint), weights=params.weights,
-                                        folders=params.folders).cache_key)
+            assert isinstance(params, FetchParams)
+            if params.community:  # a checkpoint file, its config repo, LoRAs
+                keys += [plan.cache_key for plan in community_plans(params, components, source_endpoint, token)]
+            elif params.role:  # an extra source (VAE, refiner)
+                keys.append(plan_source(params.repo, params.revision, [], endpoint=source_endpoint, token=token,
+                                        weights=params.weights, folders=params.folders).cache_key)
+            else:
+                keys.append(plan_source(params.repo, params.revision, components, endpoint=source_endpoint,
+                                        token=token, weights=params.weights, family=params.family).cache_key)
     typer.echo(keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32])
 
 

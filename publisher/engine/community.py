@@ -30,6 +30,7 @@ from publisher.engine.source import (
     _linked_folder,
     download_planned,
     fetch_source,
+    plan_source,
     repo_tree,
 )
 from publisher.engine.state import BuildState, Fetched
@@ -70,12 +71,38 @@ def select_config_files(tree: dict[str, SourceFile], family: ModelFamily, label:
     return chosen
 
 
-def _one_file(repo: str, revision: str, path: str, options: Any, what: str) -> FetchedSource:
-    commit, tree = repo_tree(repo, revision, options.endpoint, options.token)
+def _file_plan(repo: str, revision: str, path: str, endpoint: str | None, token: str | bool | None, what: str
+               ) -> SourcePlan:
+    commit, tree = repo_tree(repo, revision, endpoint, token)
     if path not in tree:
         raise SourceError(f"{what} {repo}@{revision} has no file {path}")
-    plan = SourcePlan(repo, revision, commit, (tree[path],), ())
+    return SourcePlan(repo, revision, commit, (tree[path],), ())
+
+
+def _one_file(repo: str, revision: str, path: str, options: Any, what: str) -> FetchedSource:
+    plan = _file_plan(repo, revision, path, options.endpoint, options.token, what)
     return download_planned(plan, options.store / "hub-cache", options.endpoint, options.token, f"--{what}")
+
+
+def _config_plan(params: FetchParams, endpoint: str | None, token: str | bool | None) -> SourcePlan:
+    repo, revision = params.config
+    commit, tree = repo_tree(repo, revision, endpoint, token)
+    chosen = select_config_files(tree, family_named(params.family), f"{repo}@{revision}")
+    return SourcePlan(repo, revision, commit, tuple(chosen), ())
+
+
+def community_plans(params: FetchParams, components: Sequence[Component], endpoint: str | None,
+                    token: str | bool | None) -> list[SourcePlan]:
+    """What the fetch of a community source downloads, repo by repo (nothing is downloaded): the checkpoint file
+    and the config repo's small files, or the diffusers source's files; each LoRA file."""
+    if params.file:
+        plans = [_file_plan(params.repo, params.revision, params.file, endpoint, token, "source"),
+                 _config_plan(params, endpoint, token)]
+    else:
+        plans = [plan_source(params.repo, params.revision, components, endpoint, token, params.weights,
+                             params.family)]
+    return plans + [_file_plan(repo, revision, file, endpoint, token, "LoRA")
+                    for repo, file, revision, _ in params.loras]
 
 
 def _fetched(source: FetchedSource, **more: Any) -> Fetched:
@@ -87,18 +114,14 @@ def fetch_community(state: BuildState, params: FetchParams, components: Sequence
     """Fetch, check and prepare a community source (see the module doc); the Fetched it returns is the source
     every conversion of the manifest loads."""
     options = state.options
-    family = family_named(params.family)
     parts: dict[str, Fetched] = {}
     checkpoint: Path | None = None
     architecture = None
     if params.file:
         main = _one_file(params.repo, params.revision, params.file, options, "source")
-        config_repo, config_revision = params.config
-        config_label = f"{config_repo}@{config_revision}"
-        commit, tree = repo_tree(config_repo, config_revision, options.endpoint, options.token)
-        plan = SourcePlan(config_repo, config_revision, commit,
-                          tuple(select_config_files(tree, family, config_label)), ())
-        base = download_planned(plan, options.store / "hub-cache", options.endpoint, options.token, "--config")
+        config_label = "@".join(params.config)
+        base = download_planned(_config_plan(params, options.endpoint, options.token), options.store / "hub-cache",
+                                options.endpoint, options.token, "--config")
         checkpoint = main.path / params.file
         from publisher.convert.community import check_fits, checkpoint_shapes
 
