@@ -73,6 +73,23 @@ class ModelDims:
                 return value
         raise KeyError(f"model dimension '{name}' was not read from the source")
 
+    height: int = 0  # the image's height where it differs from its width (`resolution`)
+
+    @property
+    def image_height(self) -> int:
+        return self.height or self.resolution
+
     @property
     def latent(self) -> int:
+        """The latent's side (a square image's; `latent_height` / `latent_width` for any)."""
+        if self.image_height != self.resolution:
+            raise ValueError("a non-square size has no one latent side")
+        return self.resolution // 8
+
+    @property
+    def latent_height(self) -> int:
+        return self.image_height // 8
+
+    @property
+    def latent_width(self) -> int:
         return self.resolution // 8

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from publisher.contract import PACKAGE_TEMPLATE, ModelDims, ModelSpec, package_name
 from publisher.errors import PublisherError, SourceError
 from publisher.util.registry import Registry
-from publisher.vocabulary import Component
+from publisher.vocabulary import Component, Resolution, size_of
 
 DEFAULT_FAMILY = "sd"
 
@@ -38,6 +38,9 @@ class ComponentSpec:
     # is refused (SD's 0.86 B-parameter UNet: 6 bits; SDXL's 2.57 B: 3 bits)
     chunk_above_bits: float = 0
     resolution: int | None = None  # the only resolution it exists at (the safety checker: the Swift pipeline's 512)
+    # its shapes follow the image size: converted per size of a resolution pack (the UNet, the VAE); the others (the
+    # text encoders) are one conversion for every size
+    sized: bool = False
     # "": read from the manifest's source; else the extra source (`source.<role>`) it comes from, where its
     # files are fetched into `folder` (SDXL's refiner: the refiner pipeline's `unet/` as `refiner/`)
     source_role: str = ""
@@ -117,8 +120,11 @@ class ModelFamily:
                 return names.index(submodule)
         return None
 
-    def dims(self, source: Path, resolution: int) -> ModelDims:
-        return self.read_dims(Path(source), resolution)
+    def dims(self, source: Path, resolution: Resolution) -> ModelDims:
+        """The source's dimensions at an image size (the family reads its configs at the width)."""
+        width, height = size_of(resolution)
+        dims = self.read_dims(Path(source), width)
+        return dims if height == width else replace(dims, height=height)
 
     def source_folders(self, components: tuple[Component, ...] | list[Component]) -> list[str]:
         return sorted({self.component(c).folder for c in components})

@@ -14,7 +14,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, WrapValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Strict,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    WrapValidator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -22,7 +33,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from publisher.compress.scheme import CompressionSettings, precision_json_schema, validate_precision
 from publisher.deployment import DeploymentTarget
 from publisher.errors import ManifestError
-from publisher.vocabulary import Attention, Component, ComputeUnit, Layout
+from publisher.vocabulary import Attention, Component, ComputeUnit, Layout, Resolution, resolution_of, size_of
 
 __all__ = ["Attention", "Component", "ComputeUnit", "DeploymentTarget", "Layout", "LoadedManifest", "Manifest",
            "load_manifest", "load_manifests"]
@@ -48,6 +59,31 @@ DEFAULT_FAMILY = "sd"
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 StrictStr = Annotated[str, Strict()]
+
+
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 64
+MAX_SIZES = 8
+
+
+def _size_value(value: Any) -> int | str:
+    """An image size as a manifest writes it: an int (a square's side) or `WIDTHxHEIGHT`; each side a multiple of
+    64 from 256 to 2048."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < MIN_SIDE:
+            raise ValueError(f"input should be greater than or equal to {MIN_SIDE}")
+        if value > MAX_SIDE:
+            raise ValueError(f"input should be less than or equal to {MAX_SIDE}")
+        if value % SIDE_STEP:
+            raise ValueError(f"input should be a multiple of {SIDE_STEP}")
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[1-9][0-9]{2,3}x[1-9][0-9]{2,3}", value):
+        return value  # its sides are checked with the other fields (the error names the list item)
+    raise ValueError("must be a square's side (512) or WIDTHxHEIGHT (512x768)")
+
+
+SizeValue = Annotated[Any, PlainValidator(_size_value), WithJsonSchema({"oneOf": [
+    {"type": "integer", "minimum": MIN_SIDE, "maximum": MAX_SIDE, "multipleOf": SIDE_STEP},
+    {"type": "string", "pattern": r"^[1-9][0-9]{2,3}x[1-9][0-9]{2,3}$"}]})]
 
 
 class _Model(BaseModel):
@@ -184,10 +220,25 @@ class Manifest(_Model):
     description: Annotated[StrictStr, Field(max_length=500)] | None = None
     source: Source
     license: Annotated[StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9.+-]{0,63}$", description="Hub license id")]
-    resolution: Annotated[StrictInt, Field(ge=256, le=2048, multiple_of=64)] = 512
+    resolution: Annotated[
+        Annotated[SizeValue, Tag("[one]")] | Annotated[list[SizeValue], Tag("[list]")],
+        Discriminator(lambda value: "[list]" if isinstance(value, list) else "[one]"),
+    ] = Field(default=512, description="the image size: a square side (512), `WIDTHxHEIGHT` (`512x768`), or a list of "
+              "them: the first is each variant's default size, each further one a resolution pack (`<attention>_WxH`"
+              " folders beside the default's); sides are multiples of 64 from 256 to 2048")
     publish: list[PublishRepo] = Field(min_length=1)
     runners: Runners = Field(default_factory=Runners, description="runner labels of the scheduled workflow's jobs "
                              "(a larger runner where a model does not fit the default's memory)")
+
+    @property
+    def sizes(self) -> list[Resolution]:
+        """The image sizes, the default first (canonical: an int when square)."""
+        values = self.resolution if isinstance(self.resolution, list) else [self.resolution]
+        return [resolution_of(*size_of(value)) for value in values]
+
+    @property
+    def default_size(self) -> Resolution:
+        return self.sizes[0]
 
     @property
     def source_components(self) -> list[Component]:
@@ -214,14 +265,18 @@ class Manifest(_Model):
     def source_of(self, role: str) -> Source | ExtraSource:
         return self.source if not role else getattr(self.source, role)
 
-    def components_for(self, target: PublishRepo) -> list[Component]:
-        """The target's components; by default the source's, less those that exist at another resolution only."""
+    def components_for(self, target: PublishRepo, size: Resolution | None = None) -> list[Component]:
+        """The target's components at an image size (default: the default size); by default the source's, less
+        those that exist at another size only (the safety checker of a pack at another size is left out)."""
         from publisher.family import family_named
 
-        if target.components is not None:
-            return list(target.components)
+        size = self.default_size if size is None else size
         family = family_named(self.family)
-        return [c for c in self.source_components if family.component(c).resolution in (None, self.resolution)]
+        if target.components is not None:
+            chosen = list(target.components)
+            return chosen if size == self.default_size else \
+                [c for c in chosen if family.component(c).resolution in (None, size)]
+        return [c for c in self.source_components if family.component(c).resolution in (None, size)]
 
 
 @dataclass(frozen=True)
@@ -266,6 +321,7 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
     for index, item in _duplicates(manifest.source.components or []):
         errors.append((("source", "components", index), f"duplicate '{_show(item)}'"))
     errors.extend(_community_source_errors(manifest, family))
+    errors.extend(_size_errors(manifest))
     if manifest.source.refiner is not None and not any(spec.source_role == "refiner" for spec in family.components):
         errors.append((("source", "refiner"), f"family '{family.name}' has no refiner"))
     for index, item in enumerate(manifest.source.components or []):
@@ -298,11 +354,11 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
             elif component not in manifest.source_components:
                 errors.append((at + ("components", index),
                                f"'{component.value}' is not provided by the source (see source.components)"))
-            elif family.component(component).resolution not in (None, manifest.resolution):
+            elif family.component(component).resolution not in (None, manifest.default_size):
                 only = family.component(component).resolution
                 errors.append((at + ("components", index),
                                f"a {component.value.replace('_', ' ')} needs resolution {only} (the Swift pipeline "
-                               f"feeds it a {only}x{only} image), not {manifest.resolution}"))
+                               f"feeds it a {only}x{only} image), not {manifest.default_size}"))
         for attention in target.compute_units:
             if attention not in target.attention:
                 errors.append((at + ("compute_units", attention.value),
@@ -328,6 +384,25 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                                "refused"))
         if Layout.ZIP in target.layouts and Layout.COMPILED not in target.layouts:
             errors.append((at + ("layouts",), "'zip' needs 'compiled' (the zip holds the compiled Resources)"))
+    return errors
+
+
+def _size_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
+    """Each size's sides are multiples of 64 from 256 to 2048; no size twice (512 and 512x512 are one)."""
+    listed = isinstance(manifest.resolution, list)
+    values = manifest.resolution if isinstance(manifest.resolution, list) else [manifest.resolution]
+    errors: list[tuple[Loc, str]] = []
+    if listed and not 1 <= len(values) <= MAX_SIZES:
+        return [(("resolution",), f"lists 1 to {MAX_SIZES} sizes, not {len(values)}")]
+    seen: set[tuple[int, int]] = set()
+    for index, value in enumerate(values):
+        at: Loc = ("resolution", index) if listed else ("resolution",)
+        size = size_of(value)
+        if any(side % 64 or not 256 <= side <= 2048 for side in size):
+            errors.append((at, f"'{value}': each side must be a multiple of 64 from 256 to 2048"))
+        elif size in seen:
+            errors.append((at, f"'{value}': the size {size[0]}x{size[1]} is listed twice"))
+        seen.add(size)
     return errors
 
 
@@ -416,13 +491,15 @@ def _message(error: Mapping[str, Any]) -> str:
         return "required field is missing"
     if kind == "string_pattern_mismatch":
         return f"does not match {ctx.get('pattern')}"
+    if kind == "value_error" and ctx.get("error") is not None:  # a validator's own message
+        return str(ctx["error"])
     message = str(error["msg"])
     return message[:1].lower() + message[1:]
 
 
 def _clean_loc(loc: Sequence[Any]) -> Loc:
     # pydantic appends '[key]' for errors on a dict's keys (reported at the key itself), and a union's tag
-    return tuple(part for part in loc if part not in ("[key]", "[bool]", "[list]"))
+    return tuple(part for part in loc if part not in ("[key]", "[bool]", "[list]", "[one]"))
 
 
 def parse_manifest(text: str, path: Path) -> tuple[Manifest | None, list[str]]:

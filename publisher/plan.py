@@ -31,6 +31,7 @@ from publisher.manifest import (
 from publisher.util.codehash import code_digest, module_closure
 from publisher.util.hashing import json_sha256, step_key
 from publisher.util.versions import library_versions
+from publisher.vocabulary import Resolution, size_label
 
 StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "compile", "assemble", "zip"]
 STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "compile",
@@ -69,7 +70,8 @@ class ExtraSourceRef:
 
 @dataclass(frozen=True)
 class Variant:
-    """One (repo, attention) folder of a published repo."""
+    """One (repo, attention, size) folder of a published repo: `<attention>` at the manifest's default size, a
+    resolution pack `<attention>_<W>x<H>` at each further one."""
 
     manifest_name: str
     manifest_path: str
@@ -83,7 +85,7 @@ class Variant:
     layouts: tuple[Layout, ...]
     source_repo: str
     source_revision: str
-    resolution: int
+    resolution: Resolution  # this folder's image size
     source_weights: str = "auto"
     license: str = "other"
     family: str = "sd"
@@ -96,6 +98,9 @@ class Variant:
     source_file: str = ""
     source_config: tuple[str, str] = ("", "")
     source_loras: tuple[tuple[str, str, str, float], ...] = ()
+    # the manifest's default size (None: this folder's): a resolution pack shares the conversions no size changes
+    # (the text encoders) and the source's analysis with the default size's folder
+    default_size: Resolution | None = None
     # where the workflow runs it (not part of what it is: absent from to_json)
     convert_runner: str = "ubuntu-24.04"
     compile_runner: str = "macos-14"
@@ -120,8 +125,23 @@ class Variant:
             self.precision, component.value)
 
     @property
+    def base_size(self) -> Resolution:
+        return self.resolution if self.default_size is None else self.default_size
+
+    @property
+    def folder(self) -> str:
+        """`original`, or `original_512x768` for a resolution pack."""
+        suffix = "" if self.resolution == self.base_size else f"_{size_label(self.resolution)}"
+        return self.attention.folder + suffix
+
+    def size_of_component(self, component: Component) -> Resolution:
+        """The size a component is converted at: this folder's when its shapes follow the image size, else the
+        default size's (one conversion shared by every pack)."""
+        return self.resolution if self.model_family.component(component).sized else self.base_size
+
+    @property
     def id(self) -> str:
-        return f"{self.repo_id}/{self.attention.folder}"
+        return f"{self.repo_id}/{self.folder}"
 
     @property
     def repo_name(self) -> str:
@@ -129,7 +149,7 @@ class Variant:
 
     @property
     def zip_name(self) -> str:
-        return zip_file_name(self.repo_name, self.attention)
+        return zip_file_name(self.repo_name, self.folder)
 
     def to_json(self) -> dict[str, Any]:
         """Everything that defines this variant (not where its manifest file happens to lie)."""
@@ -138,7 +158,7 @@ class Variant:
             "manifest": self.manifest_name,
             "repo": self.repo_id,
             "attention": self.attention.value,
-            "folder": self.attention.folder,
+            "folder": self.folder,
             "precision": self.precision.model_dump(mode="json", exclude_none=True),
             "precision_label": self.precision.label,
             # only when there are any (a recipe file's contents): variant hashes without them stay what they were
@@ -157,6 +177,8 @@ class Variant:
                        **({"loras": [{"repo": r, "file": f, "revision": v, "scale": s}
                                      for r, f, v, s in self.source_loras]} if self.source_loras else {})},
             "resolution": self.resolution,
+            # only for a resolution pack: a default-size folder's variant hash stays what it was
+            **({"default_size": self.base_size} if self.resolution != self.base_size else {}),
             "license": self.license,
             "family": self.family,
             # only when there are any: the variant hash of a variant without extra sources stays what it was
@@ -194,7 +216,7 @@ class FetchParams:
 class ConvertParams:
     component: str
     attention: str | None  # None: a component no attention implementation changes, shared by every attention
-    resolution: int
+    resolution: Resolution  # an int (square) or "WxH"
     deployment_target: str
     family: str = "sd"
     license: str = "other"  # written into the package's metadata
@@ -211,7 +233,7 @@ class AnalyzeParams:
 
     scheme: str
     component: str
-    resolution: int
+    resolution: Resolution
     settings: dict[str, Any]
     family: str = "sd"
 
@@ -374,7 +396,7 @@ class Plan:
             raise ValueError(f"{len(groups)} jobs exceed GitHub's matrix limit of {GITHUB_MATRIX_LIMIT}")
         return {"include": [
             {"job": group[0].id if len(group) == 1 else
-             f"{group[0].manifest_name}/{'+'.join(sorted({v.attention.folder for v in group}))}",
+             f"{group[0].manifest_name}/{'+'.join(sorted({v.folder for v in group}))}",
              "variants": " ".join(v.id for v in group), "manifest": group[0].manifest_path,
              "repos": " ".join(sorted({v.repo_id for v in group})),
              "compile": any(Layout.COMPILED in v.layouts for v in group),
@@ -431,35 +453,36 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
     variants: list[Variant] = []
     for item in loaded:
         manifest = item.manifest
-        for index, target in enumerate(manifest.publish):
-            for attention in target.attention:
-                variants.append(Variant(
-                    manifest_name=manifest.name,
-                    manifest_path=str(item.path),
-                    repo_id=target.repo_id(namespace),
-                    attention=attention,
-                    precision=target.precision,
-                    components=tuple(manifest.components_for(target)),
-                    compute_unit=target.compute_unit(attention),
-                    deployment_target=target.deployment_target,
-                    chunk_unet=target.chunks_unet(attention),
-                    layouts=tuple(target.layouts),
-                    source_repo=manifest.source.repo,
-                    source_revision=manifest.source.revision,
-                    source_weights=manifest.source.weights,
-                    resolution=manifest.resolution,
-                    license=manifest.license,
-                    family=manifest.family,
-                    precision_inputs=item.inputs_of(index),
-                    **_extra_sources(manifest, manifest.components_for(target)),
-                    source_file=manifest.source.file or "",
-                    source_config=(manifest.source.config.repo, manifest.source.config.revision)
-                    if manifest.source.config else ("", ""),
-                    source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale))
-                                       for lora in manifest.source.loras),
-                    convert_runner=manifest.runners.convert,
-                    compile_runner=manifest.runners.compile,
-                ))
+        for index, target, attention, size in ((i, t, a, z) for i, t in enumerate(manifest.publish)
+                                               for a in t.attention for z in manifest.sizes):
+            variants.append(Variant(
+                manifest_name=manifest.name,
+                manifest_path=str(item.path),
+                repo_id=target.repo_id(namespace),
+                attention=attention,
+                precision=target.precision,
+                components=tuple(manifest.components_for(target, size)),
+                compute_unit=target.compute_unit(attention),
+                deployment_target=target.deployment_target,
+                chunk_unet=target.chunks_unet(attention),
+                layouts=tuple(target.layouts),
+                source_repo=manifest.source.repo,
+                source_revision=manifest.source.revision,
+                source_weights=manifest.source.weights,
+                resolution=size,
+                default_size=None if size == manifest.default_size else manifest.default_size,
+                license=manifest.license,
+                family=manifest.family,
+                precision_inputs=item.inputs_of(index),
+                **_extra_sources(manifest, manifest.components_for(target, size)),
+                source_file=manifest.source.file or "",
+                source_config=(manifest.source.config.repo, manifest.source.config.revision)
+                if manifest.source.config else ("", ""),
+                source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale))
+                                   for lora in manifest.source.loras),
+                convert_runner=manifest.runners.convert,
+                compile_runner=manifest.runners.compile,
+            ))
     return variants
 
 
@@ -518,7 +541,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         if not _compressing(v):
             for component in v.components:
                 attention = v.attention if v.uses_attention(component) else None
-                key = (_origin(v, component), attention, component, v.resolution)
+                key = (_origin(v, component), attention, component, v.size_of_component(component))
                 float16_targets.setdefault(key, []).append(v.deployment_target)
 
     builder = _Builder()
@@ -539,12 +562,13 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
             # a component from an extra source reads it and the manifest's source (where the dimensions are)
             origin = _origin(v, component)
             fetches = [fetch] + ([extra_fetches[role]] if role else [])
-            base = (origin, attention, component, v.resolution)
+            size = v.size_of_component(component)  # a pack's own for the UNet and VAE, the default's for the rest
+            base = (origin, attention, component, size)
             target = _conversion_target(v, float16_targets, base)
-            convert = ConvertParams(component.value, attention.value if attention else None, v.resolution,
+            convert = ConvertParams(component.value, attention.value if attention else None, size,
                                     target.value, v.family, v.license)
             whole = (component.value, builder.add(
-                f"convert:{origin}:{attention.value if attention else 'any'}:{component.value}:{v.resolution}:"
+                f"convert:{origin}:{attention.value if attention else 'any'}:{component.value}:{size}:"
                 f"{target.value}", "convert", fetches, convert, v.id))
             chunks = v.model_family.submodules(component, chunked=True) if v.chunk_unet else (component.value,)
             if chunks != (component.value,):
@@ -552,7 +576,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                 # Swift pipeline loads the chunks; Apple's Python pipeline opens only a whole `unet` package, so the
                 # packages folder keeps it too, and the compiled Resources (what iOS downloads) leave it out
                 pieces = [whole] + [(name, builder.add(
-                    f"chunk:{origin}:{v.attention.value}:{name}:{v.resolution}:{target.value}", "chunk", fetches,
+                    f"chunk:{origin}:{v.attention.value}:{name}:{size}:{target.value}", "chunk", fetches,
                     ChunkParams(**dataclasses.asdict(convert), chunk=name), v.id))
                     for name in chunks]
                 packages_only.add(component.value)
@@ -562,8 +586,8 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
             analysis: list[str] = []
             request = scheme.analysis(v.precision, component.value, v.precision_inputs) if compressed else None
             if request is not None:  # of the source's weights: shared by every attention and target
-                analyze = AnalyzeParams(scheme.name, request.component, v.resolution, request.params, v.family)
-                analysis = [builder.add(f"analyze:{source}:{request.component}:{v.resolution}:{scheme.name}:"
+                analyze = AnalyzeParams(scheme.name, request.component, v.base_size, request.params, v.family)
+                analysis = [builder.add(f"analyze:{source}:{request.component}:{v.base_size}:{scheme.name}:"
                                         f"{json_sha256(request.params)[:12]}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
                 if compressed:

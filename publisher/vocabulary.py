@@ -90,3 +90,30 @@ class Layout(str, Enum):
     PACKAGES = "packages"
     COMPILED = "compiled"
     ZIP = "zip"
+
+
+# An image size: an int for a square one (the form every square manifest and store key has always had), "WxH"
+# (width x height) otherwise. Core ML models for the Neural Engine have fixed input shapes: one package per size.
+Resolution = int | str
+_SIZE = re.compile(r"^([1-9][0-9]{2,3})x([1-9][0-9]{2,3})$")
+
+
+def size_of(resolution: Resolution) -> tuple[int, int]:
+    """(width, height) of a resolution."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    found = _SIZE.fullmatch(resolution)
+    if found is None:
+        raise ValueError(f"an image size is an int or 'WIDTHxHEIGHT', not {resolution!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def resolution_of(width: int, height: int) -> Resolution:
+    """The canonical form: an int when square."""
+    return width if width == height else f"{width}x{height}"
+
+
+def size_label(resolution: Resolution) -> str:
+    """`512x768` (width x height), as folder and zip suffixes name a size."""
+    width, height = size_of(resolution)
+    return f"{width}x{height}"

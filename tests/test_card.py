@@ -28,6 +28,6 @@ def test_float16_card_names_the_ios_folder_and_has_no_none_cells() -> None:
     assert "None" not in text
     assert "| `split_einsum` | unet_chunk1 | 16 (float) | 0 | n/a | n/a | 71.0 |" in text
     assert "For iOS and iPadOS use `split_einsum/`" in text
-    assert "| `split_einsum/` | SPLIT_EINSUM | ALL | float16 | iOS16 | iOS, iPadOS (UNet in 2 chunks) |" in text
+    assert "| `split_einsum/` | 512x512 | SPLIT_EINSUM | ALL | float16 | iOS16 | iOS, iPadOS (UNet in 2 chunks) |" in text
     without_chunks = card_text("me/coreml-sd", infos[:1], "http://hub")
     assert "For iOS and iPadOS" not in without_chunks

@@ -99,7 +99,7 @@ def community(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source
 def test_single_file_builds_the_packages_of_its_diffusers_source(community, staging_hub) -> None:  # type: ignore[no-untyped-def]
     work = community["work"] / "single-build"
     reference = build(load_manifests([_manifest(work / "m1", "from-diffusers", f"  repo: {TINY_SOURCE_REPO}")]),
-                      _options(work / "a", staging_hub))
+                      _options(work / "a", staging_hub, verify=False))  # the packages to compare with
     assert reference.ok, [v.error for v in reference.variants]
     before = _sent(staging_hub)
     source = f"  repo: {SINGLE_FILE_REPO}\n  file: model.safetensors\n  config: {{repo: {TINY_SOURCE_REPO}}}"
@@ -132,7 +132,7 @@ def test_single_file_builds_the_packages_of_its_diffusers_source(community, stag
 def test_lora_is_fused_as_diffusers_fuses_it_and_only_what_it_changes_is_rebuilt(community, staging_hub) -> None:  # type: ignore[no-untyped-def]
     work = community["work"] / "lora-build"
     reference = build(load_manifests([_manifest(work / "m1", "fused", f"  repo: {FUSED_REPO}", "text_encoder, unet")]),
-                      _options(work / "a", staging_hub))
+                      _options(work / "a", staging_hub, verify=False))  # the packages to compare with
     assert reference.ok, [v.error for v in reference.variants]
     source = (f"  repo: {SINGLE_FILE_REPO}\n  file: model.safetensors\n  config: {{repo: {TINY_SOURCE_REPO}}}\n"
               f"  loras: [{{repo: {LORA_REPO}, file: unet-only.safetensors, scale: {{scale}}}}]")

@@ -65,7 +65,8 @@ CASES = [
     ("resolution: 512", "resolution: 500", "m.yaml:6: resolution: input should be a multiple of 64"),
     ("resolution: 512", "resolution: 1180591620717411303424", "m.yaml:6: resolution: input should be less than or "
      "equal to 2048"),
-    ("resolution: 512", "resolution: '512'", "m.yaml:6: resolution: input should be a valid integer"),
+    ("resolution: 512", "resolution: '512'", "m.yaml:6: resolution: must be a square's side (512) or WIDTHxHEIGHT "
+     "(512x768)"),
     ("license: creativeml-openrail-m", "license: creativeml-openrail-m\ncolour: blue", "m.yaml:6: colour: unknown field"),
     ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT]",
      "m.yaml:10: publish[0].attention[1]: must be one of ORIGINAL, SPLIT_EINSUM, SPLIT_EINSUM_V2"),

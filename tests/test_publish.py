@@ -86,7 +86,7 @@ def test_one_commit_per_variant_and_card(published, hf_api: HfApi, staging_hub) 
                                                   token=staging_hub.token))
     assert "None" not in float16_card.text and "None" not in card.text
     assert "| `original` | unet | 16 (float) | 0 | n/a | n/a |" in float16_card.text
-    assert "| `original/` | ORIGINAL | CPU_AND_GPU | float16 | iOS16 | macOS (GPU) |" in float16_card.text
+    assert "| `original/` | 256x256 | ORIGINAL | CPU_AND_GPU | float16 | iOS16 | macOS (GPU) |" in float16_card.text
 
 
 def test_republish_sends_nothing(published, staging_hub, hf_api: HfApi) -> None:  # type: ignore[no-untyped-def]

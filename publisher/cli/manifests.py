@@ -66,7 +66,7 @@ def plan(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
-    rows = [(v.repo_id, v.attention.folder, v.precision.label, v.compute_unit.value, v.deployment_target.value,
+    rows = [(v.repo_id, v.folder, v.precision.label, v.compute_unit.value, v.deployment_target.value,
              ",".join(c.value for c in v.components), ",".join(lay.value for lay in v.layouts))
             for v in result.variants]
     print_table(("repo", "attention", "precision", "compute", "target", "components", "layouts"), rows)

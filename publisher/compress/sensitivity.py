@@ -44,7 +44,7 @@ from publisher.errors import PublisherError
 from publisher.family import DEFAULT_FAMILY
 from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_text
-from publisher.vocabulary import Attention, Component
+from publisher.vocabulary import Attention, Component, Resolution, size_of
 
 ANALYSIS_LATENT = 16  # latent size the analysis runs at (at most the model's own)
 SAMPLES = 2  # seeded input sets (Apple: 8 prompts on a GPU)
@@ -65,7 +65,7 @@ class UnetProbe:
     """The float16 UNet with its per-stage states cached for a few seeded inputs (run as one batch), and a way to
     rerun it from a stage with some weights replaced."""
 
-    def __init__(self, source: Path, resolution: int, samples: int = SAMPLES, family: str = DEFAULT_FAMILY) -> None:
+    def __init__(self, source: Path, resolution: Resolution, samples: int = SAMPLES, family: str = DEFAULT_FAMILY) -> None:
         import torch
 
         from publisher.convert.components import example_inputs, load_component
@@ -191,7 +191,7 @@ def top_bits_gain_db(below: int, top: int) -> float:
     return 20 * math.log10(2) * (top - below)
 
 
-def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_version: str,
+def analyze(source: Path, resolution: Resolution, settings: Mapping[str, Any], model_version: str,
             progress: bool = True, latent: int = ANALYSIS_LATENT, samples: int = SAMPLES,
             min_elements: int = MIN_ELEMENTS, family: str = DEFAULT_FAMILY) -> tuple[dict[str, Any], dict[str, Any]]:
     """(our analysis record, Apple's pre-analysis JSON) for the UNet of the diffusers folder `source`."""
@@ -200,7 +200,7 @@ def analyze(source: Path, resolution: int, settings: Mapping[str, Any], model_ve
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    analysis_resolution = min(resolution, latent * 8)
+    analysis_resolution = min(*size_of(resolution), latent * 8)  # square, at most the model's own
     probe = UnetProbe(source, analysis_resolution, samples, family)
     granularity = Granularity(settings.get("granularity", Granularity.PER_TENSOR.value))
     candidates = probe.candidates(min_elements)
@@ -345,7 +345,7 @@ def _choose(layers: list[LayerSensitivity], target: Mapping[str, Any], measure: 
     return best, target
 
 
-def analyze_to_folder(source: Path, component: Component, resolution: int, settings: Mapping[str, Any],
+def analyze_to_folder(source: Path, component: Component, resolution: Resolution, settings: Mapping[str, Any],
                       model_version: str, out: Path, progress: bool = True, family: str = DEFAULT_FAMILY) -> None:
     """The analysis step: `analysis.json` (ours) and `pre-analysis.json` (Apple's layout) written into `out`."""
     if component != Component.UNET:
@@ -363,7 +363,7 @@ def analyze_to_folder(source: Path, component: Component, resolution: int, setti
     atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
 
 
-def apple_recipe_record(source: Path, resolution: int, settings: Mapping[str, Any], model_version: str,
+def apple_recipe_record(source: Path, resolution: Resolution, settings: Mapping[str, Any], model_version: str,
                         family: str = DEFAULT_FAMILY) -> dict[str, Any]:
     """An analysis record whose choice is a recipe in Apple's layout: its module names matched to the source UNet's
     weights (the compress step finds them in the package by their float16 bytes). Modules the recipe leaves out stay

@@ -21,7 +21,7 @@ from publisher.convert.components import Unet
 from publisher.convert.coreml import PackageMetadata
 from publisher.convert.unet import AneUnet, UnetState
 from publisher.deployment import DeploymentTarget
-from publisher.vocabulary import Attention, Component
+from publisher.vocabulary import Attention, Component, Resolution
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def chunk_specs(wrapper: Unet, unet_inputs: tuple[TensorSpec, ...], unet_outputs
     return ChunkSpecs(cut, unet_inputs, middle, (context, *middle), unet_outputs), intermediates
 
 
-def convert_unet_chunks(source: Path, attention: Attention, resolution: int, target: DeploymentTarget,
+def convert_unet_chunks(source: Path, attention: Attention, resolution: Resolution, target: DeploymentTarget,
                         outputs: tuple[Path | None, Path | None], metadata: PackageMetadata, family: str = "sd",
                         component: Component = Component.UNET) -> list[str]:
     """Convert a UNet of `source` (the `unet`, or SDXL's `refiner`) into its two chunk packages (a None output

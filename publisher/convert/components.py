@@ -22,7 +22,7 @@ from publisher.convert.unet import AneUnet
 from publisher.convert.weight_files import load_streaming, weights_variant
 from publisher.errors import SourceError
 from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
-from publisher.vocabulary import Attention, Component
+from publisher.vocabulary import Attention, Component, Resolution
 
 _LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
 
@@ -133,7 +133,7 @@ class LoadedComponent:
     dims: ModelDims
 
 
-def source_dims(source: Path, resolution: int, family: str = DEFAULT_FAMILY) -> ModelDims:
+def source_dims(source: Path, resolution: Resolution, family: str = DEFAULT_FAMILY) -> ModelDims:
     """The dimensions the contract's shapes depend on, as the family reads them from the source's configs."""
     return family_named(family).dims(source, resolution)
 
@@ -164,7 +164,7 @@ def _loader(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def load_component(source: Path, component: Component, attention: Attention, resolution: int,
+def load_component(source: Path, component: Component, attention: Attention, resolution: Resolution,
                    label: str | None = None, family: str = DEFAULT_FAMILY) -> LoadedComponent:
     """The PyTorch module for one component in float32 eval mode, attention rewritten, contract spec attached."""
     model_family = family_named(family)

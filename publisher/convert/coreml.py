@@ -25,7 +25,7 @@ from publisher.contract import FLOAT16, FLOAT32, ModelSpec, TensorSpec
 from publisher.deployment import DeploymentTarget
 from publisher.mlpackage import import_coremltools, save_package
 from publisher.util.memory import return_large_blocks
-from publisher.vocabulary import Attention, Component
+from publisher.vocabulary import Attention, Component, Resolution
 
 T = TypeVar("T")
 
@@ -270,7 +270,7 @@ def convert_module(module_holder: list[Any], spec: ModelSpec, example: tuple[Any
     return ConvertResult(path=str(output), inputs=[t.name for t in inputs], outputs=[t.name for t in outputs])
 
 
-def convert_component(source: Path, component: Component, attention: Attention, resolution: int,
+def convert_component(source: Path, component: Component, attention: Attention, resolution: Resolution,
                       target: DeploymentTarget, output: Path, metadata: PackageMetadata,
                       progress: Progress = _quiet, family: str = "sd") -> ConvertResult:
     """Convert one component of a diffusers checkpoint folder to `output` (an .mlpackage folder)."""

@@ -43,8 +43,8 @@ class Assembler:
         source = extra_sources.pop("")
         extra_sources.update(source.parts)  # a community source's config repo and LoRAs
         repo_dir = self.state.options.out / variant.repo_id
-        folder = repo_dir / variant.attention.folder
-        staged = Path(tempfile.mkdtemp(prefix=f".{variant.attention.folder}.", dir=repo_dir if repo_dir.exists()
+        folder = repo_dir / variant.folder
+        staged = Path(tempfile.mkdtemp(prefix=f".{variant.folder}.", dir=repo_dir if repo_dir.exists()
                                        else _mkdir(repo_dir)))
         try:
             fidelity: dict[str, Any] = {}

@@ -11,15 +11,16 @@ from typing import Any
 
 from publisher.engine.state import BuildState
 from publisher.plan import CompressParams, Step, VerifyParams
+from publisher.vocabulary import Component, Resolution
 
 
 class References:
     def __init__(self, state: BuildState) -> None:
         self.state = state
         # (source, submodule, resolution, family) -> saved float reference (a few MB): one PyTorch run per build
-        self.floats: dict[tuple[str, str, int, str], bytes] = {}
+        self.floats: dict[tuple[str, str, Resolution, str], bytes] = {}
         # the same key -> the references of its compressed packages by the digest of their decoded weights
-        self.decoded: dict[tuple[str, str, int, str], dict[str, bytes]] = {}
+        self.decoded: dict[tuple[str, str, Resolution, str], dict[str, bytes]] = {}
 
     def group(self, step: Step) -> tuple[Any, ...] | None:
         """Verify steps with the same group share one float forward (see _do_verify): those of a component and of
@@ -27,7 +28,8 @@ class References:
         if step.kind != "verify" or not isinstance(step.params, VerifyParams):
             return None
         variant = self.state.variant_of(step)
-        return (tuple(self.state.fetches_of(step)), step.params.component, variant.resolution, variant.family)
+        return (tuple(self.state.fetches_of(step)), step.params.component,
+                variant.size_of_component(Component(step.params.component)), variant.family)
 
     def compression_of(self, step: Step) -> tuple[str, str] | None:
         """A verify step's package's compression (scheme, settings), None for a float16 package."""

@@ -19,7 +19,7 @@ from publisher.layout import link_tree, write_zip
 from publisher.plan import AnalyzeParams, ChunkParams, CompressParams, ConvertParams, Step, VerifyParams, ZipParams
 from publisher.util.atomic import atomic_write_bytes, atomic_write_text
 from publisher.verify.fidelity import REFERENCE, Reference
-from publisher.vocabulary import Attention, Component
+from publisher.vocabulary import Attention, Component, Resolution
 
 
 class StepActions:
@@ -77,9 +77,10 @@ class StepActions:
 
         variant = self.state.variant_of(step)
         source = self.state.source_path(step)
-        dims = source_dims(source, variant.resolution, variant.family)
-        package = self.state.outputs[step.inputs[0]].path / PACKAGE
         assert isinstance(step.params, VerifyParams)
+        size = variant.size_of_component(Component(step.params.component))  # a pack's own for the UNet and VAE
+        dims = source_dims(source, size, variant.family)
+        package = self.state.outputs[step.inputs[0]].path / PACKAGE
         submodule = step.params.submodule
         problems = contract_problems(package, submodule, dims, variant.family)
         if problems:
@@ -101,8 +102,8 @@ class StepActions:
             # package of that submodule. The first verify step of a component computes them (run_steps orders the
             # rest after it), cut in two where the plan also verifies the component's chunks: the same forward
             # gives each chunk its inputs and outputs.
-            def key(name: str) -> tuple[str, str, int, str]:
-                return (str(source), name, variant.resolution, variant.family)
+            def key(name: str) -> tuple[str, str, Resolution, str]:
+                return (str(source), name, size, variant.family)
 
             floats = work / "float-reference.npz"
             known = fresh = None
@@ -124,7 +125,7 @@ class StepActions:
                     decoded[digest] = work / f"decoded-reference-{digest[:16]}.npz"
                     atomic_write_bytes(decoded[digest], data)
             fidelity = self.state.run(reference_and_check, package, source, submodule, variant.attention,
-                                 variant.resolution, float16, scheme, work / REFERENCE, variant.family, known, fresh,
+                                 size, float16, scheme, work / REFERENCE, variant.family, known, fresh,
                                  chunks or None, decoded or None)
             if fresh is not None:
                 self.references.floats[key(submodule)] = fresh.read_bytes()
@@ -154,5 +155,5 @@ class StepActions:
     def zip(self, step: Step, work: Path) -> None:
         assert isinstance(step.params, ZipParams)
         variant = self.state.variant_of(step)
-        resources = self.state.options.out / variant.repo_id / variant.attention.folder / "compiled"
-        write_zip(resources, work / "archive.zip", zip_folder_name(variant.repo_name, variant.attention))
+        resources = self.state.options.out / variant.repo_id / variant.folder / "compiled"
+        write_zip(resources, work / "archive.zip", zip_folder_name(variant.repo_name, variant.folder))

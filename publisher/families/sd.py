@@ -26,7 +26,9 @@ UNET_CHUNKS = (("unet_chunk1", "UnetChunk1"), ("unet_chunk2", "UnetChunk2"))
 
 
 def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
-    latent, res, hidden, ch = dims.latent, dims.resolution, dims.text_hidden, dims.latent_channels
+    # (height, width) of the latents and of the image
+    latent, res, hidden, ch = (dims.latent_height, dims.latent_width), (dims.image_height, dims.resolution), \
+        dims.text_hidden, dims.latent_channels
     if component == Component.TEXT_ENCODER:
         return ModelSpec(component, (
             TensorSpec("input_ids", (1, TEXT_SEQUENCE_LENGTH), "CLIP token ids of the prompt", FLOAT32),
@@ -36,33 +38,33 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         ), "CLIP text encoder")
     if component == Component.UNET:
         return ModelSpec(component, (
-            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
+            TensorSpec("sample", (UNET_BATCH, ch, *latent), "noisy latents", FLOAT16),
             TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
             TensorSpec("encoder_hidden_states", (UNET_BATCH, hidden, 1, TEXT_SEQUENCE_LENGTH),
                        "text embeddings as (B, C, 1, S)", FLOAT16),
         ), (
-            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
+            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, *latent), "predicted noise"),
         ), "denoising UNet")
     if component == Component.VAE_DECODER:
         return ModelSpec(component, (
-            TensorSpec("z", (1, ch, latent, latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
+            TensorSpec("z", (1, ch, *latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
         ), (
-            TensorSpec("image", (1, 3, res, res), "decoded image in [-1, 1]"),
+            TensorSpec("image", (1, 3, *res), "decoded image in [-1, 1]"),
         ), "VAE decoder")
     if component == Component.VAE_ENCODER:
         return ModelSpec(component, (
-            TensorSpec("x", (1, 3, res, res), "image in [-1, 1]", FLOAT16),
+            TensorSpec("x", (1, 3, *res), "image in [-1, 1]", FLOAT16),
         ), (
-            TensorSpec("latent", (1, 2 * ch, latent, latent), "mean and log-variance of the latent distribution"),
+            TensorSpec("latent", (1, 2 * ch, *latent), "mean and log-variance of the latent distribution"),
         ), "VAE encoder")
     if component == Component.SAFETY_CHECKER:
         return ModelSpec(component, (
             TensorSpec("clip_input", (1, 3, SAFETY_CLIP_SIZE, SAFETY_CLIP_SIZE), "CLIP-preprocessed image", FLOAT16),
-            TensorSpec("images", (1, res, res, 3), "the generated image, NHWC", FLOAT16),
+            TensorSpec("images", (1, *res, 3), "the generated image, NHWC", FLOAT16),
             TensorSpec("adjustment", (1,), "added to the special-care scores (0 by default; higher flags more)",
                        FLOAT16),
         ), (
-            TensorSpec("filtered_images", (1, res, res, 3), "images, blacked out where a concept was found"),
+            TensorSpec("filtered_images", (1, *res, 3), "images, blacked out where a concept was found"),
             TensorSpec("has_nsfw_concepts", (1, 1, 1, 1), "1 where a concept was found"),
             TensorSpec("concept_scores", (1, 17), "per-concept score; > 0 means found"),
         ), "safety checker")
@@ -100,9 +102,11 @@ FAMILY = ModelFamily(
         ComponentSpec(Component.TEXT_ENCODER, "text_encoder", "TextEncoder", "transformers:CLIPTextModel",
                       "text_encoder", compressible=True),
         ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
-                      uses_attention=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=6),
-        ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder"),
-        ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder"),
+                      uses_attention=True, sized=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=6),
+        ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
+                      sized=True),
+        ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",
+                      sized=True),
         ComponentSpec(Component.SAFETY_CHECKER, "safety_checker", "SafetyChecker",
                       "diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
                       "safety_checker", resolution=SAFETY_CHECKER_RESOLUTION, in_checkpoint=False),

@@ -108,7 +108,7 @@ def _sequence(dims: ModelDims) -> int:
 
 
 def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
-    latent, ch, seq = dims.latent, dims.latent_channels, _sequence(dims)
+    latent, ch, seq = (dims.latent_height, dims.latent_width), dims.latent_channels, _sequence(dims)
     if component in (Component.TEXT_ENCODER, Component.TEXT_ENCODER_2):
         folder = component.value
         hidden = dims.size(f"{folder}.hidden")
@@ -127,7 +127,7 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         context = "the second text encoder's hidden states" if refiner else \
             "both text encoders' hidden states, concatenated"
         return ModelSpec(component, (
-            TensorSpec("sample", (UNET_BATCH, ch, latent, latent), "noisy latents", FLOAT16),
+            TensorSpec("sample", (UNET_BATCH, ch, *latent), "noisy latents", FLOAT16),
             TensorSpec("timestep", (UNET_BATCH,), "diffusion timestep", FLOAT16),
             TensorSpec("encoder_hidden_states", (UNET_BATCH, hidden, 1, seq), f"{context}, as (B, C, 1, S)",
                        FLOAT16),
@@ -137,7 +137,7 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
             TensorSpec("text_embeds", (UNET_BATCH, dims.size("refiner.pooled" if refiner else "pooled")),
                        "pooled text embedding of the second text encoder", FLOAT16),
         ), (
-            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, latent, latent), "predicted noise"),
+            TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, *latent), "predicted noise"),
         ), "refiner UNet (SDXL)" if refiner else "denoising UNet (SDXL)")
     if component in (Component.VAE_DECODER, Component.VAE_ENCODER):  # SD's, in float32 unless the VAE need not be
         spec = sd_model_spec(component, dims)

@@ -114,7 +114,7 @@ def _variant_status(variant: Variant, api: Any, source_api: Any, endpoint: str, 
             source_commits[key] = None
     try:
         revision = api.repo_info(variant.repo_id).sha
-        local = hf_hub_download(variant.repo_id, f"{variant.attention.folder}/{BUILD_INFO}", revision=revision,
+        local = hf_hub_download(variant.repo_id, f"{variant.folder}/{BUILD_INFO}", revision=revision,
                                 endpoint=endpoint, token=token or False)
         info = read_build_info(Path(local))
     except RepositoryNotFoundError:

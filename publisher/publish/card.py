@@ -12,7 +12,7 @@ from typing import Any
 from publisher.contract import zip_file_name
 from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
 from publisher.util.sizes import human_size
-from publisher.vocabulary import Component
+from publisher.vocabulary import Component, size_label
 
 TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
 
@@ -38,8 +38,8 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
         "## Variants",
         "",
-        "| folder | attention | compute unit | precision | minimum OS | for | size | compiled zip |",
-        "|---|---|---|---|---|---|---|---|",
+        "| folder | image (W x H) | attention | compute unit | precision | minimum OS | for | size | compiled zip |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for info in infos:
         v = info["variant"]
@@ -47,7 +47,8 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         zip_name = zip_file_name(repo_name, v["folder"])
         has_zip = any(name.endswith(zip_name) for name in info["files"])
         zip_cell = f"[{zip_name}]({endpoint}/{repo_id}/resolve/main/{zip_name})" if has_zip else "not built"
-        lines.append(f"| `{v['folder']}/` | {v['attention']} | {v['compute_unit']} | {v['precision_label']} | "
+        lines.append(f"| `{v['folder']}/` | {size_label(v.get('resolution', 512))} | "
+                     f"{v['attention']} | {v['compute_unit']} | {v['precision_label']} | "
                      f"{v['minimum_deployment_target']} | {_meant_for(v)} | {human_size(size)} | {zip_cell} |")
     folder = infos[0]["variant"]["folder"]
     chunked = [info["variant"]["folder"] for info in infos if info["variant"].get("chunk_unet")]

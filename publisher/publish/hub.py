@@ -83,13 +83,13 @@ def local_variant_files(repo_dir: Path, variant: Variant, say: Callable[[str], N
     """Repo path -> local file for one variant: exactly the files its build-info lists (and build-info itself),
     each a regular file inside the build (a symbolic link is never followed out of it). Any other file in the
     variant folder is refused, OS litter (`.DS_Store`, `._*`, ...) skipped with a warning."""
-    folder = repo_dir / variant.attention.folder
+    folder = repo_dir / variant.folder
     info_path = folder / BUILD_INFO
     if not info_path.exists() and not info_path.is_symlink():
         raise PublishError(f"{variant.id} is not built in {repo_dir} (run `publisher build` first)")
     _regular_file(info_path, folder)
     info = read_build_info(info_path)
-    prefix = variant.attention.folder
+    prefix = variant.folder
     files = {f"{prefix}/{BUILD_INFO}": info_path}
     for name in info.files:
         if name.startswith("../"):
@@ -144,7 +144,7 @@ def _same(local: Path, remote: RemoteFile, sha256: str | None) -> bool:
 
 
 def diff_variant(variant: Variant, local: dict[str, Path], remote: dict[str, RemoteFile]) -> VariantDiff:
-    folder = variant.attention.folder
+    folder = variant.folder
     info = read_build_info(local[f"{folder}/{BUILD_INFO}"])
     known = {f"{folder}/{name}" if not name.startswith("../") else name[3:]: entry.sha256
              for name, entry in info.files.items()}

@@ -28,7 +28,7 @@ from publisher.metrics import psnr
 from publisher.util.atomic import atomic_write_bytes
 from publisher.util.memory import return_large_blocks
 from publisher.verify.runtime import Runtime, runtime_named
-from publisher.vocabulary import Attention
+from publisher.vocabulary import Attention, Resolution
 
 PSNR_BAR_DB = 35.0
 REFERENCE = "reference.npz"  # a verify step's stored seeded inputs and PyTorch outputs
@@ -68,7 +68,7 @@ def _cut(loaded: Any, example: tuple) -> tuple[Any, tuple, tuple]:
     return specs, intermediates, (example[2], *intermediates)
 
 
-def _reference(source: Path, submodule: str, attention: Attention, resolution: int, family: str
+def _reference(source: Path, submodule: str, attention: Attention, resolution: Resolution, family: str
                ) -> tuple[Any, tuple, list[str]]:
     """(PyTorch module, inputs, output names) for a submodule, chunks included."""
     from publisher.convert.chunk import UnetChunk1, UnetChunk2
@@ -211,7 +211,7 @@ def _same_inputs(known: Mapping[str, np.ndarray], feed: Mapping[str, np.ndarray]
     return known.keys() == feed.keys() and all(np.array_equal(known[name], value) for name, value in feed.items())
 
 
-def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+def compute_reference(package: Path, source: Path, submodule: str, attention: Attention, resolution: Resolution,
                       float16_package: Path | None = None, scheme: str | None = None,
                       family: str = DEFAULT_FAMILY, float_reference: Reference | None = None,
                       decoded_references: Mapping[str, Path] | None = None) -> Reference:
@@ -277,14 +277,14 @@ def compare(package: Path, reference: Reference, runtime: Runtime) -> Fidelity:
     return result
 
 
-def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+def verify_package(package: Path, source: Path, submodule: str, attention: Attention, resolution: Resolution,
                    runtime: str = "reference", float16_package: Path | None = None,
                    scheme: str | None = None, family: str = DEFAULT_FAMILY) -> Fidelity:
     return compare(package, compute_reference(package, source, submodule, attention, resolution, float16_package,
                                               scheme, family), runtime_named(runtime))
 
 
-def chunk_references(source: Path, component: str, resolution: int, family: str = DEFAULT_FAMILY
+def chunk_references(source: Path, component: str, resolution: Resolution, family: str = DEFAULT_FAMILY
                      ) -> dict[str, Reference]:
     """The float model's references for a component and for each of its chunks, from one forward through the
     chunks (ORIGINAL attention): chunk 1 on the component's seeded inputs, chunk 2 on the tensors crossing the cut,
@@ -306,7 +306,7 @@ def chunk_references(source: Path, component: str, resolution: int, family: str 
             last: Reference(last, _float32_arrays((t.name for t in specs.chunk2_inputs), second), outputs)}
 
 
-def reference_and_check(package: Path, source: Path, submodule: str, attention: Attention, resolution: int,
+def reference_and_check(package: Path, source: Path, submodule: str, attention: Attention, resolution: Resolution,
                         float16_package: Path | None, scheme: str | None, path: Path, family: str = DEFAULT_FAMILY,
                         float_reference: Path | None = None, save_float_reference: Path | None = None,
                         save_chunk_references: Mapping[str, Path] | None = None,
