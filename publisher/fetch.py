@@ -161,8 +161,8 @@ def fetch_variant(repo_id: str, variant: str, to: Path, endpoint: str | None = N
     variant = variant.strip("/")
     wanted = [e for e in entries if e.path == variant or e.path.startswith(variant + "/")]
     if not wanted:
-        raise FetchError(f"{repo_id}@{commit[:12]} has no '{variant}' (folders like original/packages, or a "
-                         "<repo>_<attention>_compiled.zip)")
+        raise FetchError(f"{repo_id}@{commit[:12]} has no '{variant}' (folders like original/packages or a "
+                         "resolution pack's original_512x768/compiled, or a <repo>_<attention>[_WxH]_compiled.zip)")
     for entry in wanted:
         _entry_path(entry.path, repo_id)
         if not isinstance(entry.size, int) or entry.size < 0:

@@ -25,7 +25,7 @@ def test_plan_json_lists_every_variant() -> None:
     result = run("plan", "manifests/", "--json", "--namespace", "me")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["counts"]["variants"] == 24
+    assert data["counts"]["variants"] == 24 + 17 * 2  # the four SD models' 17 variants also at two more sizes
     assert {(v["repo"], v["attention"]) for v in data["variants"]} >= {
         ("me/coreml-stable-diffusion-v1-5", "ORIGINAL"), ("me/coreml-stable-diffusion-v1-5-palettized",
                                                            "SPLIT_EINSUM_V2")}

@@ -151,7 +151,7 @@ def test_lora_is_fused_as_diffusers_fuses_it_and_only_what_it_changes_is_rebuilt
     # another scale: the UNet is converted again, the text encoder (which this LoRA leaves alone) is not
     manifest.write_text(MANIFEST.format(name="with-lora", source=source.replace("{scale}", "1.0"),
                                         components="text_encoder, unet"))
-    again = build(load_manifests([manifest]), _options(work / "b", staging_hub))
+    again = build(load_manifests([manifest]), _options(work / "b", staging_hub, verify=False))
     assert again.ok, [v.error for v in again.variants]
     rebuilt = {again.plan.steps[s].params.component for s in again.built  # type: ignore[union-attr]
                if again.plan.steps[s].kind == "convert"}
@@ -163,7 +163,7 @@ def test_lora_is_fused_as_diffusers_fuses_it_and_only_what_it_changes_is_rebuilt
     # a LoRA with text encoder layers changes the text encoder too
     manifest.write_text(MANIFEST.format(name="with-lora", source=source.replace("unet-only", "with-text-encoder")
                                         .replace("{scale}", "1.0"), components="text_encoder, unet"))
-    both = build(load_manifests([manifest]), _options(work / "b", staging_hub))
+    both = build(load_manifests([manifest]), _options(work / "b", staging_hub, verify=False))
     assert both.ok, [v.error for v in both.variants]
     assert _weights(both, "text_encoder") != half["text_encoder"]
 

@@ -10,6 +10,7 @@ from publisher.plan import build_plan
 
 MANIFESTS = Path(__file__).parent.parent / "manifests"
 SD_MANIFESTS = sorted(MANIFESTS.glob("sd-[v2]*.yaml"))  # SD 1.4, 1.5, 2 base, 2.1 base
+PACKS = ("", "_512x768", "_768x512")  # their sizes: 512, and the 512x768 and 768x512 packs
 
 
 def test_every_variant_of_the_base_models() -> None:
@@ -18,9 +19,11 @@ def test_every_variant_of_the_base_models() -> None:
     expected = []
     for model in ("stable-diffusion-v1-4", "stable-diffusion-v1-5", "stable-diffusion-2-base",
                   "stable-diffusion-2-1-base"):
-        expected += [f"me/coreml-{model}/original", f"me/coreml-{model}/split_einsum",
-                     f"me/coreml-{model}-palettized/original", f"me/coreml-{model}-palettized/split_einsum_v2"]
-    expected.append("me/coreml-stable-diffusion-v1-5-mixed-bit/split_einsum_v2")
+        for pack in PACKS:  # the default size, then the portrait and the landscape pack
+            expected += [f"me/coreml-{model}/original{pack}", f"me/coreml-{model}/split_einsum{pack}",
+                         f"me/coreml-{model}-palettized/original{pack}",
+                         f"me/coreml-{model}-palettized/split_einsum_v2{pack}"]
+    expected += [f"me/coreml-stable-diffusion-v1-5-mixed-bit/split_einsum_v2{pack}" for pack in PACKS]
     expected += [f"me/coreml-stable-diffusion-xl-base-1-0{suffix}/{folder}" for suffix in ("", "-palettized")
                  for folder in ("original", "split_einsum")]
     expected.append("me/coreml-stable-diffusion-xl-base-with-refiner-1-0/original")
@@ -32,28 +35,31 @@ def test_every_variant_of_the_base_models() -> None:
 def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     plan = build_plan(load_manifests(SD_MANIFESTS), "me")  # SDXL's sharing: tests/test_sdxl.py
     counts = plan.counts()
-    # per model: the UNet once per attention (the float16 SPLIT_EINSUM UNet also as two chunks, for iOS); the two
-    # VAE parts (diffusers' own, as Apple converts them), the text encoder and the safety checker (SD 1.x only)
-    # once for every attention
-    assert counts["convert"] == 2 * (3 + 2 + 2) + 2 * (3 + 2 + 1)
-    assert counts["chunk"] == 4 * 2
+    sizes = len(PACKS)
+    # per model and size: the UNet once per attention (the float16 SPLIT_EINSUM UNet also as two chunks, for iOS)
+    # and the two VAE parts (diffusers' own, as Apple converts them) for every attention; per model the text encoder
+    # (no size changes it) and the safety checker (SD 1.x, at 512 only) once
+    assert counts["convert"] == 2 * (sizes * (3 + 2) + 2) + 2 * (sizes * (3 + 2) + 1)
+    assert counts["chunk"] == 4 * 2 * sizes
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
     # the mixed-bit repo's UNet (its V2 conversion shared with the 6-bit repo) after one analysis of the source
-    assert counts["compress"] == 8 + 4 + 1
+    assert counts["compress"] == (8 + 1) * sizes + 4
     assert counts["analyze"] == 1
-    assert counts["assemble"] == counts["zip"] == 17
+    assert counts["assemble"] == counts["zip"] == 17 * sizes
     shared = [s for s in plan.steps_of("convert") if s.params.attention in ("ORIGINAL", None)]
-    assert len(shared) == 4 * 3 + 4 + 2
+    assert len(shared) == 4 * 3 * sizes + 4 + 2
     for step in shared:
         repos = {variant.rsplit("/", 1)[0] for variant in step.variants}
         assert {r.removesuffix("-palettized") for r in repos if not r.endswith("-mixed-bit")} == {
             min(repos, key=len)}, step.id  # the float16 and the palettized repo (and the mixed-bit one of SD 1.5)
         assert len(repos) == (3 if "v1-5" in step.id and step.params.attention is None else 2), step.id
         assert step.params.deployment_target == "iOS16"
-    for component in ("text_encoder", "vae_decoder", "vae_encoder"):  # every attention of a model
+    text = [s for s in plan.steps_of("convert") if s.params.component == "text_encoder"]  # every variant of a model
+    assert sorted(len(s.variants) for s in text) == [4 * sizes] * 3 + [5 * sizes]
+    for component in ("vae_decoder", "vae_encoder"):  # every attention of a model, per size
         steps = [s for s in plan.steps_of("convert") if s.params.component == component]
-        assert len(steps) == 4 and sorted(len(s.variants) for s in steps) == [4, 4, 4, 5], component
+        assert sorted(len(s.variants) for s in steps) == [4] * 3 * sizes + [5] * sizes, component
 
 
 def test_steps_come_after_their_inputs() -> None:

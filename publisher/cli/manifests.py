@@ -29,7 +29,7 @@ def validate(paths: ManifestPaths = None, namespace: NamespaceOpt = DEFAULT_NAME
     check_resolved(loaded, namespace)
     for item in loaded:
         m = item.manifest
-        variants = sum(len(t.attention) for t in m.publish)
+        variants = sum(len(t.attention) for t in m.publish) * len(m.sizes)
         typer.echo(f"{item.path}: ok: {m.name} ({m.source.repo}@{m.source.revision}), "
                    f"{len(m.publish)} repos, {variants} variants")
     typer.echo(f"{len(loaded)} manifests valid")
