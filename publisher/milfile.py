@@ -50,6 +50,31 @@ def walk_operations(block: Any) -> Iterator[Any]:
             yield from walk_operations(inner)
 
 
+def blob_values(op: Any) -> Iterator[Any]:
+    """The Values of an op that live in the weight file (attributes and inline input bindings)."""
+    for value in op.attributes.values():
+        if value.WhichOneof("value") == "blobFileValue":
+            yield value
+    for argument in op.inputs.values():
+        for binding in argument.arguments:
+            if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
+                yield binding.value
+
+
+def set_specification_version(spec: Any, version: int) -> None:
+    """Raise the program's deployment target: spec version and opset name (the ops themselves are unchanged)."""
+    from coremltools import _OPSET
+
+    function = spec.mlProgram.functions["main"]
+    block = function.block_specializations[function.opset]
+    opset = _OPSET[version]
+    function.block_specializations[opset].CopyFrom(block)
+    if function.opset != opset:
+        del function.block_specializations[function.opset]
+    function.opset = opset
+    spec.specificationVersion = version
+
+
 def operand_values(op: Any) -> dict[str, Any]:
     """An op's constant operands by name: its attributes, and inputs bound to an inline value (the iOS18 form of
     constexpr ops)."""

@@ -240,13 +240,17 @@ class AnalyzeParams:
 
 @dataclass(frozen=True)
 class CompressParams:
-    """inputs: the float16 package, then the analysis when the scheme asked for one."""
+    """inputs: the float16 package, then the analysis when the scheme asked for one, then (`rebase`) the same
+    package's compress step at the default size."""
 
     scheme: str
     settings: dict[str, Any]  # the scheme's manifest settings, as JSON
     component: str
     deployment_target: str
     inputs: dict[str, Any] = field(default_factory=dict)  # the contents of the files the settings name (a recipe)
+    # a resolution pack's package: the default size's compressed weights on this size's program
+    # (publisher.compress.rebase), compressed anew only where the float16 weights differ
+    rebase: bool = False
 
 
 @dataclass(frozen=True)
@@ -545,6 +549,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                 float16_targets.setdefault(key, []).append(v.deployment_target)
 
     builder = _Builder()
+    compressed_at_default: dict[tuple[str, Attention, str], str] = {}  # (repo, attention, submodule) -> step id
     for v in variants:
         scheme = v.precision.scheme
         settings = v.precision.model_dump(mode="json", exclude_none=True)
@@ -591,11 +596,15 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                         f"{json_sha256(request.params)[:12]}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
                 if compressed:
+                    at_default = compressed_at_default.get((v.repo_id, v.attention, submodule))
+                    rebase = size != v.base_size and at_default is not None
                     package = builder.add(
                         f"{scheme.name}:{builder.label(package)}:{v.precision.label}:{v.deployment_target.value}",
-                        "compress", [package, *analysis], CompressParams(
-                            scheme.name, settings, component.value, v.deployment_target.value,
-                            dict(v.precision_inputs)), v.id)
+                        "compress", [package, *analysis, *([at_default] if rebase and at_default else [])],
+                        CompressParams(scheme.name, settings, component.value, v.deployment_target.value,
+                                       dict(v.precision_inputs), rebase), v.id)
+                    if size == v.base_size:
+                        compressed_at_default.setdefault((v.repo_id, v.attention, submodule), package)
                 verify = builder.add(f"verify:{builder.label(package)}", "verify", [package],
                                      VerifyParams(component.value, submodule, v.family), v.id)
                 packages.append((submodule, verify))

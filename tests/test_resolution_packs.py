@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from publisher.compress.scheme import REPORT
 from publisher.contract import zip_file_name
 from publisher.engine.build import BuildOptions, build
 from publisher.manifest import load_manifests, parse_manifest
@@ -125,3 +126,31 @@ def test_three_sizes_three_complete_sets_sharing_their_weights(tmp_path: Path, s
     programs = sum(p.stat().st_size for p in new.rglob("*") if p.is_file() and p.name != "weight.bin")
     # the new folder's program files, build-info and the card went up; its weight files were on the Hub already
     assert weight_bytes > 1_000_000 and received < programs + 32 * 1024
+
+
+@pytest.mark.slow
+def test_a_pack_reuses_the_default_sizes_palettized_weights(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
+    """The 6-bit UNet of the 256x384 pack is the 256x256 one's weight file on its own program (no k-means run
+    again), and it passes verification at its own size."""
+    manifest = _write(tmp_path / "manifests", '[256, "256x384"]')
+    manifest.write_text(manifest.read_text().replace("{type: float16}", "{type: palettize, nbits: 6}")
+                        .replace("[text_encoder, unet, vae_decoder]", "[unet]"))
+    options = BuildOptions(out=tmp_path / "out", store=tmp_path / "store", namespace="packs", compile=False,
+                           endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False)
+    said: list[str] = []
+    result = build(load_manifests([manifest]), options, report=said.append)
+    assert result.ok, [v.error for v in result.variants]
+    compress = result.plan.steps_of("compress")
+    assert sorted(s.params.rebase for s in compress) == [False, True]  # type: ignore[union-attr]
+    assert all(s.id in result.built for s in compress)
+    assert not any("compressed anew" in line for line in said), said
+    (pack,) = [s.id for s in compress if s.params.rebase]  # type: ignore[union-attr]
+    (stored,) = [r.parent for r in (tmp_path / "store" / "objects").glob("*/*/record.json")
+                 if json.loads(r.read_text()).get("step") == pack]
+    assert "rebased_from" in json.loads((stored / REPORT).read_text())  # no k-means run for the pack
+    repo = tmp_path / "out" / "packs" / "coreml-tiny-packs"
+    digests = {folder: _sha(next((repo / folder / "packages").glob("*_unet.mlpackage"))
+                            / "Data/com.apple.CoreML/weights/weight.bin") for folder in ("original", "original_256x384")}
+    assert len(set(digests.values())) == 1, digests
+    info = json.loads((repo / "original_256x384" / "build-info.json").read_text())
+    assert info["fidelity"]["unet"]["bits"] == 6 and info["fidelity"]["unet"]["output_psnr_db"] >= 35

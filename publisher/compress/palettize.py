@@ -160,20 +160,6 @@ def _check_float16_program(block: Any, package: Path) -> None:
         raise PalettizeError(f"{package}: already compressed (constexpr ops present)")
 
 
-def _set_specification_version(spec: Any, version: int) -> None:
-    """Raise the program's deployment target: spec version and opset name (the ops themselves are unchanged)."""
-    from coremltools import _OPSET
-
-    function = spec.mlProgram.functions["main"]
-    block = function.block_specializations[function.opset]
-    opset = _OPSET[version]
-    function.block_specializations[opset].CopyFrom(block)
-    if function.opset != opset:
-        del function.block_specializations[function.opset]
-    function.opset = opset
-    spec.specificationVersion = version
-
-
 @dataclass(frozen=True)
 class _Solution:
     nbits: int
@@ -244,6 +230,7 @@ def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any]
         PackageFiles,
         WeightReader,
         WeightWriter,
+        blob_values,
         data_type_name,
         op_name,
         value_shape,
@@ -277,7 +264,7 @@ def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any]
                     op.CopyFrom(_lut_operation(op, op_name(op), shape, next(solutions), writer))
                     bar.update()
                     continue
-                for value in _blob_values(op):
+                for value in blob_values(op):
                     offset = value.blobFileValue.offset
                     if offset not in copied:
                         copied[offset] = writer.write(reader.read(value), data_type_name(value.type))
@@ -291,7 +278,7 @@ def _write_palettized(source: Path, spec: Any, block: Any, candidates: list[Any]
 
 def palettize_package(source: Path, output: Path, config: PalettizeConfig, progress: bool = True) -> dict[str, Any]:
     """Write a palettized copy of `source` to `output`; returns the report (see `read_report_from_package`)."""
-    from publisher.milfile import main_block, op_name, read_spec, walk_operations
+    from publisher.milfile import main_block, op_name, read_spec, set_specification_version, walk_operations
 
     ct = import_coremltools()
     for bits in {config.nbits, *config.recipe.values()} - {0}:
@@ -305,7 +292,7 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
     if config.deployment_target is not None:
         wanted = int(getattr(ct.target, config.deployment_target.value))
         if wanted > spec.specificationVersion:
-            _set_specification_version(spec, wanted)
+            set_specification_version(spec, wanted)
             block = main_block(spec, source)
     ios18 = spec.specificationVersion >= int(ct.target.iOS18)
     if config.granularity is Granularity.PER_GROUPED_CHANNEL and not ios18:
@@ -329,17 +316,6 @@ def palettize_package(source: Path, output: Path, config: PalettizeConfig, progr
                    "group_size": config.group_size if config.granularity is Granularity.PER_GROUPED_CHANNEL else None,
                    "mixed": bool(config.recipe), "seconds": round(time.perf_counter() - start, 2)})
     return report
-
-
-def _blob_values(op: Any) -> Iterator[Any]:
-    """The Values of an op that live in the weight file (attributes and inline input bindings)."""
-    for value in op.attributes.values():
-        if value.WhichOneof("value") == "blobFileValue":
-            yield value
-    for argument in op.inputs.values():
-        for binding in argument.arguments:
-            if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
-                yield binding.value
 
 
 def _read_lut_op(reader: Any, op: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...] | None]:

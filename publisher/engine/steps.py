@@ -64,10 +64,24 @@ class StepActions:
         assert isinstance(p, CompressParams)
         scheme = scheme_named(p.scheme)
         settings = scheme.settings_model.model_validate(p.settings)
-        analysis = self.state.outputs[step.inputs[1]].path if len(step.inputs) > 1 else None
+        inputs = list(step.inputs[:-1] if p.rebase else step.inputs)
+        analysis = self.state.outputs[inputs[1]].path if len(inputs) > 1 else None
+        source = self.state.outputs[inputs[0]].path / PACKAGE
+        if p.rebase:  # a resolution pack: the default size's compressed weights on this size's program
+            from publisher.compress.rebase import rebase_compressed
+
+            base = self.state.plan.steps[step.inputs[-1]]
+            base_float = self.state.outputs[base.inputs[0]].path / PACKAGE
+            why = rebase_compressed(base_float, self.state.outputs[base.id].path / PACKAGE, source, work / PACKAGE)
+            if why is None:
+                report = json.loads((self.state.outputs[base.id].path / REPORT).read_text())
+                report["rebased_from"] = self.state.keys[base.id]
+                atomic_write_text(work / REPORT, json.dumps(report, indent=2, sort_keys=True) + "\n")
+                return
+            self.state.report(f"warning: {step.label}: compressed anew: {why}")
         context = CompressContext(deployment_target=DeploymentTarget(p.deployment_target), component=p.component,
                                   inputs=p.inputs, analysis=analysis, progress=self.state.options.progress)
-        report = scheme.apply(self.state.outputs[step.inputs[0]].path / PACKAGE, work / PACKAGE, settings, context)
+        report = scheme.apply(source, work / PACKAGE, settings, context)
         report["scheme"] = scheme.name
         atomic_write_text(work / REPORT, json.dumps(report, indent=2, sort_keys=True) + "\n")
 

@@ -1,0 +1,72 @@
+"""A compressed package at another image size, from the one compressed at the default size: weights once.
+
+A float16 conversion's weight file does not depend on the image size (measured: the UNet's and the VAE's are the same
+bytes at 256x256 and 256x384), only its program's shapes do. So a resolution pack's compressed package is the pack's
+own float16 program with every weight operation as the default size's compressed package has it (same operation
+names: the LUT ops that replaced its consts, the consts it kept) and that package's weight file, byte for byte: no
+compression is run again and the Hub stores the weight file once. Where the two float16 packages do not hold the
+same weights, or an operation has no counterpart, nothing is written and the caller compresses the package itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from publisher.mlpackage import PackageFiles
+from publisher.util.hashing import sha256_file
+
+
+def _weight_file(package: Path) -> Path:
+    from publisher.milfile import WEIGHT_FILE_NAME
+
+    return PackageFiles.of(package).weights / WEIGHT_FILE_NAME
+
+
+def rebase_compressed(base_float: Path, base_compressed: Path, other_float: Path, output: Path) -> str | None:
+    """Write `output` as described in the module doc; returns None when written, else why it could not be."""
+    from publisher.milfile import (
+        blob_values,
+        main_block,
+        op_name,
+        read_spec,
+        set_specification_version,
+        walk_operations,
+        write_package,
+    )
+
+    if sha256_file(_weight_file(base_float)) != sha256_file(_weight_file(other_float)):
+        return "its float16 weights differ from the default size's"
+    compressed_spec = read_spec(base_compressed)
+    stored: dict[str, Any] = {}
+    for op in walk_operations(main_block(compressed_spec, base_compressed)):
+        if op.type.startswith("constexpr_") or any(True for _ in blob_values(op)):
+            stored[op_name(op)] = op
+    spec = read_spec(other_float)
+    if compressed_spec.specificationVersion > spec.specificationVersion:
+        set_specification_version(spec, compressed_spec.specificationVersion)
+    used = 0
+    for op in walk_operations(main_block(spec, other_float)):
+        if not any(True for _ in blob_values(op)):
+            continue
+        counterpart = stored.get(op_name(op))
+        if counterpart is None:
+            return f"its weight {op_name(op)} has no counterpart in the default size's package"
+        op.CopyFrom(counterpart)
+        used += 1
+    if used != len(stored):
+        return f"it has {used} weights, the default size's package {len(stored)}"
+    spec.description.metadata.CopyFrom(compressed_spec.description.metadata)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".bin", dir=output.parent)
+    os.close(handle)
+    weights = Path(name)
+    try:
+        shutil.copyfile(_weight_file(base_compressed), weights)
+        write_package(other_float, spec, weights, output)
+    finally:
+        weights.unlink(missing_ok=True)
+    return None
