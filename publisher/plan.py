@@ -423,10 +423,14 @@ class Plan:
         for step in self.steps.values():
             # conversions every attention shares (the text encoder's) are cheap and would join all of a model's
             # variants into one job: each job that needs one converts it, the heavy ones run once
+            members = []
             if isinstance(step.params, ConvertParams) and step.params.attention is not None:
                 members = [v for v in step.variants if v in parent]
-                for other in members[1:]:
-                    parent[root(other)] = root(members[0])
+            elif isinstance(step.params, CompressParams) and step.params.rebase:
+                # a resolution pack's compressed package is made from the default size's: one job for both
+                members = [v for v in (*step.variants, *self.steps[step.inputs[-1]].variants) if v in parent]
+            for other in members[1:]:
+                parent[root(other)] = root(members[0])
         grouped: dict[str, list[Variant]] = {}
         for v in variants:
             grouped.setdefault(root(v.id), []).append(v)

@@ -79,9 +79,11 @@ def test_plan_emits_the_matrix_the_workflow_reads() -> None:
     jobs = [job["variants"].split() for job in matrix["include"]]
     assert sorted(v for job in jobs for v in job) == sorted({v for job in jobs for v in job})  # each variant once
     assert len({v for job in jobs for v in job}) == 24 + 17 * 2  # the SD models' packs at two more sizes
-    # per SD model and size: ORIGINAL of both repos together, then each split-einsum variant alone; SDXL: ORIGINAL
-    # and SPLIT_EINSUM of both repos (the 6-bit repo reuses the float16 conversions); the community model's two
-    assert len(jobs) == 12 * 3 + 2 + 2
+    # per SD model: ORIGINAL of both repos at every size together (a 6-bit pack is made from the default size's
+    # 6-bit weights, each size's float16 conversion is shared with the 6-bit repo), the float16 SPLIT_EINSUM variant
+    # per size, the 6-bit SPLIT_EINSUM_V2 variants at every size (and SD 1.5's mixed-bit ones) together; SDXL:
+    # ORIGINAL and SPLIT_EINSUM of both repos (the 6-bit repo reuses the float16 conversions); the community model's
+    assert len(jobs) == 4 * (1 + 3 + 1) + 2 + 2
 
 
 def test_each_shared_conversion_runs_in_one_job_only() -> None:
@@ -96,7 +98,7 @@ def test_each_shared_conversion_runs_in_one_job_only() -> None:
         assert len({job_of[v] for v in step.variants}) == 1, step.id
     # the text encoder (every attention shares it) is converted in each job that needs it, not one job per model
     assert len({job_of[v] for s in plan.steps_of("convert") if s.params.component == "text_encoder"
-                for v in s.variants}) == 40
+                for v in s.variants}) == 24
 
 
 @pytest.mark.skipif(shutil.which("actionlint") is None and not (Path(sys.executable).parent / "actionlint").exists(),
