@@ -79,7 +79,7 @@ def test_one_commit_per_variant_and_card(published, hf_api: HfApi, staging_hub) 
     assert set(card.data.tags) == {"coreml", "core-ml", "stable-diffusion", "text-to-image"}
     assert card.data.base_model == "tiny/sd"
     assert card.data.pipeline_tag == "text-to-image"
-    assert '| `split_einsum_v2/` | SPLIT_EINSUM_V2 | ALL | 6-bit | iOS17 |' in card.text
+    assert '| `split_einsum_v2/` | 256x256 | SPLIT_EINSUM_V2 | ALL | 6-bit | iOS17 |' in card.text
     assert 'snapshot_download("pub/coreml-tiny-sd-palettized", allow_patterns="original/packages/*"' in card.text
     assert "| `original` | unet | 6 |" in card.text
     float16_card = ModelCard.load(hf_hub_download("pub/coreml-tiny-sd", "README.md", endpoint=staging_hub.url,

@@ -80,8 +80,10 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.slow
 def test_three_sizes_three_complete_sets_sharing_their_weights(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
+    # the contract's shapes are checked by every build; the outputs against PyTorch at a pack's size: below
     build_options = BuildOptions(out=tmp_path / "out", store=tmp_path / "store", namespace="packs", compile=False,
-                                 endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False)
+                                 endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False,
+                                 verify=False)
     publish_options = PublishOptions(out=tmp_path / "out", namespace="packs", target="staging",
                                      endpoint=staging_hub.url, token=staging_hub.token)
     manifest = _write(tmp_path / "manifests", '[256, "256x384"]')
@@ -111,7 +113,6 @@ def test_three_sizes_three_complete_sets_sharing_their_weights(tmp_path: Path, s
         assert shapes["vae_decoder"]["image"] == (1, 3, height, width)
         info = json.loads((repo / folder / "build-info.json").read_text())
         assert info["variant"]["resolution"] == (256 if width == height else f"{width}x{height}")
-        assert set(info["fidelity"]) == {"text_encoder", "unet", "vae_decoder"}
         for package in packages:
             weights.setdefault(_submodule(package), set()).add(
                 _sha(package / "Data/com.apple.CoreML/weights/weight.bin"))
