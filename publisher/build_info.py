@@ -56,11 +56,16 @@ class BuildInfo(_Model):
     fidelity: dict[str, dict[str, Any]] = {}  # submodule -> figures (output PSNR, the compression scheme's own)
     references: dict[str, str] = {}  # submodule -> store key of its stored reference outputs
     build_seconds: float = 0.0
+    # what an app must configure for this model (the card says it): the VAE's scaling factor, whether the VAE
+    # packages are float32 (its config asks to be upcast)
+    app: dict[str, Any] = {}
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         if not data["extra_sources"]:  # absent when there are none: such a file reads as it always did
             del data["extra_sources"]
+        if not data["app"]:
+            del data["app"]
         for source in (data["source"], *data.get("extra_sources", {}).values()):
             for name in ("scale", "architecture"):  # only where they apply (a LoRA, a checkpoint's config)
                 if source[name] is None:

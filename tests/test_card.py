@@ -31,3 +31,18 @@ def test_float16_card_names_the_ios_folder_and_has_no_none_cells() -> None:
     assert "| `split_einsum/` | 512x512 | SPLIT_EINSUM | ALL | float16 | iOS16 | iOS, iPadOS (UNet in 2 chunks) |" in text
     without_chunks = card_text("me/coreml-sd", infos[:1], "http://hub")
     assert "For iOS and iPadOS" not in without_chunks
+
+
+def test_the_card_says_what_an_app_must_configure() -> None:
+    """SDXL's VAE scale factor (Apple's Swift default is SD's 0.18215), its geometry inputs, and float32 VAE packages
+    where the VAE asks to be upcast; nothing for an SD 1.x model whose VAE has the default."""
+    sd = card_text("me/coreml-sd", [{**_info("original", "ORIGINAL", False, {}),
+                                     "app": {"vae_scale_factor": 0.18215, "vae_float32": False}}], "http://hub")
+    assert "ScaleFactor" not in sd and "originalSize" not in sd and "float32 packages" not in sd
+    xl = _info("original", "ORIGINAL", False, {})
+    xl["variant"]["family"] = "sdxl"
+    text = card_text("me/coreml-sdxl", [{**xl, "app": {"vae_scale_factor": 0.13025, "vae_float32": True}}],
+                     "http://hub")
+    assert "Set the pipeline configuration's `encoderScaleFactor` and `decoderScaleFactor` to 0.13025" in text
+    assert "`originalSize` and `targetSize`" in text
+    assert "The VAE decoder and encoder are float32 packages" in text

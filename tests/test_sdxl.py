@@ -258,6 +258,10 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
     assert "`StableDiffusionXLPipeline(resourcesAt:)`" in card and "TextEncoder2.mlmodelc" in card
     assert f"- refiner from `{REFINER_REPO}` at revision `main`" in card
     assert f"- vae from `{VAE_REPO}`" in card
+    # what an app must set, from the VAE config the VAE packages came from (Apple's Swift default is SD's 0.18215)
+    assert build_info["app"] == {"vae_scale_factor": 0.13025, "vae_float32": False}
+    assert "`encoderScaleFactor` and `decoderScaleFactor` to 0.13025" in card and "`originalSize`" in card
+    assert "float32 packages" not in card
     assert {k: v["output_psnr_db"] >= 35 for k, v in build_info["fidelity"].items()} == {
         c.value: True for c in SDXL.component_names}
 

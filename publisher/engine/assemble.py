@@ -20,7 +20,7 @@ from publisher.plan import CompressParams, FetchParams, Step, Variant, VerifyPar
 from publisher.store import Stamp, sha256_file, stamp_of, step_key, tree_files
 from publisher.util.hashing import json_sha256
 from publisher.verify.fidelity import REFERENCE
-from publisher.vocabulary import Layout
+from publisher.vocabulary import Component, Layout
 
 
 class Assembler:
@@ -121,6 +121,7 @@ class Assembler:
             "fidelity": fidelity,
             "references": references,
             "build_seconds": round(seconds, 1),
+            "app": self._app_settings(variant, verify_steps),
         })
         write_build_info(folder / BUILD_INFO, info)
         built_here = any(s.id in self.state.built for s in steps)
@@ -148,6 +149,23 @@ class Assembler:
             if step.id in self.state.outputs:
                 known.update(self.state.outputs[step.id].vouched())
         return known
+
+    def _app_settings(self, variant: Variant, verify_steps: Sequence[Step]) -> dict[str, Any]:
+        """What an app must set for this model, from the VAE config its VAE packages were converted from."""
+        from publisher.family import read_config
+
+        vae = next((s for s in verify_steps if isinstance(s.params, VerifyParams) and variant.model_family.component(
+            Component(s.params.component)).folder == "vae"), None)
+        if vae is None:
+            return {}
+        source = self.state.source_path(vae)
+        config = read_config(source, "vae") or {}
+        scale = config.get("scaling_factor")
+        if not isinstance(scale, (int, float)):
+            return {}
+        # the family's contract says whether its VAE packages compute in float32 (SDXL's, where the VAE asks to be)
+        float32 = dict(variant.model_family.dims(source, variant.resolution).extra).get("vae.float32", 0) == 1
+        return {"vae_scale_factor": float(scale), "vae_float32": float32}
 
     @staticmethod
     def _folders_of(variant: Variant) -> set[str]:

@@ -78,6 +78,7 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "the tokenizer's " + " and ".join(family.tokenizer_files) + ").",
         "",
     ]
+    lines += _app_configuration(first.get("app", {}), family)
     if chunked:
         lines += [
             "For iOS and iPadOS use " + ", ".join(f"`{name}/`" for name in chunked) + ": its UNet is in two "
@@ -159,6 +160,31 @@ def _source_files(infos: Sequence[dict[str, Any]]) -> list[str]:
         digest = f", sha256 `{entry['sha256']}`" if entry.get("sha256") else ""
         lines.append(f"  - `{name}` ({human_size(entry['size'])}{digest})")
     return lines
+
+
+# what Apple's Swift pipeline assumes when an app sets nothing (`Configuration.encoderScaleFactor` and
+# `decoderScaleFactor`: SD 1.x/2.x's VAE)
+SWIFT_DEFAULT_VAE_SCALE = 0.18215
+
+
+def _app_configuration(app: dict[str, Any], family: ModelFamily) -> list[str]:
+    """What an app must set for this model beyond loading the Resources (from build-info's `app`)."""
+    lines = []
+    scale = app.get("vae_scale_factor")
+    if isinstance(scale, (int, float)) and abs(scale - SWIFT_DEFAULT_VAE_SCALE) > 1e-6:
+        lines.append(f"Set the pipeline configuration's `encoderScaleFactor` and `decoderScaleFactor` to {scale:g} "
+                     f"(this model's VAE `scaling_factor`): the Swift package defaults to {SWIFT_DEFAULT_VAE_SCALE}, "
+                     "SD 1.x/2.x's, and decodes washed-out images with it.")
+    if family.swift_pipeline == "StableDiffusionXLPipeline":
+        lines.append("Set `originalSize` and `targetSize` to the image size the folder was built for (the UNet's "
+                     "`time_ids`).")
+    if app.get("vae_float32"):
+        lines.append("The VAE decoder and encoder are float32 packages, because the VAE's config asks to be upcast "
+                     "(`force_upcast`: float16 overflows in it); they run on CPU and GPU whatever the compute unit "
+                     "the app picks for the UNet. Apple's converter decides float32 by whether a custom VAE is "
+                     "given; here the VAE's own config decides, so a VAE that needs no upcast "
+                     "(madebyollin/sdxl-vae-fp16-fix) ships float16.")
+    return [*lines, ""] if lines else []
 
 
 def _community_lines(extras: dict[str, Any]) -> list[str]:
