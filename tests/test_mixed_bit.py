@@ -330,7 +330,12 @@ def test_a_build_from_apples_recipe_format(tmp_path: Path, tiny_source: Path, st
     unet_figures = info["fidelity"]["unet"]
     assert unet_figures["mixed_bit"]["layers"] == len(recipe) == unet_figures["mixed_bit"]["matched_ops"]
     assert sorted(unet_figures["recipe"].values()) == sorted(recipe.values())  # every layer at its bits
+    # a module the UNet does not have: refused once the source is fetched, before anything converts
     _apple_file(folder, {**recipe, "down_blocks.9.nothing": 4})
-    failed = build(load_manifests([manifest]), options)
-    assert not failed.ok and "down_blocks.9.nothing" in (failed.variants[0].error or "")
+    fresh = BuildOptions(out=tmp_path / "out2", store=tmp_path / "store2", namespace="tester", compile=False,
+                         endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False)
+    failed = build(load_manifests([manifest]), fresh)
+    assert not failed.ok and failed.variants[0].error == \
+        "the recipe names 1 module(s) this UNet has no weight for: down_blocks.9.nothing"
+    assert failed.built == []
 

@@ -363,6 +363,23 @@ def analyze_to_folder(source: Path, component: Component, resolution: Resolution
     atomic_write_text(out / APPLE_PRE_ANALYSIS, json.dumps(apple, indent=1) + "\n")
 
 
+def unet_weight_names(source: Path, family: str = DEFAULT_FAMILY) -> set[str]:
+    """The module names of the source's UNet that hold a weight (Apple's recipe names), from its config alone: the
+    model is built on the meta device, no weight is read."""
+    import importlib
+
+    import torch
+
+    from publisher.family import family_named
+
+    spec = family_named(family).component(Component.UNET)
+    module, _, name = spec.loader.partition(":")
+    config = json.loads((Path(source) / spec.folder / "config.json").read_text())
+    with torch.device("meta"):
+        unet = getattr(importlib.import_module(module), name).from_config(config)
+    return {n.removesuffix(".weight") for n, _ in unet.named_parameters() if n.endswith(".weight")}
+
+
 def apple_recipe_record(source: Path, resolution: Resolution, settings: Mapping[str, Any], model_version: str,
                         family: str = DEFAULT_FAMILY) -> dict[str, Any]:
     """An analysis record whose choice is a recipe in Apple's layout: its module names matched to the source UNet's

@@ -74,6 +74,8 @@ class _Runner:
     def run_step(self, step: Step, threads: int | None = None) -> None:
         """Run one step (or take its stored output); `threads`: torch's threads in its isolated process."""
         self.state._local.threads = threads
+        if step.id in self.state.failed:  # refused before it ran (a recipe checked against the fetched source)
+            return
         broken = [i for i in step.inputs if i in self.state.failed]
         if broken:
             self.state.failed[step.id] = self.state.failed[broken[0]]
@@ -155,6 +157,7 @@ class _Runner:
         self.state.keys[step.id] = key
         self.state.fetched[step.id] = Fetched(key, fetched.path, fetched.commit, fetched.repo, fetched.revision,
                                               {f.path: f.to_json() for f in fetched.files})
+        self._check_recipes(step)
 
     def _fetch_community(self, step: Step, params: FetchParams, components: list[Component]) -> None:
         """A single-file checkpoint and/or LoRAs: fetched, checked and prepared (engine/community.py)."""
@@ -170,6 +173,29 @@ class _Runner:
             return
         self.state.keys[step.id] = fetched.key
         self.state.fetched[step.id] = fetched
+        self._check_recipes(step)
+
+    def _check_recipes(self, fetch: Step) -> None:
+        """A recipe in Apple's layout is checked against the fetched source's UNet (its module names, from the
+        config alone) before anything converts: one that names modules the UNet lacks fails its variants' steps
+        that no other variant needs, with one line."""
+        from publisher.compress.sensitivity import unet_weight_names
+
+        plan = self.state.plan
+        for analyze in plan.steps_of("analyze"):
+            if fetch.id not in analyze.inputs or not isinstance(analyze.params, AnalyzeParams) or \
+                    "apple_recipe" not in analyze.params.settings:
+                continue
+            names = unet_weight_names(self.state.fetched[fetch.id].path, analyze.params.family)
+            unknown = [str(n) for n, _ in analyze.params.settings["apple_recipe"] if n not in names]
+            if not unknown:
+                continue
+            message = (f"the recipe names {len(unknown)} module(s) this UNet has no weight for: "
+                       f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+            doomed = set(analyze.variants)
+            for other in plan.steps.values():
+                if other.kind != "fetch" and other.variants and set(other.variants) <= doomed:
+                    self.state.failed.setdefault(other.id, message)
 
 
 def build(manifests: Sequence[LoadedManifest], options: BuildOptions,
