@@ -46,6 +46,8 @@ class ComponentSpec:
     source_role: str = ""
     source_folder: str = ""  # its folder in that extra source's repo
     in_checkpoint: bool = True  # a single-file checkpoint of the family holds its weights (not the safety checker)
+    optional: bool = False  # built only where a publish entry asks for it (the ControlledUnet), never by default
+    same_weights_as: str = ""  # a component whose weights it has (the ControlledUnet: the UNet's), compressed once
 
 
 @dataclass(frozen=True)

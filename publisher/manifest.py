@@ -182,6 +182,15 @@ class PublishRepo(_Model):
         Discriminator(lambda value: "[list]" if isinstance(value, list) else "[bool]"),
     ] = Field(default=False, description="UNet in two chunks (for iOS): true for every attention, or a list of them")
     layouts: list[Layout] = Field(default_factory=lambda: list(Layout), min_length=1)
+    controlnet: Annotated[
+        Annotated[StrictBool, Tag("[bool]")] | Annotated[list[Attention], Tag("[list]")],
+        Discriminator(lambda value: "[list]" if isinstance(value, list) else "[bool]"),
+    ] = Field(default=False, description="also the ControlNet-ready UNet (Apple's ControlledUnet, package "
+              "`..._control-unet.mlpackage`) beside the Unet: true for every attention, or a list of them")
+
+    def controls(self, attention: Attention) -> bool:
+        """Whether this attention's folder also gets the ControlledUnet."""
+        return self.controlnet if isinstance(self.controlnet, bool) else attention in self.controlnet
 
     @property
     def deployment_target(self) -> DeploymentTarget:
@@ -247,8 +256,9 @@ class Manifest(_Model):
         if self.source.components is not None:
             return list(self.source.components)
         family = family_named(self.family)  # a component read from an extra source is there when that source is
-        return [c for c in family.component_names if self.source_role(c) is not None and
-                (self.source.file is None or self.source_role(c) or family.component(c).in_checkpoint)]
+        return [c for c in family.component_names if self.source_role(c) is not None
+                and not family.component(c).optional  # asked for by a publish entry (the ControlledUnet)
+                and (self.source.file is None or self.source_role(c) or family.component(c).in_checkpoint)]
 
     def source_role(self, component: Component) -> str | None:
         """Which source a component is read from: "" (the manifest's source), "vae" or "refiner"; None when its
@@ -382,6 +392,14 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                 errors.append((at + ("chunk_unet",),
                                f"a {precision.label} UNet is small enough ({bits:g} bits per weight): chunking is "
                                "refused"))
+        if target.controlnet:
+            if not family.has(Component.CONTROL_UNET):
+                errors.append((at + ("controlnet",), f"family '{family.name}' has no ControlNet-ready UNet (Apple's "
+                               "Swift package loads ControlNets for SD 1.x/2.x only)"))
+            for index, attention in enumerate(target.controlnet if isinstance(target.controlnet, list) else []):
+                if attention not in target.attention:
+                    errors.append((at + ("controlnet", index),
+                                   f"'{attention.value}' is not in this repo's attention list"))
         if Layout.ZIP in target.layouts and Layout.COMPILED not in target.layouts:
             errors.append((at + ("layouts",), "'zip' needs 'compiled' (the zip holds the compiled Resources)"))
     return errors

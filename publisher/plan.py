@@ -248,8 +248,8 @@ class CompressParams:
     component: str
     deployment_target: str
     inputs: dict[str, Any] = field(default_factory=dict)  # the contents of the files the settings name (a recipe)
-    # a resolution pack's package: the default size's compressed weights on this size's program
-    # (publisher.compress.rebase), compressed anew only where the float16 weights differ
+    # the compressed weights of a package with the same float16 weights (a resolution pack's default size, the
+    # ControlledUnet's UNet) on this package's program (publisher.compress.rebase), compressed anew where they differ
     rebase: bool = False
 
 
@@ -469,7 +469,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                 repo_id=target.repo_id(namespace),
                 attention=attention,
                 precision=target.precision,
-                components=tuple(manifest.components_for(target, size)),
+                components=tuple(_with_controlnet(manifest, target, attention, size)),
                 compute_unit=target.compute_unit(attention),
                 deployment_target=target.deployment_target,
                 chunk_unet=target.chunks_unet(attention),
@@ -492,6 +492,15 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                 compile_runner=manifest.runners.compile,
             ))
     return variants
+
+
+def _with_controlnet(manifest: Any, target: Any, attention: Attention, size: Any) -> list[Component]:
+    """The target's components at a size, with the ControlledUnet where the target asks for it for this attention."""
+    components = manifest.components_for(target, size)
+    family = family_named(manifest.family)
+    if target.controls(attention) and family.has(Component.CONTROL_UNET) and Component.CONTROL_UNET not in components:
+        components = family.ordered([*components, Component.CONTROL_UNET])
+    return list(components)
 
 
 def _extra_sources(manifest: Any, components: Sequence[Component]) -> dict[str, Any]:
@@ -564,6 +573,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         extra_fetches = {ref.role: builder.add(f"fetch:{ref.label}:{ref.role}", "fetch", [], _extra_fetch(v, ref),
                                                v.id) for ref in v.extra_sources}
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
+        compressed_here: dict[str, str] = {}  # submodule -> its compress step, in this variant
         packages_only: set[str] = set()  # submodules the compiled Resources leave out
         for component in v.components:
             attention = v.attention if v.uses_attention(component) else None  # None: shared by every attention
@@ -600,13 +610,17 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                         f"{json_sha256(request.params)[:12]}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
                 if compressed:
-                    at_default = compressed_at_default.get((v.repo_id, v.attention, submodule))
-                    rebase = size != v.base_size and at_default is not None
+                    # the same weights compressed already: the default size's package (a resolution pack), or the
+                    # component whose weights this one has (the ControlledUnet's are the UNet's)
+                    twin = v.model_family.component(component).same_weights_as
+                    reuse = compressed_at_default.get((v.repo_id, v.attention, submodule)) if size != v.base_size \
+                        else compressed_here.get(twin) if twin and submodule == component.value else None
                     package = builder.add(
                         f"{scheme.name}:{builder.label(package)}:{v.precision.label}:{v.deployment_target.value}",
-                        "compress", [package, *analysis, *([at_default] if rebase and at_default else [])],
+                        "compress", [package, *analysis, *([reuse] if reuse else [])],
                         CompressParams(scheme.name, settings, component.value, v.deployment_target.value,
-                                       dict(v.precision_inputs), rebase), v.id)
+                                       dict(v.precision_inputs), reuse is not None), v.id)
+                    compressed_here[submodule] = package
                     if size == v.base_size:
                         compressed_at_default.setdefault((v.repo_id, v.attention, submodule), package)
                 verify = builder.add(f"verify:{builder.label(package)}", "verify", [package],

@@ -25,7 +25,8 @@ class Attention(str, Enum):
         return ComputeUnit.CPU_AND_GPU if self is Attention.ORIGINAL else ComputeUnit.ALL
 
 
-COMPONENT_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+# lowercase words joined by _ or - (Apple names the ControlNet-ready UNet's package `control-unet`)
+COMPONENT_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
 
 
 class Component(str):
@@ -38,6 +39,7 @@ class Component(str):
     TEXT_ENCODER: ClassVar[Component]
     TEXT_ENCODER_2: ClassVar[Component]  # SDXL's second (OpenCLIP bigG) text encoder
     UNET: ClassVar[Component]
+    CONTROL_UNET: ClassVar[Component]  # the UNet with ControlNet residual inputs (Apple's `ControlledUnet`)
     REFINER: ClassVar[Component]  # SDXL's refiner UNet, from the refiner pipeline (source.refiner)
     VAE_DECODER: ClassVar[Component]
     VAE_ENCODER: ClassVar[Component]
@@ -45,7 +47,7 @@ class Component(str):
 
     def __new__(cls, name: str) -> Component:
         if not isinstance(name, str) or not re.fullmatch(COMPONENT_NAME, name):
-            raise ValueError(f"a component name is lowercase letters, digits and _ (at most 64), not {name!r}")
+            raise ValueError(f"a component name is lowercase letters, digits, _ and - (at most 64), not {name!r}")
         return super().__new__(cls, name)
 
     @property
@@ -73,6 +75,7 @@ class Component(str):
 Component.TEXT_ENCODER = Component("text_encoder")
 Component.TEXT_ENCODER_2 = Component("text_encoder_2")
 Component.UNET = Component("unet")
+Component.CONTROL_UNET = Component("control-unet")
 Component.REFINER = Component("refiner")
 Component.VAE_DECODER = Component("vae_decoder")
 Component.VAE_ENCODER = Component("vae_encoder")

@@ -1,11 +1,12 @@
 """A compressed package at another image size, from the one compressed at the default size: weights once.
 
 A float16 conversion's weight file does not depend on the image size (measured: the UNet's and the VAE's are the same
-bytes at 256x256 and 256x384), only its program's shapes do. So a resolution pack's compressed package is the pack's
-own float16 program with every weight operation as the default size's compressed package has it (same operation
-names: the LUT ops that replaced its consts, the consts it kept) and that package's weight file, byte for byte: no
-compression is run again and the Hub stores the weight file once. Where the two float16 packages do not hold the
-same weights, or an operation has no counterpart, nothing is written and the caller compresses the package itself.
+bytes at 256x256 and 256x384), only its program's shapes do; the ControlledUnet's is the UNet's. So such a package's
+compressed form is its own float16 program with every weight operation as the other's compressed package has it
+(matched by the weight's place in the identical float16 weight files, renamed to this program's name: the LUT ops
+that replaced its consts, the consts it kept) and that package's weight file, byte for byte: no compression is run
+again and the Hub stores the weight file once. Where the two float16 packages do not hold the same weights, or an
+operation has no counterpart, nothing is written and the caller compresses the package itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def _weight_file(package: Path) -> Path:
     from publisher.milfile import WEIGHT_FILE_NAME
 
     return PackageFiles.of(package).weights / WEIGHT_FILE_NAME
+
+
+def _rename(op: Any, name: str, output: str) -> None:
+    """An operation under another program's names: its `name` attribute (where it has one) and its output."""
+    op.outputs[0].name = output
+    if "name" in op.attributes:
+        op.attributes["name"].immediateValue.tensor.strings.values[:] = [name]
 
 
 def rebase_compressed(base_float: Path, base_compressed: Path, other_float: Path, output: Path) -> str | None:
@@ -45,20 +53,28 @@ def rebase_compressed(base_float: Path, base_compressed: Path, other_float: Path
     for op in walk_operations(main_block(compressed_spec, base_compressed)):
         if op.type.startswith("constexpr_") or any(True for _ in blob_values(op)):
             stored[op_name(op)] = op
+    # the weight files are the same bytes: a blob's offset names one weight in both float16 packages, whatever
+    # the operation is called in each program
+    base_spec = read_spec(base_float)
+    name_at = {offset: op_name(op) for op in walk_operations(main_block(base_spec, base_float))
+               for offset in [next((v.blobFileValue.offset for v in blob_values(op)), None)] if offset is not None}
     spec = read_spec(other_float)
     if compressed_spec.specificationVersion > spec.specificationVersion:
         set_specification_version(spec, compressed_spec.specificationVersion)
-    used = 0
+    used = set()
     for op in walk_operations(main_block(spec, other_float)):
-        if not any(True for _ in blob_values(op)):
+        offset = next((v.blobFileValue.offset for v in blob_values(op)), None)
+        if offset is None:
             continue
-        counterpart = stored.get(op_name(op))
+        name, var = op_name(op), op.outputs[0].name
+        counterpart = stored.get(name_at.get(offset, ""))
         if counterpart is None:
-            return f"its weight {op_name(op)} has no counterpart in the default size's package"
+            return f"its weight {name} has no counterpart in the compressed package"
         op.CopyFrom(counterpart)
-        used += 1
-    if used != len(stored):
-        return f"it has {used} weights, the default size's package {len(stored)}"
+        _rename(op, name, var)  # consumers here read it under this program's names
+        used.add(name_at[offset])
+    if used != set(stored):
+        return f"it has {len(used)} of the compressed package's {len(stored)} weights"
     spec.description.metadata.CopyFrom(compressed_spec.description.metadata)
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".bin", dir=output.parent)

@@ -71,6 +71,18 @@ class Unet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, *conditioning)
 
 
+class ControlledUnet(Unet):
+    """Apple's `ControlledUnet`: the UNet with a ControlNet's residuals as inputs (`additional_residual_0..N`, after
+    the UNet's own inputs), added where diffusers adds `down_block_additional_residuals` and
+    `mid_block_additional_residual`."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        conditioning = 2 if self.unet.conditioned else 0  # SDXL's time_ids and text_embeds come first
+        return self.unet(sample, timestep, encoder_hidden_states, *rest[:conditioning],
+                         residuals=tuple(rest[conditioning:]))
+
+
 class VAEDecoder(nn.Module):
     def __init__(self, vae: Loaded) -> None:
         super().__init__()
@@ -150,6 +162,7 @@ WRAPPERS: dict[str, Callable[[nn.Module, Attention], nn.Module]] = {
     "text_encoder": lambda module, attention: TextEncoder(module),
     "text_encoder_xl": lambda module, attention: TextEncoderXL(module),
     "unet": lambda module, attention: Unet(module, attention),
+    "controlled_unet": lambda module, attention: ControlledUnet(module, attention),
     # the VAE as diffusers has it, whatever the attention implementation: Apple's converter traces it unchanged
     # ("a pure ConvNet"), so its packages are one conversion shared by every attention folder
     "vae_decoder": lambda module, attention: VAEDecoder(module),

@@ -237,6 +237,27 @@ class AneUnet(nn.Module):
                 state.skips.append(state.hidden)
         return state
 
+    @property
+    def first_up_stage(self) -> int:
+        """The index of the first stage after the middle block (where a ControlNet's residuals are added)."""
+        return next(i for i, stage in enumerate(self.stages) if stage.name.startswith("up"))
+
+    def residual_count(self) -> int:
+        """How many residuals a ControlNet adds: one per skip connection, then one to the middle block's output."""
+        return sum(stage.push for stage in self.stages) + 1
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.run(self.start(sample, timestep, encoder_hidden_states, time_ids, text_embeds)).hidden
+                time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                residuals: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """`residuals`: a ControlNet's outputs, as diffusers adds them: one to each skip connection (the
+        down-block residuals, in order) and the last to the middle block's output."""
+        state = self.start(sample, timestep, encoder_hidden_states, time_ids, text_embeds)
+        if not residuals:
+            return self.run(state).hidden
+        up = self.first_up_stage
+        self.run(state, 0, up)
+        if len(residuals) != len(state.skips) + 1:
+            raise ValueError(f"expected {len(state.skips) + 1} ControlNet residuals, got {len(residuals)}")
+        state.skips = [skip + residual for skip, residual in zip(state.skips, residuals[:-1], strict=True)]
+        state.hidden = state.hidden + residuals[-1]
+        return self.run(state, up).hidden

@@ -3,6 +3,7 @@ and encoder, safety checker; names, shapes and dtypes as Apple's Swift and Pytho
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from publisher.contract import (
@@ -45,6 +46,10 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, *latent), "predicted noise"),
         ), "denoising UNet")
+    if component == Component.CONTROL_UNET:
+        unet = sd_model_spec(Component.UNET, dims)
+        return replace(unet, component=component, inputs=unet.inputs + controlnet_residuals(dims),
+                       description="denoising UNet taking a ControlNet's residuals (Apple's ControlledUnet)")
     if component == Component.VAE_DECODER:
         return ModelSpec(component, (
             TensorSpec("z", (1, ch, *latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
@@ -71,6 +76,36 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
     raise ValueError(component)
 
 
+def controlnet_residuals(dims: ModelDims) -> tuple[TensorSpec, ...]:
+    """A ControlNet's outputs as the ControlledUnet takes them (Apple's `additional_residual_<i>`): one per skip
+    connection of the down blocks, then the middle block's, each (2, C, H/8/2^level, W/8/2^level)."""
+    return tuple(TensorSpec(f"additional_residual_{i}", (UNET_BATCH, dims.size(f"residual{i}.channels"),
+                                                         dims.latent_height >> dims.size(f"residual{i}.level"),
+                                                         dims.latent_width >> dims.size(f"residual{i}.level")),
+                            "ControlNet residual" + (" (middle block)" if i == dims.size("residuals") - 1 else ""),
+                            FLOAT16)
+                 for i in range(dims.size("residuals")))
+
+
+def residual_dims(unet: dict[str, object]) -> tuple[tuple[str, int], ...]:
+    """The shapes of a ControlNet's residuals for a UNet config: channels and down-sampling level of each skip
+    connection (conv_in, every down-block resnet, every down-sampler) and of the middle block's output."""
+    channels = unet.get("block_out_channels")
+    if not isinstance(channels, list) or not channels:
+        return ()
+    widths = [config_int(c) for c in channels]
+    per_block = unet.get("layers_per_block", 2)
+    layers = [config_int(n) for n in per_block] if isinstance(per_block, list) else [config_int(per_block)] * len(widths)
+    found = [(widths[0], 0)]
+    for block, width in enumerate(widths):
+        found += [(width, block)] * layers[block]
+        if block < len(widths) - 1:
+            found.append((width, block + 1))
+    found.append((widths[-1], len(widths) - 1))
+    return (("residuals", len(found)), *((f"residual{i}.{key}", value) for i, (c, level) in enumerate(found)
+                                         for key, value in (("channels", c), ("level", level))))
+
+
 def sd_dims(source: Path, resolution: int) -> ModelDims:
     """The dimensions the contract's shapes depend on, from the source's configs."""
     hidden = None
@@ -85,7 +120,7 @@ def sd_dims(source: Path, resolution: int) -> ModelDims:
     unet = read_config(source, "unet") or {}
     latent, out = unet.get("in_channels", LATENT_CHANNELS), unet.get("out_channels", LATENT_CHANNELS)
     return ModelDims(resolution=resolution, text_hidden=hidden, latent_channels=config_int(latent),
-                     unet_out_channels=config_int(out))
+                     unet_out_channels=config_int(out), extra=residual_dims(unet))
 
 
 def config_int(value: object) -> int:
@@ -103,6 +138,11 @@ FAMILY = ModelFamily(
                       "text_encoder", compressible=True),
         ComponentSpec(Component.UNET, "unet", "Unet", "diffusers:UNet2DConditionModel", "unet",
                       uses_attention=True, sized=True, compressible=True, chunks=UNET_CHUNKS, chunk_above_bits=6),
+        # Apple's ControlledUnet: built where a publish entry asks for it (`controlnet`), beside the Unet; the Swift
+        # pipeline takes it when ControlNets are named
+        ComponentSpec(Component.CONTROL_UNET, "unet", "ControlledUnet", "diffusers:UNet2DConditionModel",
+                      "controlled_unet", uses_attention=True, sized=True, compressible=True, optional=True,
+                      same_weights_as="unet"),
         ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
                       sized=True),
         ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",
