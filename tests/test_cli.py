@@ -38,7 +38,7 @@ def test_malformed_manifest_is_one_line_exit_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {bad}:17: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
+    assert lines == [f"error: {bad}:18: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
     assert "Traceback" not in result.stderr
 
 

@@ -39,16 +39,18 @@ def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     # per model and size: the UNet once per attention (the float16 SPLIT_EINSUM UNet also as two chunks, for iOS)
     # and the two VAE parts (diffusers' own, as Apple converts them) for every attention; per model the text encoder
     # (no size changes it) and the safety checker (SD 1.x, at 512 only) once
-    assert counts["convert"] == 2 * (sizes * (3 + 2) + 2) + 2 * (sizes * (3 + 2) + 1)
+    # SD 1.5's ControlledUnet (float16 ORIGINAL, 6-bit ORIGINAL and SPLIT_EINSUM_V2): per size ORIGINAL (shared by the
+    # two repos) and SPLIT_EINSUM_V2
+    assert counts["convert"] == 2 * (sizes * (3 + 2) + 2) + 2 * (sizes * (3 + 2) + 1) + 2 * sizes
     assert counts["chunk"] == 4 * 2 * sizes
     assert counts["fetch"] == 4
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
     # the mixed-bit repo's UNet (its V2 conversion shared with the 6-bit repo) after one analysis of the source
-    assert counts["compress"] == (8 + 1) * sizes + 4
+    assert counts["compress"] == (8 + 1 + 2) * sizes + 4  # + SD 1.5's 6-bit ControlledUnets
     assert counts["analyze"] == 1
     assert counts["assemble"] == counts["zip"] == 17 * sizes
     shared = [s for s in plan.steps_of("convert") if s.params.attention in ("ORIGINAL", None)]
-    assert len(shared) == 4 * 3 * sizes + 4 + 2
+    assert len(shared) == 4 * 3 * sizes + 4 + 2 + sizes
     for step in shared:
         repos = {variant.rsplit("/", 1)[0] for variant in step.variants}
         assert {r.removesuffix("-palettized") for r in repos if not r.endswith("-mixed-bit")} == {
