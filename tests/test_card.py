@@ -46,3 +46,13 @@ def test_the_card_says_what_an_app_must_configure() -> None:
     assert "Set the pipeline configuration's `encoderScaleFactor` and `decoderScaleFactor` to 0.13025" in text
     assert "`originalSize` and `targetSize`" in text
     assert "The VAE decoder and encoder are float32 packages" in text
+
+
+def test_the_card_says_how_to_use_controlnets() -> None:
+    info = _info("original", "ORIGINAL", False, {})
+    info["variant"]["components"] = ["text_encoder", "unet", "control-unet"]
+    text = card_text("me/coreml-sd", [info, _info("split_einsum", "SPLIT_EINSUM", True, {})], "http://hub")
+    assert "ControlNet: `original/` also hold the ControlNet-ready UNet (`ControlledUnet.mlmodelc`" in text
+    assert 'StableDiffusionPipeline(resourcesAt:controlNet: ["<name>"], configuration:)' in text
+    assert "configuration.controlNetInputs" in text
+    assert "ControlNet" not in card_text("me/coreml-sd", [_info("original", "ORIGINAL", False, {})], "http://hub")

@@ -79,6 +79,18 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
     ]
     lines += _app_configuration(first.get("app", {}), family)
+    controlled = [info["variant"]["folder"] for info in infos
+                  if Component.CONTROL_UNET in info["variant"].get("components", [])]
+    if controlled:
+        lines += [
+            "ControlNet: " + ", ".join(f"`{name}/`" for name in controlled) + " also hold the ControlNet-ready UNet "
+            "(`ControlledUnet.mlmodelc`, package `..._control-unet.mlpackage`). Put ControlNet models (Apple's "
+            "converter: `--convert-controlnet`) in the Resources' `controlnet/` folder, create the pipeline with "
+            "`StableDiffusionPipeline(resourcesAt:controlNet: [\"<name>\"], configuration:)` and give each ControlNet's "
+            "condition image in `configuration.controlNetInputs`; without ControlNets the pipeline loads `Unet` as "
+            "before.",
+            "",
+        ]
     if chunked:
         lines += [
             "For iOS and iPadOS use " + ", ".join(f"`{name}/`" for name in chunked) + ": its UNet is in two "
