@@ -54,3 +54,28 @@ def full_size_unet_package(work: Path, source: Path | None, package: Path | None
     convert_isolated(source, Component.UNET, Attention.ORIGINAL, 512, DeploymentTarget.iOS16, package,
                      PackageMetadata("bench/sd15@random", "mit", Attention.ORIGINAL))
     return source, package
+
+
+def staging_bytes(endpoint: str, token: str, field: str) -> int:
+    """The staging Hub's byte counter `field` (bytes_sent, bytes_received), summed over its routes."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{endpoint}/api/staging/stats", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request) as response:
+        return int(sum(json.loads(response.read())[field].values()))
+
+
+def run_code(code: str, args: list[str], root: Path) -> dict:
+    """Run `python -c code args` with the project on the path; its last stdout line is a JSON result, to which the
+    wall time is added."""
+    import os
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed:\n{proc.stderr[-4000:]}")
+    result = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    return result

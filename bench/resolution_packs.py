@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import staging_client_env  # noqa: E402
+from bench._common import run_code, staging_bytes, staging_client_env  # noqa: E402
 
 TOKEN = "bench-token"
 SOURCE = "bench/sd15-unet"
@@ -64,23 +61,10 @@ print(json.dumps({"peak_gib": round(peak, 2), "conversions": built}))
 """
 
 
-def _received(endpoint: str) -> int:
-    request = urllib.request.Request(f"{endpoint}/api/staging/stats", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(request) as response:
-        return int(sum(json.loads(response.read())["bytes_received"].values()))
-
-
 def _run(manifest: Path, work: Path, endpoint: str) -> dict[str, Any]:
-    start = time.perf_counter()
-    before = _received(endpoint)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(manifest), str(work), endpoint, TOKEN],
-                          capture_output=True, text=True, cwd=ROOT,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed:\n{proc.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    result["bytes_received"] = _received(endpoint) - before
+    before = staging_bytes(endpoint, TOKEN, "bytes_received")
+    result = run_code(CHILD, [str(manifest), str(work), endpoint, TOKEN], ROOT)
+    result["bytes_received"] = staging_bytes(endpoint, TOKEN, "bytes_received") - before
     return result
 
 

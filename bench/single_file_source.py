@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import staging_client_env  # noqa: E402
+from bench._common import run_code, staging_bytes, staging_client_env  # noqa: E402
 
 TOKEN = "bench-token"
 CONFIG_REPO = "bench/sd15-diffusers"
@@ -72,26 +70,11 @@ else:
 """
 
 
-def _sent(endpoint: str) -> int:
-    import urllib.request
-
-    request = urllib.request.Request(f"{endpoint}/api/staging/stats", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(request) as response:
-        return int(sum(json.loads(response.read())["bytes_sent"].values()))
-
-
 def _child(manifest: Path, work: Path, endpoint: str, fetch_only: bool) -> dict[str, Any]:
-    start = time.perf_counter()
-    before = _sent(endpoint)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(manifest), str(work), endpoint, TOKEN,
-                           "1" if fetch_only else "0"], capture_output=True, text=True, cwd=ROOT,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    result["bytes_sent"] = _sent(endpoint) - before
-    return dict(result)
+    before = staging_bytes(endpoint, TOKEN, "bytes_sent")
+    result = run_code(CHILD, [str(manifest), str(work), endpoint, TOKEN, "1" if fetch_only else "0"], ROOT)
+    result["bytes_sent"] = staging_bytes(endpoint, TOKEN, "bytes_sent") - before
+    return result
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "publisher"
 LAYERS: list[tuple[str, ...]] = [
     ("publisher.errors", "publisher.util", "publisher.metrics", "publisher.build_info", "publisher.vocabulary",
      "publisher"),                                                                         # base
-    ("publisher.manifest", "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
+    ("publisher.manifest", "publisher.manifest_schema", "publisher.manifest_rules",
+     "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
      "publisher.family", "publisher.families",
      "publisher.deployment"),                                                              # model, files, schemes
     ("publisher.plan",),                                                                  # what to build

@@ -103,7 +103,7 @@ CASES = [
      "m.yaml:9: publish[0].precision.type: must be one of float16, palettize"),
     ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    components: [unet, tokenizer]",
      "m.yaml:11: publish[0].components[1]: 'tokenizer' is not a component of family 'sd' (text_encoder, unet, "
-     "vae_decoder, vae_encoder, safety_checker)"),
+     "control-unet, vae_decoder, vae_encoder, safety_checker)"),
     ("  revision: main", "  revision: main\n  components: [text_encoder, unet, vae_decoder]",
      None),  # fine on its own; see the subset rule below
     ("attention: [ORIGINAL, SPLIT_EINSUM]", "attention: [ORIGINAL, SPLIT_EINSUM]\n    layouts: [packages, zip]",
