@@ -160,6 +160,20 @@ def test_lora_is_fused_as_diffusers_fuses_it_and_only_what_it_changes_is_rebuilt
     assert rebuilt == {"unet"} and kept == {"text_encoder"}
     assert _weights(again, "unet") != half["unet"] and _weights(again, "text_encoder") == half["text_encoder"]
 
+    # published, it is current until the LoRA's repo gets a new commit
+    from huggingface_hub import HfApi
+
+    from publisher.publish import PublishOptions, publish, status
+
+    loaded = load_manifests([manifest])
+    publish(loaded, PublishOptions(out=work / "b" / "out", namespace="tester", target="staging",
+                                   endpoint=staging_hub.url, token=staging_hub.token))
+    assert [r.reason for r in status(loaded, "tester", staging_hub.url, staging_hub.token)] == ["current"]
+    HfApi(endpoint=staging_hub.url, token=staging_hub.token).upload_file(
+        path_or_fileobj=b"a new commit\n", path_in_repo="NOTES.txt", repo_id=LORA_REPO)
+    assert [r.reason for r in status(loaded, "tester", staging_hub.url, staging_hub.token)] == [
+        "lora01 source has a new commit"]
+
     # a LoRA with text encoder layers changes the text encoder too (the prepare step alone: no conversion needed)
     out = work / "prepared-with-text-encoder"
     report = prepare_source(None, str(community["pipeline"]), [(str(community["loras"] / "with-text-encoder.safetensors"),

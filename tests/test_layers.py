@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
      "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
      "publisher.family", "publisher.families",
      "publisher.deployment"),                                                              # model, files, schemes
-    ("publisher.plan",),                                                                  # what to build
+    ("publisher.plan", "publisher.plan_variant"),                                                                  # what to build
     ("publisher.convert", "publisher.verify", "publisher.compile", "publisher.layout",
      "publisher.store",
      "publisher.compress.sensitivity"),  # the stages (the mixed-bit analysis runs the ANE UNet: convert/ is below it)

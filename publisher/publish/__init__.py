@@ -106,12 +106,16 @@ def _variant_status(variant: Variant, api: Any, source_api: Any, endpoint: str, 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    def commit_of(repo: str, revision: str) -> str | None:
+        if (repo, revision) not in source_commits:
+            try:
+                source_commits[repo, revision] = source_api.repo_info(repo, revision=revision).sha
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                source_commits[repo, revision] = None
+        return source_commits[repo, revision]
+
     key = (variant.source_repo, variant.source_revision)
-    if key not in source_commits:
-        try:
-            source_commits[key] = source_api.repo_info(variant.source_repo, revision=variant.source_revision).sha
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            source_commits[key] = None
+    commit_of(*key)
     try:
         revision = api.repo_info(variant.repo_id).sha
         local = hf_hub_download(variant.repo_id, f"{variant.folder}/{BUILD_INFO}", revision=revision,
@@ -130,6 +134,10 @@ def _variant_status(variant: Variant, api: Any, source_api: Any, endpoint: str, 
         reasons.append("source unreachable")
     elif info.source.commit != source_commits[key]:
         reasons.append("source has a new commit")
+    for role, extra in sorted(info.extra_sources.items()):  # a custom VAE, a refiner, a config repo, the LoRAs
+        current = commit_of(extra.repo, extra.revision)
+        if current is not None and current != extra.commit:
+            reasons.append(f"{role} source has a new commit")
     if info.tools != versions:
         reasons.append("tool versions or the project's code changed")
     return VariantStatus(variant, True, revision, not reasons, ", ".join(reasons) or "current")
