@@ -1,0 +1,104 @@
+"""A build from a recipe in Apple's pre-analysis layout on a full-size SD 1.5-shaped UNet (random weights).
+
+Run by hand (not in CI; ~10 min):  python bench/apple_recipe.py [--work DIR]
+
+Apple publishes its recipes (apple/coreml-stable-diffusion-mixed-bit-palettization, `recipes/`) as pre-analysis JSON:
+`recipes.<key>` maps the UNet's diffusers module names to bits (16 keeps a layer float16), for the layers of
+1e5 elements or more. The values are not reachable here, so the file is written in that layout with a fixed mix of
+bit-widths (4.5 bits on average over the layers it names); the manifest names it as a user would
+(`mixed_bit: {recipe: {file, key}}`), and the build reads it instead of running the analysis. Printed: layers in the
+recipe, layers matched to the package's weights, average bits as applied, package sizes (float16 and mixed), wall
+time, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import run_code, staging_client_env  # noqa: E402
+
+TOKEN = "bench-token"
+SOURCE = "bench/sd15-unet"
+KEY = "recipe_4.50_bit_mixedpalette"
+MANIFEST = f"""\
+name: apple-recipe
+source:
+  repo: {SOURCE}
+license: creativeml-openrail-m
+publish:
+  - repo: "bench/coreml-apple-recipe"
+    precision: {{type: palettize, mixed_bit: {{recipe: {{file: pre-analysis.json, key: {KEY}}}}}}}
+    attention: [ORIGINAL]
+    components: [unet]
+    layouts: [packages]
+"""
+CHILD = """
+import json, sys
+from pathlib import Path
+from publisher.engine.build import BuildOptions, build
+from publisher.manifest import load_manifests
+from bench._common import peak_gib
+manifest, work, endpoint, token = sys.argv[1:5]
+options = BuildOptions(out=Path(work) / "out", store=Path(work) / "store", namespace="bench", compile=False,
+                       endpoint=endpoint, token=token, isolate=False, progress=False)
+result = build(load_manifests([Path(manifest)]), options)
+assert result.ok, [v.error for v in result.variants]
+folder = Path(work) / "out" / "bench" / "coreml-apple-recipe" / "original"
+info = json.loads((folder / "build-info.json").read_text())
+unet = info["fidelity"]["unet"]
+print(json.dumps({"peak_gib": round(peak_gib(), 2), "recipe_layers": unet["mixed_bit"]["layers"],
+                  "matched_ops": unet["mixed_bit"]["matched_ops"],
+                  "applied_average_bits": unet["mixed_bit"].get("applied_average_bits"),
+                  "package_bytes": unet.get("package_bytes"), "output_psnr_db": unet.get("output_psnr_db")}))
+"""
+# the mix of bit-widths the recipe assigns in turn (4.5 bits on average when the layers are alike)
+MIX = (4, 6, 4, 4, 6, 2, 4, 8, 16, 4, 4, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="apple-recipe-bench-"))
+    port = staging_client_env(work)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from bench.build_manifest import TEXT  # type: ignore[import-not-found]
+    from bench.convert_unet import make_source  # type: ignore[import-not-found]
+    from publisher.staging.process import start_staging_hub
+    from publisher.tiny import add_hub_copies, push_tiny_source, write_tokenizer
+
+    source = work / "source"
+    if not (source / "model_index.json").exists():
+        make_source(source)
+        write_tokenizer(source / "tokenizer")
+        (source / "text_encoder").mkdir(parents=True, exist_ok=True)
+        (source / "text_encoder" / "config.json").write_text(CLIPTextConfig(**TEXT).to_json_string())
+        (source / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        add_hub_copies(source, fp16=True, decoys=False)
+    unet = UNet2DConditionModel.from_pretrained(source / "unet")
+    layers = [name.removesuffix(".weight") for name, p in unet.named_parameters()
+              if name.endswith(".weight") and p.numel() >= 1e5]
+    recipe = {name: MIX[i % len(MIX)] for i, name in enumerate(layers)}
+    manifests = work / "m"
+    manifests.mkdir(exist_ok=True)
+    (manifests / "pre-analysis.json").write_text(json.dumps({"model_version": SOURCE, "baselines": {},
+                                                             "recipes": {KEY: recipe}}))
+    (manifests / "apple-recipe.yaml").write_text(MANIFEST)
+    with start_staging_hub(work / "hub", port=port, token=TOKEN) as hub:
+        push_tiny_source(source, SOURCE, hub.url, TOKEN)
+        result = run_code(CHILD, [str(manifests / "apple-recipe.yaml"), str(work), hub.url, TOKEN], ROOT)
+    result["layers_named"] = len(recipe)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
