@@ -249,3 +249,37 @@ def test_a_lora_that_matches_nothing_is_an_error(community, tmp_path: Path) -> N
     with pytest.raises(SourceError, match=r"^LoRA stray: 1 of its 1 layers match nothing in the model \(e.g. "
                                           r"unet.no.such.layer\): is it a LoRA for this base model\?$"):
         prepare_source(None, str(community["pipeline"]), [(str(stray), 1.0, "stray")], "sd", str(tmp_path / "out"))
+
+
+def test_an_sdxl_lora_is_fused_as_diffusers_fuses_it(tmp_path: Path) -> None:
+    """SDXL: the UNet's layers through diffusers' own loading (equal to diffusers' fusion), the second text encoder's
+    through peft; the first text encoder, which the LoRA does not name, is not written."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from publisher.tiny import build_tiny_sdxl_pipeline
+
+    folder = build_tiny_sdxl_pipeline(tmp_path / "pipe")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    torch.manual_seed(5)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"]),
+                            pipe.text_encoder_2)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", weight_name="l.safetensors",
+                                                unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                                text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2))
+    lora = tmp_path / "lora" / "l.safetensors"
+    report = prepare_source(None, str(folder), [(str(lora), 0.7, "l")], "sdxl", str(tmp_path / "out"))
+    assert report["folders"] == ["text_encoder_2", "unet"] and report["lora_folders"] == [["unet", "text_encoder_2"]]
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    state, alphas = reference.lora_state_dict(str(lora))[:2]
+    reference.load_lora_into_unet(state, alphas, unet=reference.unet, adapter_name="x", _pipeline=reference)
+    reference.fuse_lora(components=["unet"], lora_scale=0.7, adapter_names=["x"])
+    reference.unload_lora_weights()
+    fused = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(fused[name], value) for name, value in reference.unet.state_dict().items())
+    before = load_file(next((folder / "text_encoder_2").glob("*.safetensors")))
+    after = load_file(next((tmp_path / "out" / "text_encoder_2").glob("*.safetensors")))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.endswith("q_proj.weight") for name in changed)
