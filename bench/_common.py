@@ -79,3 +79,24 @@ def run_code(code: str, args: list[str], root: Path) -> dict:
     result = dict(json.loads(proc.stdout.strip().splitlines()[-1]))
     result["wall_s"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def sd15_unet_source(folder: Path) -> None:
+    """An SD 1.5-shaped UNet (random weights, seed 0) as a pipeline repo the build fetches: its float32 and fp16
+    safetensors, the tokenizer, the text encoder's config (the UNet's dimensions read it). Kept when already there."""
+    if (folder / "model_index.json").exists():
+        return
+    from transformers import CLIPTextConfig
+
+    from bench.build_manifest import TEXT  # type: ignore[import-not-found]
+    from bench.convert_unet import make_source  # type: ignore[import-not-found]
+    from publisher.tiny import add_hub_copies, write_tokenizer
+
+    make_source(folder)
+    write_tokenizer(folder / "tokenizer")
+    (folder / "text_encoder").mkdir(parents=True, exist_ok=True)
+    (folder / "text_encoder" / "config.json").write_text(CLIPTextConfig(**TEXT).to_json_string())
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    add_hub_copies(folder, fp16=True, decoys=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import run_code, staging_client_env  # noqa: E402
+from bench._common import run_code, sd15_unet_source, staging_client_env  # noqa: E402
 
 TOKEN = "bench-token"
 SOURCE = "bench/sd15-unet"
@@ -69,21 +69,12 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="apple-recipe-bench-"))
     port = staging_client_env(work)
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
 
-    from bench.build_manifest import TEXT  # type: ignore[import-not-found]
-    from bench.convert_unet import make_source  # type: ignore[import-not-found]
     from publisher.staging.process import start_staging_hub
-    from publisher.tiny import add_hub_copies, push_tiny_source, write_tokenizer
+    from publisher.tiny import push_tiny_source
 
     source = work / "source"
-    if not (source / "model_index.json").exists():
-        make_source(source)
-        write_tokenizer(source / "tokenizer")
-        (source / "text_encoder").mkdir(parents=True, exist_ok=True)
-        (source / "text_encoder" / "config.json").write_text(CLIPTextConfig(**TEXT).to_json_string())
-        (source / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-        add_hub_copies(source, fp16=True, decoys=False)
+    sd15_unet_source(source)
     unet = UNet2DConditionModel.from_pretrained(source / "unet")
     layers = [name.removesuffix(".weight") for name, p in unet.named_parameters()
               if name.endswith(".weight") and p.numel() >= 1e5]

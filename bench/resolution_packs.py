@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import run_code, staging_bytes, staging_client_env  # noqa: E402
+from bench._common import run_code, sd15_unet_source, staging_bytes, staging_client_env  # noqa: E402
 
 TOKEN = "bench-token"
 SOURCE = "bench/sd15-unet"
@@ -74,26 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="packs-bench-"))
     port = staging_client_env(work)
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
-    from bench.build_manifest import TEXT  # type: ignore[import-not-found]
-    from bench.convert_unet import SD15_UNET  # type: ignore[import-not-found]
     from publisher.staging.process import start_staging_hub
-    from publisher.tiny import add_hub_copies, push_tiny_source, write_tokenizer
+    from publisher.tiny import push_tiny_source
 
     source = work / "source"
-    if not (source / "model_index.json").exists():
-        torch.manual_seed(0)
-        write_tokenizer(source / "tokenizer")
-        (source / "text_encoder").mkdir(parents=True, exist_ok=True)  # the UNet's dimensions read its config
-        (source / "text_encoder" / "config.json").write_text(CLIPTextConfig(**TEXT).to_json_string())
-        UNet2DConditionModel(**SD15_UNET).eval().save_pretrained(source / "unet")
-        (source / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-            "unet": ["diffusers", "UNet2DConditionModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
-        add_hub_copies(source, fp16=True, decoys=False)
+    sd15_unet_source(source)
     with start_staging_hub(work / "hub", port=port, token=TOKEN) as hub:
         push_tiny_source(source, SOURCE, hub.url, TOKEN)
         (work / "m").mkdir(exist_ok=True)
