@@ -261,8 +261,8 @@ def test_bad_input_is_refused_and_nothing_partial_is_visible(hf_api: HfApi, repo
         data = response.read()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(data) if data else {}
 
-    # path traversal, either slash
-    for bad in ("../escape.txt", "a/..\\b.txt", "/abs.txt", "a//b.txt"):
+    # path traversal (a backslash is an ordinary character on the Hub: see the test of names with backslashes)
+    for bad in ("../escape.txt", "a/../b.txt", "/abs.txt", "a//b.txt"):
         line = json.dumps({"key": "file", "value": {"path": bad, "content": "eA==", "encoding": "base64"}})
         status, headers, body = post(f"/api/models/{repo_id}/commit/main",
                                      b'{"key":"header","value":{"summary":"x"}}\n' + line.encode(),
@@ -785,3 +785,19 @@ def test_tree_pages_come_from_one_listing(tmp_path: Path) -> None:
         assert len(reads) == 2
     finally:
         store.close()
+
+
+def test_a_name_with_backslashes_is_one_file_and_fetch_refuses_to_write_it(hf_api: HfApi, repo_id: str,
+                                                                         staging_hub: StagingHub,
+                                                                         tmp_path: Path) -> None:
+    """As the Hub: `folder/..\\..\\escape.txt` is a file of `folder/` (the client is the one that must not write
+    it outside its target); `publisher fetch` refuses it in one line and writes nothing."""
+    from publisher.errors import PublisherError
+    from publisher.fetch import fetch_variant
+
+    name = "folder/..\\..\\escape.txt"
+    hf_api.upload_file(path_or_fileobj=b"x", path_in_repo=name, repo_id=repo_id)
+    assert name in hf_api.list_repo_files(repo_id)
+    with pytest.raises(PublisherError, match="a path that would land outside the target"):
+        fetch_variant(repo_id, "folder", tmp_path / "to", endpoint=staging_hub.url, token=staging_hub.token)
+    assert not any((tmp_path / "to").rglob("*escape*")) and not (tmp_path / "escape.txt").exists()

@@ -100,11 +100,13 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def check_path(path: str) -> str:
-    """A file path inside a repo as the Hub accepts it: relative, no '.', '..' or empty segment (either slash), no
-    control character, nothing under `.git/`."""
-    if not path or path.startswith(("/", "\\")) or len(path) > 1024 or re.search(r"[\x00-\x1f\x7f]", path):
+    """A file path inside a repo as the Hub accepts it: relative, no '.', '..' or empty segment, no control
+    character, nothing under `.git/`. Segments are split at '/' only: a backslash is an ordinary character of a name
+    on the Hub (`folder/..\\..\\file` is one file in `folder/`); a client writing files refuses what would land
+    outside its folder (huggingface_hub does, and so does `publisher fetch`)."""
+    if not path or path.startswith("/") or len(path) > 1024 or re.search(r"[\x00-\x1f\x7f]", path):
         raise StoreError(422, f"Invalid path {path!r}", "InvalidPath")
-    for segment in re.split(r"[/\\]", path):
+    for segment in path.split("/"):
         if segment in ("", ".", ".."):
             raise StoreError(422, f"Invalid path {path!r}: no empty, '.' or '..' segments", "InvalidPath")
         if segment == ".git":
