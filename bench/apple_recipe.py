@@ -5,7 +5,7 @@ Run by hand (not in CI; ~10 min):  python bench/apple_recipe.py [--work DIR]
 Apple publishes its recipes (apple/coreml-stable-diffusion-mixed-bit-palettization, `recipes/`) as pre-analysis JSON:
 `recipes.<key>` maps the UNet's diffusers module names to bits (16 keeps a layer float16), for the layers of
 1e5 elements or more. The values are not reachable here, so the file is written in that layout with a fixed mix of
-bit-widths (4.5 bits on average over the layers it names); the manifest names it as a user would
+bit-widths (4.5 bits per named layer on average, not weighted by size); the manifest names it as a user would
 (`mixed_bit: {recipe: {file, key}}`), and the build reads it instead of running the analysis. Printed: layers in the
 recipe, layers matched to the package's weights, average bits as applied, package sizes (float16 and mixed), wall
 time, peak RSS.
@@ -58,7 +58,7 @@ print(json.dumps({"peak_gib": round(peak_gib(), 2), "recipe_layers": unet["mixed
                   "applied_average_bits": unet["mixed_bit"].get("applied_average_bits"),
                   "package_bytes": unet.get("package_bytes"), "output_psnr_db": unet.get("output_psnr_db")}))
 """
-# the mix of bit-widths the recipe assigns in turn (4.5 bits on average when the layers are alike)
+# the mix of bit-widths the recipe assigns in turn (4.5 bits per layer on average; by weight it comes out otherwise)
 MIX = (4, 6, 4, 4, 6, 2, 4, 8, 16, 4, 4, 2)
 
 
