@@ -96,18 +96,21 @@ def community(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source
     return {"work": work, "pipeline": pipeline, "single": single, "loras": loras}
 
 
-def test_single_file_builds_the_packages_of_its_diffusers_source(community, staging_hub) -> None:  # type: ignore[no-untyped-def]
+def test_single_file_builds_the_packages_of_its_diffusers_source(community, staging_hub, converted) -> None:  # type: ignore[no-untyped-def]
+    """The same weight files as the diffusers-format source's packages (the session's float16 ORIGINAL conversions
+    of the same pipeline, `converted`)."""
+    from publisher.vocabulary import Attention, Component
+
     work = community["work"] / "single-build"
-    reference = build(load_manifests([_manifest(work / "m1", "from-diffusers", f"  repo: {TINY_SOURCE_REPO}")]),
-                      _options(work / "a", staging_hub, verify=False))  # the packages to compare with
-    assert reference.ok, [v.error for v in reference.variants]
     before = _sent(staging_hub)
     source = f"  repo: {SINGLE_FILE_REPO}\n  file: model.safetensors\n  config: {{repo: {TINY_SOURCE_REPO}}}"
     single = build(load_manifests([_manifest(work / "m2", "from-single-file", source)]), _options(work / "b",
                                                                                                   staging_hub))
     assert single.ok, [v.error for v in single.variants]
     for submodule in ("text_encoder", "unet", "vae_decoder"):  # the same weights, converted the same way
-        assert _weights(single, submodule) == _weights(reference, submodule), submodule
+        package = converted[Attention.ORIGINAL, Component(submodule)]
+        expected = hashlib.sha256((package / "Data/com.apple.CoreML/weights/weight.bin").read_bytes()).hexdigest()
+        assert _weights(single, submodule) == expected, submodule
 
     # downloaded: the one checkpoint and the config repo's small files, none of the config repo's weights
     checkpoint = (community["single"] / "model.safetensors").stat().st_size

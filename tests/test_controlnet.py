@@ -20,7 +20,7 @@ from tests.helpers import MANIFEST_HEAD, TINY_SOURCE_REPO, write_manifest
 CONTROLNET_MANIFEST = MANIFEST_HEAD + """\
   - repo: "{{namespace}}/coreml-tiny-sd-cn"
     precision: {{type: palettize, nbits: 6}}
-    attention: [SPLIT_EINSUM]
+    attention: [ORIGINAL]
     components: [unet]
     controlnet: true
     layouts: [packages]
@@ -51,9 +51,9 @@ def test_controlled_unet_is_diffusers_unet_with_the_residuals(tiny_source: Path)
 
 
 def test_controlnet_option_rules(tmp_path: Path) -> None:
-    text = CONTROLNET_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: [ORIGINAL]")
+    text = CONTROLNET_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: [SPLIT_EINSUM]")
     _, errors = parse_manifest(text, tmp_path / "m.yaml")
-    assert errors == [f"{tmp_path / 'm.yaml'}:13: publish[0].controlnet[0]: 'ORIGINAL' is not in this repo's "
+    assert errors == [f"{tmp_path / 'm.yaml'}:13: publish[0].controlnet[0]: 'SPLIT_EINSUM' is not in this repo's "
                       "attention list"]
     xl = CONTROLNET_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: sdxl")
     _, errors = parse_manifest(xl, tmp_path / "m.yaml")
@@ -76,7 +76,7 @@ def test_a_controlnet_ready_palettized_repo(tmp_path: Path, staging_hub, tiny_so
     compress = {s.params.component: s for s in result.plan.steps_of("compress")}  # type: ignore[union-attr]
     assert compress["control-unet"].params.rebase and compress["control-unet"].inputs[-1] == compress["unet"].id  # type: ignore[union-attr]
     assert not any("compressed anew" in line for line in said), said
-    folder = tmp_path / "out" / "cn" / "coreml-tiny-sd-cn" / "split_einsum"
+    folder = tmp_path / "out" / "cn" / "coreml-tiny-sd-cn" / "original"
     packages = folder / "packages"
     control = packages / package_name("tiny_sd", "control-unet")
     assert control.exists() and (packages / package_name("tiny_sd", "unet")).exists()
