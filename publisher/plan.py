@@ -39,12 +39,15 @@ __all__ = ["ExtraSourceRef", "Plan", "Step", "Variant", "build_plan", "select_va
 GITHUB_MATRIX_LIMIT = 256
 # The project modules each stored kind's work starts from (engine/build.py's step table runs them); a step's key
 # covers them and every project module they import, normalised (publisher.util.codehash). A compress or analyze
-# step adds its scheme's module. Fetches are keyed by the commit and the files, not by code.
+# step adds its scheme's module. Fetches are keyed by the commit and the files, not by code; a community source's
+# prepare step (publisher.engine.community, not a plan step) by the code listed under "prepare".
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "convert": ("publisher.convert.coreml",),
     "chunk": ("publisher.convert.chunk",),
     "analyze": ("publisher.compress.sensitivity",),
-    "compress": ("publisher.compress.scheme",),
+    # a compress step may take another package's compressed weights instead of running its scheme (rebase)
+    "compress": ("publisher.compress.scheme", "publisher.compress.rebase"),
+    "prepare": ("publisher.convert.community",),
     "verify": ("publisher.verify.fidelity", "publisher.verify.contract"),
     "compile": ("publisher.compile",),
     "zip": ("publisher.layout",),

@@ -116,6 +116,15 @@ def test_a_code_change_rekeys_its_steps_and_a_comment_changes_nothing(tmp_path: 
     after = keys_by_label(plan_of(path))
     assert {label.split(":")[0] for label in before if before[label] != after[label]} >= {"convert", "verify"}
     family.write_text(family_source)
+    # the code that puts compressed weights on another package's program (resolution packs, the ControlledUnet) is
+    # part of every compress step's key: a change re-keys the compressions and what follows, not the conversions
+    rebase = root / "compress" / "rebase.py"
+    rebase_source = rebase.read_text()
+    rebase.write_text(rebase_source + "\n_CHANGED = 1\n")
+    after = keys_by_label(plan_of(path))
+    assert {label.split(":")[0] for label in before if before[label] != after[label]} == {"palettize", "verify",
+                                                                                           "assemble"}
+    rebase.write_text(rebase_source)
     # a change to the zip writer moves only what it runs (no zip in these layouts: nothing at all here)
     assert keys_by_label(plan_of(path)) == before
     (root / "layout.py").write_text((root / "layout.py").read_text() + "\n_CHANGED = 1\n")

@@ -36,13 +36,12 @@ from publisher.engine.source import (
 from publisher.engine.state import BuildState, Fetched
 from publisher.errors import SourceError
 from publisher.family import ModelFamily, family_named
-from publisher.plan import FetchParams, fetch_key
+from publisher.plan import STEP_CODE, FetchParams, fetch_key
 from publisher.util.codehash import code_digest
 from publisher.util.hashing import step_key
 from publisher.util.versions import library_versions
 from publisher.vocabulary import Component
 
-PREPARE_CODE = ("publisher.convert.community",)
 # a config repo's small files: a real one's largest is the tokenizer's vocab.json (~1 MB)
 MAX_CONFIG_FILE_BYTES = 16 * 1024 * 1024
 CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
@@ -142,7 +141,7 @@ def fetch_community(state: BuildState, params: FetchParams, components: Sequence
     inputs = {"family": params.family, "base": digests,
               "checkpoint": main.files[0].sha256 if checkpoint is not None else None,
               "loras": [[got.files[0].sha256, scale] for got, _, scale in loras]}
-    key = step_key("prepare", inputs, [], {**library_versions(), "code": code_digest(PREPARE_CODE)})
+    key = step_key("prepare", inputs, [], {**library_versions(), "code": code_digest(STEP_CODE["prepare"])})
     stored = state.store.get(key)
     if stored is None:
         from publisher.convert.community import prepare_source
