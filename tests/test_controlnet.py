@@ -88,3 +88,8 @@ def test_a_controlnet_ready_palettized_repo(tmp_path: Path, staging_hub, tiny_so
     weights = {name: (packages / package_name("tiny_sd", name) / "Data/com.apple.CoreML/weights/weight.bin").read_bytes()
                for name in ("unet", "control-unet")}
     assert weights["unet"] == weights["control-unet"]
+    # the UNet's compressed weights, under the ControlledUnet's own description
+    from publisher.mlpackage import read_spec
+
+    assert "ControlNet" in read_spec(control).description.metadata.shortDescription
+    assert "ControlNet" not in read_spec(packages / package_name("tiny_sd", "unet")).description.metadata.shortDescription

@@ -34,10 +34,16 @@ def _rename(op: Any, name: str, output: str) -> None:
         op.attributes["name"].immediateValue.tensor.strings.values[:] = [name]
 
 
+def _blob_offset(op: Any) -> int | None:
+    """Where an operation's value lies in the weight file (None: not in the weight file)."""
+    from publisher.milfile import blob_values
+
+    return next((int(value.blobFileValue.offset) for value in blob_values(op)), None)
+
+
 def rebase_compressed(base_float: Path, base_compressed: Path, other_float: Path, output: Path) -> str | None:
     """Write `output` as described in the module doc; returns None when written, else why it could not be."""
     from publisher.milfile import (
-        blob_values,
         main_block,
         op_name,
         read_spec,
@@ -51,19 +57,19 @@ def rebase_compressed(base_float: Path, base_compressed: Path, other_float: Path
     compressed_spec = read_spec(base_compressed)
     stored: dict[str, Any] = {}
     for op in walk_operations(main_block(compressed_spec, base_compressed)):
-        if op.type.startswith("constexpr_") or any(True for _ in blob_values(op)):
+        if op.type.startswith("constexpr_") or _blob_offset(op) is not None:
             stored[op_name(op)] = op
     # the weight files are the same bytes: a blob's offset names one weight in both float16 packages, whatever
     # the operation is called in each program
     base_spec = read_spec(base_float)
     name_at = {offset: op_name(op) for op in walk_operations(main_block(base_spec, base_float))
-               for offset in [next((v.blobFileValue.offset for v in blob_values(op)), None)] if offset is not None}
+               if (offset := _blob_offset(op)) is not None}
     spec = read_spec(other_float)
     if compressed_spec.specificationVersion > spec.specificationVersion:
         set_specification_version(spec, compressed_spec.specificationVersion)
     used = set()
     for op in walk_operations(main_block(spec, other_float)):
-        offset = next((v.blobFileValue.offset for v in blob_values(op)), None)
+        offset = _blob_offset(op)
         if offset is None:
             continue
         name, var = op_name(op), op.outputs[0].name
@@ -75,7 +81,7 @@ def rebase_compressed(base_float: Path, base_compressed: Path, other_float: Path
         used.add(name_at[offset])
     if used != set(stored):
         return f"it has {len(used)} of the compressed package's {len(stored)} weights"
-    spec.description.metadata.CopyFrom(compressed_spec.description.metadata)
+    # the description stays this package's own (the ControlledUnet's is not the UNet's): compression leaves it alone
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".bin", dir=output.parent)
     os.close(handle)
