@@ -77,9 +77,10 @@ def checkpoint_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 _DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def checkpoint_dtype(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
-    """The floating dtype most of the UNet's weights are stored in (the precision the source is kept in)."""
-    counts = Counter(dtype for name, (_, dtype) in shapes.items() if name.startswith(UNET_PREFIX)
+def checkpoint_dtype(shapes: dict[str, tuple[tuple[int, ...], str]], prefix: str = UNET_PREFIX) -> str:
+    """The floating dtype most of the tensors under `prefix` (the UNet's) are stored in: the precision the source
+    is kept in."""
+    counts = Counter(dtype for name, (_, dtype) in shapes.items() if name.startswith(prefix)
                      and dtype in ("float16", "bfloat16", "float32"))
     return counts.most_common(1)[0][0] if counts else "float32"
 
@@ -128,19 +129,6 @@ def _pipeline_class(family: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _dtype_of_folder(folder: Path) -> str:
-    """The floating dtype of a diffusers component folder's safetensors weights (header only)."""
-    from safetensors import safe_open
-
-    counts: Counter[str] = Counter()
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                counts[_DTYPES.get(handle.get_slice(name).get_dtype(), "other")] += 1
-    floats = [(n, d) for d, n in counts.items() if d in ("float16", "bfloat16", "float32")]
-    return max(floats)[1] if floats else "float32"
-
-
 def prepare_source(checkpoint: str | None, base: str, loras: list[tuple[str, float, str]], family: str,
                    out: str) -> dict[str, Any]:
     """Write into `out` the diffusers folders (config.json + safetensors) of the components a single-file
@@ -166,7 +154,9 @@ def prepare_source(checkpoint: str | None, base: str, loras: list[tuple[str, flo
         index = json.loads((Path(base) / "model_index.json").read_text())
         absent = {name: None for name, value in index.items() if not name.startswith("_") and
                   isinstance(value, list) and value[0] is not None and not (Path(base) / name).is_dir()}
-        dtype = _dtype_of_folder(Path(base) / "unet")
+        # the precision of the UNet's weights as fetched (headers only)
+        dtype = checkpoint_dtype({name: entry for path in sorted((Path(base) / "unet").glob("*.safetensors"))
+                                  for name, entry in checkpoint_shapes(path).items()}, prefix="")
         pipe = pipeline_class.from_pretrained(base, local_files_only=True, torch_dtype=getattr(torch, dtype),
                                               **{**absent, **optional})
         produced = set()

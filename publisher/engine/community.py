@@ -132,12 +132,14 @@ def fetch_community(state: BuildState, params: FetchParams, components: Sequence
                                    endpoint=options.endpoint, token=options.token, weights=params.weights,
                                    family=params.family)
     loras = []
+    resolved = []  # the LoRAs as the fetch's key names them: their revisions resolved to commits
     for number, (repo, file, revision, scale) in enumerate(params.loras, start=1):
         got = _one_file(repo, revision, file, options, "LoRA")
         parts[f"lora{number:02d}"] = _fetched(got, scale=scale)
         loras.append((got, file, scale))
+        resolved.append((repo, file, got.commit, scale))
     # the prepared folders: keyed by every file they are made from, the scales, the code and the libraries
-    digests = {name: entry.get("sha256") for name, entry in sorted(_fetched(base).files.items())}
+    digests = {item.path: item.sha256 for item in sorted(base.files, key=lambda item: item.path)}
     inputs = {"family": params.family, "base": digests,
               "checkpoint": main.files[0].sha256 if checkpoint is not None else None,
               "loras": [[got.files[0].sha256, scale] for got, _, scale in loras]}
@@ -159,16 +161,14 @@ def fetch_community(state: BuildState, params: FetchParams, components: Sequence
     prepared = stored.path / "source"
     report = json.loads((stored.path / "report.json").read_text())
     folder, content = _compose(base, prepared, stored.record["files"], report["folders"], options.store)
-    key_params = replace(params, loras=tuple((repo, file, got.commit, scale) for (repo, file, _, scale), (got, _, _)
-                                             in zip(params.loras, loras, strict=True)),
+    key_params = replace(params, loras=tuple(resolved),
                          config=(params.config[0], parts["config"].commit) if "config" in parts else params.config)
-    fetched = _fetched(main, parts=parts, architecture=architecture)
-    fetched.key = fetch_key(main.repo, main.commit, key_params)
-    fetched.path = folder
-    fetched.folder_keys = _folder_keys(content)
-    fetched.loaded_bytes = {name: size * (2 if report["dtype"] in ("float16", "bfloat16") else 1)
-                            for name, (_, size) in content.items() if name.endswith(WEIGHT_SUFFIXES)}
-    return fetched
+    widen = 2 if report["dtype"] in ("float16", "bfloat16") else 1  # loaded as float32
+    return Fetched(fetch_key(main.repo, main.commit, key_params), folder, main.commit, main.repo, main.revision,
+                   {f.path: f.to_json() for f in main.files}, parts=parts, folder_keys=_folder_keys(content),
+                   loaded_bytes={name: size * widen for name, (_, size) in content.items()
+                                 if name.endswith(WEIGHT_SUFFIXES)},
+                   architecture=architecture)
 
 
 def _compose(base: FetchedSource, prepared: Path, record: dict[str, Any], folders: Sequence[str], store: Path
