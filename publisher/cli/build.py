@@ -19,9 +19,7 @@ from publisher.cli._options import (
     print_table,
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
-from publisher.family import family_named
 from publisher.manifest import load_manifests
-from publisher.plan import FetchParams, build_plan
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
 
@@ -93,29 +91,10 @@ def source_key_command(
 ) -> None:
     """Print one cache key for the source downloads of the manifests: it changes with each source's commit and with
     the files a build downloads from it (for the workflow's source cache)."""
-    import hashlib
+    from publisher.engine.source_key import sources_cache_key
 
-    from publisher.engine.community import community_plans
-    from publisher.engine.source import plan_source
-
-    keys = []
-    for item in load_manifests(manifests):
-        manifest = item.manifest
-        wanted = {c for target in manifest.publish for c in manifest.components_for(target)}
-        components = family_named(manifest.family).ordered(c for c in wanted if not manifest.source_role(c))
-        token = token_for(source_endpoint)
-        for fetch in build_plan([item], DEFAULT_NAMESPACE).steps_of("fetch"):
-            params = fetch.params
-            assert isinstance(params, FetchParams)
-            if params.community:  # a checkpoint file, its config repo, LoRAs
-                keys += [plan.cache_key for plan in community_plans(params, components, source_endpoint, token)]
-            elif params.role:  # an extra source (VAE, refiner)
-                keys.append(plan_source(params.repo, params.revision, [], endpoint=source_endpoint, token=token,
-                                        weights=params.weights, folders=params.folders).cache_key)
-            else:
-                keys.append(plan_source(params.repo, params.revision, components, endpoint=source_endpoint,
-                                        token=token, weights=params.weights, family=params.family).cache_key)
-    typer.echo(keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32])
+    typer.echo(sources_cache_key(load_manifests(manifests), source_endpoint, token_for(source_endpoint),
+                                 DEFAULT_NAMESPACE))
 
 
 def recipe_command(
