@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -380,6 +380,15 @@ def unet_weight_names(source: Path, family: str = DEFAULT_FAMILY) -> set[str]:
     return {n.removesuffix(".weight") for n, _ in unet.named_parameters() if n.endswith(".weight")}
 
 
+def unknown_modules(recipe: Iterable[str], weights: set[str]) -> str | None:
+    """One line naming the recipe's modules that are no weight of this UNet (the first five), or None."""
+    unknown = [str(name) for name in recipe if name not in weights]
+    if not unknown:
+        return None
+    return (f"the recipe names {len(unknown)} module(s) this UNet has no weight for: "
+            f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+
+
 def apple_recipe_record(source: Path, resolution: Resolution, settings: Mapping[str, Any], model_version: str,
                         family: str = DEFAULT_FAMILY) -> dict[str, Any]:
     """An analysis record whose choice is a recipe in Apple's layout: its module names matched to the source UNet's
@@ -393,10 +402,9 @@ def apple_recipe_record(source: Path, resolution: Resolution, settings: Mapping[
     loaded = load_component(source, Component.UNET, Attention.ORIGINAL, resolution, family=family)
     unet = cast(Any, loaded.module).unet.unet  # the diffusers module: its parameter names are Apple's module names
     weights = {name.removesuffix(".weight"): p for name, p in unet.named_parameters() if name.endswith(".weight")}
-    unknown = [name for name in recipe if name not in weights]
-    if unknown:
-        raise PublisherError(f"the recipe names {len(unknown)} module(s) this UNet has no weight for: "
-                             f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+    problem = unknown_modules(recipe, set(weights))
+    if problem is not None:
+        raise PublisherError(problem)
     layers: list[dict[str, Any]] = []
     with torch.no_grad():
         for name, bits in recipe.items():

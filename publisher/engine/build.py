@@ -179,7 +179,7 @@ class _Runner:
         """A recipe in Apple's layout is checked against the fetched source's UNet (its module names, from the
         config alone) before anything converts: one that names modules the UNet lacks fails its variants' steps
         that no other variant needs, with one line."""
-        from publisher.compress.sensitivity import unet_weight_names
+        from publisher.compress.sensitivity import unet_weight_names, unknown_modules
 
         plan = self.state.plan
         for analyze in plan.steps_of("analyze"):
@@ -187,11 +187,9 @@ class _Runner:
                     "apple_recipe" not in analyze.params.settings:
                 continue
             names = unet_weight_names(self.state.fetched[fetch.id].path, analyze.params.family)
-            unknown = [str(n) for n, _ in analyze.params.settings["apple_recipe"] if n not in names]
-            if not unknown:
+            message = unknown_modules((name for name, _ in analyze.params.settings["apple_recipe"]), names)
+            if message is None:
                 continue
-            message = (f"the recipe names {len(unknown)} module(s) this UNet has no weight for: "
-                       f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
             doomed = set(analyze.variants)
             for other in plan.steps.values():
                 if other.kind != "fetch" and other.variants and set(other.variants) <= doomed:
