@@ -14,9 +14,6 @@ from publisher.manifest_schema import (
 )
 from publisher.vocabulary import Component, Layout, size_of
 
-# ---------------------------------------------------------------------------------------------------------
-# Rules that span fields; each yields (location, message) so the error names the exact field and line.
-
 Loc = tuple[str | int, ...]
 
 

@@ -242,10 +242,6 @@ class AneUnet(nn.Module):
         """The index of the first stage after the middle block (where a ControlNet's residuals are added)."""
         return next(i for i, stage in enumerate(self.stages) if stage.name.startswith("up"))
 
-    def residual_count(self) -> int:
-        """How many residuals a ControlNet adds: one per skip connection, then one to the middle block's output."""
-        return sum(stage.push for stage in self.stages) + 1
-
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
                 residuals: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
