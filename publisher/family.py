@@ -12,6 +12,7 @@ family that way).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,9 +20,16 @@ from pathlib import Path
 from publisher.contract import PACKAGE_TEMPLATE, ModelDims, ModelSpec, package_name
 from publisher.errors import PublisherError, SourceError
 from publisher.util.registry import Registry
-from publisher.vocabulary import Component, Resolution, size_of
+from publisher.vocabulary import Component, Resolution, controlnet_component, size_of
 
 DEFAULT_FAMILY = "sd"
+CONTROLNET_PACKAGE_PREFIX = "ControlNet_"  # Apple's converter: `ControlNet_<org>_<name>.mlpackage`
+
+
+def controlnet_package(repo: str) -> str:
+    """A ControlNet's package as Apple's converter names it (and its Python pipeline opens it): the repo id as
+    written, `/` as `_`."""
+    return f"{CONTROLNET_PACKAGE_PREFIX}{repo.replace('/', '_')}.mlpackage"
 
 
 @dataclass(frozen=True)
@@ -61,14 +69,33 @@ class ModelFamily:
     swift_pipeline: str = "StableDiffusionPipeline"  # the Swift package's pipeline type that loads the Resources
     # the diffusers pipeline whose single-file and LoRA loaders read a community checkpoint of the family
     diffusers_pipeline: str = "diffusers:StableDiffusionPipeline"
+    # what every ControlNet of the family is (component `controlnet`): each ControlNet a manifest lists is one
+    # component `controlnet-<org>_<name>` from its own repo (None: the family has no ControlNets)
+    controlnet: ComponentSpec | None = None
 
     def component(self, component: Component) -> ComponentSpec:
         for spec in self.components:
             if spec.component == component:
                 return spec
+        instance = self._controlnet(component)
+        if instance is not None:
+            return instance
         raise PublisherError(f"family '{self.name}' has no component '{component.value}'")
 
+    def _controlnet(self, component: str) -> ComponentSpec | None:
+        """The spec of one ControlNet (`controlnet-<org>_<name>`): compiled as Apple's converter places it,
+        `controlnet/<TitleCasedName>.mlmodelc` (each word of `<org>_<name>` split at _ and - title-cased)."""
+        prefix = f"{Component.CONTROLNET}-"
+        if self.controlnet is None or not component.startswith(prefix) or component == prefix:
+            return None
+        title = "".join(word.title() for word in re.split("[_-]", component[len(prefix):]))
+        return replace(self.controlnet, component=Component(component), resource=f"controlnet/{title}")
+
+    def is_controlnet(self, component: str) -> bool:
+        return self._controlnet(component) is not None
+
     def has(self, component: Component) -> bool:
+        """One of the components the family declares (a ControlNet is not: it comes from `controlnets`)."""
         return any(spec.component == component for spec in self.components)
 
     @property
@@ -77,8 +104,8 @@ class ModelFamily:
 
     def ordered(self, components: Iterable[Component]) -> list[Component]:
         """`components` (each one of this family's) in the order the family declares them."""
-        names = self.component_names
-        return sorted(set(components), key=names.index)
+        names = self.component_names  # ControlNets last, by name
+        return sorted(set(components), key=lambda c: (names.index(c), "") if c in names else (len(names), c))
 
     def submodules(self, component: Component, chunked: bool) -> tuple[str, ...]:
         """Package submodule names as Apple's Python pipeline opens them (chunks when chunked and it has any)."""
@@ -94,6 +121,8 @@ class ModelFamily:
         for spec in self.components:
             if submodule == spec.component.value or submodule in (n for n, _ in spec.chunks):
                 return spec.component
+        if self.is_controlnet(submodule):
+            return Component(submodule)
         raise PublisherError(f"family '{self.name}' has no submodule '{submodule}'")
 
     def resource_name(self, submodule: str) -> str:
@@ -103,13 +132,23 @@ class ModelFamily:
             for name, resource in spec.chunks:
                 if submodule == name:
                     return resource
+        instance = self._controlnet(submodule)
+        if instance is not None:
+            return instance.resource
         raise PublisherError(f"family '{self.name}' has no submodule '{submodule}'")
 
     def compiled_name(self, submodule: str) -> str:
         return f"{self.resource_name(submodule)}.mlmodelc"
 
     def submodule_of_package(self, name: str, model_version: str) -> str | None:
-        """The submodule a package folder name stands for (inverse of contract.package_name), or None."""
+        """The submodule a package folder name stands for (inverse of contract.package_name, and of a ControlNet's
+        `ControlNet_<org>_<name>.mlpackage`), or None."""
+        if name.startswith(CONTROLNET_PACKAGE_PREFIX) and name.endswith(".mlpackage"):
+            try:
+                component = controlnet_component(name[len(CONTROLNET_PACKAGE_PREFIX):-len(".mlpackage")])
+            except ValueError:
+                return None
+            return component if self.is_controlnet(component) else None
         prefix = PACKAGE_TEMPLATE.split("{model_version}")[0]
         stem = name.removeprefix(f"{prefix}{model_version}_").removesuffix(".mlpackage")
         return stem if stem in self.all_submodules and package_name(model_version, stem) == name else None

@@ -43,6 +43,7 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
     errors.extend(_size_errors(manifest))
     if manifest.source.refiner is not None and not any(spec.source_role == "refiner" for spec in family.components):
         errors.append((("source", "refiner"), f"family '{family.name}' has no refiner"))
+    errors.extend(_controlnet_errors(manifest, family))
     for index, item in enumerate(manifest.source.components or []):
         if not family.has(item):
             errors.append((("source", "components", index), f"'{item.value}' is not a component of family "
@@ -111,6 +112,26 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
                                    f"'{attention.value}' is not in this repo's attention list"))
         if Layout.ZIP in target.layouts and Layout.COMPILED not in target.layouts:
             errors.append((at + ("layouts",), "'zip' needs 'compiled' (the zip holds the compiled Resources)"))
+    return errors
+
+
+def _controlnet_errors(manifest: Manifest, family: Any) -> list[tuple[Loc, str]]:
+    """`controlnets`: a family that has them, each once (repo ids are case-insensitive), asked for by a publish
+    entry."""
+    if not manifest.controlnets:
+        return []
+    if family.controlnet is None:
+        return [(("controlnets",), f"family '{family.name}' has no ControlNets (Apple's Swift package loads "
+                 "ControlNets for SD 1.x/2.x only)")]
+    errors: list[tuple[Loc, str]] = []
+    # Apple's Resources name each by its repo, title-cased without separators: two repos may not share one
+    resources = [family.component(c).resource for c in manifest.controlnet_components]
+    for index, resource in _duplicates(resources):
+        errors.append((("controlnets", index, "repo"), f"'{manifest.controlnets[index].repo}' is compiled to "
+                       f"{resource}.mlmodelc, as an earlier ControlNet is"))
+    if not any(target.controlnet for target in manifest.publish):
+        errors.append((("controlnets",), "no publish entry asks for them (set `controlnet: true` or a list of "
+                       "attentions on one)"))
     return errors
 
 

@@ -82,6 +82,9 @@ class ExtraSource(_Model):
     weights: Literal["auto", "fp16", "fp32"] = "auto"
 
 
+MAX_CONTROLNETS = 8
+
+
 # a file inside a repo (single-file checkpoints, LoRAs): relative, no backslash; `.`/`..` segments are refused by
 # the cross-field rules (the schema's regex engine has no look-ahead)
 REPO_FILE_RE = r"^[A-Za-z0-9_][A-Za-z0-9._ +()/-]{0,254}$"
@@ -166,7 +169,9 @@ class PublishRepo(_Model):
         Annotated[StrictBool, Tag("[bool]")] | Annotated[list[Attention], Tag("[list]")],
         Discriminator(lambda value: "[list]" if isinstance(value, list) else "[bool]"),
     ] = Field(default=False, description="also the ControlNet-ready UNet (Apple's ControlledUnet, package "
-              "`..._control-unet.mlpackage`) beside the Unet: true for every attention, or a list of them")
+              "`..._control-unet.mlpackage`) beside the Unet, and the manifest's `controlnets` "
+              "(`ControlNet_<org>_<name>.mlpackage`, compiled `controlnet/<Name>.mlmodelc`): true for every "
+              "attention, or a list of them")
 
     def controls(self, attention: Attention) -> bool:
         """Whether this attention's folder also gets the ControlledUnet."""
@@ -216,6 +221,10 @@ class Manifest(_Model):
               "them: the first is each variant's default size, each further one a resolution pack (`<attention>_WxH`"
               " folders beside the default's); sides are multiples of 64 from 256 to 2048")
     publish: list[PublishRepo] = Field(min_length=1)
+    controlnets: list[ExtraSource] = Field(
+        default_factory=list, max_length=MAX_CONTROLNETS, description="ControlNet models (diffusers ControlNetModel "
+        "repos trained for this base, e.g. lllyasviel/sd-controlnet-canny), converted for the publish entries that "
+        "ask for `controlnet`, per attention, size and precision")
     runners: Runners = Field(default_factory=Runners, description="runner labels of the scheduled workflow's jobs "
                              "(a larger runner where a model does not fit the default's memory)")
 
@@ -241,11 +250,14 @@ class Manifest(_Model):
                 and (self.source.file is None or self.source_role(c) or family.component(c).in_checkpoint)]
 
     def source_role(self, component: Component) -> str | None:
-        """Which source a component is read from: "" (the manifest's source), "vae" or "refiner"; None when its
-        family reads it from an extra source the manifest does not name."""
+        """Which source a component is read from: "" (the manifest's source), "vae" or "refiner", a ControlNet's
+        own name; None when its family reads it from an extra source the manifest does not name."""
         from publisher.family import family_named
 
-        spec = family_named(self.family).component(component)
+        family = family_named(self.family)
+        spec = family.component(component)
+        if family.is_controlnet(component):
+            return component.value if component in self.controlnet_components else None
         if spec.source_role:
             return spec.source_role if getattr(self.source, spec.source_role) is not None else None
         if spec.folder == "vae" and self.source.vae is not None:
@@ -253,7 +265,16 @@ class Manifest(_Model):
         return ""
 
     def source_of(self, role: str) -> Source | ExtraSource:
+        if role in self.controlnet_components:
+            return self.controlnets[self.controlnet_components.index(Component(role))]
         return self.source if not role else getattr(self.source, role)
+
+    @property
+    def controlnet_components(self) -> list[Component]:
+        """Each listed ControlNet's component (`controlnet-<org>_<name>`), in the manifest's order."""
+        from publisher.vocabulary import controlnet_component
+
+        return [controlnet_component(c.repo) for c in self.controlnets]
 
     def components_for(self, target: PublishRepo, size: Resolution | None = None) -> list[Component]:
         """The target's components at an image size (default: the default size); by default the source's, less

@@ -332,13 +332,14 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
         manifest = item.manifest
         for index, target, attention, size in ((i, t, a, z) for i, t in enumerate(manifest.publish)
                                                for a in t.attention for z in manifest.sizes):
+            components = tuple(_with_controlnet(manifest, target, attention, size))
             variants.append(Variant(
                 manifest_name=manifest.name,
                 manifest_path=str(item.path),
                 repo_id=target.repo_id(namespace),
                 attention=attention,
                 precision=target.precision,
-                components=tuple(_with_controlnet(manifest, target, attention, size)),
+                components=components,
                 compute_unit=target.compute_unit(attention),
                 deployment_target=target.deployment_target,
                 chunk_unet=target.chunks_unet(attention),
@@ -351,7 +352,7 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                 license=manifest.license,
                 family=manifest.family,
                 precision_inputs=item.inputs_of(index),
-                **_extra_sources(manifest, manifest.components_for(target, size)),
+                **_extra_sources(manifest, components),
                 source_file=manifest.source.file or "",
                 source_config=(manifest.source.config.repo, manifest.source.config.revision)
                 if manifest.source.config else ("", ""),
@@ -364,11 +365,12 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
 
 
 def _with_controlnet(manifest: Any, target: Any, attention: Attention, size: Any) -> list[Component]:
-    """The target's components at a size, with the ControlledUnet where the target asks for it for this attention."""
+    """The target's components at a size, with the ControlledUnet and the manifest's ControlNets where the target
+    asks for them for this attention."""
     components = manifest.components_for(target, size)
     family = family_named(manifest.family)
-    if target.controls(attention) and family.has(Component.CONTROL_UNET) and Component.CONTROL_UNET not in components:
-        components = family.ordered([*components, Component.CONTROL_UNET])
+    if target.controls(attention) and family.has(Component.CONTROL_UNET):
+        components = family.ordered([*components, Component.CONTROL_UNET, *manifest.controlnet_components])
     return list(components)
 
 
@@ -387,6 +389,9 @@ def _extra_fetch(v: Variant, ref: ExtraSourceRef) -> FetchParams:
     folders: tuple[str, ...]
     if ref.role == "vae":
         folders, into = ("vae", ""), "vae"
+    elif v.model_family.is_controlnet(ref.role):  # a ControlNet repo holds one model: at its root, or `controlnet/`
+        spec = v.model_family.component(Component(ref.role))
+        folders, into = ("", spec.source_folder), spec.folder
     else:
         spec = next(s for s in v.model_family.components if s.source_role == ref.role)
         folders, into = (spec.source_folder,), spec.folder

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from publisher.compress.scheme import CompressionSettings
-from publisher.contract import zip_file_name
+from publisher.contract import package_name, zip_file_name
 from publisher.deployment import DeploymentTarget
-from publisher.family import ModelFamily, family_named
+from publisher.family import ModelFamily, controlnet_package, family_named
 from publisher.util.hashing import json_sha256
 from publisher.vocabulary import Attention, Component, ComputeUnit, Layout, Resolution, size_label
 
@@ -82,6 +82,14 @@ class Variant:
         """The variant's compression scheme rewrites this component (the family says which may be)."""
         return self.model_family.component(component).compressible and self.precision.scheme.compresses(
             self.precision, component.value)
+
+    def package_file(self, submodule: str) -> str:
+        """A package's folder name as Apple's converter writes it and its Python pipeline opens it: after the
+        source repo (`Stable_Diffusion_version_<org>_<name>_<submodule>.mlpackage`), a ControlNet's after its own
+        repo as the manifest writes it (`ControlNet_<org>_<name>.mlpackage`)."""
+        if self.model_family.is_controlnet(submodule):
+            return controlnet_package(self.extra_source(submodule).repo)
+        return package_name(self.source_repo.replace("/", "_"), submodule)
 
     @property
     def base_size(self) -> Resolution:

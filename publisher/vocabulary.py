@@ -25,8 +25,9 @@ class Attention(str, Enum):
         return ComputeUnit.CPU_AND_GPU if self is Attention.ORIGINAL else ComputeUnit.ALL
 
 
-# lowercase words joined by _ or - (Apple names the ControlNet-ready UNet's package `control-unet`)
-COMPONENT_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
+# lowercase words joined by _, - or . (Apple names the ControlNet-ready UNet's package `control-unet`; a ControlNet is
+# `controlnet-<org>_<name>` after its Hub repo, whose names may hold dots)
+COMPONENT_NAME = r"^[a-z][a-z0-9_.-]{0,199}$"
 
 
 class Component(str):
@@ -40,6 +41,7 @@ class Component(str):
     TEXT_ENCODER_2: ClassVar[Component]  # SDXL's second (OpenCLIP bigG) text encoder
     UNET: ClassVar[Component]
     CONTROL_UNET: ClassVar[Component]  # the UNet with ControlNet residual inputs (Apple's `ControlledUnet`)
+    CONTROLNET: ClassVar[Component]  # the kind of every ControlNet (each is `controlnet-<org>_<name>`)
     REFINER: ClassVar[Component]  # SDXL's refiner UNet, from the refiner pipeline (source.refiner)
     VAE_DECODER: ClassVar[Component]
     VAE_ENCODER: ClassVar[Component]
@@ -47,7 +49,7 @@ class Component(str):
 
     def __new__(cls, name: str) -> Component:
         if not isinstance(name, str) or not re.fullmatch(COMPONENT_NAME, name):
-            raise ValueError(f"a component name is lowercase letters, digits, _ and - (at most 64), not {name!r}")
+            raise ValueError(f"a component name is lowercase letters, digits, _, - and . (at most 200), not {name!r}")
         return super().__new__(cls, name)
 
     @property
@@ -76,10 +78,17 @@ Component.TEXT_ENCODER = Component("text_encoder")
 Component.TEXT_ENCODER_2 = Component("text_encoder_2")
 Component.UNET = Component("unet")
 Component.CONTROL_UNET = Component("control-unet")
+Component.CONTROLNET = Component("controlnet")
 Component.REFINER = Component("refiner")
 Component.VAE_DECODER = Component("vae_decoder")
 Component.VAE_ENCODER = Component("vae_encoder")
 Component.SAFETY_CHECKER = Component("safety_checker")
+
+
+def controlnet_component(repo: str) -> Component:
+    """A ControlNet's component name, after its Hub repo as Apple's converter names its package
+    (`ControlNet_<org>_<name>`), case folded: `lllyasviel/sd-controlnet-canny` -> `controlnet-lllyasviel_sd-controlnet-canny`."""
+    return Component(f"{Component.CONTROLNET}-{repo.replace('/', '_').lower()}")
 
 
 class ComputeUnit(str, Enum):

@@ -52,7 +52,16 @@ def test_the_card_says_how_to_use_controlnets() -> None:
     info = _info("original", "ORIGINAL", False, {})
     info["variant"]["components"] = ["text_encoder", "unet", "control-unet"]
     text = card_text("me/coreml-sd", [info, _info("split_einsum", "SPLIT_EINSUM", True, {})], "http://hub")
-    assert "ControlNet: `original/` also hold the ControlNet-ready UNet (`ControlledUnet.mlmodelc`" in text
-    assert 'StableDiffusionPipeline(resourcesAt:controlNet: ["<name>"], configuration:)' in text
-    assert "configuration.controlNetInputs" in text
+    assert "`original/` also hold the ControlNet-ready UNet (`ControlledUnet.mlmodelc`" in text
+    assert "`StableDiffusionPipeline(resourcesAt:controlNet:)`" in text
+    canny = "controlnet-lllyasviel_sd-controlnet-canny"
+    info["variant"]["components"].append(canny)
+    info["extra_sources"] = {canny: {"repo": "lllyasviel/sd-controlnet-canny", "revision": "main", "commit": "c" * 40,
+                                     "files": {}}}
+    text = card_text("me/coreml-sd", [info], "http://hub")
+    assert "converted from [lllyasviel/sd-controlnet-canny](https://huggingface.co/lllyasviel/sd-controlnet-canny)" in text
+    assert "`compiled/controlnet/` (`LllyasvielSdControlnetCanny.mlmodelc`)" in text
+    assert ('StableDiffusionPipeline(resourcesAt: url, controlNet: ["LllyasvielSdControlnetCanny"], '
+            "configuration: config)") in text
+    assert "configuration.controlNetInputs = [conditionImage]" in text
     assert "ControlNet" not in card_text("me/coreml-sd", [_info("original", "ORIGINAL", False, {})], "http://hub")

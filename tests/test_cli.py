@@ -38,7 +38,7 @@ def test_malformed_manifest_is_one_line_exit_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {bad}:18: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
+    assert lines == [f"error: {bad}:22: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
     assert "Traceback" not in result.stderr
 
 
@@ -58,6 +58,15 @@ def test_missing_path_and_bad_namespace() -> None:
     assert result.stderr.strip().startswith("error: namespace '../x': must be")
 
 
+def test_a_usage_error_is_click_s_message_exit_2() -> None:
+    """Not "internal error": typer raises its own copy of click's usage errors."""
+    for args, message in ((("validate", "--bogus"), "No such option: --bogus"),
+                          (("schema", "-o"), "Option '-o' requires an argument.")):
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        assert f"Error: {message}" in result.stderr and "internal error" not in result.stderr
+
+
 def test_schema_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "schema.json"
     result = run("schema", "--output", str(out))
@@ -68,6 +77,7 @@ def test_schema_round_trip(tmp_path: Path) -> None:
     stdout = json.loads(run("schema").stdout)
     assert stdout == written
     assert set(written["properties"]) == {"name", "family", "description", "source", "license", "resolution", "publish",
+                                          "controlnets",
                                           "runners"}
     assert written["properties"]["family"]["enum"] == ["sd", "sdxl"]
     assert written["additionalProperties"] is False

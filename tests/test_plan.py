@@ -40,17 +40,18 @@ def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     # and the two VAE parts (diffusers' own, as Apple converts them) for every attention; per model the text encoder
     # (no size changes it) and the safety checker (SD 1.x, at 512 only) once
     # SD 1.5's ControlledUnet (float16 ORIGINAL, 6-bit ORIGINAL and SPLIT_EINSUM_V2): per size ORIGINAL (shared by the
-    # two repos) and SPLIT_EINSUM_V2
-    assert counts["convert"] == 2 * (sizes * (3 + 2) + 2) + 2 * (sizes * (3 + 2) + 1) + 2 * sizes
+    # two repos) and SPLIT_EINSUM_V2, and so for each of its two ControlNets (canny and depth, fetched once each)
+    assert counts["convert"] == 2 * (sizes * (3 + 2) + 2) + 2 * (sizes * (3 + 2) + 1) + 2 * sizes + 2 * 2 * sizes
     assert counts["chunk"] == 4 * 2 * sizes
-    assert counts["fetch"] == 4
+    assert counts["fetch"] == 4 + 2
     # only text encoder and UNet are palettized: the UNet per palettized variant, the text encoder once per model;
     # the mixed-bit repo's UNet (its V2 conversion shared with the 6-bit repo) after one analysis of the source
-    assert counts["compress"] == (8 + 1 + 2) * sizes + 4  # + SD 1.5's 6-bit ControlledUnets
+    # + SD 1.5's 6-bit ControlledUnets and ControlNets (each per size and attention)
+    assert counts["compress"] == (8 + 1 + 2) * sizes + 4 + 2 * 2 * sizes
     assert counts["analyze"] == 1
     assert counts["assemble"] == counts["zip"] == 17 * sizes
     shared = [s for s in plan.steps_of("convert") if s.params.attention in ("ORIGINAL", None)]
-    assert len(shared) == 4 * 3 * sizes + 4 + 2 + sizes
+    assert len(shared) == 4 * 3 * sizes + 4 + 2 + sizes + 2 * sizes
     for step in shared:
         repos = {variant.rsplit("/", 1)[0] for variant in step.variants}
         assert {r.removesuffix("-palettized") for r in repos if not r.endswith("-mixed-bit")} == {

@@ -68,12 +68,17 @@ def main(argv: list[str] | None = None) -> None:
         _quiet_third_parties()
     try:
         app(args=args, prog_name="publisher", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    # typer >= 0.22 raises its own copy of click's exceptions (typer.TyperException, typer.Exit, typer.Abort)
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except (click.ClickException, typer.TyperException) as exc:  # usage errors: click's message and usage line
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         typer.echo("aborted", err=True)
         sys.exit(130)
     except PublisherError as exc:

@@ -18,10 +18,11 @@ from torch import nn
 
 from publisher.contract import FLOAT16, ModelDims, ModelSpec
 from publisher.convert.attention import attention_core
+from publisher.convert.controlnet import ControlNet, check_fits
 from publisher.convert.unet import AneUnet
 from publisher.convert.weight_files import load_streaming, weights_variant
 from publisher.errors import SourceError
-from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named
+from publisher.family import DEFAULT_FAMILY, ModelFamily, family_named, read_config
 from publisher.vocabulary import Attention, Component, Resolution
 
 _LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False}
@@ -163,6 +164,7 @@ WRAPPERS: dict[str, Callable[[nn.Module, Attention], nn.Module]] = {
     "text_encoder_xl": lambda module, attention: TextEncoderXL(module),
     "unet": lambda module, attention: Unet(module, attention),
     "controlled_unet": lambda module, attention: ControlledUnet(module, attention),
+    "controlnet": lambda module, attention: ControlNet(module, attention),
     # the VAE as diffusers has it, whatever the attention implementation: Apple's converter traces it unchanged
     # ("a pure ConvNet"), so its packages are one conversion shared by every attention folder
     "vae_decoder": lambda module, attention: VAEDecoder(module),
@@ -185,6 +187,8 @@ def load_component(source: Path, component: Component, attention: Attention, res
     check_component_present(source, component, label or str(source), model_family)
     dims = model_family.dims(source, resolution)
     folder = Path(source) / spec.folder
+    if model_family.is_controlnet(component):  # before its weights cost anything
+        check_fits(read_config(source, "unet") or {}, read_config(source, spec.folder) or {}, label or str(source))
     # float32 modules whatever the stored copy (fp16 weights are widened on load: the trace runs in float32). A
     # diffusers model with safetensors weights is streamed in (no random-init model, no second copy of the weights);
     # anything else goes through the library's own loader.
@@ -213,6 +217,8 @@ def example_inputs(spec: ModelSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
             values = torch.zeros(tensor.shape)
         elif tensor.name in ("x", "images", "clip_input"):
             values = torch.rand(tensor.shape, generator=generator) * 2 - 1
+        elif tensor.name == "controlnet_cond":  # a condition image, as the pipelines feed it: [0, 1]
+            values = torch.rand(tensor.shape, generator=generator)
         else:
             values = torch.randn(tensor.shape, generator=generator)
         if tensor.dtype == FLOAT16:

@@ -124,7 +124,8 @@ class Stage:
 
 
 class AneUnet(nn.Module):
-    """A diffusers SD 1.x/2.x or SDXL UNet in the Neural Engine's layout with a given attention core.
+    """A diffusers SD 1.x/2.x or SDXL UNet in the Neural Engine's layout with a given attention core (or a
+    ControlNet's encoder half: publisher.convert.controlnet).
 
     forward(sample (B, 4, H, W), timestep (B,), encoder_hidden_states (B, C, 1, S)[, time_ids (B, N),
     text_embeds (B, P)]) -> noise prediction. The last two are SDXL's micro-conditioning (`addition_embed_type`
@@ -195,7 +196,7 @@ class AneUnet(nn.Module):
             for i, (attn, res) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
                 stages.append(Stage(f"mid.attention{i}", (attn,), transformer(attn)))
                 stages.append(Stage(f"mid.resnet{i + 1}", (res,), resnet(res)))
-        for b, block in enumerate(unet.up_blocks):
+        for b, block in enumerate(getattr(unet, "up_blocks", None) or ()):  # a ControlNet has none
             attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
             for i, (res, attn) in enumerate(zip(block.resnets, attentions, strict=True)):
                 stages.append(Stage(f"up{b}.resnet{i}", (res,), resnet(res), pop=True))
@@ -203,6 +204,8 @@ class AneUnet(nn.Module):
                     stages.append(Stage(f"up{b}.attention{i}", (attn,), transformer(attn)))
             for sampler in block.upsamplers or []:
                 stages.append(Stage(f"up{b}.upsample", (sampler,), plain(sampler)))
+        if getattr(unet, "conv_out", None) is None:  # a ControlNet: its outputs are taken from the skips
+            return stages
         head = tuple(m for m in (unet.conv_norm_out, unet.conv_out) if m is not None)
 
         def output(s: UnetState) -> torch.Tensor:
@@ -240,7 +243,7 @@ class AneUnet(nn.Module):
     @property
     def first_up_stage(self) -> int:
         """The index of the first stage after the middle block (where a ControlNet's residuals are added)."""
-        return next(i for i, stage in enumerate(self.stages) if stage.name.startswith("up"))
+        return next((i for i, stage in enumerate(self.stages) if stage.name.startswith("up")), len(self.stages))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 time_ids: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,

@@ -13,7 +13,6 @@ from typing import Any
 from publisher.build_info import BUILD_INFO, BuildInfo, write_build_info
 from publisher.compress.recipe import APPLE_PRE_ANALYSIS, pre_analysis_name
 from publisher.compress.scheme import REPORT, scheme_named
-from publisher.contract import package_name
 from publisher.engine.state import PACKAGE, BuildState, VariantResult
 from publisher.layout import link_or_copy, link_tree, replace_folder
 from publisher.plan import CompressParams, FetchParams, Step, Variant, VerifyParams
@@ -56,8 +55,7 @@ class Assembler:
                 submodule = verify.params.submodule
                 stored = self.state.outputs[verify.id]
                 if Layout.PACKAGES in variant.layouts:
-                    link_tree(stored.path / PACKAGE, staged / "packages" / package_name(
-                        variant.source_repo.replace("/", "_"), submodule))
+                    link_tree(stored.path / PACKAGE, staged / "packages" / variant.package_file(submodule))
                 figures = self._compression_figures(verify)
                 if (stored.path / REFERENCE).exists():
                     references[submodule] = stored.key  # where `publisher verify` finds it in the store

@@ -50,6 +50,13 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         unet = sd_model_spec(Component.UNET, dims)
         return replace(unet, component=component, inputs=unet.inputs + controlnet_residuals(dims),
                        description="denoising UNet taking a ControlNet's residuals (Apple's ControlledUnet)")
+    if component == Component.CONTROLNET or component.startswith(f"{Component.CONTROLNET}-"):
+        unet = sd_model_spec(Component.UNET, dims)
+        return ModelSpec(component, unet.inputs + (
+            TensorSpec("controlnet_cond", (UNET_BATCH, 3, *res), "the condition image (edges, depth, ...) in [0, 1]",
+                       FLOAT16),
+        ), tuple(replace(residual, dtype=FLOAT32) for residual in controlnet_residuals(dims)),
+            "ControlNet: the residuals a condition image adds to the ControlledUnet")
     if component == Component.VAE_DECODER:
         return ModelSpec(component, (
             TensorSpec("z", (1, ch, *latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
@@ -153,4 +160,9 @@ FAMILY = ModelFamily(
     ),
     model_spec=sd_model_spec,
     read_dims=sd_dims,
+    # each ControlNet a manifest lists (`controlnets`), from its own repo's root (or `controlnet/`), converted per
+    # attention and size like the UNet and compressed like it; Apple's converter leaves them whole (no chunks)
+    controlnet=ComponentSpec(Component.CONTROLNET, "controlnet", "controlnet", "diffusers:ControlNetModel",
+                             "controlnet", uses_attention=True, sized=True, compressible=True, optional=True,
+                             source_role="controlnet", source_folder="controlnet", in_checkpoint=False),
 )

@@ -6,6 +6,7 @@ republish sends nothing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,18 +80,7 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "",
     ]
     lines += _app_configuration(first.get("app", {}), family)
-    controlled = [info["variant"]["folder"] for info in infos
-                  if Component.CONTROL_UNET in info["variant"].get("components", [])]
-    if controlled:
-        lines += [
-            "ControlNet: " + ", ".join(f"`{name}/`" for name in controlled) + " also hold the ControlNet-ready UNet "
-            "(`ControlledUnet.mlmodelc`, package `..._control-unet.mlpackage`). Put ControlNet models (Apple's "
-            "converter: `--convert-controlnet`) in the Resources' `controlnet/` folder, create the pipeline with "
-            "`StableDiffusionPipeline(resourcesAt:controlNet: [\"<name>\"], configuration:)` and give each ControlNet's "
-            "condition image in `configuration.controlNetInputs`; without ControlNets the pipeline loads `Unet` as "
-            "before.",
-            "",
-        ]
+    lines += _controlnet_usage(infos, family)
     if chunked:
         lines += [
             "For iOS and iPadOS use " + ", ".join(f"`{name}/`" for name in chunked) + ": its UNet is in two "
@@ -246,3 +236,34 @@ def validate_card_text(text: str, endpoint: str, token: str | None) -> None:
     from huggingface_hub import HfApi
 
     HfApi(endpoint=endpoint, token=token)._validate_yaml(text, repo_type="model", token=token)
+
+
+def _controlnet_usage(infos: list[dict[str, Any]], family: Any) -> list[str]:
+    """How the apps use the ControlledUnet and the ControlNets published beside it."""
+    controlled = [info["variant"]["folder"] for info in infos
+                  if Component.CONTROL_UNET in info["variant"].get("components", [])]
+    if not controlled:
+        return []
+    nets = sorted({c for info in infos for c in info["variant"].get("components", []) if family.is_controlnet(c)})
+    names = [family.resource_name(c).split("/", 1)[1] for c in nets]
+    repos = sorted({info["extra_sources"][c]["repo"] for info in infos for c in nets if c in info.get("extra_sources", {})})
+    lines = ["## ControlNet", "",
+             ", ".join(f"`{name}/`" for name in controlled) + " also hold the ControlNet-ready UNet "
+             "(`ControlledUnet.mlmodelc`, package `..._control-unet.mlpackage`); without ControlNets the Swift "
+             "pipeline loads `Unet` as before."]
+    if nets:
+        lines += ["", "ControlNets, converted from " + ", ".join(f"[{r}](https://huggingface.co/{r})" for r in repos)
+                  + f": in `compiled/controlnet/` ({', '.join(f'`{n}.mlmodelc`' for n in names)}) and in `packages/` "
+                  "(`ControlNet_<org>_<name>.mlpackage`, as Apple's converter names them). In Swift:", "",
+                  "```swift",
+                  f"let pipeline = try StableDiffusionPipeline(resourcesAt: url, controlNet: {json.dumps(names)}, "
+                  "configuration: config)",
+                  "var configuration = StableDiffusionPipeline.Configuration(prompt: prompt)",
+                  "configuration.controlNetInputs = [conditionImage]  // one CGImage per ControlNet, at the image size",
+                  "```"]
+        if family.name != "sd":
+            lines += ["", "Apple's Swift package does not load ControlNets for this model family today."]
+    else:
+        lines += ["", "Put ControlNet models (Apple's converter: `--convert-controlnet`) in the Resources' "
+                  "`controlnet/` folder and name them in `StableDiffusionPipeline(resourcesAt:controlNet:)`."]
+    return lines + [""]
