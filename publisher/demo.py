@@ -108,8 +108,28 @@ def _run(work: Path, endpoint: str, token: str, say: Callable[[str], None]) -> d
                              + "; ".join(problems))
     say(f"5. downloaded {repo} split_einsum_v2/packages with snapshot_download: {len(packages)} packages, "
         "names, inputs and outputs as the apps expect")
+    end_to_end = _end_to_end(out, source)
+    say("6. generated end to end through the packages (executor, seed 0, 4 PNDM steps) against diffusers' float32 "
+        "pipeline: " + ", ".join(f"{name} image {f['image_psnr_db']:.1f} dB, latents {f['latents_psnr_db']:.1f} dB"
+                                 for name, f in end_to_end.items()))
     again = publish(manifests, PublishOptions(out=out, namespace=DEMO_NAMESPACE, target="staging", endpoint=endpoint,
                                               token=token))
     resent = sum(len(o.commits) for o in again)
-    say(f"6. republished: {resent} new commits (nothing had changed)")
-    return {"variants": len(result.variants), "packages_checked": len(packages), "republish_commits": resent}
+    say(f"7. republished: {resent} new commits (nothing had changed)")
+    return {"variants": len(result.variants), "packages_checked": len(packages), "republish_commits": resent,
+            "end_to_end": end_to_end}
+
+
+def _end_to_end(out: Path, source: Path) -> dict[str, dict[str, float]]:
+    """The ORIGINAL float16 and 6-bit variants generate as diffusers does (publisher.generate)."""
+    from publisher.generate import GenerateSettings, compare, generate, reference_generate
+    from publisher.verify.runtime import ExecutorRuntime
+
+    settings = GenerateSettings(prompt="a photo of an astronaut riding a horse", steps=4)
+    figures: dict[str, dict[str, float]] = {}
+    reference = None
+    for name, repo in (("float16", "coreml-tiny-sd"), ("6-bit", "coreml-tiny-sd-palettized")):
+        ours = generate(out / DEMO_NAMESPACE / repo / "original", settings, ExecutorRuntime(), source / "tokenizer")
+        reference = reference or reference_generate(source, settings, ours.latents.shape)
+        figures[name] = compare(ours, reference)
+    return figures

@@ -88,6 +88,55 @@ def test_second_run_converts_nothing(built, staging_hub) -> None:  # type: ignor
     assert {p: p.read_bytes() for p in (work / "out").rglob("build-info.json")} == before  # reproducible bytes
 
 
+def test_a_built_variant_generates_as_diffusers_does(built, tiny_source: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`publisher generate` through the executor: the float16 variant's latents and image against diffusers' pipeline
+    (float32) at the same seed, steps and scheduler; the palettized variant reported; a variant whose tokenizer
+    does not match its text encoder passes every component check and fails end to end."""
+    import shutil
+
+    from publisher.generate import GenerateSettings, compare, generate, reference_generate
+    from publisher.verify.build_dir import verify_build_dir
+    from publisher.verify.runtime import ExecutorRuntime
+
+    work, _ = built
+    out = work / "out" / "tester"
+    runtime = ExecutorRuntime()
+    tokenizer = tiny_source / "tokenizer"
+    for scheduler in ("pndm", "dpm-solver++"):
+        settings = GenerateSettings(prompt="a tiny red fox", seed=7, steps=4, scheduler=scheduler)
+        ours = generate(out / "coreml-tiny-sd" / "original", settings, runtime, tokenizer)
+        reference = reference_generate(tiny_source, settings, ours.latents.shape)
+        assert ours.timesteps == reference.timesteps and ours.image.shape == (256, 256, 3)
+        figures = compare(ours, reference)
+        assert figures["image_psnr_db"] >= 30 and figures["latents_psnr_db"] >= 30, (scheduler, figures)
+    # the command, on the palettized variant (6-bit weights: further from the float32 reference)
+    png = tmp_path / "fox.png"
+    command = [sys.executable, "-m", "publisher", "generate", str(out / "coreml-tiny-sd-palettized" / "original"),
+               "--prompt", "a tiny red fox", "--seed", "7", "--steps", "4", "--scheduler", "dpm-solver++",
+               "--tokenizer", str(tokenizer), "--reference", str(tiny_source), "-o", str(png)]
+    said = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert said.returncode == 0, said.stderr
+    from PIL import Image
+
+    assert Image.open(png).size == (256, 256)
+    image_db = float(said.stdout.split("image ")[1].split(" dB")[0])
+    assert image_db < figures["image_psnr_db"], (said.stdout, figures)
+
+    # miswired: the same packages with another model's tokenizer files (its ids shuffled)
+    wrong = tmp_path / "wrong" / "tester" / "coreml-tiny-sd" / "original"  # a build output's layout
+    shutil.copytree(out / "coreml-tiny-sd" / "original", wrong, copy_function=shutil.copy)
+    vocab = json.loads((tokenizer / "vocab.json").read_text())
+    ids = sorted(vocab.values())
+    shuffled = dict(zip(vocab, np.random.RandomState(0).permutation(ids).tolist(), strict=True))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.json").write_text(json.dumps(shuffled))
+    shutil.copy(tokenizer / "merges.txt", tmp_path / "tok" / "merges.txt")
+    checked = verify_build_dir(tmp_path / "wrong", runtime, work / "store")
+    assert len(checked) == 4 and all(result.passed for _, result in checked)
+    miswired = compare(generate(wrong, settings, runtime, tmp_path / "tok"), reference)
+    assert miswired["image_psnr_db"] < 30 <= figures["image_psnr_db"], (miswired, figures)  # under the bar
+
+
 def test_noop_rebuild_reads_no_stored_bytes(built, staging_hub, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Stored outputs whose files keep their recorded inode, size and mtime are trusted, and assemble takes the
     variant folders' hashes from the store's records: a no-op rebuild hashes no file at all."""

@@ -19,5 +19,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("5. downloaded demo/coreml-tiny-sd-palettized split_einsum_v2/packages") for line in lines)
-    assert "6. republished: 0 new commits (nothing had changed)" in lines
+    assert "7. republished: 0 new commits (nothing had changed)" in lines
+    end_to_end = next(line for line in lines if line.startswith("6. generated end to end"))
+    assert float(end_to_end.split("float16 image ")[1].split(" dB")[0]) >= 30, end_to_end
     assert "Running MIL" not in result.stdout + result.stderr

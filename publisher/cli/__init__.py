@@ -8,7 +8,7 @@ import sys
 import click
 import typer
 
-from publisher.cli import build, manifests, publish, staging, verify
+from publisher.cli import build, generate, manifests, publish, staging, verify
 from publisher.errors import PublisherError, environment_errors
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ app.command("status")(publish.status_command)
 app.command("demo")(publish.demo_command)
 app.command("verify")(verify.verify_command)
 app.command("fetch")(publish.fetch_command)
+app.command("generate")(generate.generate_command)
 app.add_typer(staging.app, name="staging")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -17,11 +17,24 @@ import numpy as np
 
 from publisher.errors import ToolchainError
 
+Model = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
 
 class Runtime(Protocol):
     name: str
 
     def run(self, package: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def open(self, package: Path) -> Model:
+        """The package loaded once, for many predictions (a generation's denoising steps); inputs it does not
+        declare are ignored, the others are fed as their declared dtype holds them."""
+        ...
+
+
+def _declared(package: Path) -> dict[str, str]:
+    from publisher.mlpackage import package_info
+
+    return {t.name: t.dtype for t in package_info(package).inputs}
 
 
 class ExecutorRuntime:
@@ -37,6 +50,18 @@ class ExecutorRuntime:
         gc.collect()
         return outputs
 
+    def open(self, package: Path) -> Model:
+        from publisher.mlpackage import load_program
+        from publisher.verify.executor import run_program
+
+        program, declared = load_program(package), _declared(package)
+
+        def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return run_program(program, {name: np.asarray(inputs[name], dtype=declared[name]).astype(np.float32)
+                                         for name in declared})
+
+        return predict
+
 
 class CoreMLRuntime:
     """Core ML predictions through coremltools, the inputs fed in the package's declared dtypes (as Apple's
@@ -45,21 +70,28 @@ class CoreMLRuntime:
     name = "coreml"
 
     def run(self, package: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        predict = self.open(package)
+        try:
+            return predict(inputs)
+        finally:
+            del predict
+            gc.collect()
+
+    def open(self, package: Path, compute_units: str = "CPU_ONLY") -> Model:
         if platform.system() != "Darwin":
             raise ToolchainError("Core ML predictions need macOS; on Linux use the reference executor "
                                  "(--runtime reference)")
-        from publisher.mlpackage import import_coremltools, package_info
+        from publisher.mlpackage import import_coremltools
 
         ct = import_coremltools()
-        declared = {t.name: t.dtype for t in package_info(package).inputs}
-        feed = {name: np.asarray(value, dtype=np.dtype(declared.get(name, "float32"))) for name, value in
-                inputs.items()}
-        model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.CPU_ONLY)
-        try:
+        declared = _declared(package)
+        model = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
+
+        def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            feed = {name: np.asarray(inputs[name], dtype=np.dtype(dtype)) for name, dtype in declared.items()}
             return {k: np.asarray(v, dtype=np.float32) for k, v in model.predict(feed).items()}
-        finally:
-            del model
-            gc.collect()
+
+        return predict
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"reference": ExecutorRuntime, "coreml": CoreMLRuntime}

@@ -1,0 +1,51 @@
+"""`publisher generate`: thin over publisher.generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from publisher.errors import PublisherError
+
+
+def generate_command(
+    folder: Annotated[Path, typer.Argument(help="A variant folder (with build-info.json and packages/).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="What to draw.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to write.")],
+    negative_prompt: Annotated[str, typer.Option("--negative-prompt", help="What not to draw.")] = "",
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the latent noise.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 20,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="pndm (the Swift default) or dpm-solver++.")]
+    = "pndm",
+    guidance: Annotated[float, typer.Option("--guidance", min=0, max=50, help="Classifier-free guidance scale.")]
+    = 7.5,
+    runtime: Annotated[str, typer.Option("--runtime", help="executor (the project's MIL executor, any OS) or "
+                                                           "coreml (Core ML, macOS).")] = "executor",
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Folder with vocab.json and merges.txt "
+                                                                       "(default: the variant's compiled/).")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", help="The source's diffusers folder: also "
+                                                                       "generate with diffusers (float32) and "
+                                                                       "compare.")] = None,
+) -> None:
+    """Text to image through a variant's packages only, as Apple's Swift pipeline runs them."""
+    from tqdm import tqdm
+
+    from publisher.generate import GenerateSettings, compare, generate, reference_generate, save_png
+    from publisher.verify.runtime import runtime_named
+
+    if folder.suffix == ".png" or not folder.is_dir():
+        raise PublisherError(f"{folder}: not a variant folder")
+    settings = GenerateSettings(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                                scheduler=scheduler, guidance=guidance)
+    engine = runtime_named("reference" if runtime == "executor" else runtime)
+    with tqdm(total=steps, desc="denoising", unit="step", disable=None) as bar:  # None: off when not a terminal
+        result = generate(folder, settings, engine, tokenizer, progress=lambda done, total: bar.update(1))
+    save_png(result.image, output)
+    typer.echo(f"wrote {output} ({result.image.shape[1]}x{result.image.shape[0]}, seed {seed}, {steps} steps, "
+               f"{scheduler}, {engine.name})")
+    if reference is not None:
+        figures = compare(result, reference_generate(reference, settings, result.latents.shape))
+        typer.echo(f"against diffusers (float32): latents {figures['latents_psnr_db']:.1f} dB, image "
+                   f"{figures['image_psnr_db']:.1f} dB")
