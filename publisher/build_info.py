@@ -59,9 +59,13 @@ class BuildInfo(_Model):
     # what an app must configure for this model (the card says it): the VAE's scaling factor, whether the VAE
     # packages are float32 (its config asks to be upcast)
     app: dict[str, Any] = {}
+    # the end-to-end check (publisher.evaluate), where the build ran it: figures, settings, runtime
+    evaluation: dict[str, Any] = {}
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
+        if not data["evaluation"]:
+            del data["evaluation"]
         if not data["extra_sources"]:  # absent when there are none: such a file reads as it always did
             del data["extra_sources"]
         if not data["app"]:

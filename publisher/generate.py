@@ -88,37 +88,20 @@ def to_image(decoded: np.ndarray) -> np.ndarray:
     return (np.clip(decoded[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
 
 
-class VariantModels:
-    """A variant folder's packages by submodule, each opened once in the runtime."""
+class PackageSet:
+    """A variant's packages by submodule (each opened once in the runtime), its tokenizer files and the VAE scale
+    factor the app configures."""
 
-    def __init__(self, folder: Path, runtime: Runtime, tokenizer: Path | None = None) -> None:
-        info_path = folder / BUILD_INFO
-        if not info_path.is_file():
-            raise PublisherError(f"{folder}: no {BUILD_INFO} (give a variant folder a build made)")
-        info = read_build_info(info_path)
-        self.family = family_named(info.variant.get("family", "sd"))
-        if self.family.name != "sd":
-            raise PublisherError(f"{folder}: generating with the '{self.family.name}' family is not supported yet")
-        model_version = info.source.repo.replace("/", "_")
-        self.packages: dict[str, Path] = {}
-        for package in sorted((folder / "packages").glob("*.mlpackage")):
-            submodule = self.family.submodule_of_package(package.name, model_version)
-            if submodule is not None:
-                self.packages[submodule] = package
+    def __init__(self, packages: dict[str, Path], tokenizer: Path, scale: float, runtime: Runtime) -> None:
         for needed in ("text_encoder", "vae_decoder"):
-            if needed not in self.packages:
-                raise PublisherError(f"{folder}: no {needed} package (a variant with the text encoder, the UNet "
-                                     "and the VAE decoder generates)")
-        if "unet" not in self.packages and "unet_chunk1" not in self.packages:
-            raise PublisherError(f"{folder}: no unet package")
-        candidates = [tokenizer] if tokenizer is not None else [folder / "compiled", folder]
-        found = next((c for c in candidates if (c / "vocab.json").is_file() and (c / "merges.txt").is_file()), None)
-        if found is None:
-            raise PublisherError(f"no vocab.json and merges.txt in {' or '.join(str(c) for c in candidates)} "
-                                 "(a packages-only variant: give --tokenizer)")
-        self.tokenizer = found
-        self.scale = float(info.app.get("vae_scale_factor", SD_DECODER_SCALE)) if info.app else SD_DECODER_SCALE
-        self.runtime = runtime
+            if needed not in packages:
+                raise PublisherError(f"no {needed} package (a variant with the text encoder, the UNet and the VAE "
+                                     "decoder generates)")
+        if "unet" not in packages and "unet_chunk1" not in packages:
+            raise PublisherError("no unet package")
+        if not (tokenizer / "vocab.json").is_file() or not (tokenizer / "merges.txt").is_file():
+            raise PublisherError(f"no vocab.json and merges.txt in {tokenizer}")
+        self.packages, self.tokenizer, self.scale, self.runtime = packages, tokenizer, scale, runtime
         self._open: dict[str, Model] = {}
 
     def model(self, submodule: str) -> Model:
@@ -135,9 +118,42 @@ class VariantModels:
         return self.model("unet")(inputs)["noise_pred"]
 
 
+def variant_packages(folder: Path, runtime: Runtime, tokenizer: Path | None = None) -> PackageSet:
+    """A built (or downloaded) variant folder's packages, named as its build-info's source names them."""
+    info_path = folder / BUILD_INFO
+    if not info_path.is_file():
+        raise PublisherError(f"{folder}: no {BUILD_INFO} (give a variant folder a build made)")
+    info = read_build_info(info_path)
+    family = family_named(info.variant.get("family", "sd"))
+    if family.name != "sd":
+        raise PublisherError(f"{folder}: generating with the '{family.name}' family is not supported yet")
+    model_version = info.source.repo.replace("/", "_")
+    packages: dict[str, Path] = {}
+    for package in sorted((folder / "packages").glob("*.mlpackage")):
+        submodule = family.submodule_of_package(package.name, model_version)
+        if submodule is not None:
+            packages[submodule] = package
+    candidates = [tokenizer] if tokenizer is not None else [folder / "compiled", folder]
+    found = next((c for c in candidates if (c / "vocab.json").is_file() and (c / "merges.txt").is_file()), None)
+    if found is None:
+        raise PublisherError(f"no vocab.json and merges.txt in {' or '.join(str(c) for c in candidates)} "
+                             "(a packages-only variant: give --tokenizer)")
+    scale = float(info.app.get("vae_scale_factor", SD_DECODER_SCALE)) if info.app else SD_DECODER_SCALE
+    try:
+        return PackageSet(packages, found, scale, runtime)
+    except PublisherError as exc:
+        raise PublisherError(f"{folder}: {exc}") from exc
+
+
 def generate(folder: Path, settings: GenerateSettings, runtime: Runtime, tokenizer: Path | None = None,
              progress: Callable[[int, int], None] = lambda step, total: None) -> Generated:
-    models = VariantModels(Path(folder), runtime, tokenizer)
+    return generate_with(variant_packages(Path(folder), runtime, tokenizer), settings, progress)
+
+
+def generate_with(models: PackageSet, settings: GenerateSettings,
+                  progress: Callable[[int, int], None] = lambda step, total: None) -> Generated:
+    import torch
+
     encoder = models.model("text_encoder")
     states = [encoder({"input_ids": tokenize(models.tokenizer, text)})["last_hidden_state"]
               for text in (settings.negative_prompt, settings.prompt)]
@@ -145,8 +161,6 @@ def generate(folder: Path, settings: GenerateSettings, runtime: Runtime, tokeniz
     decoder_input = next(t for t in _inputs(models.packages["vae_decoder"]) if t.name == "z")
     scheduler = swift_scheduler(settings.scheduler, settings.steps)
     latents = latent_noise(settings.seed, decoder_input.shape, float(scheduler.init_noise_sigma))
-    import torch
-
     timesteps = [int(t) for t in scheduler.timesteps]
     for index, t in enumerate(timesteps):
         sample = np.concatenate([latents, latents], axis=0)
@@ -169,11 +183,22 @@ def reference_generate(source: Path, settings: GenerateSettings, shape: tuple[in
     """The same prompt, seed (the same NumPy noise) and scheduler through diffusers' StableDiffusionPipeline in
     float32 on the source folder."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.scheduler = swift_scheduler(settings.scheduler, settings.steps)
+    from publisher.convert.weight_files import weights_variant
+
+    def load(cls: Any, folder: str) -> Any:  # float32, whichever weight copy the build fetched
+        path = Path(source) / folder
+        return cls.from_pretrained(path, torch_dtype=torch.float32, variant=weights_variant(path)).eval()
+
+    # the components generating needs, from the folders a build fetches (not the whole repo's model_index); typed
+    # Any: diffusers' pipelines declare their components at run time
+    pipe: Any = StableDiffusionPipeline(vae=load(AutoencoderKL, "vae"), text_encoder=load(CLIPTextModel, "text_encoder"),
+                                   tokenizer=CLIPTokenizer.from_pretrained(Path(source) / "tokenizer"),
+                                   unet=load(UNet2DConditionModel, "unet"),
+                                   scheduler=swift_scheduler(settings.scheduler, settings.steps),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     noise = latent_noise(settings.seed, shape, float(pipe.scheduler.init_noise_sigma))
     height, width = shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor

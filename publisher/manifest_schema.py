@@ -143,6 +143,17 @@ class Source(_Model):
         return self.repo.replace("/", "_")
 
 
+class EvaluateOptions(_Model):
+    """The end-to-end check's settings (publisher.evaluate): its gate's floor and margin, its denoising steps."""
+
+    floor_db: Annotated[float, Strict(), Field(ge=0, le=200, allow_inf_nan=False, description="end-to-end image "
+                        "PSNR (dB, against diffusers' float32 pipeline) a variant needs to be published (default: "
+                        "30 for float16, 15 for a compressed variant)")] | None = None
+    margin_db: Annotated[float, Strict(), Field(ge=0, le=100, allow_inf_nan=False, description="how far under the "
+                         "published revision's figure a rebuild may fall")] = 1.0
+    steps: Annotated[int, Strict(), Field(ge=1, le=100, description="denoising steps per prompt")] = 10
+
+
 class PublishRepo(_Model):
     repo: Annotated[
         StrictStr,
@@ -165,6 +176,13 @@ class PublishRepo(_Model):
         Discriminator(lambda value: "[list]" if isinstance(value, list) else "[bool]"),
     ] = Field(default=False, description="UNet in two chunks (for iOS): true for every attention, or a list of them")
     layouts: list[Layout] = Field(default_factory=lambda: list(Layout), min_length=1)
+    evaluate: Annotated[
+        Annotated[StrictBool, Tag("[bool]")] | Annotated[EvaluateOptions, Tag("[options]")],
+        Discriminator(lambda value: "[bool]" if isinstance(value, bool) else "[options]"),
+    ] = Field(default=True, description="the end-to-end check (seeded prompts through the packages against "
+              "diffusers' float32 pipeline; figures, a sample image and the publish gate): true (run where it is "
+              "cheap: tiny models on Linux, any model on macOS; `publisher build --evaluate on` forces it), false, "
+              "or its settings")
     controlnet: Annotated[
         Annotated[StrictBool, Tag("[bool]")] | Annotated[list[Attention], Tag("[list]")],
         Discriminator(lambda value: "[list]" if isinstance(value, list) else "[bool]"),

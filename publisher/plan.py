@@ -31,8 +31,9 @@ from publisher.util.hashing import json_sha256, step_key
 from publisher.util.versions import library_versions
 from publisher.vocabulary import Resolution
 
-StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "compile", "assemble", "zip"]
-STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "compile",
+StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "evaluate", "compile", "assemble",
+                   "zip"]
+STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "evaluate", "compile",
                                     "assemble", "zip")
 __all__ = ["ExtraSourceRef", "Plan", "Step", "Variant", "build_plan", "select_variants"]
 # GitHub Actions refuses a matrix of more than 256 jobs.
@@ -49,6 +50,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "compress": ("publisher.compress.scheme", "publisher.compress.rebase"),
     "prepare": ("publisher.convert.community",),
     "verify": ("publisher.verify.fidelity", "publisher.verify.contract"),
+    "evaluate": ("publisher.evaluate",),
     "compile": ("publisher.compile",),
     "zip": ("publisher.layout",),
 }
@@ -130,6 +132,17 @@ class VerifyParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """inputs: the fetch, the verified packages of `submodules` (what generating runs), then, for a compressed
+    variant (`float16`), the float16 packages of the same submodules."""
+
+    submodules: tuple[str, ...]
+    float16: bool
+    settings: dict[str, Any]  # publisher.evaluate.EvaluationSettings, as JSON
+    family: str = "sd"
+
+
+@dataclass(frozen=True)
 class CompileParams:
     submodule: str
 
@@ -144,11 +157,12 @@ class ZipParams:
     name: str
 
 
-StepParams = (FetchParams | ConvertParams | ChunkParams | AnalyzeParams | CompressParams | VerifyParams | CompileParams
-              | AssembleParams | ZipParams)
+StepParams = (FetchParams | ConvertParams | ChunkParams | AnalyzeParams | CompressParams | VerifyParams
+              | EvaluateParams | CompileParams | AssembleParams | ZipParams)
 PARAMS_OF: dict[StepKind, type] = {"fetch": FetchParams, "convert": ConvertParams, "chunk": ChunkParams,
                                    "analyze": AnalyzeParams, "compress": CompressParams, "verify": VerifyParams,
-                                   "compile": CompileParams, "assemble": AssembleParams, "zip": ZipParams}
+                                   "evaluate": EvaluateParams, "compile": CompileParams, "assemble": AssembleParams,
+                                   "zip": ZipParams}
 
 
 @dataclass
@@ -358,6 +372,10 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                 if manifest.source.config else ("", ""),
                 source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale))
                                    for lora in manifest.source.loras),
+                evaluate=target.evaluate is not False,
+                evaluate_settings=() if isinstance(target.evaluate, bool) else tuple(
+                    (k, val) for k, val in target.evaluate.model_dump().items()
+                    if val != type(target.evaluate)().model_dump()[k]),
                 convert_runner=manifest.runners.convert,
                 compile_runner=manifest.runners.compile,
             ))
@@ -449,6 +467,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         compressed_here: dict[str, str] = {}  # submodule -> its compress step, in this variant
         packages_only: set[str] = set()  # submodules the compiled Resources leave out
+        floats: dict[str, str] = {}  # submodule -> its float16 package (the verified one where not compressed)
         for component in v.components:
             attention = v.attention if v.uses_attention(component) else None  # None: shared by every attention
             role = v.role_of(component)
@@ -483,6 +502,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                 analysis = [builder.add(f"analyze:{source}:{request.component}:{v.base_size}:{scheme.name}:"
                                         f"{json_sha256(request.params)[:12]}", "analyze", [fetch], analyze, v.id)]
             for submodule, package in pieces:
+                float_package = package
                 if compressed:
                     # the same weights compressed already: the default size's package (a resolution pack), or the
                     # component whose weights this one has (the ControlledUnet's are the UNet's)
@@ -500,16 +520,39 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                 verify = builder.add(f"verify:{builder.label(package)}", "verify", [package],
                                      VerifyParams(component.value, submodule, v.family), v.id)
                 packages.append((submodule, verify))
+                floats[submodule] = float_package if compressed else verify
+        evaluation = _evaluate_step(builder, v, fetch, dict(packages), floats, packages_only)
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:
             compiled = [builder.add(f"compile:{builder.label(package)}", "compile", [package], CompileParams(submodule),
                                     v.id)
                         for submodule, package in packages if submodule not in packages_only]
-        assemble = builder.add(f"assemble:{v.id}", "assemble", [fetch] + [p for _, p in packages] + compiled,
+        assemble = builder.add(f"assemble:{v.id}", "assemble", [fetch] + [p for _, p in packages] + evaluation + compiled,
                                AssembleParams(tuple(layout.value for layout in v.layouts)), v.id)
         if Layout.ZIP in v.layouts:
             builder.add(f"zip:{v.id}", "zip", [assemble], ZipParams(v.zip_name), v.id)
     return Plan(namespace=namespace, variants=variants, steps=builder.steps)
+
+
+def _evaluate_step(builder: _Builder, v: Variant, fetch: str, packages: dict[str, str], floats: dict[str, str],
+                   packages_only: set[str]) -> list[str]:
+    """The variant's end-to-end check, where the manifest wants it and the variant has what generating runs (the
+    text encoder, the UNet, whole or as the chunks the Swift pipeline takes, and the VAE decoder); [] otherwise."""
+    if not v.evaluate or v.family != "sd":
+        return []
+    unet = [name for name in ("unet_chunk1", "unet_chunk2") if name in packages] if "unet" in packages_only \
+        else ["unet"]
+    submodules = ("text_encoder", *unet, "vae_decoder")
+    if any(name not in packages for name in submodules):
+        return []
+    compressed = any(floats[name] != packages[name] for name in submodules)
+    from publisher.gate import EvaluationSettings
+
+    settings = EvaluationSettings(steps=int(dict(v.evaluate_settings).get("steps", 10))).to_json()
+    inputs = [fetch, *(packages[name] for name in submodules), *((floats[name] for name in submodules)
+                                                                 if compressed else ())]
+    return [builder.add(f"evaluate:{v.id}", "evaluate", inputs, EvaluateParams(submodules, compressed, settings,
+                                                                                v.family), v.id)]
 
 
 def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]:

@@ -60,6 +60,10 @@ class Variant:
     # the manifest's default size (None: this folder's): a resolution pack shares the conversions no size changes
     # (the text encoders) and the source's analysis with the default size's folder
     default_size: Resolution | None = None
+    # the end-to-end check (publisher.evaluate): whether the manifest wants it, and its settings where they are not
+    # the defaults ((name, value) pairs: floor_db, margin_db, steps)
+    evaluate: bool = True
+    evaluate_settings: tuple[tuple[str, Any], ...] = ()
     # where the workflow runs it (not part of what it is: absent from to_json)
     convert_runner: str = "ubuntu-24.04"
     compile_runner: str = "macos-14"
@@ -148,6 +152,9 @@ class Variant:
             **({"default_size": self.base_size} if self.resolution != self.base_size else {}),
             "license": self.license,
             "family": self.family,
+            # only when not the default: the variant hash of a variant with the default check stays what it was
+            **({"evaluate": dict(self.evaluate_settings) if self.evaluate else False}
+               if not self.evaluate or self.evaluate_settings else {}),
             # only when there are any: the variant hash of a variant without extra sources stays what it was
             **({"extra_sources": {ref.role: {"repo": ref.repo, "revision": ref.revision, "weights": ref.weights}
                                   for ref in self.extra_sources}} if self.extra_sources else {}),

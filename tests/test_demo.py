@@ -20,6 +20,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("5. downloaded demo/coreml-tiny-sd-palettized split_einsum_v2/packages") for line in lines)
     assert "7. republished: 0 new commits (nothing had changed)" in lines
-    end_to_end = next(line for line in lines if line.startswith("6. generated end to end"))
-    assert float(end_to_end.split("float16 image ")[1].split(" dB")[0]) >= 30, end_to_end
+    end_to_end = next(line for line in lines if line.startswith("6. end to end"))
+    assert float(end_to_end.split("coreml-tiny-sd/original image ")[1].split(" dB")[0]) >= 30, end_to_end
+    assert end_to_end.count("against float16") == 2, end_to_end  # the palettized variants
     assert "Running MIL" not in result.stdout + result.stderr

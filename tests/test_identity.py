@@ -76,7 +76,9 @@ def test_editing_a_recipe_in_place_changes_exactly_the_steps_that_read_it(tmp_pa
     # (b's too, where it verifies an uncompressed component) read no recipe
     compressed_verifies = {f"{s.label} {sorted(s.variants)}" for s in plan.steps_of("verify")
                            if plan.steps[s.inputs[0]].kind == "compress" and "-b/" in s.variants[0]}
-    assemble = {f"{s.label} {sorted(s.variants)}" for s in plan.steps_of("assemble") if "-b/" in s.variants[0]}
+    # and what reads those packages: b's end-to-end check and its assembly
+    assemble = {f"{s.label} {sorted(s.variants)}" for s in plan.steps_of("assemble") + plan.steps_of("evaluate")
+                if "-b/" in s.variants[0]}
     assert changed == {r for r in readers if r.startswith("palettize:")} | compressed_verifies | assemble
     assert changed and not any(label.startswith(("fetch:", "convert:")) for label in changed)
 
@@ -123,7 +125,7 @@ def test_a_code_change_rekeys_its_steps_and_a_comment_changes_nothing(tmp_path: 
     rebase.write_text(rebase_source + "\n_CHANGED = 1\n")
     after = keys_by_label(plan_of(path))
     assert {label.split(":")[0] for label in before if before[label] != after[label]} == {"palettize", "verify",
-                                                                                           "assemble"}
+                                                                                           "evaluate", "assemble"}
     rebase.write_text(rebase_source)
     # a change to the zip writer moves only what it runs (no zip in these layouts: nothing at all here)
     assert keys_by_label(plan_of(path)) == before

@@ -19,6 +19,7 @@ from publisher.cli._options import (
     print_table,
 )
 from publisher.engine.build import BuildOptions, BuildResult, build
+from publisher.errors import PublisherError
 from publisher.manifest import load_manifests
 from publisher.util.sizes import human_size
 from publisher.util.tokens import token_for
@@ -50,11 +51,15 @@ def build_command(
     verify_store: Annotated[bool, typer.Option("--verify-store", help="Re-hash every stored output before reusing "
                                                                       "it (default: trust unchanged files).")] = False,
     jobs: JobsOpt = 1,
+    evaluate: Annotated[str, typer.Option("--evaluate", help="The end-to-end check: auto runs it where it is cheap (macOS; a "
+                                               "small model on Linux), on always, off never.")] = "auto",
 ) -> None:
     """Build every (or the chosen) variant of the manifests into OUT/<repo>/, redoing only what changed."""
+    if evaluate not in ("auto", "on", "off"):
+        raise PublisherError(f"--evaluate must be auto, on or off, not '{evaluate}'")
     options = BuildOptions(out=out, store=store, namespace=namespace, compile=not no_compile, verify=not no_verify,
                            variants=variant, endpoint=source_endpoint, token=token_for(source_endpoint),
-                           verify_store=verify_store, jobs=jobs or os.cpu_count() or 1)
+                           verify_store=verify_store, jobs=jobs or os.cpu_count() or 1, evaluate=evaluate)
     result = build(load_manifests(manifests), options)
     print_build_table(result)
     if not result.ok:

@@ -26,14 +26,18 @@ def publish_command(
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would change; send nothing.")] = False,
     create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request instead of writing main.")] = False,
+    allow_regression: Annotated[str | None, typer.Option(
+        "--allow-regression", metavar="REASON", help="Publish variants the end-to-end gate refuses (under their "
+        "floor, or regressed from the published revision); REASON goes into their commit messages.")] = None,
 ) -> None:
-    """Publish built variants: only changed files, one commit per variant, the model card with the last."""
+    """Publish built variants: only changed files, one commit per variant, the model card with the last. A variant
+    whose end-to-end check fell under its floor or regressed is not published (one line each, exit 1)."""
     from publisher.publish import PublishOptions, publish, resolve_endpoint
 
     url = resolve_endpoint(target, endpoint)
     outcomes = publish(load_manifests(manifests), PublishOptions(
         out=out, namespace=namespace, target=target, endpoint=endpoint, token=token_for(url), variants=variant,
-        dry_run=dry_run, create_pr=create_pr), say=typer.echo)
+        dry_run=dry_run, create_pr=create_pr, allow_regression=allow_regression), say=typer.echo)
     for outcome in outcomes:
         for diff in outcome.diffs:
             typer.echo(f"{outcome.repo_id}/{diff.folder}: {len(diff.added)} added, {len(diff.changed)} changed, "

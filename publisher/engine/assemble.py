@@ -14,6 +14,7 @@ from publisher.build_info import BUILD_INFO, BuildInfo, write_build_info
 from publisher.compress.recipe import APPLE_PRE_ANALYSIS, pre_analysis_name
 from publisher.compress.scheme import REPORT, scheme_named
 from publisher.engine.state import PACKAGE, BuildState, VariantResult
+from publisher.gate import EVALUATION, SAMPLE
 from publisher.layout import link_or_copy, link_tree, replace_folder
 from publisher.plan import CompressParams, FetchParams, Step, Variant, VerifyParams
 from publisher.store import Stamp, sha256_file, stamp_of, step_key, tree_files
@@ -75,6 +76,7 @@ class Assembler:
                 # apply script takes it with --selected-recipe)
                 link_or_copy(self.state.outputs[analyze.id].path / APPLE_PRE_ANALYSIS,
                              staged / pre_analysis_name(variant.source_repo))
+            evaluation = self._link_evaluation(steps, staged)
             if compiled_layout:
                 for name in variant.model_family.tokenizer_files:
                     link_or_copy(source.path / "tokenizer" / name, staged / "compiled" / name)
@@ -120,6 +122,7 @@ class Assembler:
             "references": references,
             "build_seconds": round(seconds, 1),
             "app": self._app_settings(variant, verify_steps),
+            "evaluation": evaluation,
         })
         write_build_info(folder / BUILD_INFO, info)
         built_here = any(s.id in self.state.built for s in steps)
@@ -140,6 +143,18 @@ class Assembler:
                     names = set(report["recipe_unmatched"])
                     missed = names if missed is None else missed & names
         return sorted(missed or ())
+
+    def _link_evaluation(self, steps: Sequence[Step], staged: Path) -> dict[str, Any]:
+        """The end-to-end check's record and sample image into the variant folder (where the build ran it); its
+        figures and settings for build-info."""
+        evaluate = next((s for s in steps if s.kind == "evaluate" and s.id in self.state.outputs), None)
+        if evaluate is None:
+            return {}
+        stored = self.state.outputs[evaluate.id].path
+        for name in (EVALUATION, SAMPLE):
+            link_or_copy(stored / name, staged / name)
+        record = json.loads((stored / EVALUATION).read_text())
+        return {key: record[key] for key in ("figures", "settings", "runtime")}
 
     def _vouched(self, steps: Sequence[Step]) -> dict[Stamp, str]:
         known: dict[Stamp, str] = {}

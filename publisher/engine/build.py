@@ -85,6 +85,8 @@ class _Runner:
             return
         if step.kind == "assemble":
             return  # per variant, after its steps
+        if step.kind == "evaluate" and not self.actions.evaluates(step):
+            return  # not asked for, or not cheap here: the variant is assembled without it
         params = {**step.params_json(), **self.run_params(step)}  # also on the stored record
         key = stored_key(step, [self.state.input_key(i, step) for i in step.inputs], self.run_params(step))
         self.state.keys[step.id] = key
@@ -114,6 +116,8 @@ class _Runner:
 
     def run_params(self, step: Step) -> dict[str, Any]:
         """What the build's options add to a step's parameters (and so to its key)."""
+        if step.kind == "evaluate":
+            return {"runtime": self.actions.evaluation_runtime()}
         return {"fidelity": self.state.options.verify} if step.kind == "verify" else {}
 
     def waits_for(self, step: Step, steps: Sequence[Step]) -> set[str]:

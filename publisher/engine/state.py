@@ -35,6 +35,12 @@ class BuildOptions:
     jobs: int = 1  # steps run at once (isolated builds only), each started only within the memory budget
     verify_store: bool = False  # re-hash every stored output instead of trusting unchanged stamps
     progress: bool = True
+    # the end-to-end check (publisher.evaluate): "auto" where it is cheap (Core ML on macOS; on Linux a source whose
+    # UNet weighs under EVALUATE_AUTO_BYTES), "on" always, "off" never (the library's default: a caller asks)
+    evaluate: str = "off"
+
+
+EVALUATE_AUTO_BYTES = 256 * 2**20
 
 
 @dataclass

@@ -13,10 +13,19 @@ from publisher.compress.scheme import REPORT, CompressContext, scheme_named
 from publisher.contract import zip_folder_name
 from publisher.deployment import DeploymentTarget
 from publisher.engine.references import References
-from publisher.engine.state import PACKAGE, BuildError, BuildState
-from publisher.family import family_named
+from publisher.engine.state import EVALUATE_AUTO_BYTES, PACKAGE, BuildError, BuildState
+from publisher.family import family_named, read_config
 from publisher.layout import link_tree, write_zip
-from publisher.plan import AnalyzeParams, ChunkParams, CompressParams, ConvertParams, Step, VerifyParams, ZipParams
+from publisher.plan import (
+    AnalyzeParams,
+    ChunkParams,
+    CompressParams,
+    ConvertParams,
+    EvaluateParams,
+    Step,
+    VerifyParams,
+    ZipParams,
+)
 from publisher.util.atomic import atomic_write_bytes, atomic_write_text
 from publisher.verify.fidelity import REFERENCE, Reference
 from publisher.vocabulary import Attention, Component, Resolution
@@ -29,7 +38,7 @@ class StepActions:
 
     def table(self) -> dict[str, Callable[[Step, Path], None]]:
         return {"convert": self.convert, "chunk": self.chunk, "analyze": self.analyze, "compress": self.compress,
-                "verify": self.verify, "compile": self.compile, "zip": self.zip}
+                "verify": self.verify, "evaluate": self.evaluate, "compile": self.compile, "zip": self.zip}
 
     def convert(self, step: Step, work: Path) -> None:
         from publisher.convert.coreml import convert_component
@@ -160,6 +169,42 @@ class StepActions:
                                  f"{PSNR_BAR_DB:.0f} dB bar: not published")
         link_tree(package, work / PACKAGE)
         atomic_write_text(work / "verify.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    @staticmethod
+    def evaluation_runtime() -> str:
+        """Core ML where it runs (macOS), else the project's executor."""
+        import platform
+
+        return "coreml" if platform.system() == "Darwin" else "reference"
+
+    def evaluates(self, step: Step) -> bool:
+        """Whether the build runs this end-to-end check: asked for, and cheap here where the build decides."""
+        mode = self.state.options.evaluate
+        if mode != "auto":
+            return mode == "on"
+        if self.evaluation_runtime() == "coreml":
+            return True
+        fetched = self.state.fetched.get(step.inputs[0])
+        unet = sum(int(entry.get("size", 0)) for name, entry in (fetched.files.items() if fetched else ())
+                   if name.startswith("unet/"))
+        return fetched is not None and unet < EVALUATE_AUTO_BYTES
+
+    def evaluate(self, step: Step, work: Path) -> None:
+        from publisher.evaluate import evaluate_to_folder
+        from publisher.gate import EvaluationSettings
+
+        p = step.params
+        assert isinstance(p, EvaluateParams)
+        count = len(p.submodules)
+        packages = {name: self.state.outputs[i].path / PACKAGE
+                    for name, i in zip(p.submodules, step.inputs[1:1 + count], strict=True)}
+        float16 = {name: self.state.outputs[i].path / PACKAGE
+                   for name, i in zip(p.submodules, step.inputs[1 + count:], strict=True)} if p.float16 else None
+        source = self.state.fetched[step.inputs[0]].path
+        vae = read_config(source, "vae") or {}
+        scale = float(vae.get("scaling_factor", 0.18215))  # type: ignore[arg-type]
+        self.state.run(evaluate_to_folder, packages, float16, source, scale, EvaluationSettings.from_json(p.settings),
+                       self.evaluation_runtime(), work)
 
     def compile(self, step: Step, work: Path) -> None:
         compiled = compile_package(self.state.outputs[step.inputs[0]].path / PACKAGE, work)

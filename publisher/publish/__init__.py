@@ -45,6 +45,8 @@ class PublishOptions:
     variants: Sequence[str] | None = None
     dry_run: bool = False
     create_pr: bool = False
+    # publish variants the end-to-end gate refuses, with this reason in their commit messages
+    allow_regression: str | None = None
 
 
 def group_by_repo(variants: Sequence[Variant]) -> dict[str, list[Variant]]:
@@ -63,12 +65,74 @@ def publish(manifests: Sequence[LoadedManifest], options: PublishOptions,
     chosen = select_variants(plan, options.variants)
     api = hub_api(endpoint, options.token)
     outcomes = []
+    refused: list[str] = []
     for repo_id, variants in group_by_repo(chosen).items():
         with talking_to(endpoint, f"publishing {repo_id}", token_variable(endpoint)):
-            outcomes.append(publish_repo(api, repo_id, options.out / repo_id, variants, endpoint,
-                                         dry_run=options.dry_run, create_pr=options.create_pr, say=say,
-                                         token_name=token_variable(endpoint)))
+            problems = {v.id: problem for v in variants
+                        if (problem := gate(api, v, options.out / repo_id, endpoint, options.token)) is not None}
+            notes = {}
+            for variant in variants:
+                if variant.id in problems and options.allow_regression is not None:
+                    say(f"warning: {problems[variant.id]}; published anyway (--allow-regression)")
+                    notes[variant.folder] = (f"Published despite the end-to-end gate: {problems[variant.id]}\n"
+                                             f"Reason: {options.allow_regression}")
+            if options.allow_regression is None:
+                refused += problems.values()
+                variants = [v for v in variants if v.id not in problems]
+            if variants:
+                outcomes.append(publish_repo(api, repo_id, options.out / repo_id, variants, endpoint,
+                                             dry_run=options.dry_run, create_pr=options.create_pr, say=say,
+                                             token_name=token_variable(endpoint), notes=notes))
+    if refused:
+        raise PublisherError(f"{len(refused)} variant(s) not published", lines=[
+            *(f"{line}: not published (--allow-regression REASON publishes it anyway)" for line in refused)])
     return outcomes
+
+
+def gate(api: Any, variant: Variant, repo_dir: Path, endpoint: str, token: str | None) -> str | None:
+    """The end-to-end gate (publisher.gate) on a built variant: None where it may be published (or was not
+    evaluated); the figure it is held to is the floor of its precision (the manifest's, else the default) and what
+    the repo's current revision recorded."""
+    from publisher.gate import MARGIN_DB, floor_of, gate_problem
+
+    path = repo_dir / variant.folder / BUILD_INFO
+    if not path.is_file():
+        return None  # publishing says it is not built
+    evaluation = read_build_info(path).evaluation
+    if not evaluation:
+        return None
+    settings = dict(variant.evaluate_settings)
+    compressed = any(variant.compresses(c) for c in variant.components)
+    return gate_problem(variant.id, evaluation, floor_of(compressed, settings.get("floor_db")),
+                        published_evaluation(api, variant, endpoint, token), settings.get("margin_db", MARGIN_DB))
+
+
+def published_evaluation(api: Any, variant: Variant, endpoint: str, token: str | None,
+                         limit: int = 1 << 20) -> dict[str, Any] | None:
+    """The end-to-end record of the variant's published revision (None: none published; one over `limit` bytes
+    or not JSON is not read)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from publisher.gate import EVALUATION
+
+    name = f"{variant.folder}/{EVALUATION}"
+    try:
+        listed = api.get_paths_info(variant.repo_id, [name])
+        if not listed or getattr(listed[0], "size", limit + 1) > limit:
+            return None
+        local = Path(hf_hub_download(variant.repo_id, name, endpoint=endpoint, token=token or False))
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    if local.stat().st_size > limit:
+        return None
+    try:
+        data = json.loads(local.read_text())
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 @dataclass

@@ -51,6 +51,7 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         lines.append(f"| `{v['folder']}/` | {size_label(v.get('resolution', 512))} | "
                      f"{v['attention']} | {v['compute_unit']} | {v['precision_label']} | "
                      f"{v['minimum_deployment_target']} | {_meant_for(v)} | {human_size(size)} | {zip_cell} |")
+    lines += _end_to_end(infos)
     folder = infos[0]["variant"]["folder"]
     chunked = [info["variant"]["folder"] for info in infos if info["variant"].get("chunk_unet")]
     lines += [
@@ -267,3 +268,26 @@ def _controlnet_usage(infos: list[dict[str, Any]], family: Any) -> list[str]:
         lines += ["", "Put ControlNet models (Apple's converter: `--convert-controlnet`) in the Resources' "
                   "`controlnet/` folder and name them in `StableDiffusionPipeline(resourcesAt:controlNet:)`."]
     return lines + [""]
+
+
+def _end_to_end(infos: Sequence[dict[str, Any]]) -> list[str]:
+    """The build's end-to-end check: a row per evaluated variant and its sample image (the same prompt and seed)."""
+    evaluated = [info for info in infos if info.get("evaluation")]
+    if not evaluated:
+        return []
+    settings = evaluated[0]["evaluation"]["settings"]
+    first = settings["prompts"][0]
+    lines = ["", "## End to end", "",
+             f"Each variant generated {len(settings['prompts'])} seeded prompts through its packages only, as Apple's "
+             f"Swift pipeline runs them ({settings['steps']} {settings['scheduler'].upper()} steps, guidance "
+             f"{settings['guidance']:g}), against diffusers' float32 pipeline on the source with the same noise; the "
+             "worst prompt's image PSNR is shown (`<folder>/evaluation.json` has every figure). Samples: "
+             f"\"{first['prompt']}\", seed {first['seed']}.", "",
+             "| folder | image PSNR vs float32 (dB) | vs the float16 variant (dB) | latents PSNR (dB) | runtime | sample |",
+             "|---|---|---|---|---|---|"]
+    for info in evaluated:
+        folder, figures = info["variant"]["folder"], info["evaluation"]["figures"]
+        lines.append(f"| `{folder}/` | {_cell(figures.get('image_psnr_db'))} | "
+                     f"{_cell(figures.get('image_psnr_vs_float16_db'))} | {_cell(figures.get('latents_psnr_db'))} | "
+                     f"{info['evaluation'].get('runtime', '')} | ![{folder}]({folder}/sample.png) |")
+    return lines

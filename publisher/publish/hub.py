@@ -250,7 +250,8 @@ def retry_after(exc: BaseException, cap_s: float = 300.0) -> float | None:
 
 def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
                  dry_run: bool = False, create_pr: bool = False, say: Callable[[str], None] = lambda _: None,
-                 attempts: int = 4, backoff_s: float = 1.0, token_name: str = "HF_TOKEN") -> RepoOutcome:
+                 attempts: int = 4, backoff_s: float = 1.0, token_name: str = "HF_TOKEN",
+                 notes: dict[str, str] | None = None) -> RepoOutcome:
     """Publish the given variants of one repo (one commit each; the card rides with the last commit).
 
     A transient failure (5xx, 429, a dropped connection) is retried with backoff; each attempt diffs against the
@@ -266,7 +267,7 @@ def publish_repo(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Vari
             # a retry after the first commit opened a PR continues on that PR instead of opening another
             pr_revision = _pr_revision(pr_url) if pr_url else None
             outcome = _publish_once(api, repo_id, repo_dir, variants, endpoint, dry_run, create_pr, say, pr_revision,
-                                    token_name)
+                                    token_name, notes or {})
             outcome.commits = commits + outcome.commits
             outcome.pr_url = outcome.pr_url or pr_url
             return outcome
@@ -295,8 +296,9 @@ def _first_line(exc: BaseException | None) -> str:
 
 def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Variant], endpoint: str,
                   dry_run: bool, create_pr: bool, say: Callable[[str], None], pr_revision: str | None = None,
-                  token_name: str = "HF_TOKEN") -> RepoOutcome:
-    """One attempt: diff against main (or against the PR a previous attempt opened) and commit what differs."""
+                  token_name: str = "HF_TOKEN", notes: dict[str, str] | None = None) -> RepoOutcome:
+    """One attempt: diff against main (or against the PR a previous attempt opened) and commit what differs;
+    `notes`: a folder's addition to its commit message."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     from publisher.publish.card import card_text
@@ -334,7 +336,8 @@ def _publish_once(api: Any, repo_id: str, repo_dir: Path, variants: Sequence[Var
         say(f"{repo_id}: committing {diff.folder} ({len(diff.added)} added, {len(diff.changed)} changed, "
             f"{len(diff.removed)} removed)")
         try:
-            head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome, token_name)
+            head = _commit(api, repo_id, ops, f"Publish {diff.folder}", head, create_pr, revision, outcome, token_name,
+                           (notes or {}).get(diff.folder))
         except Exception as exc:
             exc.outcome = outcome  # type: ignore[attr-defined]  # what landed, read by the retry
             raise
@@ -353,15 +356,17 @@ def _pr_revision(pr_url: str) -> str:
 
 
 def _commit(api: Any, repo_id: str, ops: list[Any], message: str, parent: str | None, create_pr: bool,
-            pr_revision: str | None, outcome: RepoOutcome, token_name: str = "HF_TOKEN") -> str:
+            pr_revision: str | None, outcome: RepoOutcome, token_name: str = "HF_TOKEN",
+            description: str | None = None) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         if pr_revision:  # later variants go on the PR the first one opened
-            info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=pr_revision)
+            info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=pr_revision,
+                                     commit_description=description)
         else:
             info = api.create_commit(repo_id, operations=ops, commit_message=message, parent_commit=parent,
-                                     create_pr=create_pr)
+                                     create_pr=create_pr, commit_description=description)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 412:
