@@ -31,6 +31,9 @@ SourceEndpointOpt = Annotated[str | None, typer.Option(
     "--source-endpoint", envvar="PUBLISHER_SOURCE_ENDPOINT",
     help="Hub the source models are read from (default: HF_ENDPOINT, else huggingface.co).")]
 DEFAULT_STORE = Path(".publisher/store")
+EvaluateOpt = Annotated[str, typer.Option("--evaluate", help="The end-to-end check: auto runs it where it is cheap "
+                                                            "(Core ML on macOS; a small model on Linux), on always, "
+                                                            "off never.")]
 
 
 def manifest_paths(paths: list[Path] | None) -> list[Path]:

@@ -11,6 +11,7 @@ import typer
 from publisher.cli._options import (
     DEFAULT_NAMESPACE,
     DEFAULT_STORE,
+    EvaluateOpt,
     NamespaceOpt,
     SourceEndpointOpt,
     StoreOpt,
@@ -39,6 +40,12 @@ def print_build_table(result: BuildResult) -> None:
                 typer.echo(r.traceback.rstrip(), err=True)
 
 
+def _evaluate_mode(value: str) -> str:
+    if value not in ("auto", "on", "off"):
+        raise PublisherError(f"--evaluate must be auto, on or off, not '{value}'")
+    return value
+
+
 def build_command(
     manifests: Annotated[list[Path], typer.Argument(help="Manifest files or folders.")],
     variant: VariantsOpt = None,
@@ -51,15 +58,13 @@ def build_command(
     verify_store: Annotated[bool, typer.Option("--verify-store", help="Re-hash every stored output before reusing "
                                                                       "it (default: trust unchanged files).")] = False,
     jobs: JobsOpt = 1,
-    evaluate: Annotated[str, typer.Option("--evaluate", help="The end-to-end check: auto runs it where it is cheap (macOS; a "
-                                               "small model on Linux), on always, off never.")] = "auto",
+    evaluate: EvaluateOpt = "auto",
 ) -> None:
     """Build every (or the chosen) variant of the manifests into OUT/<repo>/, redoing only what changed."""
-    if evaluate not in ("auto", "on", "off"):
-        raise PublisherError(f"--evaluate must be auto, on or off, not '{evaluate}'")
     options = BuildOptions(out=out, store=store, namespace=namespace, compile=not no_compile, verify=not no_verify,
                            variants=variant, endpoint=source_endpoint, token=token_for(source_endpoint),
-                           verify_store=verify_store, jobs=jobs or os.cpu_count() or 1, evaluate=evaluate)
+                           verify_store=verify_store, jobs=jobs or os.cpu_count() or 1,
+                           evaluate=_evaluate_mode(evaluate))
     result = build(load_manifests(manifests), options)
     print_build_table(result)
     if not result.ok:
@@ -71,9 +76,11 @@ def compile_command(
     manifests: Annotated[list[Path] | None, typer.Argument(help="The manifests it was built from.")] = None,
     store: StoreOpt = DEFAULT_STORE,
     source_endpoint: SourceEndpointOpt = None,
+    evaluate: EvaluateOpt = "auto",
 ) -> None:
     """Compile already-built packages (macOS): rebuilds the variants found in BUILD_DIR with compilation on;
-    cached steps are reused from the store, so only compile, Resources and zips are new."""
+    cached steps are reused from the store, so only compile, Resources and zips are new (and, on macOS, the
+    end-to-end check through Core ML)."""
     from publisher.build_info import find_build_infos, read_build_info
 
     ids = []
@@ -83,7 +90,7 @@ def compile_command(
         ids.append(variant["id"])
         namespace = variant["repo"].split("/")[0]
     options = BuildOptions(out=build_dir, store=store, namespace=namespace, compile=True, variants=ids,
-                           endpoint=source_endpoint, token=token_for(source_endpoint))
+                           endpoint=source_endpoint, token=token_for(source_endpoint), evaluate=_evaluate_mode(evaluate))
     result = build(load_manifests(manifests or [Path("manifests")]), options)
     print_build_table(result)
     if not result.ok:

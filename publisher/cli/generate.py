@@ -35,11 +35,11 @@ def generate_command(
     from publisher.generate import GenerateSettings, compare, generate, reference_generate, save_png
     from publisher.verify.runtime import runtime_named
 
-    if folder.suffix == ".png" or not folder.is_dir():
+    if not folder.is_dir():
         raise PublisherError(f"{folder}: not a variant folder")
     settings = GenerateSettings(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                                 scheduler=scheduler, guidance=guidance)
-    engine = runtime_named("reference" if runtime == "executor" else runtime)
+    engine = runtime_named(runtime)
     with tqdm(total=steps, desc="denoising", unit="step", disable=None) as bar:  # None: off when not a terminal
         result = generate(folder, settings, engine, tokenizer, progress=lambda done, total: bar.update(1))
     save_png(result.image, output)

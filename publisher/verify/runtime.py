@@ -80,7 +80,7 @@ class CoreMLRuntime:
     def open(self, package: Path, compute_units: str = "CPU_ONLY") -> Model:
         if platform.system() != "Darwin":
             raise ToolchainError("Core ML predictions need macOS; on Linux use the reference executor "
-                                 "(--runtime reference)")
+                                 "(--runtime executor)")
         from publisher.mlpackage import import_coremltools
 
         ct = import_coremltools()
@@ -94,7 +94,9 @@ class CoreMLRuntime:
         return predict
 
 
-RUNTIMES: dict[str, type[Runtime]] = {"reference": ExecutorRuntime, "coreml": CoreMLRuntime}
+# "executor" is the reference executor's other name (`publisher generate --runtime executor`)
+RUNTIMES: dict[str, type[Runtime]] = {"reference": ExecutorRuntime, "executor": ExecutorRuntime,
+                                      "coreml": CoreMLRuntime}
 
 
 def runtime_named(name: str) -> Runtime:
