@@ -37,7 +37,8 @@ GENERATE = """
 import json, sys
 from pathlib import Path
 import numpy as np
-from publisher.generate import GenerateSettings, PackageSet, generate_with, reference_generate
+from publisher.generate import GenerateSettings, PackageSet, generate_with
+from publisher.generate_reference import reference_generate
 from publisher.verify.runtime import ExecutorRuntime
 from bench._common import peak_gib
 work, side, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

@@ -13,15 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from publisher.gate import EVALUATION, SAMPLE, EvaluationSettings
-from publisher.generate import (
-    Generated,
-    GenerateSettings,
-    PackageSet,
-    compare,
-    generate_with,
-    reference_generate,
-    save_png,
-)
+from publisher.generate import Generated, GenerateSettings, PackageSet, generate_with, save_png
+from publisher.generate_reference import compare, reference_generate
 from publisher.util.atomic import atomic_write_text
 from publisher.verify.runtime import Runtime
 
@@ -36,7 +29,8 @@ def _digest(packages: dict[str, Path]) -> tuple[Any, ...]:
 
 
 def evaluate_to_folder(packages: dict[str, Path], float16: dict[str, Path] | None, source: Path, scale: float,
-                       settings: EvaluationSettings, runtime_name: str, out: Path) -> dict[str, Any]:
+                       settings: EvaluationSettings, runtime_name: str, out: Path, family: str = "sd"
+                       ) -> dict[str, Any]:
     """Write `evaluation.json` and `sample.png` (the first prompt's image) into `out`; returns the figures."""
     from publisher.verify.runtime import runtime_named
 
@@ -49,15 +43,15 @@ def evaluate_to_folder(packages: dict[str, Path], float16: dict[str, Path] | Non
             _GENERATED[key] = make(*args)
         return _GENERATED[key]
 
-    ours_set = PackageSet(packages, source / "tokenizer", scale, runtime)
-    float_set = PackageSet(float16, source / "tokenizer", scale, runtime) if float16 else None
+    ours_set = PackageSet(packages, source / "tokenizer", scale, runtime, family)
+    float_set = PackageSet(float16, source / "tokenizer", scale, runtime, family) if float16 else None
     rows = []
     for index, (prompt, seed) in enumerate(settings.prompts):
         generation = GenerateSettings(prompt=prompt, seed=seed, steps=settings.steps, scheduler=settings.scheduler,
-                                      guidance=settings.guidance)
+                                      guidance=settings.guidance, refiner=False)  # the base model (SDXL)
         ours = cached((_digest(packages), generation), generate_with, ours_set, generation)
         reference = cached((str(source), generation, ours.latents.shape), reference_generate, source, generation,
-                           ours.latents.shape)
+                           ours.latents.shape, family)
         row: dict[str, Any] = {"prompt": prompt, "seed": seed, **compare(ours, reference)}
         if float_set is not None and float16 is not None:
             float_images = cached((_digest(float16), generation), generate_with, float_set, generation)

@@ -9,8 +9,11 @@ spacing), the UNet whole or as its two chunks in order (chunk 2 takes chunk 1's 
 name), guidance `uncond + g * (text - uncond)`, then the VAE decoder on latents / scale factor, mapped from [-1, 1]
 to 8-bit RGB. The schedulers are diffusers' classes set up as the Swift ones are (numbers, not a model).
 
-`reference_generate` runs the same prompt, noise and scheduler through diffusers' pipeline in float32 on the
-source; `compare` gives the PSNR of the final latents and of the image.
+The image is decoded from the last step's denoised prediction, as the Swift pipeline does (its schedulers'
+`modelOutputs.last`), not from the last previous sample. SDXL generates as `StableDiffusionXLPipeline` does: both
+text encoders (the second's tokenizer pads with "!"), its pooled output and the geometry (`time_ids`, the Swift
+configuration's 1024 sizes), the refiner from 80% of the steps with the second encoder and the aesthetic scores.
+The reference (diffusers' own pipeline) is publisher.generate_reference.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import numpy as np
 from publisher.build_info import BUILD_INFO, read_build_info
 from publisher.errors import PublisherError
 from publisher.family import family_named
-from publisher.metrics import psnr
 from publisher.verify.runtime import Model, Runtime
 
 SCHEDULERS = ("pndm", "dpm-solver++")
@@ -41,13 +43,45 @@ class GenerateSettings:
     steps: int = 20
     scheduler: str = "pndm"
     guidance: float = 7.5
+    refiner: bool = True  # SDXL: switch to the variant's refiner UNet (where it has one) at 80% of the steps
+
+
+# the Swift pipeline configuration's SDXL defaults: geometry (original and target size, crop), aesthetic scores of
+# the refiner's prompt and negative prompt, the step fraction where the refiner takes over
+XL_SIZE, XL_CROP, XL_AESTHETIC, XL_NEGATIVE_AESTHETIC, XL_REFINER_START = 1024.0, 0.0, 6.0, 2.5, 0.8
 
 
 @dataclass
 class Generated:
-    latents: np.ndarray  # the final latents (1, 4, h, w), before the decoder's scale factor
-    image: np.ndarray  # (H, W, 3) uint8
+    latents: np.ndarray  # the final latents (1, 4, h, w): the last step's previous sample
+    image: np.ndarray  # (H, W, 3) uint8, decoded from the last step's denoised prediction (as the Swift pipeline)
     timesteps: list[int] = field(default_factory=list)
+
+
+class Denoised:
+    """The scheduler's last denoised prediction, x0 = (x_t - sigma_t * eps) / alpha_t of the last step: what the
+    Swift pipeline decodes (its schedulers' `modelOutputs.last`), not the last previous sample diffusers decodes.
+    For PNDM, eps is the step's combined (linear multistep) output, as the Swift PNDMScheduler converts it."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler, self.value = scheduler, None
+        if hasattr(scheduler, "_get_prev_sample"):  # PNDM: every step ends there with the combined output
+            original = scheduler._get_prev_sample
+
+            def record(sample: Any, timestep: Any, prev_timestep: Any, model_output: Any) -> Any:
+                alpha = scheduler.alphas_cumprod[int(timestep)]
+                self.value = (sample - (1 - alpha) ** 0.5 * model_output) / alpha ** 0.5
+                return original(sample, timestep, prev_timestep, model_output)
+
+            scheduler._get_prev_sample = record
+
+    def last(self) -> Any:
+        outputs = getattr(self.scheduler, "model_outputs", None)  # DPM-Solver++: its converted outputs are x0
+        if self.value is None and outputs and outputs[-1] is not None:
+            return outputs[-1]
+        if self.value is None:
+            raise PublisherError(f"cannot read the denoised prediction of {type(self.scheduler).__name__}")
+        return self.value
 
 
 def swift_scheduler(name: str, steps: int) -> Any:
@@ -74,11 +108,12 @@ def latent_noise(seed: int, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     return (np.random.RandomState(seed).standard_normal(shape) * sigma).astype(np.float32)
 
 
-def tokenize(folder: Path, text: str) -> np.ndarray:
-    """(1, 77) float32 token ids, as the Swift BPETokenizer makes them from vocab.json and merges.txt."""
+def tokenize(folder: Path, text: str, pad: str = "<|endoftext|>") -> np.ndarray:
+    """(1, 77) float32 token ids, as the Swift BPETokenizer makes them from vocab.json and merges.txt (SDXL's second
+    text encoder's tokenizer pads with "!")."""
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad)
     ids = tokenizer(text.strip(), padding="max_length", max_length=TOKENS, truncation=True)["input_ids"]
     return np.asarray([ids], dtype=np.float32)
 
@@ -89,19 +124,24 @@ def to_image(decoded: np.ndarray) -> np.ndarray:
 
 
 class PackageSet:
-    """A variant's packages by submodule (each opened once in the runtime), its tokenizer files and the VAE scale
-    factor the app configures."""
+    """A variant's packages by submodule (each opened once in the runtime), its family, its tokenizer files and the
+    VAE scale factor the app configures."""
 
-    def __init__(self, packages: dict[str, Path], tokenizer: Path, scale: float, runtime: Runtime) -> None:
-        for needed in ("text_encoder", "vae_decoder"):
+    def __init__(self, packages: dict[str, Path], tokenizer: Path, scale: float, runtime: Runtime,
+                 family: str = "sd") -> None:
+        if family not in ("sd", "sdxl"):
+            raise PublisherError(f"generating with the '{family}' family is not supported")
+        encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+        for needed in (*encoders, "vae_decoder"):
             if needed not in packages:
-                raise PublisherError(f"no {needed} package (a variant with the text encoder, the UNet and the VAE "
-                                     "decoder generates)")
+                raise PublisherError(f"no {needed} package (generating needs {', '.join(encoders)}, the UNet and "
+                                     "the VAE decoder)")
         if "unet" not in packages and "unet_chunk1" not in packages:
             raise PublisherError("no unet package")
         if not (tokenizer / "vocab.json").is_file() or not (tokenizer / "merges.txt").is_file():
             raise PublisherError(f"no vocab.json and merges.txt in {tokenizer}")
         self.packages, self.tokenizer, self.scale, self.runtime = packages, tokenizer, scale, runtime
+        self.family = family
         self._open: dict[str, Model] = {}
 
     def model(self, submodule: str) -> Model:
@@ -109,13 +149,44 @@ class PackageSet:
             self._open[submodule] = self.runtime.open(self.packages[submodule])
         return self._open[submodule]
 
-    def unet(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    @property
+    def has_refiner(self) -> bool:
+        return "refiner" in self.packages or "refiner_chunk1" in self.packages
+
+    def unet(self, inputs: dict[str, np.ndarray], refiner: bool = False) -> np.ndarray:
         """The noise prediction: the two chunks in order where the variant has them (as the Swift pipeline prefers
-        them), else the whole UNet."""
-        if "unet_chunk1" in self.packages and "unet_chunk2" in self.packages:
-            first = self.model("unet_chunk1")(inputs)
-            return self.model("unet_chunk2")({**inputs, **first})["noise_pred"]
-        return self.model("unet")(inputs)["noise_pred"]
+        them), else the whole UNet (or the refiner's)."""
+        name = "refiner" if refiner else "unet"
+        if f"{name}_chunk1" in self.packages and f"{name}_chunk2" in self.packages:
+            first = self.model(f"{name}_chunk1")(inputs)
+            return self.model(f"{name}_chunk2")({**inputs, **first})["noise_pred"]
+        return self.model(name)(inputs)["noise_pred"]
+
+    def conditioning(self, settings: GenerateSettings, refiner: bool = False) -> dict[str, np.ndarray]:
+        """The UNet's text (and, SDXL, geometry) inputs for the negative prompt and the prompt, as a batch of 2."""
+        texts = (settings.negative_prompt, settings.prompt)
+        if self.family == "sd":
+            states = [self.model("text_encoder")({"input_ids": tokenize(self.tokenizer, text)})["last_hidden_state"]
+                      for text in texts]
+            return {"encoder_hidden_states": _hidden_states(states)}
+        second = [self.model("text_encoder_2")({"input_ids": tokenize(self.tokenizer, text, pad="!")})
+                  for text in texts]
+        if refiner:  # the refiner reads the second encoder only, and the aesthetic score instead of the target size
+            states = [out["hidden_embeds"] for out in second]
+            geometry = [[XL_SIZE, XL_SIZE, XL_CROP, XL_CROP, score] for score in (XL_NEGATIVE_AESTHETIC, XL_AESTHETIC)]
+        else:
+            first = [self.model("text_encoder")({"input_ids": tokenize(self.tokenizer, text)})["hidden_embeds"]
+                     for text in texts]
+            states = [np.concatenate([a, b["hidden_embeds"]], axis=2) for a, b in zip(first, second, strict=True)]
+            geometry = [[XL_SIZE, XL_SIZE, XL_CROP, XL_CROP, XL_SIZE, XL_SIZE]] * 2
+        return {"encoder_hidden_states": _hidden_states(states),
+                "text_embeds": np.concatenate([out["pooled_outputs"] for out in second], axis=0),
+                "time_ids": np.asarray(geometry, dtype=np.float32)}
+
+
+def _hidden_states(states: list[np.ndarray]) -> np.ndarray:
+    """[(1, 77, C), (1, 77, C)] -> (2, C, 1, 77), the UNet's layout."""
+    return np.concatenate(states, axis=0).transpose(0, 2, 1)[:, :, None, :]
 
 
 def variant_packages(folder: Path, runtime: Runtime, tokenizer: Path | None = None) -> PackageSet:
@@ -125,8 +196,6 @@ def variant_packages(folder: Path, runtime: Runtime, tokenizer: Path | None = No
         raise PublisherError(f"{folder}: no {BUILD_INFO} (give a variant folder a build made)")
     info = read_build_info(info_path)
     family = family_named(info.variant.get("family", "sd"))
-    if family.name != "sd":
-        raise PublisherError(f"{folder}: generating with the '{family.name}' family is not supported yet")
     model_version = info.source.repo.replace("/", "_")
     packages: dict[str, Path] = {}
     for package in sorted((folder / "packages").glob("*.mlpackage")):
@@ -140,9 +209,17 @@ def variant_packages(folder: Path, runtime: Runtime, tokenizer: Path | None = No
                              "(a packages-only variant: give --tokenizer)")
     scale = float(info.app.get("vae_scale_factor", SD_DECODER_SCALE)) if info.app else SD_DECODER_SCALE
     try:
-        return PackageSet(packages, found, scale, runtime)
+        return PackageSet(packages, found, scale, runtime, family.name)
     except PublisherError as exc:
         raise PublisherError(f"{folder}: {exc}") from exc
+
+
+def variant_family(folder: Path) -> str:
+    """The model family of a variant folder (its build-info says)."""
+    info_path = Path(folder) / BUILD_INFO
+    if not info_path.is_file():
+        raise PublisherError(f"{folder}: no {BUILD_INFO} (give a variant folder a build made)")
+    return str(read_build_info(info_path).variant.get("family", "sd"))
 
 
 def generate(folder: Path, settings: GenerateSettings, runtime: Runtime, tokenizer: Path | None = None,
@@ -154,22 +231,23 @@ def generate_with(models: PackageSet, settings: GenerateSettings,
                   progress: Callable[[int, int], None] = lambda step, total: None) -> Generated:
     import torch
 
-    encoder = models.model("text_encoder")
-    states = [encoder({"input_ids": tokenize(models.tokenizer, text)})["last_hidden_state"]
-              for text in (settings.negative_prompt, settings.prompt)]
-    hidden = np.concatenate(states, axis=0).transpose(0, 2, 1)[:, :, None, :]  # (2, C, 1, 77)
+    base = models.conditioning(settings)
+    refining = settings.refiner and models.has_refiner
     decoder_input = next(t for t in _inputs(models.packages["vae_decoder"]) if t.name == "z")
     scheduler = swift_scheduler(settings.scheduler, settings.steps)
+    denoised = Denoised(scheduler)
     latents = latent_noise(settings.seed, decoder_input.shape, float(scheduler.init_noise_sigma))
     timesteps = [int(t) for t in scheduler.timesteps]
+    switch = int(len(timesteps) * XL_REFINER_START) if refining else len(timesteps)
+    refined = models.conditioning(settings, refiner=True) if refining else base
     for index, t in enumerate(timesteps):
         sample = np.concatenate([latents, latents], axis=0)
         noise = models.unet({"sample": sample, "timestep": np.full((2,), t, dtype=np.float32),
-                             "encoder_hidden_states": hidden})
+                             **(base if index < switch else refined)}, refiner=index >= switch)
         guided = noise[:1] + settings.guidance * (noise[1:] - noise[:1])
         latents = scheduler.step(torch.from_numpy(guided), t, torch.from_numpy(latents)).prev_sample.numpy()
         progress(index + 1, len(timesteps))
-    decoded = models.model("vae_decoder")({"z": latents / models.scale})["image"]
+    decoded = models.model("vae_decoder")({"z": denoised.last().numpy() / models.scale})["image"]
     return Generated(latents=latents, image=to_image(decoded), timesteps=timesteps)
 
 
@@ -177,44 +255,6 @@ def _inputs(package: Path) -> list[Any]:
     from publisher.mlpackage import package_info
 
     return list(package_info(package).inputs)
-
-
-def reference_generate(source: Path, settings: GenerateSettings, shape: tuple[int, ...]) -> Generated:
-    """The same prompt, seed (the same NumPy noise) and scheduler through diffusers' StableDiffusionPipeline in
-    float32 on the source folder."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from publisher.convert.weight_files import weights_variant
-
-    def load(cls: Any, folder: str) -> Any:  # float32, whichever weight copy the build fetched
-        path = Path(source) / folder
-        return cls.from_pretrained(path, torch_dtype=torch.float32, variant=weights_variant(path)).eval()
-
-    # the components generating needs, from the folders a build fetches (not the whole repo's model_index); typed
-    # Any: diffusers' pipelines declare their components at run time
-    pipe: Any = StableDiffusionPipeline(vae=load(AutoencoderKL, "vae"), text_encoder=load(CLIPTextModel, "text_encoder"),
-                                   tokenizer=CLIPTokenizer.from_pretrained(Path(source) / "tokenizer"),
-                                   unet=load(UNet2DConditionModel, "unet"),
-                                   scheduler=swift_scheduler(settings.scheduler, settings.steps),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    noise = latent_noise(settings.seed, shape, float(pipe.scheduler.init_noise_sigma))
-    height, width = shape[2] * pipe.vae_scale_factor, shape[3] * pipe.vae_scale_factor
-    with torch.no_grad():
-        latents = pipe(settings.prompt, negative_prompt=settings.negative_prompt, height=height, width=width,
-                       num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                       latents=torch.from_numpy(noise), output_type="latent").images
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return Generated(latents=latents.numpy(), image=to_image(decoded.numpy()),
-                     timesteps=[int(t) for t in pipe.scheduler.timesteps])
-
-
-def compare(ours: Generated, reference: Generated) -> dict[str, float]:
-    """PSNR (dB) of the final latents and of the 8-bit image against the reference."""
-    return {"latents_psnr_db": round(psnr(reference.latents, ours.latents), 2),
-            "image_psnr_db": round(psnr(reference.image.astype(np.float32), ours.image.astype(np.float32)), 2)}
 
 
 def save_png(image: np.ndarray, path: Path) -> None:

@@ -133,13 +133,15 @@ class VerifyParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """inputs: the fetch, the verified packages of `submodules` (what generating runs), then, for a compressed
+    """inputs: the `sources` fetches (the manifest's source, then its extra sources: the reference reads the same
+    weights as the packages), the verified packages of `submodules` (what generating runs), then, for a compressed
     variant (`float16`), the float16 packages of the same submodules."""
 
     submodules: tuple[str, ...]
     float16: bool
-    settings: dict[str, Any]  # publisher.evaluate.EvaluationSettings, as JSON
+    settings: dict[str, Any]  # publisher.gate.EvaluationSettings, as JSON
     family: str = "sd"
+    sources: int = 1
 
 
 @dataclass(frozen=True)
@@ -521,7 +523,8 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                      VerifyParams(component.value, submodule, v.family), v.id)
                 packages.append((submodule, verify))
                 floats[submodule] = float_package if compressed else verify
-        evaluation = _evaluate_step(builder, v, fetch, dict(packages), floats, packages_only)
+        evaluation = _evaluate_step(builder, v, [fetch, *extra_fetches.values()], dict(packages), floats,
+                                    packages_only)
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:
             compiled = [builder.add(f"compile:{builder.label(package)}", "compile", [package], CompileParams(submodule),
@@ -534,25 +537,26 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     return Plan(namespace=namespace, variants=variants, steps=builder.steps)
 
 
-def _evaluate_step(builder: _Builder, v: Variant, fetch: str, packages: dict[str, str], floats: dict[str, str],
-                   packages_only: set[str]) -> list[str]:
+def _evaluate_step(builder: _Builder, v: Variant, fetches: list[str], packages: dict[str, str],
+                   floats: dict[str, str], packages_only: set[str]) -> list[str]:
     """The variant's end-to-end check, where the manifest wants it and the variant has what generating runs (the
-    text encoder, the UNet, whole or as the chunks the Swift pipeline takes, and the VAE decoder); [] otherwise."""
-    if not v.evaluate or v.family != "sd":
+    text encoder(s), the UNet, whole or as the chunks the Swift pipeline takes, and the VAE decoder); [] otherwise."""
+    if not v.evaluate or v.family not in ("sd", "sdxl"):
         return []
     unet = [name for name in ("unet_chunk1", "unet_chunk2") if name in packages] if "unet" in packages_only \
         else ["unet"]
-    submodules = ("text_encoder", *unet, "vae_decoder")
+    encoders = ("text_encoder", "text_encoder_2") if v.family == "sdxl" else ("text_encoder",)
+    submodules = (*encoders, *unet, "vae_decoder")  # SDXL's refiner is left out: the reference has none
     if any(name not in packages for name in submodules):
         return []
     compressed = any(floats[name] != packages[name] for name in submodules)
     from publisher.gate import EvaluationSettings
 
     settings = EvaluationSettings(steps=int(dict(v.evaluate_settings).get("steps", 10))).to_json()
-    inputs = [fetch, *(packages[name] for name in submodules), *((floats[name] for name in submodules)
-                                                                 if compressed else ())]
+    inputs = [*fetches, *(packages[name] for name in submodules), *((floats[name] for name in submodules)
+                                                                     if compressed else ())]
     return [builder.add(f"evaluate:{v.id}", "evaluate", inputs, EvaluateParams(submodules, compressed, settings,
-                                                                                v.family), v.id)]
+                                                                                v.family, len(fetches)), v.id)]
 
 
 def select_variants(plan: Plan, patterns: Sequence[str] | None) -> list[Variant]:

@@ -94,7 +94,8 @@ def test_a_built_variant_generates_as_diffusers_does(built, tiny_source: Path, t
     does not match its text encoder passes every component check and fails end to end."""
     import shutil
 
-    from publisher.generate import GenerateSettings, compare, generate, reference_generate
+    from publisher.generate import GenerateSettings, generate
+    from publisher.generate_reference import compare, reference_generate
     from publisher.verify.build_dir import verify_build_dir
     from publisher.verify.runtime import ExecutorRuntime
 

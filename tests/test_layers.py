@@ -17,7 +17,8 @@ LAYERS: list[tuple[str, ...]] = [
      "publisher.deployment"),                                                              # model, files, schemes
     ("publisher.plan", "publisher.plan_variant"),                                                                  # what to build
     ("publisher.convert", "publisher.verify", "publisher.compile", "publisher.layout",
-     "publisher.store", "publisher.generate", "publisher.evaluate",
+     "publisher.store", "publisher.generate", "publisher.generate_reference",
+     "publisher.evaluate",
      "publisher.compress.sensitivity"),  # the stages (the mixed-bit analysis runs the ANE UNet: convert/ is below it)
     ("publisher.engine", "publisher.fetch", "publisher.publish", "publisher.staging"),   # running them, the Hub
     ("publisher.tiny", "publisher.demo"),                                                 # fixtures, the demo

@@ -5,8 +5,10 @@ Apple's SDXL pipelines open (python_coreml_stable_diffusion/pipeline.py, StableD
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,8 +208,15 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
     out = tmp_path / "out"
     result = build(loaded, BuildOptions(out=out, store=tmp_path / "store", namespace="xl", compile=False,
                                         endpoint=staging_hub.url, token=staging_hub.token, isolate=False,
-                                        progress=False))
+                                        progress=False, evaluate="on"))
     assert result.ok, [v.error for v in result.variants]
+    # end to end as StableDiffusionXLPipeline (both encoders, pooled text, geometry; the custom VAE on both sides)
+    from publisher.build_info import read_build_info
+
+    base = out / "xl" / "coreml-tiny-sdxl" / "original"
+    assert read_build_info(base / "build-info.json").evaluation["figures"]["image_psnr_db"] >= 30
+    assert [s.params.submodules for s in result.plan.steps_of("evaluate")] == [  # type: ignore[union-attr]
+        ("text_encoder", "text_encoder_2", "unet", "vae_decoder")]  # the iOS repo has no text encoder 1 or VAE
     publish(loaded, PublishOptions(out=out, namespace="xl", target="staging", endpoint=staging_hub.url,
                                    token=staging_hub.token))
     # what the packages are checked against: the base's configs with the refiner's UNet and the custom VAE
@@ -274,6 +283,14 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
                                                "text_embeds"]
     chunk2 = package_info(ios / "packages" / package_name(MODEL_VERSION, "unet_chunk2"))
     assert chunk2.inputs[0].name == "encoder_hidden_states" and [t.name for t in chunk2.outputs] == ["noise_pred"]
+    # the refiner takes over at 80% of the steps, as in the Swift pipeline: the last of 5 steps is its own
+    from publisher.generate import GenerateSettings, generate
+    from publisher.verify.runtime import ExecutorRuntime
+
+    settings = GenerateSettings(prompt="a tiny house", steps=5, refiner=False)
+    plain = generate(base, settings, ExecutorRuntime(), sdxl_source / "tokenizer")
+    refined = generate(base, replace(settings, refiner=True), ExecutorRuntime(), sdxl_source / "tokenizer")
+    assert refined.timesteps == plain.timesteps and not np.array_equal(refined.latents, plain.latents)
 
 
 def test_the_sdxl_manifest_shares_its_conversions() -> None:

@@ -21,6 +21,9 @@ def generate_command(
     = "pndm",
     guidance: Annotated[float, typer.Option("--guidance", min=0, max=50, help="Classifier-free guidance scale.")]
     = 7.5,
+    refiner: Annotated[bool, typer.Option("--refiner/--no-refiner", help="SDXL: switch to the variant's refiner "
+                                                                         "at 80% of the steps (as the Swift pipeline "
+                                                                         "does) where it has one.")] = True,
     runtime: Annotated[str, typer.Option("--runtime", help="executor (the project's MIL executor, any OS) or "
                                                            "coreml (Core ML, macOS).")] = "executor",
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Folder with vocab.json and merges.txt "
@@ -32,13 +35,14 @@ def generate_command(
     """Text to image through a variant's packages only, as Apple's Swift pipeline runs them."""
     from tqdm import tqdm
 
-    from publisher.generate import GenerateSettings, compare, generate, reference_generate, save_png
+    from publisher.generate import GenerateSettings, generate, save_png, variant_family
+    from publisher.generate_reference import compare, reference_generate
     from publisher.verify.runtime import runtime_named
 
     if not folder.is_dir():
         raise PublisherError(f"{folder}: not a variant folder")
     settings = GenerateSettings(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                                scheduler=scheduler, guidance=guidance)
+                                scheduler=scheduler, guidance=guidance, refiner=refiner)
     engine = runtime_named(runtime)
     with tqdm(total=steps, desc="denoising", unit="step", disable=None) as bar:  # None: off when not a terminal
         result = generate(folder, settings, engine, tokenizer, progress=lambda done, total: bar.update(1))
@@ -46,6 +50,7 @@ def generate_command(
     typer.echo(f"wrote {output} ({result.image.shape[1]}x{result.image.shape[0]}, seed {seed}, {steps} steps, "
                f"{scheduler}, {engine.name})")
     if reference is not None:
-        figures = compare(result, reference_generate(reference, settings, result.latents.shape))
+        family = variant_family(folder)
+        figures = compare(result, reference_generate(reference, settings, result.latents.shape, family))
         typer.echo(f"against diffusers (float32): latents {figures['latents_psnr_db']:.1f} dB, image "
                    f"{figures['image_psnr_db']:.1f} dB")

@@ -195,16 +195,21 @@ class StepActions:
 
         p = step.params
         assert isinstance(p, EvaluateParams)
-        count = len(p.submodules)
+        count, first = len(p.submodules), p.sources
         packages = {name: self.state.outputs[i].path / PACKAGE
-                    for name, i in zip(p.submodules, step.inputs[1:1 + count], strict=True)}
+                    for name, i in zip(p.submodules, step.inputs[first:first + count], strict=True)}
         float16 = {name: self.state.outputs[i].path / PACKAGE
-                   for name, i in zip(p.submodules, step.inputs[1 + count:], strict=True)} if p.float16 else None
+                   for name, i in zip(p.submodules, step.inputs[first + count:], strict=True)} if p.float16 else None
         source = self.state.fetched[step.inputs[0]].path
+        if first > 1:  # a custom VAE, a refiner: laid over the source as the conversions read them
+            from publisher.engine.source import compose_sources
+
+            source = compose_sources([self.state.fetched[i].path for i in step.inputs[:first]],
+                                     self.state.options.store / "hub-cache")
         vae = read_config(source, "vae") or {}
         scale = float(vae.get("scaling_factor", 0.18215))  # type: ignore[arg-type]
         self.state.run(evaluate_to_folder, packages, float16, source, scale, EvaluationSettings.from_json(p.settings),
-                       self.evaluation_runtime(), work)
+                       self.evaluation_runtime(), work, p.family)
 
     def compile(self, step: Step, work: Path) -> None:
         compiled = compile_package(self.state.outputs[step.inputs[0]].path / PACKAGE, work)
