@@ -47,7 +47,10 @@ def reference_generate(source: Path, settings: GenerateSettings, shape: tuple[in
             raise PublisherError("the reference runs SDXL's base model only: generate without the refiner")
         pipe = StableDiffusionXLPipeline(**common, text_encoder=load(CLIPTextModel, "text_encoder"),
                                          text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2"),
-                                         tokenizer_2=CLIPTokenizer.from_pretrained(Path(source) / "tokenizer_2"))
+                                         # the build fetches one tokenizer (the Swift pipeline reads one: the
+                                         # second pads with "!"); SDXL's two share their vocabulary
+                                         tokenizer_2=CLIPTokenizer.from_pretrained(Path(source) / "tokenizer",
+                                                                                   pad_token="!"))
         size, crop = (int(XL_SIZE), int(XL_SIZE)), (int(XL_CROP), int(XL_CROP))
         geometry = {"original_size": size, "target_size": size, "crops_coords_top_left": crop}
     elif family == "sd":

@@ -66,7 +66,8 @@ def _psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 # the base with the refiner (UnetRefiner) and a custom float16-safe VAE, each from a repo of its own
 WITH_REFINER = MANIFEST.replace("  repo: {source}\n", f"  repo: {{source}}\n  refiner: {{{{repo: {REFINER_REPO}}}}}\n"
-                                f"  vae: {{{{repo: {VAE_REPO}}}}}\n")
+                                f"  vae: {{{{repo: {VAE_REPO}}}}}\n").replace(
+    "    attention: [ORIGINAL]\n", "    attention: [ORIGINAL]\n    evaluate: {{steps: 3}}\n")
 
 
 def test_dimensions_and_contract_come_from_the_configs(sdxl_source: Path, tmp_path: Path) -> None:
