@@ -12,6 +12,7 @@ from publisher.vocabulary import Attention, Component
 PACKAGE_TEMPLATE = "Stable_Diffusion_version_{model_version}_{submodule}.mlpackage"
 TEXT_SEQUENCE_LENGTH = 77
 UNET_BATCH = 2  # classifier-free guidance: unconditional + conditional
+RESIDUAL_PREFIX = "additional_residual_"  # a ControlNet's outputs, the ControlledUnet's inputs (Apple's names)
 SAFETY_CLIP_SIZE = 224
 LATENT_CHANNELS = 4
 

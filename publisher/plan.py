@@ -508,9 +508,9 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                 if compressed:
                     # the same weights compressed already: the default size's package (a resolution pack), or the
                     # component whose weights this one has (the ControlledUnet's are the UNet's)
-                    twin = v.model_family.component(component).same_weights_as
+                    twin = v.model_family.component(component).same_weights_as  # and its chunks, the twin's
                     reuse = compressed_at_default.get((v.repo_id, v.attention, submodule)) if size != v.base_size \
-                        else compressed_here.get(twin) if twin and submodule == component.value else None
+                        else compressed_here.get(submodule.replace(component.value, twin, 1)) if twin else None
                     package = builder.add(
                         f"{scheme.name}:{builder.label(package)}:{v.precision.label}:{v.deployment_target.value}",
                         "compress", [package, *analysis, *([reuse] if reuse else [])],

@@ -51,6 +51,24 @@ def test_controlled_unet_is_diffusers_unet_with_the_residuals(tiny_source: Path)
     assert float((ours - theirs).abs().max()) < 1e-4 < float((ours - plain).abs().max())
 
 
+def test_controlled_unet_chunks_compose_to_the_whole(tiny_source: Path) -> None:
+    """The residuals go to the chunk that runs the first up stage (where diffusers adds them)."""
+    from publisher.convert.chunk import chunk_specs
+
+    loaded = load_component(tiny_source, Component.CONTROL_UNET, Attention.ORIGINAL, 256)
+    example = example_inputs(loaded.spec)
+    specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
+    first, second = specs.modules(loaded.module)
+    with torch.no_grad():
+        whole = loaded.module(*example)
+        composed = second(*specs.chunk2_example(example, intermediates))
+        without = loaded.module(*example[:3], *(torch.zeros_like(r) for r in example[3:]))
+    assert specs.residuals == 5 and specs.residuals_in in (1, 2)
+    holder = specs.chunk1_inputs if specs.residuals_in == 1 else specs.chunk2_inputs
+    assert [t.name for t in holder if t.name.startswith("additional_")] == [f"additional_residual_{i}" for i in range(5)]
+    assert float((whole - composed).abs().max()) < 1e-4 < float((whole - without).abs().max())
+
+
 def test_controlnet_option_rules(tmp_path: Path) -> None:
     text = CONTROLNET_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: [SPLIT_EINSUM]")
     _, errors = parse_manifest(text, tmp_path / "m.yaml")
@@ -60,7 +78,11 @@ def test_controlnet_option_rules(tmp_path: Path) -> None:
     _, errors = parse_manifest(xl, tmp_path / "m.yaml")
     assert errors == [f"{tmp_path / 'm.yaml'}:14: publish[0].controlnet: family 'sdxl' has no ControlNet-ready UNet "
                       "(Apple's Swift package loads ControlNets for SD 1.x/2.x only)"]
-    assert family_named("sd").compiled_name("control-unet") == "ControlledUnet.mlmodelc"
+    sd = family_named("sd")
+    assert sd.compiled_name("control-unet") == "ControlledUnet.mlmodelc"
+    # Apple's converter: `..._control-unet_chunk1.mlpackage` -> ControlledUnetChunk1.mlmodelc
+    assert [sd.compiled_name(n) for n in sd.submodules(Component.CONTROL_UNET, chunked=True)] == [
+        "ControlledUnetChunk1.mlmodelc", "ControlledUnetChunk2.mlmodelc"]
 
 
 CONTROLNET_REPO = "cn-models/Tiny-ControlNet.v1"  # mixed case and a dot: Apple's names keep the one, split not at the other
@@ -71,6 +93,7 @@ CONTROLNETS_MANIFEST = CONTROLNET_MANIFEST.replace("publish:\n", f"controlnets:\
     attention: [ORIGINAL]
     components: [unet]
     controlnet: true
+    chunk_unet: true
     layouts: [packages]
 """
 
@@ -203,7 +226,10 @@ def test_a_controlnet_ready_palettized_repo_with_a_controlnet(tmp_path: Path, st
     arrays = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy()}
     residuals = runtime.run(f16 / "ControlNet_cn-models_Tiny-ControlNet.v1.mlpackage",
                             {**arrays, "controlnet_cond": condition.numpy()})
-    noise = runtime.run(f16 / package_name("tiny_sd", "control-unet"), {**arrays, **residuals})["noise_pred"]
+    # through the ControlledUnet's chunks, as the Swift pipeline feeds them (chunk 1's outputs merged with the inputs)
+    inputs = {**arrays, **residuals}
+    first = runtime.open(f16 / package_name("tiny_sd", "control-unet_chunk1"))(inputs)
+    noise = runtime.open(f16 / package_name("tiny_sd", "control-unet_chunk2"))({**inputs, **first})["noise_pred"]
     with torch.no_grad():
         states = context.squeeze(2).transpose(1, 2)
         down, mid = ControlNetModel.from_pretrained(controlnet).eval()(sample, timestep, states, condition,

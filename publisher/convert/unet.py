@@ -251,12 +251,18 @@ class AneUnet(nn.Module):
         """`residuals`: a ControlNet's outputs, as diffusers adds them: one to each skip connection (the
         down-block residuals, in order) and the last to the middle block's output."""
         state = self.start(sample, timestep, encoder_hidden_states, time_ids, text_embeds)
-        if not residuals:
-            return self.run(state).hidden
+        return self.run_controlled(state, residuals).hidden
+
+    def run_controlled(self, state: UnetState, residuals: tuple[torch.Tensor, ...], first: int = 0,
+                       stop: int | None = None) -> UnetState:
+        """`run`, adding a ControlNet's residuals where diffusers adds them when stages[first:stop] pass there."""
         up = self.first_up_stage
-        self.run(state, 0, up)
+        stop = len(self.stages) if stop is None else stop
+        if not residuals or not first <= up < stop:
+            return self.run(state, first, stop)
+        self.run(state, first, up)
         if len(residuals) != len(state.skips) + 1:
             raise ValueError(f"expected {len(state.skips) + 1} ControlNet residuals, got {len(residuals)}")
         state.skips = [skip + residual for skip, residual in zip(state.skips, residuals[:-1], strict=True)]
         state.hidden = state.hidden + residuals[-1]
-        return self.run(state, up).hidden
+        return self.run(state, up, stop)

@@ -10,6 +10,7 @@ from publisher.contract import (
     FLOAT16,
     FLOAT32,
     LATENT_CHANNELS,
+    RESIDUAL_PREFIX,
     SAFETY_CLIP_SIZE,
     TEXT_SEQUENCE_LENGTH,
     UNET_BATCH,
@@ -24,6 +25,8 @@ from publisher.vocabulary import Component
 # The Swift pipeline feeds the safety checker a (1, 512, 512, 3) image whatever the model's resolution.
 SAFETY_CHECKER_RESOLUTION = 512
 UNET_CHUNKS = (("unet_chunk1", "UnetChunk1"), ("unet_chunk2", "UnetChunk2"))
+# Apple's converter: `..._control-unet_chunk1.mlpackage`, compiled ControlledUnetChunk1.mlmodelc
+CONTROLLED_UNET_CHUNKS = (("control-unet_chunk1", "ControlledUnetChunk1"), ("control-unet_chunk2", "ControlledUnetChunk2"))
 
 
 def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
@@ -86,7 +89,7 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
 def controlnet_residuals(dims: ModelDims) -> tuple[TensorSpec, ...]:
     """A ControlNet's outputs as the ControlledUnet takes them (Apple's `additional_residual_<i>`): one per skip
     connection of the down blocks, then the middle block's, each (2, C, H/8/2^level, W/8/2^level)."""
-    return tuple(TensorSpec(f"additional_residual_{i}", (UNET_BATCH, dims.size(f"residual{i}.channels"),
+    return tuple(TensorSpec(f"{RESIDUAL_PREFIX}{i}", (UNET_BATCH, dims.size(f"residual{i}.channels"),
                                                          dims.latent_height >> dims.size(f"residual{i}.level"),
                                                          dims.latent_width >> dims.size(f"residual{i}.level")),
                             "ControlNet residual" + (" (middle block)" if i == dims.size("residuals") - 1 else ""),
@@ -149,7 +152,7 @@ FAMILY = ModelFamily(
         # pipeline takes it when ControlNets are named
         ComponentSpec(Component.CONTROL_UNET, "unet", "ControlledUnet", "diffusers:UNet2DConditionModel",
                       "controlled_unet", uses_attention=True, sized=True, compressible=True, optional=True,
-                      same_weights_as="unet"),
+                      same_weights_as="unet", chunks=CONTROLLED_UNET_CHUNKS, chunk_above_bits=6),
         ComponentSpec(Component.VAE_DECODER, "vae", "VAEDecoder", "diffusers:AutoencoderKL", "vae_decoder",
                       sized=True),
         ComponentSpec(Component.VAE_ENCODER, "vae", "VAEEncoder", "diffusers:AutoencoderKL", "vae_encoder",

@@ -250,8 +250,11 @@ def _controlnet_usage(infos: list[dict[str, Any]], family: Any) -> list[str]:
     repos = sorted({info["extra_sources"][c]["repo"] for info in infos for c in nets if c in info.get("extra_sources", {})})
     lines = ["## ControlNet", "",
              ", ".join(f"`{name}/`" for name in controlled) + " also hold the ControlNet-ready UNet "
-             "(`ControlledUnet.mlmodelc`, package `..._control-unet.mlpackage`); without ControlNets the Swift "
-             "pipeline loads `Unet` as before."]
+             "(`ControlledUnet.mlmodelc`, package `..._control-unet.mlpackage`" + (
+                 "; in two chunks, `ControlledUnetChunk1` + `ControlledUnetChunk2`, where the UNet is chunked"
+                 if any(info["variant"].get("chunk_unet") for info in infos
+                        if info["variant"]["folder"] in controlled) else "")
+             + "); without ControlNets the Swift pipeline loads `Unet` as before."]
     if nets:
         lines += ["", "ControlNets, converted from " + ", ".join(f"[{r}](https://huggingface.co/{r})" for r in repos)
                   + f": in `compiled/controlnet/` ({', '.join(f'`{n}.mlmodelc`' for n in names)}) and in `packages/` "

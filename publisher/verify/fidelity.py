@@ -65,13 +65,12 @@ def _cut(loaded: Any, example: tuple) -> tuple[Any, tuple, tuple]:
     from publisher.convert.chunk import chunk_specs
 
     specs, intermediates = chunk_specs(loaded.module, loaded.spec.inputs, loaded.spec.outputs, example)
-    return specs, intermediates, (example[2], *intermediates)
+    return specs, intermediates, specs.chunk2_example(example, intermediates)
 
 
 def _reference(source: Path, submodule: str, attention: Attention, resolution: Resolution, family: str
                ) -> tuple[Any, tuple, list[str]]:
     """(PyTorch module, inputs, output names) for a submodule, chunks included."""
-    from publisher.convert.chunk import UnetChunk1, UnetChunk2
     from publisher.convert.components import example_inputs, load_component
 
     model_family = family_named(family)
@@ -80,10 +79,11 @@ def _reference(source: Path, submodule: str, attention: Attention, resolution: R
     chunk = model_family.chunk_index(submodule)
     if chunk == 0:
         specs, _, _ = _cut(loaded, example)
-        return UnetChunk1(_unet(loaded.module), specs.cut), example, [t.name for t in specs.chunk1_outputs]
+        return specs.modules(_unet(loaded.module))[0], specs.chunk1_example(example), \
+            [t.name for t in specs.chunk1_outputs]
     if chunk == 1:
         specs, _, inputs = _cut(loaded, example)
-        return UnetChunk2(_unet(loaded.module), specs.cut), inputs, [t.name for t in specs.chunk2_outputs]
+        return specs.modules(_unet(loaded.module))[1], inputs, [t.name for t in specs.chunk2_outputs]
     return loaded.module, example, [t.name for t in loaded.spec.outputs]
 
 
@@ -289,7 +289,6 @@ def chunk_references(source: Path, component: str, resolution: Resolution, famil
     """The float model's references for a component and for each of its chunks, from one forward through the
     chunks (ORIGINAL attention): chunk 1 on the component's seeded inputs, chunk 2 on the tensors crossing the cut,
     whose outputs are the whole component's. Keyed by submodule."""
-    from publisher.convert.chunk import UnetChunk2
     from publisher.convert.components import example_inputs, load_component
 
     model_family = family_named(family)
@@ -297,12 +296,13 @@ def chunk_references(source: Path, component: str, resolution: Resolution, famil
     loaded = load_component(source, spec.component, Attention.ORIGINAL, resolution, family=family)
     example = example_inputs(loaded.spec)
     specs, intermediates, second = _cut(loaded, example)
-    outputs = _torch_outputs(UnetChunk2(_unet(loaded.module), specs.cut), second, [t.name for t in specs.chunk2_outputs])
+    outputs = _torch_outputs(specs.modules(_unet(loaded.module))[1], second, [t.name for t in specs.chunk2_outputs])
     first, last = (name for name, _ in spec.chunks)
-    whole_inputs = _float32_arrays((t.name for t in specs.chunk1_inputs), example)
+    whole_inputs = _float32_arrays((t.name for t in loaded.spec.inputs), example)
+    chunk1_inputs = _float32_arrays((t.name for t in specs.chunk1_inputs), specs.chunk1_example(example))
     return {component: Reference(component, whole_inputs, outputs),
-            first: Reference(first, whole_inputs, _float32_arrays((t.name for t in specs.chunk1_outputs),
-                                                                  intermediates)),
+            first: Reference(first, chunk1_inputs, _float32_arrays((t.name for t in specs.chunk1_outputs),
+                                                                   intermediates)),
             last: Reference(last, _float32_arrays((t.name for t in specs.chunk2_inputs), second), outputs)}
 
 
