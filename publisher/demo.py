@@ -28,12 +28,12 @@ publish:
     precision: {type: float16}
     attention: [ORIGINAL, SPLIT_EINSUM_V2]
     layouts: [packages]
-    evaluate: {steps: 3}
+    evaluate: {steps: 2}
   - repo: "{namespace}/coreml-tiny-sd-palettized"
     precision: {type: palettize, nbits: 6}
     attention: [ORIGINAL, SPLIT_EINSUM_V2]
     layouts: [packages]
-    evaluate: {steps: 3}
+    evaluate: {steps: 2}
 """
 
 

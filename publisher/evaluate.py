@@ -48,7 +48,7 @@ def evaluate_to_folder(packages: dict[str, Path], float16: dict[str, Path] | Non
     rows = []
     for index, (prompt, seed) in enumerate(settings.prompts):
         generation = GenerateSettings(prompt=prompt, seed=seed, steps=settings.steps, scheduler=settings.scheduler,
-                                      guidance=settings.guidance, refiner=False)  # the base model (SDXL)
+                                      guidance=settings.guidance, refiner=False, safety=False)  # SDXL: the base
         ours = cached((_digest(packages), generation), generate_with, ours_set, generation)
         reference = cached((str(source), generation, ours.latents.shape), reference_generate, source, generation,
                            ours.latents.shape, family)

@@ -13,6 +13,8 @@ The image is decoded from the last step's denoised prediction, as the Swift pipe
 `modelOutputs.last`), not from the last previous sample. SDXL generates as `StableDiffusionXLPipeline` does: both
 text encoders (the second's tokenizer pads with "!"), its pooled output and the geometry (`time_ids`, the Swift
 configuration's 1024 sizes), the refiner from 80% of the steps with the second encoder and the aesthetic scores.
+Where the variant has a safety checker it judges the image as the Swift SafetyChecker does (the whole image resized
+to its input, ImageNet statistics); the Swift pipeline returns no image where it flags one.
 The reference (diffusers' own pipeline) is publisher.generate_reference.
 """
 
@@ -44,6 +46,7 @@ class GenerateSettings:
     scheduler: str = "pndm"
     guidance: float = 7.5
     refiner: bool = True  # SDXL: switch to the variant's refiner UNet (where it has one) at 80% of the steps
+    safety: bool = True  # run the variant's safety checker on the image, where it has one
 
 
 # the Swift pipeline configuration's SDXL defaults: geometry (original and target size, crop), aesthetic scores of
@@ -56,6 +59,30 @@ class Generated:
     latents: np.ndarray  # the final latents (1, 4, h, w): the last step's previous sample
     image: np.ndarray  # (H, W, 3) uint8, decoded from the last step's denoised prediction (as the Swift pipeline)
     timesteps: list[int] = field(default_factory=list)
+    # the variant's safety checker's verdict (None: it has none, or it was not asked); the Swift pipeline returns
+    # no image where it is False
+    safe: bool | None = None
+
+
+# the Swift SafetyChecker's preprocessing: the image resized whole to the model's input size, ImageNet's statistics
+SAFETY_MEAN, SAFETY_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def safety_input(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> the checker's `clip_input` (1, 3, size, size), as the Swift SafetyChecker makes it."""
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    planes = (resized / 255.0 - np.asarray(SAFETY_MEAN, np.float32)) / np.asarray(SAFETY_STD, np.float32)
+    return planes.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def is_safe(checker: Model, package: Path, image: np.ndarray) -> bool:
+    """The safety checker's verdict on an image: no adjustment, placeholder `images` (the Swift pipeline's)."""
+    inputs = {t.name: t for t in _inputs(package)}
+    verdict = checker({"clip_input": safety_input(image, inputs["clip_input"].shape[-1]),
+                       "images": np.zeros(inputs["images"].shape, np.float32), "adjustment": np.zeros((1,), np.float32)})
+    return not bool(verdict["has_nsfw_concepts"].reshape(-1)[0] > 0.5)
 
 
 class Denoised:
@@ -248,7 +275,10 @@ def generate_with(models: PackageSet, settings: GenerateSettings,
         latents = scheduler.step(torch.from_numpy(guided), t, torch.from_numpy(latents)).prev_sample.numpy()
         progress(index + 1, len(timesteps))
     decoded = models.model("vae_decoder")({"z": denoised.last().numpy() / models.scale})["image"]
-    return Generated(latents=latents, image=to_image(decoded), timesteps=timesteps)
+    image = to_image(decoded)
+    checker = models.packages.get("safety_checker")
+    safe = is_safe(models.model("safety_checker"), checker, image) if checker and settings.safety else None
+    return Generated(latents=latents, image=image, timesteps=timesteps, safe=safe)
 
 
 def _inputs(package: Path) -> list[Any]:

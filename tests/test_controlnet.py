@@ -62,6 +62,7 @@ def test_controlled_unet_chunks_compose_to_the_whole(tiny_source: Path) -> None:
     with torch.no_grad():
         whole = loaded.module(*example)
         composed = second(*specs.chunk2_example(example, intermediates))
+        assert len(first(*specs.chunk1_example(example))) == len(specs.chunk1_outputs)
         without = loaded.module(*example[:3], *(torch.zeros_like(r) for r in example[3:]))
     assert specs.residuals == 5 and specs.residuals_in in (1, 2)
     holder = specs.chunk1_inputs if specs.residuals_in == 1 else specs.chunk2_inputs

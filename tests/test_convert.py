@@ -427,3 +427,26 @@ def test_unet_weights_are_pytorchs_to_q_included(converted: dict, tiny_source: P
     missing = sorted(name for digest, name in by_bytes.items() if digest not in package_weights)
     assert any(name.endswith("to_q.weight") for name in params)
     assert missing == []
+
+
+def test_generate_judges_an_image_with_the_safety_checker_as_diffusers_does(converted: dict, tiny_source: Path
+                                                                             ) -> None:
+    """The Swift SafetyChecker's input (the image resized whole to 224, ImageNet statistics) through the package on
+    the executor: the same verdict as diffusers' checker on that input, flagged and unflagged images both seen."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from publisher.generate import is_safe, safety_input
+    from publisher.verify.runtime import ExecutorRuntime
+
+    package = converted[Attention.ORIGINAL, Component.SAFETY_CHECKER]
+    checker = ExecutorRuntime().open(package)
+    reference = StableDiffusionSafetyChecker.from_pretrained(tiny_source / "safety_checker").eval()
+    verdicts = []
+    for seed in range(8):
+        image = np.random.RandomState(seed).randint(0, 256, (256, 256, 3)).astype(np.uint8)
+        clip_input = torch.from_numpy(safety_input(image, 224))
+        with torch.no_grad():
+            _, flagged = reference(clip_input=clip_input, images=np.zeros((1, 256, 256, 3), np.float32))
+        verdicts.append((is_safe(checker, package, image), not flagged[0]))
+    assert all(ours == theirs for ours, theirs in verdicts), verdicts
+    assert {ours for ours, _ in verdicts} == {True, False}  # the check can fail either way

@@ -16,13 +16,13 @@ EVALUATED = MANIFEST_HEAD + """\
     attention: [ORIGINAL]
     components: [text_encoder, unet, vae_decoder]
     layouts: [packages]
-    evaluate: {{steps: 3}}
+    evaluate: {{steps: 2}}
   - repo: "{{namespace}}/coreml-tiny-sd-palettized"
     precision: {{type: palettize, nbits: 6}}
     attention: [ORIGINAL]
     components: [text_encoder, unet, vae_decoder]
     layouts: [packages]
-    evaluate: {{steps: 3, floor_db: 0}}
+    evaluate: {{steps: 2, floor_db: 0}}
 """
 
 

@@ -67,7 +67,7 @@ def _psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
 # the base with the refiner (UnetRefiner) and a custom float16-safe VAE, each from a repo of its own
 WITH_REFINER = MANIFEST.replace("  repo: {source}\n", f"  repo: {{source}}\n  refiner: {{{{repo: {REFINER_REPO}}}}}\n"
                                 f"  vae: {{{{repo: {VAE_REPO}}}}}\n").replace(
-    "    attention: [ORIGINAL]\n", "    attention: [ORIGINAL]\n    evaluate: {{steps: 3}}\n")
+    "    attention: [ORIGINAL]\n", "    attention: [ORIGINAL]\n    evaluate: {{steps: 2}}\n")
 
 
 def test_dimensions_and_contract_come_from_the_configs(sdxl_source: Path, tmp_path: Path) -> None:
@@ -284,11 +284,11 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
                                                "text_embeds"]
     chunk2 = package_info(ios / "packages" / package_name(MODEL_VERSION, "unet_chunk2"))
     assert chunk2.inputs[0].name == "encoder_hidden_states" and [t.name for t in chunk2.outputs] == ["noise_pred"]
-    # the refiner takes over at 80% of the steps, as in the Swift pipeline: the last of 5 steps is its own
+    # the refiner takes over at 80% of the steps, as in the Swift pipeline: the second of 2 steps is its own
     from publisher.generate import GenerateSettings, generate
     from publisher.verify.runtime import ExecutorRuntime
 
-    settings = GenerateSettings(prompt="a tiny house", steps=5, refiner=False)
+    settings = GenerateSettings(prompt="a tiny house", steps=2, refiner=False)
     plain = generate(base, settings, ExecutorRuntime(), sdxl_source / "tokenizer")
     refined = generate(base, replace(settings, refiner=True), ExecutorRuntime(), sdxl_source / "tokenizer")
     assert refined.timesteps == plain.timesteps and not np.array_equal(refined.latents, plain.latents)

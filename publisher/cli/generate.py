@@ -21,6 +21,9 @@ def generate_command(
     = "pndm",
     guidance: Annotated[float, typer.Option("--guidance", min=0, max=50, help="Classifier-free guidance scale.")]
     = 7.5,
+    disable_safety: Annotated[bool, typer.Option("--disable-safety", help="Skip the variant's safety checker (the "
+                                                                          "Swift configuration's disableSafety).")]
+    = False,
     refiner: Annotated[bool, typer.Option("--refiner/--no-refiner", help="SDXL: switch to the variant's refiner "
                                                                          "at 80% of the steps (as the Swift pipeline "
                                                                          "does) where it has one.")] = True,
@@ -42,13 +45,17 @@ def generate_command(
     if not folder.is_dir():
         raise PublisherError(f"{folder}: not a variant folder")
     settings = GenerateSettings(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                                scheduler=scheduler, guidance=guidance, refiner=refiner)
+                                scheduler=scheduler, guidance=guidance, refiner=refiner, safety=not disable_safety)
     engine = runtime_named(runtime)
     with tqdm(total=steps, desc="denoising", unit="step", disable=None) as bar:  # None: off when not a terminal
         result = generate(folder, settings, engine, tokenizer, progress=lambda done, total: bar.update(1))
+    if result.safe is False:
+        raise PublisherError(f"the variant's safety checker flagged the image (the Swift pipeline returns none): "
+                             f"{output} not written (--disable-safety writes it)")
     save_png(result.image, output)
+    checked = "" if result.safe is None else ", passed the safety checker"
     typer.echo(f"wrote {output} ({result.image.shape[1]}x{result.image.shape[0]}, seed {seed}, {steps} steps, "
-               f"{scheduler}, {engine.name})")
+               f"{scheduler}, {engine.name}{checked})")
     if reference is not None:
         family = variant_family(folder)
         figures = compare(result, reference_generate(reference, settings, result.latents.shape, family))
