@@ -29,9 +29,11 @@ def _digest(packages: dict[str, Path]) -> tuple[Any, ...]:
 
 
 def evaluate_to_folder(packages: dict[str, Path], float16: dict[str, Path] | None, source: Path, scale: float,
-                       settings: EvaluationSettings, runtime_name: str, out: Path, family: str = "sd"
-                       ) -> dict[str, Any]:
-    """Write `evaluation.json` and `sample.png` (the first prompt's image) into `out`; returns the figures."""
+                       settings: EvaluationSettings, runtime_name: str, out: Path, family: str = "sd",
+                       provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `evaluation.json` and `sample.png` (the first prompt's image) into `out`; returns the figures.
+    `provenance`: what made them besides the settings (the source commit, the tool versions and code digest), kept
+    in the record so that the repo's history of this file is the history of the model's quality."""
     from publisher.verify.runtime import runtime_named
 
     runtime: Runtime = runtime_named(runtime_name)
@@ -66,6 +68,7 @@ def evaluate_to_folder(packages: dict[str, Path], float16: dict[str, Path] | Non
     if float_set is not None:
         figures["image_psnr_vs_float16_db"] = min(r["vs_float16"]["image_psnr_db"] for r in rows)
     record = {"figures": figures, "settings": settings.to_json(), "runtime": runtime.name, "reference":
-              "diffusers StableDiffusionPipeline, float32, on the source", "per_prompt": rows}
+              f"diffusers {'StableDiffusionXLPipeline' if family == 'sdxl' else 'StableDiffusionPipeline'}, "
+              "float32, on the source", "per_prompt": rows, **(provenance or {})}
     atomic_write_text(out / EVALUATION, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return figures

@@ -70,15 +70,19 @@ def test_controlled_unet_chunks_compose_to_the_whole(tiny_source: Path) -> None:
     assert float((whole - composed).abs().max()) < 1e-4 < float((whole - without).abs().max())
 
 
+def _errors(text: str, folder: Path) -> list[str]:
+    """The manifest's problems, each without the file's path (`line: field: message`)."""
+    path = folder / "m.yaml"
+    return [error.removeprefix(f"{path}:") for error in parse_manifest(text, path)[1]]
+
+
 def test_controlnet_option_rules(tmp_path: Path) -> None:
     text = CONTROLNET_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: [SPLIT_EINSUM]")
-    _, errors = parse_manifest(text, tmp_path / "m.yaml")
-    assert errors == [f"{tmp_path / 'm.yaml'}:13: publish[0].controlnet[0]: 'SPLIT_EINSUM' is not in this repo's "
-                      "attention list"]
+    assert _errors(text, tmp_path) == ["13: publish[0].controlnet[0]: 'SPLIT_EINSUM' is not in this repo's "
+                                       "attention list"]
     xl = CONTROLNET_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: sdxl")
-    _, errors = parse_manifest(xl, tmp_path / "m.yaml")
-    assert errors == [f"{tmp_path / 'm.yaml'}:14: publish[0].controlnet: family 'sdxl' has no ControlNet-ready UNet "
-                      "(Apple's Swift package loads ControlNets for SD 1.x/2.x only)"]
+    assert _errors(xl, tmp_path) == ["14: publish[0].controlnet: family 'sdxl' has no ControlNet-ready UNet "
+                                     "(Apple's Swift package loads ControlNets for SD 1.x/2.x only)"]
     sd = family_named("sd")
     assert sd.compiled_name("control-unet") == "ControlledUnet.mlmodelc"
     # Apple's converter: `..._control-unet_chunk1.mlpackage` -> ControlledUnetChunk1.mlmodelc
@@ -153,13 +157,11 @@ def test_controlnet_names_as_apple_writes_them(tmp_path: Path) -> None:
     assert family_named("sdxl").controlnet is None
     text = CONTROLNETS_MANIFEST.format(source="a/b").replace(
         "controlnets:\n", "controlnets:\n  - repo: Cn-Models/tiny_controlnet.v1\n")
-    _, errors = parse_manifest(text, tmp_path / "m.yaml")
-    assert errors == [f"{tmp_path / 'm.yaml'}:10: controlnets[1].repo: 'cn-models/Tiny-ControlNet.v1' is compiled to "
-                      "controlnet/CnModelsTinyControlnet.V1.mlmodelc, as an earlier ControlNet is"]
+    assert _errors(text, tmp_path) == ["10: controlnets[1].repo: 'cn-models/Tiny-ControlNet.v1' is compiled to "
+                                       "controlnet/CnModelsTinyControlnet.V1.mlmodelc, as an earlier ControlNet is"]
     text = CONTROLNETS_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: false")
-    _, errors = parse_manifest(text, tmp_path / "m.yaml")
-    assert errors == [f"{tmp_path / 'm.yaml'}:8: controlnets: no publish entry asks for them (set `controlnet: true` "
-                      "or a list of attentions on one)"]
+    assert _errors(text, tmp_path) == ["8: controlnets: no publish entry asks for them (set `controlnet: true` "
+                                       "or a list of attentions on one)"]
 
 
 @pytest.mark.slow

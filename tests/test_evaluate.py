@@ -66,6 +66,9 @@ def test_evaluated_variants_and_the_publish_gate(tmp_path: Path, staging_hub, ti
     assert six_bit["image_psnr_vs_float16_db"] < 100 and six_bit["image_psnr_db"] < figures["image_psnr_db"]
     record = json.loads((palettized / "evaluation.json").read_text())
     assert [p["seed"] for p in record["settings"]["prompts"]] == [0, 1] and record["runtime"] == "reference"
+    source_commit = read_build_info(palettized / "build-info.json").source.commit
+    assert record["sources"] == [{"repo": TINY_SOURCE_REPO, "commit": source_commit}]
+    assert record["tools"]["coremltools"] and len(record["tools"]["code"]) == 64
     assert {"evaluation.json", "sample.png"} <= set(read_build_info(palettized / "build-info.json").files)
 
     publish_options = PublishOptions(out=tmp_path / "out", namespace="ev", target="staging", endpoint=staging_hub.url,

@@ -25,6 +25,7 @@ from publisher.plan import (
     Step,
     VerifyParams,
     ZipParams,
+    step_tools,
 )
 from publisher.util.atomic import atomic_write_bytes, atomic_write_text
 from publisher.verify.fidelity import REFERENCE, Reference
@@ -208,8 +209,11 @@ class StepActions:
                                      self.state.options.store / "hub-cache")
         vae = read_config(source, "vae") or {}
         scale = float(vae.get("scaling_factor", 0.18215))  # type: ignore[arg-type]
+        fetched = [self.state.fetched[i] for i in step.inputs[:first]]
+        provenance = {"sources": [{"repo": f.repo, "commit": f.commit} for f in fetched],
+                      "tools": {**self.state.versions, "code": step_tools(step).get("code", "")}}
         self.state.run(evaluate_to_folder, packages, float16, source, scale, EvaluationSettings.from_json(p.settings),
-                       self.evaluation_runtime(), work, p.family)
+                       self.evaluation_runtime(), work, p.family, provenance)
 
     def compile(self, step: Step, work: Path) -> None:
         compiled = compile_package(self.state.outputs[step.inputs[0]].path / PACKAGE, work)
