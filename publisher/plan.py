@@ -523,8 +523,7 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
                                      VerifyParams(component.value, submodule, v.family), v.id)
                 packages.append((submodule, verify))
                 floats[submodule] = float_package if compressed else verify
-        evaluation = _evaluate_step(builder, v, [fetch, *extra_fetches.values()], dict(packages), floats,
-                                    packages_only)
+        evaluation = _evaluate_step(builder, v, fetch, extra_fetches, dict(packages), floats, packages_only)
         compiled: list[str] = []
         if Layout.COMPILED in v.layouts:
             compiled = [builder.add(f"compile:{builder.label(package)}", "compile", [package], CompileParams(submodule),
@@ -537,8 +536,8 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
     return Plan(namespace=namespace, variants=variants, steps=builder.steps)
 
 
-def _evaluate_step(builder: _Builder, v: Variant, fetches: list[str], packages: dict[str, str],
-                   floats: dict[str, str], packages_only: set[str]) -> list[str]:
+def _evaluate_step(builder: _Builder, v: Variant, fetch: str, extra_fetches: dict[str, str],
+                   packages: dict[str, str], floats: dict[str, str], packages_only: set[str]) -> list[str]:
     """The variant's end-to-end check, where the manifest wants it and the variant has what generating runs (the
     text encoder(s), the UNet, whole or as the chunks the Swift pipeline takes, and the VAE decoder); [] otherwise."""
     if not v.evaluate or v.family not in ("sd", "sdxl"):
@@ -550,6 +549,9 @@ def _evaluate_step(builder: _Builder, v: Variant, fetches: list[str], packages: 
     if any(name not in packages for name in submodules):
         return []
     compressed = any(floats[name] != packages[name] for name in submodules)
+    # the reference reads the sources of what it generates with (a custom VAE), not the others (a ControlNet)
+    roles = sorted({v.role_of(v.model_family.component_of(name)) for name in submodules} - {""})
+    fetches = [fetch, *(extra_fetches[role] for role in roles)]
     from publisher.gate import EvaluationSettings
 
     settings = EvaluationSettings(steps=int(dict(v.evaluate_settings).get("steps", 10))).to_json()

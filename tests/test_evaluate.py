@@ -42,6 +42,36 @@ def test_the_gate_holds_a_variant_to_its_floor_and_to_the_published_figure() -> 
     assert gate_problem("me/r/original", {}, 30, published) is None  # not evaluated: nothing to hold
 
 
+def test_the_end_to_end_check_reads_only_the_sources_it_generates_from() -> None:
+    """SD 1.5's ControlNet-ready variants fetch two ControlNets: their end-to-end check reads neither (a new
+    ControlNet commit does not re-run it)."""
+    from publisher.manifest import load_manifests
+    from publisher.plan import FetchParams, build_plan
+
+    plan = build_plan(load_manifests([Path(__file__).parent.parent / "manifests" / "sd-v1-5.yaml"]), "me")
+    with_controlnets = {v.id for v in plan.variants if any(c.startswith("controlnet-") for c in v.components)}
+    checks = [s for s in plan.steps_of("evaluate") if with_controlnets & set(s.variants)]
+    assert checks  # such variants are evaluated
+    for step in checks:
+        fetches = [plan.steps[i].params for i in step.inputs if plan.steps[i].kind == "fetch"]
+        assert [f.role for f in fetches if isinstance(f, FetchParams)] == [""], step.id
+
+
+def test_a_community_source_is_sized_by_what_it_prepared() -> None:
+    """A single-file source's fetch lists the checkpoint, not `unet/`: `--evaluate auto` sizes the UNet by the
+    folders the prepare step wrote (a full-size fine-tune is not evaluated on Linux by default)."""
+    from publisher.engine.state import EVALUATE_AUTO_BYTES, Fetched, fetched_weight_bytes
+
+    fetched = Fetched("k", Path("x"), "c" * 40, "a/b", "main",
+                      files={"model.safetensors": {"size": 2_132_625_894}},
+                      loaded_bytes={"unet/diffusion_pytorch_model.safetensors": 3_438_167_536,
+                                    "vae/diffusion_pytorch_model.safetensors": 334_643_268})
+    assert fetched_weight_bytes(fetched, "unet") == 3_438_167_536 > EVALUATE_AUTO_BYTES
+    plain = Fetched("k", Path("x"), "c" * 40, "a/b", "main", files={
+        "unet/diffusion_pytorch_model.fp16.safetensors": {"size": 1000}, "unet/config.json": {"size": 10}})
+    assert fetched_weight_bytes(plain, "unet") == 2000  # an fp16 copy loads at twice its size
+
+
 @pytest.mark.slow
 def test_evaluated_variants_and_the_publish_gate(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
     from huggingface_hub import HfApi

@@ -36,7 +36,7 @@ class BuildOptions:
     verify_store: bool = False  # re-hash every stored output instead of trusting unchanged stamps
     progress: bool = True
     # the end-to-end check (publisher.evaluate): "auto" where it is cheap (Core ML on macOS; on Linux a source whose
-    # UNet weighs under EVALUATE_AUTO_BYTES), "on" always, "off" never (the library's default: a caller asks)
+    # UNet's weights load in under EVALUATE_AUTO_BYTES, float32), "on" always, "off" never (the library's default: a caller asks)
     evaluate: str = "off"
 
 
@@ -162,19 +162,19 @@ class BuildState:
     def weight_bytes(self, step: Step) -> int:
         """The float32 size of the step's component's weights in its fetched source (0 before the fetch)."""
         component = getattr(step.params, "component", None)
-        variant = self.variant_of(step)
-        folder = variant.model_family.component(Component(component)).folder if component else None
-        weights = 0
-        for fetch in self.fetches_of(step):
-            if fetch not in self.fetched:
-                continue
-            loaded = self.fetched[fetch].loaded_bytes or {
-                name: int(entry.get("size", 0)) * (2 if ".fp16." in name else 1)  # loaded as float32
-                for name, entry in self.fetched[fetch].files.items()}
-            for name, size in loaded.items():
-                if folder and name.startswith(f"{folder}/") and name.endswith((".safetensors", ".bin")):
-                    weights += size
-        return weights
+        if not component:
+            return 0
+        folder = self.variant_of(step).model_family.component(Component(component)).folder
+        return sum(fetched_weight_bytes(self.fetched[f], folder) for f in self.fetches_of(step) if f in self.fetched)
 
     def variant_steps(self, variant: Variant) -> list[Step]:
         return [s for s in self.plan.steps.values() if variant.id in s.variants]
+
+
+def fetched_weight_bytes(fetched: Fetched, folder: str) -> int:
+    """The float32 size of a fetched source's weights under `folder/`: a community source's as prepared (its
+    folders are not the files it fetched), else its weight files' (an fp16 copy loads at twice its size)."""
+    loaded = fetched.loaded_bytes or {name: int(entry.get("size", 0)) * (2 if ".fp16." in name else 1)
+                                      for name, entry in fetched.files.items()}
+    return sum(size for name, size in loaded.items()
+               if name.startswith(f"{folder}/") and name.endswith((".safetensors", ".bin")))

@@ -13,7 +13,7 @@ from publisher.compress.scheme import REPORT, CompressContext, scheme_named
 from publisher.contract import zip_folder_name
 from publisher.deployment import DeploymentTarget
 from publisher.engine.references import References
-from publisher.engine.state import EVALUATE_AUTO_BYTES, PACKAGE, BuildError, BuildState
+from publisher.engine.state import EVALUATE_AUTO_BYTES, PACKAGE, BuildError, BuildState, fetched_weight_bytes
 from publisher.family import family_named, read_config
 from publisher.layout import link_tree, write_zip
 from publisher.plan import (
@@ -186,9 +186,7 @@ class StepActions:
         if self.evaluation_runtime() == "coreml":
             return True
         fetched = self.state.fetched.get(step.inputs[0])
-        unet = sum(int(entry.get("size", 0)) for name, entry in (fetched.files.items() if fetched else ())
-                   if name.startswith("unet/"))
-        return fetched is not None and unet < EVALUATE_AUTO_BYTES
+        return fetched is not None and fetched_weight_bytes(fetched, "unet") < EVALUATE_AUTO_BYTES
 
     def evaluate(self, step: Step, work: Path) -> None:
         from publisher.evaluate import evaluate_to_folder
