@@ -6,8 +6,9 @@ guidance as a batch of 2, (2, C, 1, 77)), latent noise from NumPy's seeded legac
 `NumPyRandomSource` reproduces it), the Swift scheduler's defaults (PNDM: scaled-linear betas 0.00085-0.012, 1000
 training steps, "leading" spacing with offset 1; DPM-Solver++: order 2, lower-order final step, "linspace"
 spacing), the UNet whole or as its two chunks in order (chunk 2 takes chunk 1's outputs and the UNet's inputs by
-name), guidance `uncond + g * (text - uncond)`, then the VAE decoder on latents / scale factor, mapped from [-1, 1]
-to 8-bit RGB. The schedulers are diffusers' classes set up as the Swift ones are (numbers, not a model).
+name), guidance `uncond + g * (text - uncond)`, then the VAE decoder (its input divided by the scale factor), its
+output mapped from [-1, 1] to 8-bit RGB. The schedulers are diffusers' classes set up as the Swift ones are
+(numbers, not a model).
 
 The image is decoded from the last step's denoised prediction, as the Swift pipeline does (its schedulers'
 `modelOutputs.last`), not from the last previous sample. SDXL generates as `StableDiffusionXLPipeline` does: both
@@ -20,6 +21,7 @@ The reference (diffusers' own pipeline) is publisher.generate_reference.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,11 +140,17 @@ def latent_noise(seed: int, shape: tuple[int, ...], sigma: float) -> np.ndarray:
 def tokenize(folder: Path, text: str, pad: str = "<|endoftext|>") -> np.ndarray:
     """(1, 77) float32 token ids, as the Swift BPETokenizer makes them from vocab.json and merges.txt (SDXL's second
     text encoder's tokenizer pads with "!")."""
+    ids = _tokenizer(str(folder), pad)(text.strip(), padding="max_length", max_length=TOKENS,
+                                       truncation=True)["input_ids"]
+    return np.asarray([ids], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(folder: str, pad: str) -> Any:
+    """The tokenizer files read once per folder (a generation tokenizes 2 to 4 texts, an evaluation many)."""
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad)
-    ids = tokenizer(text.strip(), padding="max_length", max_length=TOKENS, truncation=True)["input_ids"]
-    return np.asarray([ids], dtype=np.float32)
+    return CLIPTokenizer(str(Path(folder) / "vocab.json"), str(Path(folder) / "merges.txt"), pad_token=pad)
 
 
 def to_image(decoded: np.ndarray) -> np.ndarray:
@@ -239,14 +247,6 @@ def variant_packages(folder: Path, runtime: Runtime, tokenizer: Path | None = No
         return PackageSet(packages, found, scale, runtime, family.name)
     except PublisherError as exc:
         raise PublisherError(f"{folder}: {exc}") from exc
-
-
-def variant_family(folder: Path) -> str:
-    """The model family of a variant folder (its build-info says)."""
-    info_path = Path(folder) / BUILD_INFO
-    if not info_path.is_file():
-        raise PublisherError(f"{folder}: no {BUILD_INFO} (give a variant folder a build made)")
-    return str(read_build_info(info_path).variant.get("family", "sd"))
 
 
 def generate(folder: Path, settings: GenerateSettings, runtime: Runtime, tokenizer: Path | None = None,

@@ -38,7 +38,7 @@ def generate_command(
     """Text to image through a variant's packages only, as Apple's Swift pipeline runs them."""
     from tqdm import tqdm
 
-    from publisher.generate import GenerateSettings, generate, save_png, variant_family
+    from publisher.generate import GenerateSettings, generate_with, save_png, variant_packages
     from publisher.generate_reference import compare, reference_generate
     from publisher.verify.runtime import runtime_named
 
@@ -47,8 +47,9 @@ def generate_command(
     settings = GenerateSettings(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                                 scheduler=scheduler, guidance=guidance, refiner=refiner, safety=not disable_safety)
     engine = runtime_named(runtime)
+    models = variant_packages(folder, engine, tokenizer)
     with tqdm(total=steps, desc="denoising", unit="step", disable=None) as bar:  # None: off when not a terminal
-        result = generate(folder, settings, engine, tokenizer, progress=lambda done, total: bar.update(1))
+        result = generate_with(models, settings, progress=lambda done, total: bar.update(1))
     if result.safe is False:
         raise PublisherError(f"the variant's safety checker flagged the image (the Swift pipeline returns none): "
                              f"{output} not written (--disable-safety writes it)")
@@ -57,7 +58,6 @@ def generate_command(
     typer.echo(f"wrote {output} ({result.image.shape[1]}x{result.image.shape[0]}, seed {seed}, {steps} steps, "
                f"{scheduler}, {engine.name}{checked})")
     if reference is not None:
-        family = variant_family(folder)
-        figures = compare(result, reference_generate(reference, settings, result.latents.shape, family))
+        figures = compare(result, reference_generate(reference, settings, result.latents.shape, models.family))
         typer.echo(f"against diffusers (float32): latents {figures['latents_psnr_db']:.1f} dB, image "
                    f"{figures['image_psnr_db']:.1f} dB")

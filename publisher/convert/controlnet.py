@@ -35,7 +35,7 @@ def base_mismatch(unet: dict[str, Any], controlnet: dict[str, Any]) -> str | Non
             # an int means the same for every block
             blocks = len(unet.get("block_out_channels") or ())
             ours, theirs = ([v] * blocks if isinstance(v, int) else v for v in (ours, theirs))
-        if ours != theirs and not (ours is None and theirs is None):
+        if ours != theirs:
             return f"its {key} {ours!r} is not the base UNet's {theirs!r}"
     return None
 
