@@ -22,6 +22,19 @@ def staging_client_env(work: Path) -> int:
     return port
 
 
+def staging_bench_work(prefix: str) -> tuple[Path, int]:
+    """A staging-Hub bench's command line (`--work DIR`, default a new temp folder) and the client's settings
+    pointed at a free port (staging_client_env): (work, port)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    return work, staging_client_env(work)
+
+
 def peak_gib() -> float:
     """VmHWM of this process in GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

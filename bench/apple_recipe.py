@@ -13,16 +13,14 @@ time, peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import run_code, sd15_unet_source, staging_client_env  # noqa: E402
+from bench._common import run_code, sd15_unet_source, staging_bench_work  # noqa: E402
 
 TOKEN = "bench-token"
 SOURCE = "bench/sd15-unet"
@@ -63,11 +61,7 @@ MIX = (4, 6, 4, 4, 6, 2, 4, 8, 16, 4, 4, 2)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", type=Path, default=None)
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="apple-recipe-bench-"))
-    port = staging_client_env(work)
+    work, port = staging_bench_work("apple-recipe-bench-")
     from diffusers import UNet2DConditionModel
 
     from publisher.staging.process import start_staging_hub

@@ -12,17 +12,15 @@ goals of the issue: the two extra sizes cost <= 0.5x the first size's wall time,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import run_code, sd15_unet_source, staging_bytes, staging_client_env  # noqa: E402
+from bench._common import run_code, sd15_unet_source, staging_bench_work, staging_bytes  # noqa: E402
 
 TOKEN = "bench-token"
 SOURCE = "bench/sd15-unet"
@@ -69,11 +67,7 @@ def _run(manifest: Path, work: Path, endpoint: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--work", type=Path, default=None)
-    args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="packs-bench-"))
-    port = staging_client_env(work)
+    work, port = staging_bench_work("packs-bench-")
     from publisher.staging.process import start_staging_hub
     from publisher.tiny import push_tiny_source
 
