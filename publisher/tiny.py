@@ -346,19 +346,19 @@ def write_tiny_lora(folder: Path, path: Path, seed: int = 1, text_encoder: bool 
     return path
 
 
-def write_tiny_controlnet(source: Path, folder: Path, seed: int = 2, cross_attention_dim: int | None = None) -> Path:
-    """A ControlNet for a tiny SD pipeline: diffusers' ControlNetModel with the UNet's encoder layout (its weights
-    copied from the UNet, as ControlNets are trained), random non-zero "zero" convolutions so that its residuals
-    are not all 0, the repo's layout (config.json and weights at the root). `cross_attention_dim`: another
-    width, a ControlNet trained for another base."""
+def write_tiny_controlnet(source: Path, folder: Path, seed: int = 2, **config: Any) -> Path:
+    """A ControlNet for a tiny SD or SDXL pipeline: diffusers' ControlNetModel with the UNet's encoder layout (its
+    weights copied from the UNet, as ControlNets are trained), random non-zero "zero" convolutions so that its
+    residuals are not all 0, the repo's layout (config.json and weights at the root). `config`: keys changed (new
+    random weights), e.g. another `cross_attention_dim` (a ControlNet trained for another base)."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet: Any = UNet2DConditionModel.from_pretrained(Path(source) / "unet")
     torch.manual_seed(seed)
     controlnet: Any = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16))
-    if cross_attention_dim is not None:
-        controlnet = ControlNetModel(**{**dict(controlnet.config), "cross_attention_dim": cross_attention_dim})
+    if config:
+        controlnet = ControlNetModel(**{**dict(controlnet.config), **config})
     with torch.no_grad():
         for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                       controlnet.controlnet_cond_embedding.conv_out):

@@ -65,3 +65,17 @@ def test_the_card_says_how_to_use_controlnets() -> None:
             "configuration: config)") in text
     assert "configuration.controlNetInputs = [conditionImage]" in text
     assert "ControlNet" not in card_text("me/coreml-sd", [_info("original", "ORIGINAL", False, {})], "http://hub")
+
+
+def test_the_sdxl_card_says_the_swift_package_does_not_load_its_controlnets() -> None:
+    """Apple's Swift XL pipeline takes no ControlNet: no Swift snippet that cannot work, but how the packages wire."""
+    info = _info("original", "ORIGINAL", False, {})
+    canny = "controlnet-diffusers_controlnet-canny-sdxl-1.0"
+    info["variant"] |= {"family": "sdxl", "components": ["text_encoder", "text_encoder_2", "unet", "control-unet", canny]}
+    info["extra_sources"] = {canny: {"repo": "diffusers/controlnet-canny-sdxl-1.0", "revision": "main",
+                                     "commit": "c" * 40, "files": {}}}
+    text = card_text("me/coreml-sdxl", [info], "http://hub")
+    assert "`compiled/controlnet/` (`DiffusersControlnetCannySdxl1.0.mlmodelc`)" in text
+    assert "does not load ControlNets into `StableDiffusionXLPipeline` today" in text
+    assert "`time_ids`, `text_embeds`) and `controlnet_cond`" in text
+    assert "StableDiffusionPipeline(" not in text and "controlNetInputs" not in text

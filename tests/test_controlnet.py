@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,20 @@ def test_controlnet_option_rules(tmp_path: Path) -> None:
     assert _errors(text, tmp_path) == ["13: publish[0].controlnet[0]: 'SPLIT_EINSUM' is not in this repo's "
                                        "attention list"]
     xl = CONTROLNET_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: sdxl")
-    assert _errors(xl, tmp_path) == ["14: publish[0].controlnet: family 'sdxl' has no ControlNet-ready UNet "
-                                     "(Apple's Swift package loads ControlNets for SD 1.x/2.x only)"]
+    assert _errors(xl, tmp_path) == []  # SDXL's too (tests/test_sdxl.py), beyond what Apple's converter makes
+    from publisher.family import register_family, unregister_family
+
+    register_family(replace(family_named("sd"), name="no-cn", controlnet=None, components=tuple(
+        c for c in family_named("sd").components if c.component != Component.CONTROL_UNET)))
+    try:
+        other = CONTROLNETS_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: no-cn")
+        assert _errors(other, tmp_path) == ["9: controlnets: family 'no-cn' has no ControlNets (Apple's Swift "
+                                            "package loads ControlNets for SD 1.x/2.x only)"]
+        other = CONTROLNET_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: no-cn")
+        assert _errors(other, tmp_path) == ["14: publish[0].controlnet: family 'no-cn' has no ControlNet-ready UNet "
+                                            "(Apple's Swift package loads ControlNets for SD 1.x/2.x only)"]
+    finally:
+        unregister_family("no-cn")
     sd = family_named("sd")
     assert sd.compiled_name("control-unet") == "ControlledUnet.mlmodelc"
     # Apple's converter: `..._control-unet_chunk1.mlpackage` -> ControlledUnetChunk1.mlmodelc
@@ -154,7 +167,7 @@ def test_controlnet_names_as_apple_writes_them(tmp_path: Path) -> None:
     # torch2coreml: "".join(word.title() for word in re.split('_|-', "lllyasviel_control_v11p_sd15_canny"))
     assert sd.compiled_name(component) == "controlnet/LllyasvielControlV11PSd15Canny.mlmodelc"
     assert sd.submodule_of_package("ControlNet_lllyasviel_control_v11p_sd15_canny.mlpackage", "x") == component
-    assert family_named("sdxl").controlnet is None
+    assert family_named("sdxl").compiled_name(component) == "controlnet/LllyasvielControlV11PSd15Canny.mlmodelc"
     text = CONTROLNETS_MANIFEST.format(source="a/b").replace(
         "controlnets:\n", "controlnets:\n  - repo: Cn-Models/tiny_controlnet.v1\n")
     assert _errors(text, tmp_path) == ["10: controlnets[1].repo: 'cn-models/Tiny-ControlNet.v1' is compiled to "

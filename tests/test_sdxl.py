@@ -23,6 +23,8 @@ from publisher.vocabulary import Attention, Component
 from tests.helpers import write_manifest
 
 SDXL = family_named("sdxl")
+# what a build takes by default (the ControlledUnet, asked for: test_controlnet_and_controlled_unet)
+XL_COMPONENTS = tuple(c for c in SDXL.component_names if not SDXL.component(c).optional)
 SOURCE_REPO = "tiny/sdxl"
 RESOLUTION = 256
 MODEL_VERSION = SOURCE_REPO.replace("/", "_")
@@ -167,13 +169,91 @@ def test_the_float32_vae_converts_and_meets_the_bar(sdxl_source: Path, tmp_path:
     assert verify_package(package, sdxl_source, "vae_decoder", attention, RESOLUTION, family="sdxl").passed
 
 
+def _with_controlnet(source: Path, controlnet: Path, into: Path) -> Path:
+    """The source with a ControlNet where the build lays it out (`controlnet/`)."""
+    import os
+    import shutil
+
+    shutil.copytree(source, into, copy_function=os.link)
+    shutil.copytree(controlnet, into / "controlnet", copy_function=os.link)
+    return into
+
+
+@pytest.mark.slow
+def test_controlnet_and_controlled_unet(sdxl_source: Path, tmp_path: Path) -> None:
+    """SDXL ControlNets (Apple's converter makes none): diffusers' ControlNetModel with SDXL's added conditioning,
+    under the UNet's inputs then `controlnet_cond`; the ControlledUnet takes the UNet's inputs then the residuals.
+    One step through the executor, ControlNet package -> ControlledUnet package, against diffusers' UNet with
+    diffusers' ControlNet. A "small" ControlNet (less transformer depth) fits; one for another base is refused."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from publisher.convert.coreml import PackageMetadata, convert_component
+    from publisher.deployment import DeploymentTarget
+    from publisher.errors import SourceError
+    from publisher.metrics import psnr
+    from publisher.mlpackage import package_info
+    from publisher.tiny import write_tiny_controlnet
+    from publisher.verify.runtime import ExecutorRuntime
+    from publisher.vocabulary import controlnet_component
+
+    component = controlnet_component("cn/tiny-xl")
+    source = _with_controlnet(sdxl_source, write_tiny_controlnet(sdxl_source, tmp_path / "cn"), tmp_path / "src")
+    net = load_component(source, component, Attention.SPLIT_EINSUM, RESOLUTION, family="sdxl")
+    unet = load_component(source, Component.CONTROL_UNET, Attention.SPLIT_EINSUM, RESOLUTION, family="sdxl")
+    assert [t.name for t in net.spec.inputs] == ["sample", "timestep", "encoder_hidden_states", "time_ids",
+                                                 "text_embeds", "controlnet_cond"]
+    residuals = [t for t in unet.spec.inputs if t.name.startswith("additional_residual_")]
+    assert [t.name for t in unet.spec.inputs[:5]] == [t.name for t in net.spec.inputs[:5]]
+    assert [(t.name, t.shape) for t in net.spec.outputs] == [(t.name, t.shape) for t in residuals]
+    # conv_in; block 1 a resnet and its down-sampler; block 2 a resnet; the middle block
+    assert len(residuals) == 5 and {t.dtype for t in net.spec.outputs} == {FLOAT32}
+    sample, timestep, context, time_ids, text_embeds, condition = example_inputs(net.spec, seed=5)
+    states = context.squeeze(2).transpose(1, 2)
+    added = {"time_ids": time_ids, "text_embeds": text_embeds}
+    diffusers_net = ControlNetModel.from_pretrained(source / "controlnet").eval()
+    diffusers_unet = UNet2DConditionModel.from_pretrained(source / "unet").eval()
+    with torch.no_grad():
+        ours = net.module(sample, timestep, context, time_ids, text_embeds, condition)
+        down, mid = diffusers_net(sample, timestep, states, condition, added_cond_kwargs=added, return_dict=False)
+        assert min(_psnr(a, b) for a, b in zip((*down, mid), ours, strict=True)) >= 60
+        expected = diffusers_unet(sample, timestep, states, added_cond_kwargs=added,
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        assert _psnr(expected, unet.module(sample, timestep, context, time_ids, text_embeds, *ours)) >= 60
+        # the geometry reaches the ControlNet too
+        assert _psnr(ours[-1], net.module(sample, timestep, context, time_ids + 64, text_embeds, condition)[-1]) < 60
+
+    packages = {}
+    for name in (component, Component.CONTROL_UNET):
+        packages[name] = tmp_path / f"{name}.mlpackage"
+        convert_component(source, name, Attention.ORIGINAL, RESOLUTION, DeploymentTarget.iOS16, packages[name],
+                          PackageMetadata("tiny/sdxl@main", "openrail++", Attention.ORIGINAL), family="sdxl")
+        info, spec = package_info(packages[name]), (net if name == component else unet).spec
+        assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, t.dtype) for t in spec.inputs]
+        assert [(t.name, t.shape) for t in info.outputs] == [(t.name, t.shape) for t in spec.outputs]
+    runtime = ExecutorRuntime()
+    arrays = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy(),
+              "time_ids": time_ids.numpy(), "text_embeds": text_embeds.numpy()}
+    got = runtime.run(packages[component], {**arrays, "controlnet_cond": condition.numpy()})
+    noise = runtime.run(packages[Component.CONTROL_UNET], {**arrays, **got})["noise_pred"]
+    assert psnr(expected.numpy(), noise) >= 35
+
+    small = _with_controlnet(sdxl_source, write_tiny_controlnet(sdxl_source, tmp_path / "small",
+                                                                transformer_layers_per_block=1), tmp_path / "s")
+    assert len(load_component(small, component, Attention.ORIGINAL, RESOLUTION, family="sdxl").spec.outputs) == 5
+    other = _with_controlnet(sdxl_source, write_tiny_controlnet(sdxl_source, tmp_path / "other",
+                                                                projection_class_embeddings_input_dim=64),
+                             tmp_path / "o")
+    with pytest.raises(SourceError, match="its projection_class_embeddings_input_dim 64 is not the base UNet's"):
+        load_component(other, component, Attention.ORIGINAL, RESOLUTION, family="sdxl", label="cn/other@1")
+
+
 def test_plan_layout_and_chunk_rule(tmp_path: Path) -> None:
     loaded = load_manifest(write_manifest(tmp_path, source=SOURCE_REPO, text=MANIFEST))
     plan = build_plan([loaded], "me")
     assert {s.params.component for s in plan.steps_of("convert")} == {
         "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
     assert {s.params.chunk for s in plan.steps_of("chunk")} == {"unet_chunk1", "unet_chunk2"}
-    resources = {SDXL.compiled_name(c.value) for c in SDXL.component_names} | {"vocab.json", "merges.txt"}
+    resources = {SDXL.compiled_name(c.value) for c in XL_COMPONENTS} | {"vocab.json", "merges.txt"}
     assert resources == SWIFT_XL_RESOURCES
     assert [SDXL.compiled_name(n) for n in SDXL.submodules(Component.UNET, chunked=True)] == [
         "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"]
@@ -184,6 +264,19 @@ def test_plan_layout_and_chunk_rule(tmp_path: Path) -> None:
     two_bit = write_manifest(tmp_path / "2", source=SOURCE_REPO, text=MANIFEST.replace("nbits: 6", "nbits: 2"))
     with pytest.raises(ManifestError, match="small enough"):
         load_manifest(two_bit)
+    # ControlNets as for SD: the ControlledUnet beside the UNet (chunked alike, palettized from its weights) and
+    # each ControlNet its own conversion
+    with_cn = MANIFEST.replace("publish:\n", "controlnets:\n  - repo: diffusers/controlnet-canny-sdxl-1.0\n"
+                               "publish:\n").replace("    chunk_unet: true\n", "    chunk_unet: true\n    controlnet: true\n")
+    plan = build_plan([load_manifest(write_manifest(tmp_path / "cn", source=SOURCE_REPO, text=with_cn))], "me")
+    canny = "controlnet-diffusers_controlnet-canny-sdxl-1.0"
+    assert {(s.params.component, s.params.attention) for s in plan.steps_of("convert")} >= {
+        ("control-unet", "SPLIT_EINSUM"), (canny, "SPLIT_EINSUM")}
+    assert {s.params.chunk for s in plan.steps_of("chunk")} == {"unet_chunk1", "unet_chunk2", "control-unet_chunk1",
+                                                                "control-unet_chunk2"}
+    variant = next(v for v in plan.variants if canny in v.components)
+    assert variant.package_file(canny) == "ControlNet_diffusers_controlnet-canny-sdxl-1.0.mlpackage"
+    assert SDXL.compiled_name(canny) == "controlnet/DiffusersControlnetCannySdxl1.0.mlmodelc"
     no_checker = write_manifest(tmp_path / "c", source=SOURCE_REPO,
                                 text=MANIFEST.replace("  repo: {source}\n", "  repo: {source}\n"
                                                       "  components: [unet, safety_checker]\n"))
@@ -243,8 +336,8 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
     # every package Apple's XL pipeline opens is there under its name, with the contract's interface
     names = {p.name for p in packages.iterdir()}
     assert {package_name(MODEL_VERSION, n) for n in APPLE_XL_PACKAGES} <= names
-    assert names == {package_name(MODEL_VERSION, c.value) for c in SDXL.component_names}
-    for component in SDXL.component_names:
+    assert names == {package_name(MODEL_VERSION, c.value) for c in XL_COMPONENTS}
+    for component in XL_COMPONENTS:
         info = package_info(packages / package_name(MODEL_VERSION, component.value))
         spec = SDXL.model_spec(component, dims)
         assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [(t.name, t.shape, t.dtype) for t in spec.inputs]
@@ -273,7 +366,7 @@ def test_build_publish_and_download_in_apple_s_xl_layout(sdxl_source: Path, tmp_
     assert "`encoderScaleFactor` and `decoderScaleFactor` to 0.13025" in card and "`originalSize`" in card
     assert "float32 packages" not in card
     assert {k: v["output_psnr_db"] >= 35 for k, v in build_info["fidelity"].items()} == {
-        c.value: True for c in SDXL.component_names}
+        c.value: True for c in XL_COMPONENTS}
 
     ios = out / "xl/coreml-tiny-sdxl-ios/split_einsum"
     ios_info = json.loads((ios / "build-info.json").read_text())

@@ -19,10 +19,12 @@ from publisher.convert.unet import AneUnet
 from publisher.errors import SourceError
 from publisher.vocabulary import Attention
 
-# the config keys that fix a ControlNet's residuals (their number, widths and levels) and what it attends to: a
-# ControlNet trained for another base differs in one of them
-_BASE_KEYS = ("in_channels", "cross_attention_dim", "block_out_channels", "down_block_types", "layers_per_block",
-              "transformer_layers_per_block", "addition_embed_type")
+# the config keys that fix a ControlNet's interface with its UNet: its residuals (their number, widths and levels),
+# what it attends to and the added conditioning it takes (SDXL's pooled text and geometry). A ControlNet trained for
+# another base differs in one of them; one with fewer transformer layers or other block kinds than its base (the
+# "small" SDXL ControlNets) does not, and fits.
+_BASE_KEYS = ("in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block", "addition_embed_type",
+              "projection_class_embeddings_input_dim", "addition_time_embed_dim")
 
 
 def base_mismatch(unet: dict[str, Any], controlnet: dict[str, Any]) -> str | None:
@@ -31,10 +33,11 @@ def base_mismatch(unet: dict[str, Any], controlnet: dict[str, Any]) -> str | Non
         ours, theirs = controlnet.get(key), unet.get(key)
         if isinstance(ours, list | tuple) and isinstance(theirs, list | tuple):
             ours, theirs = list(ours), list(theirs)
-        if key in ("transformer_layers_per_block", "layers_per_block") and ours != theirs:
-            # an int means the same for every block
+        if key == "layers_per_block" and ours != theirs:  # an int means the same for every block
             blocks = len(unet.get("block_out_channels") or ())
             ours, theirs = ([v] * blocks if isinstance(v, int) else v for v in (ours, theirs))
+        if key == "cross_attention_dim" and isinstance(theirs, list) and not isinstance(ours, list):
+            ours = [ours] * len(theirs)
         if ours != theirs:
             return f"its {key} {ours!r} is not the base UNet's {theirs!r}"
     return None
@@ -47,9 +50,11 @@ def check_fits(unet: dict[str, Any], controlnet: dict[str, Any], label: str) -> 
 
 
 class ControlNet(nn.Module):
-    """forward(sample (2, 4, h, w), timestep (2,), encoder_hidden_states (2, C, 1, 77), controlnet_cond
-    (2, 3, H, W) in [0, 1][, time_ids, text_embeds]) -> the residuals, as diffusers' ControlNetModel computes them
-    at conditioning scale 1 (the Swift pipeline applies none)."""
+    """forward(sample (2, 4, h, w), timestep (2,), encoder_hidden_states (2, C, 1, 77)[, time_ids, text_embeds],
+    controlnet_cond (2, 3, H, W) in [0, 1]): the UNet's inputs, then the condition image (as the ControlledUnet
+    takes the UNet's, then the residuals) -> the residuals, as diffusers' ControlNetModel computes them at
+    conditioning scale 1 (the Swift pipeline applies none). SDXL's time_ids and text_embeds feed its added
+    embedding as they feed the UNet's."""
 
     def __init__(self, controlnet: Any, attention: Attention) -> None:
         super().__init__()
@@ -62,8 +67,9 @@ class ControlNet(nn.Module):
         self.pooled = bool(controlnet.config.get("global_pool_conditions", False))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                controlnet_cond: torch.Tensor, *conditioning: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         net, model = self.net, self.controlnet
+        *conditioning, controlnet_cond = rest
         state = net.start(sample, timestep, encoder_hidden_states, *conditioning)
         condition = controlnet_cond.flip(1) if self.bgr else controlnet_cond
         state.hidden = model.conv_in(sample) + model.controlnet_cond_embedding(condition)

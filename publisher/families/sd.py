@@ -49,17 +49,9 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, *latent), "predicted noise"),
         ), "denoising UNet")
-    if component == Component.CONTROL_UNET:
-        unet = sd_model_spec(Component.UNET, dims)
-        return replace(unet, component=component, inputs=unet.inputs + controlnet_residuals(dims),
-                       description="denoising UNet taking a ControlNet's residuals (Apple's ControlledUnet)")
-    if component == Component.CONTROLNET or component.startswith(f"{Component.CONTROLNET}-"):
-        unet = sd_model_spec(Component.UNET, dims)
-        return ModelSpec(component, unet.inputs + (
-            TensorSpec("controlnet_cond", (UNET_BATCH, 3, *res), "the condition image (edges, depth, ...) in [0, 1]",
-                       FLOAT16),
-        ), tuple(replace(residual, dtype=FLOAT32) for residual in controlnet_residuals(dims)),
-            "ControlNet: the residuals a condition image adds to the ControlledUnet")
+    if component == Component.CONTROL_UNET or component == Component.CONTROLNET \
+            or component.startswith(f"{Component.CONTROLNET}-"):
+        return controlnet_spec(component, sd_model_spec(Component.UNET, dims), dims)
     if component == Component.VAE_DECODER:
         return ModelSpec(component, (
             TensorSpec("z", (1, ch, *latent), "latents (already divided by the VAE scaling factor)", FLOAT16),
@@ -84,6 +76,20 @@ def sd_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
             TensorSpec("concept_scores", (1, 17), "per-concept score; > 0 means found"),
         ), "safety checker")
     raise ValueError(component)
+
+
+def controlnet_spec(component: Component, unet: ModelSpec, dims: ModelDims) -> ModelSpec:
+    """Apple's ControlledUnet (the UNet's inputs, then the residuals) or a ControlNet (the UNet's inputs, then the
+    condition image; the residuals out, float32 as every output), from the family's UNet spec."""
+    if component == Component.CONTROL_UNET:
+        return replace(unet, component=component, inputs=unet.inputs + controlnet_residuals(dims),
+                       description=f"{unet.description} taking a ControlNet's residuals (Apple's ControlledUnet)")
+    size = (dims.image_height, dims.resolution)
+    return ModelSpec(component, unet.inputs + (
+        TensorSpec("controlnet_cond", (UNET_BATCH, 3, *size), "the condition image (edges, depth, ...) in [0, 1]",
+                   FLOAT16),
+    ), tuple(replace(residual, dtype=FLOAT32) for residual in controlnet_residuals(dims)),
+        "ControlNet: the residuals a condition image adds to the ControlledUnet")
 
 
 def controlnet_residuals(dims: ModelDims) -> tuple[TensorSpec, ...]:

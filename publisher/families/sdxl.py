@@ -7,6 +7,10 @@ iOS), VAE decoder and encoder; no safety checker. Names, shapes and dtypes as Ap
 - `Unet` (and `UnetRefiner`, the refiner pipeline's UNet, from `source.refiner`) adds `time_ids` (the image
   geometry: original size, crop offsets, target size; 6 values per batch row, 5 for the refiner: the aesthetic
   score replaces the target size) and `text_embeds` (the pooled text embedding), float16 like the other inputs.
+- `ControlledUnet` (the UNet with `additional_residual_0..N` after its own inputs, Apple's SD layout) and
+  ControlNets (`ControlNet_<org>_<name>.mlpackage`: the UNet's inputs, then `controlnet_cond`) where a manifest asks
+  for them. Apple's converter makes neither for SDXL and its Swift XL pipeline loads no ControlNet today: they follow
+  Apple's SD names and conventions, for apps that run them.
 - The VAE overflows in float16: Apple converts it in float32 with float32 inputs and the Swift pipeline runs it on
   CPU and GPU. A VAE whose config says it need not be upcast (`force_upcast: false`, as the fp16-fixed SDXL VAE
   says) is converted in float16 like SD's.
@@ -21,7 +25,7 @@ from pathlib import Path
 from publisher.contract import FLOAT16, FLOAT32, LATENT_CHANNELS, UNET_BATCH, ModelDims, ModelSpec, TensorSpec
 from publisher.errors import SourceError
 from publisher.families.sd import FAMILY as SD
-from publisher.families.sd import config_int, sd_model_spec
+from publisher.families.sd import config_int, controlnet_spec, residual_dims, sd_model_spec
 from publisher.family import ComponentSpec, ModelFamily, read_config
 from publisher.vocabulary import Component
 
@@ -67,7 +71,7 @@ def sdxl_dims(source: Path, resolution: int) -> ModelDims:
     if unet is not None:
         where = f"{source}/unet/config.json"
         ids = REFINER_TIME_IDS if index.get("requires_aesthetics_score") else BASE_TIME_IDS
-        extra |= {"time_ids": ids, "pooled": _pooled(unet, ids, where)}
+        extra |= {"time_ids": ids, "pooled": _pooled(unet, ids, where)} | dict(residual_dims(unet))
         hidden = _cross_attention_dim(unet)
     else:
         hidden = None
@@ -139,6 +143,9 @@ def sdxl_model_spec(component: Component, dims: ModelDims) -> ModelSpec:
         ), (
             TensorSpec("noise_pred", (UNET_BATCH, dims.unet_out_channels, *latent), "predicted noise"),
         ), "refiner UNet (SDXL)" if refiner else "denoising UNet (SDXL)")
+    if component == Component.CONTROL_UNET or component == Component.CONTROLNET \
+            or component.startswith(f"{Component.CONTROLNET}-"):  # SD's rule on SDXL's UNet inputs
+        return controlnet_spec(component, sdxl_model_spec(Component.UNET, dims), dims)
     if component in (Component.VAE_DECODER, Component.VAE_ENCODER):  # SD's, in float32 unless the VAE need not be
         spec = sd_model_spec(component, dims)
         if not dict(dims.extra).get("vae.float32", 1):
@@ -159,6 +166,7 @@ FAMILY = ModelFamily(
         _UNET,
         replace(_UNET, component=Component.REFINER, folder="refiner", resource="UnetRefiner", chunks=REFINER_CHUNKS,
                 source_role="refiner", source_folder="unet"),
+        replace(SD.component(Component.CONTROL_UNET), chunk_above_bits=_UNET.chunk_above_bits),
         SD.component(Component.VAE_DECODER),
         SD.component(Component.VAE_ENCODER),
     ),
@@ -166,4 +174,5 @@ FAMILY = ModelFamily(
     read_dims=sdxl_dims,
     swift_pipeline="StableDiffusionXLPipeline",
     diffusers_pipeline="diffusers:StableDiffusionXLPipeline",
+    controlnet=SD.controlnet,
 )

@@ -255,21 +255,29 @@ def _controlnet_usage(infos: list[dict[str, Any]], family: Any) -> list[str]:
                  if any(info["variant"].get("chunk_unet") for info in infos
                         if info["variant"]["folder"] in controlled) else "")
              + "); without ControlNets the Swift pipeline loads `Unet` as before."]
+    swift = family.name == "sd"  # Apple's Swift package loads ControlNets into StableDiffusionPipeline only
     if nets:
         lines += ["", "ControlNets, converted from " + ", ".join(f"[{r}](https://huggingface.co/{r})" for r in repos)
                   + f": in `compiled/controlnet/` ({', '.join(f'`{n}.mlmodelc`' for n in names)}) and in `packages/` "
-                  "(`ControlNet_<org>_<name>.mlpackage`, as Apple's converter names them). In Swift:", "",
-                  "```swift",
+                  "(`ControlNet_<org>_<name>.mlpackage`, as Apple's converter names them)" + (". In Swift:" if swift
+                                                                                             else ".")]
+    if nets and swift:
+        lines += ["", "```swift",
                   f"let pipeline = try StableDiffusionPipeline(resourcesAt: url, controlNet: {json.dumps(names)}, "
                   "configuration: config)",
                   "var configuration = StableDiffusionPipeline.Configuration(prompt: prompt)",
                   "configuration.controlNetInputs = [conditionImage]  // one CGImage per ControlNet, at the image size",
                   "```"]
-        if family.name != "sd":
-            lines += ["", "Apple's Swift package does not load ControlNets for this model family today."]
-    else:
+    elif swift:
         lines += ["", "Put ControlNet models (Apple's converter: `--convert-controlnet`) in the Resources' "
                   "`controlnet/` folder and name them in `StableDiffusionPipeline(resourcesAt:controlNet:)`."]
+    else:
+        lines += ["", f"Apple's Swift package does not load ControlNets into `{family.swift_pipeline}` today (nor "
+                  "does Apple's converter make them for this family): these follow Apple's SD conventions for apps "
+                  "that run them. Each step, a ControlNet takes the UNet's inputs (`sample`, `timestep`, "
+                  "`encoder_hidden_states`, `time_ids`, `text_embeds`) and `controlnet_cond` (the condition image in "
+                  "[0, 1], RGB, at the image size, batch 2 as the UNet's); the ControlledUnet takes the UNet's inputs "
+                  "and the sum of the ControlNets' `additional_residual_<i>` outputs under the same names."]
     return lines + [""]
 
 
