@@ -3,7 +3,9 @@ SD 1.5-shaped UNet, as lllyasviel's are) converted per attention, and the Contro
 (ORIGINAL), each float16 at 512x512 through the project's converter.
 
 Run by hand (not in CI; ~20 min, ~8 GiB):
-    python bench/controlnet.py [--work DIR] [--attention ORIGINAL ...] [--skip-unets]
+    python bench/controlnet.py [--work DIR] [--attention ORIGINAL ...] [--skip-unets] [--family sdxl]
+
+`--family sdxl`: an SDXL-shaped ControlNet (made from SDXL's UNet, with its added conditioning) at 1024x1024.
 
 Each conversion runs in its own process; printed as JSON per conversion: wall time, peak RSS (VmHWM), package
 size, and the package's op counts (conv, linear, matmul, transpose, einsum).
@@ -31,9 +33,9 @@ from publisher.vocabulary import Attention, Component
 
 from publisher.mlpackage import load_program, main_operations
 from bench._common import peak_gib
-source, component, attention, output = sys.argv[1:5]
-convert_component(Path(source), Component(component), Attention(attention), 512, DeploymentTarget.iOS16,
-                  Path(output), PackageMetadata("bench/sd15@random", "mit", Attention(attention)))
+source, component, attention, output, family, size = sys.argv[1:7]
+convert_component(Path(source), Component(component), Attention(attention), int(size), DeploymentTarget.iOS16,
+                  Path(output), PackageMetadata("bench/random", "mit", Attention(attention)), family=family)
 peak = peak_gib()
 counts = {}
 for op in main_operations(load_program(Path(output))):
@@ -44,9 +46,9 @@ print(json.dumps({"peak_gib": round(peak, 2), "package_bytes": size,
 """
 
 
-def make_sources(folder: Path) -> None:
-    """The SD 1.5-shaped UNet (bench/convert_unet.py's) and a ControlNet made from it, laid out as a build composes
-    them (`controlnet/` beside `unet/`); kept when already there."""
+def make_sources(folder: Path, family: str) -> None:
+    """The SD 1.5- (or SDXL-) shaped UNet (bench/convert_unet.py's) and a ControlNet made from it, laid out as a
+    build composes them (`controlnet/` beside `unet/`); kept when already there."""
     if (folder / "controlnet" / "config.json").exists():
         return
     import torch
@@ -54,7 +56,7 @@ def make_sources(folder: Path) -> None:
 
     from bench.convert_unet import make_source  # type: ignore[import-not-found]
 
-    make_source(folder)
+    make_source(folder, family)
     torch.manual_seed(1)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     controlnet = ControlNetModel.from_unet(unet)
@@ -62,7 +64,9 @@ def make_sources(folder: Path) -> None:
         for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
             for parameter in block.parameters():
                 parameter.normal_(0, 0.02)
-    controlnet.save_pretrained(folder / "controlnet")
+    if family == "sdxl":
+        controlnet = controlnet.half()  # as the UNet: the fp16 copy a fetch prefers
+    controlnet.save_pretrained(folder / "controlnet", variant="fp16" if family == "sdxl" else None)
 
 
 def main() -> None:
@@ -70,16 +74,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--attention", nargs="*", default=["ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2"])
     parser.add_argument("--skip-unets", action="store_true", help="only the ControlNet conversions")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-controlnet-"))
     source = work / "source"
-    make_sources(source)
-    jobs = [("controlnet-bench_sd15-controlnet", attention) for attention in args.attention]
+    make_sources(source, args.family)
+    size = "1024" if args.family == "sdxl" else "512"
+    jobs = [(f"controlnet-bench_{args.family}-controlnet", attention) for attention in args.attention]
     if not args.skip_unets:
         jobs += [("unet", "ORIGINAL"), ("control-unet", "ORIGINAL")]
     for component, attention in jobs:
         output = work / f"{component}-{attention}.mlpackage"
-        result = run_code(CHILD, [str(source), component, attention, str(output)], ROOT)
+        result = run_code(CHILD, [str(source), component, attention, str(output), args.family, size], ROOT)
         print(json.dumps({"component": component, "attention": attention, **result}), flush=True)
 
 

@@ -310,6 +310,11 @@ def _line_in_file(path: Path, loc: Loc) -> int:
         return 1
 
 
+def located(path: Path, loc: Loc, message: str) -> str:
+    """One error line about a field of a manifest file that loaded: `file:line: field: message`."""
+    return _one_line(f"{path}:{_line_in_file(path, loc)}: {format_loc(loc)}: {message}")
+
+
 def check_resolved(loaded: Sequence[LoadedManifest], namespace: str) -> None:
     """Rules on repo ids once `{namespace}` is filled in: each must pass huggingface_hub's validation, and no two
     publish entries (in one file or across files) may name the same repo. Raises ManifestError with every line."""
@@ -322,14 +327,12 @@ def check_resolved(loaded: Sequence[LoadedManifest], namespace: str) -> None:
             at = ("publish", i, "repo")
             problem = _hub_repo_id_problem(repo_id)
             if problem is not None:
-                errors.append(_one_line(f"{item.path}:{_line_in_file(item.path, at)}: {format_loc(at)}: "
-                                        f"'{repo_id}' is not a valid Hub repo id: {problem}"))
+                errors.append(located(item.path, at, f"'{repo_id}' is not a valid Hub repo id: {problem}"))
             key = repo_id.lower()  # the Hub matches repo ids case-insensitively
             if key in first:
                 other, index = first[key]
                 where = f"publish[{index}]" + ("" if other == item.path else f" of {other}")
-                errors.append(_one_line(f"{item.path}:{_line_in_file(item.path, at)}: {format_loc(at)}: "
-                                        f"'{repo_id}' is also published by {where}"))
+                errors.append(located(item.path, at, f"'{repo_id}' is also published by {where}"))
             first.setdefault(key, (item.path, i))
     if errors:
         raise ManifestError(errors[0], errors)

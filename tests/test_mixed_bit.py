@@ -304,6 +304,30 @@ def test_apple_recipe_files_are_read_and_checked_with_the_manifest(tmp_path: Pat
         load_manifest(write_manifest(tmp_path / "both", text=both))
 
 
+def test_validate_sources_checks_apple_recipes_against_the_source_unet(tmp_path: Path, staging_hub, tiny_source_repo,  # type: ignore[no-untyped-def]
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`validate --sources` reads only the source's unet/config.json: a recipe naming modules the UNet lacks is one
+    line on the recipe's line, exit 1; a matching one passes. Without --sources nothing is read from the Hub."""
+    from publisher.cli import main
+
+    monkeypatch.setenv("STAGING_HUB_TOKEN", staging_hub.token)
+    _apple_file(tmp_path, {"down_blocks.0.resnets.0.conv1": 4, "mid_block.resnets.0.conv2": 16})
+    path = write_manifest(tmp_path, text=APPLE_RECIPE_MANIFEST)
+    main(["validate", str(path), "--sources", "--source-endpoint", staging_hub.url])
+    assert capsys.readouterr().out.strip().endswith("1 manifests valid")
+    _apple_file(tmp_path, {"down_blocks.0.resnets.0.conv1": 4, "down_blocks.9.nothing": 2, "up.x": 8})
+    main(["validate", str(path), "--source-endpoint", staging_hub.url])  # the file alone is well-formed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(path), "--sources", "--source-endpoint", staging_hub.url])
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "pre-analysis.json" in text)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path}:{line}: publish[0].precision.mixed_bit.recipe: the recipe names 2 module(s) this UNet has no "
+        "weight for: down_blocks.9.nothing, up.x (source tiny/sd@main)"]
+
+
 @pytest.mark.slow
 def test_a_build_from_apples_recipe_format(tmp_path: Path, tiny_source: Path, staging_hub, tiny_source_repo  # type: ignore[no-untyped-def]
                                            ) -> None:

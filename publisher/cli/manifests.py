@@ -13,20 +13,36 @@ from publisher.cli._options import (
     JsonOpt,
     ManifestPaths,
     NamespaceOpt,
+    SourceEndpointOpt,
     VariantsOpt,
     manifest_paths,
     print_table,
 )
+from publisher.errors import ManifestError
 from publisher.manifest import SCHEMA_FILE_NAME, check_resolved, json_schema, load_manifests
 from publisher.plan import build_plan
 from publisher.util.atomic import atomic_write_text
 
 
-def validate(paths: ManifestPaths = None, namespace: NamespaceOpt = DEFAULT_NAMESPACE) -> None:
+def validate(
+    paths: ManifestPaths = None,
+    namespace: NamespaceOpt = DEFAULT_NAMESPACE,
+    sources: Annotated[bool, typer.Option("--sources", help="Also check what depends on the source models (reads "
+                                                              "their configs from the Hub): recipes in Apple's "
+                                                              "layout against the source UNet's modules.")] = False,
+    source_endpoint: SourceEndpointOpt = None,
+) -> None:
     """Validate manifests: exit 1 with one line per problem (file:line: field: message). Repo ids are checked
     with `{namespace}` filled in."""
     loaded = load_manifests(manifest_paths(paths))
     check_resolved(loaded, namespace)
+    if sources:
+        from publisher.engine.recipe_sources import recipe_source_problems
+        from publisher.util.tokens import token_for
+
+        problems = recipe_source_problems(loaded, namespace, source_endpoint, token_for(source_endpoint))
+        if problems:
+            raise ManifestError(problems[0], problems)
     for item in loaded:
         m = item.manifest
         variants = sum(len(t.attention) for t in m.publish) * len(m.sizes)
