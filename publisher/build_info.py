@@ -61,6 +61,8 @@ class BuildInfo(_Model):
     app: dict[str, Any] = {}
     # the end-to-end check (publisher.evaluate), where the build ran it: figures, settings, runtime
     evaluation: dict[str, Any] = {}
+    # a Core AI bundle's assets (`coreai/`): component -> asset, compression, stored value types, digest
+    coreai: dict[str, Any] = {}
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
@@ -70,6 +72,8 @@ class BuildInfo(_Model):
             del data["extra_sources"]
         if not data["app"]:
             del data["app"]
+        if not data["coreai"]:
+            del data["coreai"]
         for source in (data["source"], *data.get("extra_sources", {}).values()):
             for name in ("scale", "architecture"):  # only where they apply (a LoRA, a checkpoint's config)
                 if source[name] is None:

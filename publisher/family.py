@@ -72,6 +72,9 @@ class ModelFamily:
     # what every ControlNet of the family is (component `controlnet`): each ControlNet a manifest lists is one
     # component `controlnet-<org>_<name>` from its own repo (None: the family has no ControlNets)
     controlnet: ComponentSpec | None = None
+    # whether `formats: [coreai]` can publish a Core AI bundle of it (publisher.coreai_bundle: SD 1.x/2.x's four
+    # components, as Apple's Core AI diffusion pipeline loads them)
+    coreai: bool = False
 
     def component(self, component: Component) -> ComponentSpec:
         for spec in self.components:
@@ -171,8 +174,8 @@ class ModelFamily:
         return sorted({self.component(c).folder for c in components})
 
 
-def read_config(source: Path, folder: str) -> dict[str, object] | None:
-    path = Path(source) / folder / "config.json"
+def read_config(source: Path, folder: str, name: str = "config.json") -> dict[str, object] | None:
+    path = Path(source) / folder / name
     if not path.exists():
         return None
     try:

@@ -12,7 +12,7 @@ from publisher.manifest_schema import (
     REPO_TEMPLATE_RE,
     Manifest,
 )
-from publisher.vocabulary import Component, Layout, size_of
+from publisher.vocabulary import Component, Format, Layout, size_of
 
 Loc = tuple[str | int, ...]
 
@@ -44,6 +44,7 @@ def cross_field_errors(manifest: Manifest) -> list[tuple[Loc, str]]:
     if manifest.source.refiner is not None and not any(spec.source_role == "refiner" for spec in family.components):
         errors.append((("source", "refiner"), f"family '{family.name}' has no refiner"))
     errors.extend(_controlnet_errors(manifest, family))
+    errors.extend(_coreai_errors(manifest, family))
     for index, item in enumerate(manifest.source.components or []):
         if not family.has(item):
             errors.append((("source", "components", index), f"'{item.value}' is not a component of family "
@@ -132,6 +133,39 @@ def _controlnet_errors(manifest: Manifest, family: Any) -> list[tuple[Loc, str]]
     if not any(target.controlnet for target in manifest.publish):
         errors.append((("controlnets",), "no publish entry asks for them (set `controlnet: true` or a list of "
                        "attentions on one)"))
+    return errors
+
+
+def _coreai_errors(manifest: Manifest, family: Any) -> list[tuple[Loc, str]]:
+    """`formats: [..., coreai]`: a family with Core AI assets, a square default size (the Swift pipeline's image
+    size is one number), the components its loader needs, a compression Core AI has; each format once."""
+    from publisher.coreai_bundle import ASSETS, REQUIRED, compression_for
+
+    errors: list[tuple[Loc, str]] = []
+    for i, target in enumerate(manifest.publish):
+        at: Loc = ("publish", i, "formats")
+        for index, item in _duplicates(target.formats):
+            errors.append((at + (index,), f"duplicate '{_show(item)}'"))
+        if Format.COREAI not in target.formats:
+            if target.coreai_compression != "precision":
+                errors.append((("publish", i, "coreai_compression"), "only with `formats: [..., coreai]`"))
+            continue
+        if not family.coreai:
+            errors.append((at, f"family '{family.name}' has no Core AI bundle (Apple's Core AI diffusion pipeline "
+                           "loads SD 1.x/2.x)"))
+            continue
+        width, height = size_of(manifest.default_size)
+        if width != height:
+            errors.append((at, f"a Core AI bundle is square (the Swift pipeline's image size is one number), not the "
+                           f"default size {width}x{height}"))
+        chosen = manifest.components_for(target)
+        missing = [c.value for c in REQUIRED if c not in chosen]
+        if missing:
+            errors.append((at, f"a Core AI bundle needs {', '.join(missing)} among the components "
+                           f"({', '.join(c.value for c in ASSETS)})"))
+        compression = compression_for(target.precision, target.coreai_compression)
+        if isinstance(compression, str):
+            errors.append((("publish", i, "precision"), compression))
     return errors
 
 

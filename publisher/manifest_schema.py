@@ -23,7 +23,16 @@ from pydantic import (
 
 from publisher.compress.scheme import CompressionSettings, validate_precision
 from publisher.deployment import DeploymentTarget
-from publisher.vocabulary import Attention, Component, ComputeUnit, Layout, Resolution, resolution_of, size_of
+from publisher.vocabulary import (
+    Attention,
+    Component,
+    ComputeUnit,
+    Format,
+    Layout,
+    Resolution,
+    resolution_of,
+    size_of,
+)
 
 # An org or user name, or the run-time placeholder; then a repo name. Hub names: letters, digits, - _ .
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -190,6 +199,14 @@ class PublishRepo(_Model):
               "`..._control-unet.mlpackage`) beside the Unet, and the manifest's `controlnets` "
               "(`ControlNet_<org>_<name>.mlpackage`, compiled `controlnet/<Name>.mlmodelc`): true for every "
               "attention, or a list of them")
+
+    formats: list[Format] = Field(default_factory=lambda: [Format.COREML], min_length=1, max_length=2,
+                                  description="coreml: the Core ML variants (one folder per attention); coreai: also a "
+                                  "Core AI bundle for iOS/macOS 27 in `coreai/` (SD 1.x/2.x, the default size, "
+                                  "float16 or the entry's uniform palettization unless coreai_compression says int4)")
+    coreai_compression: Literal["precision", "int4"] = Field(
+        default="precision", description="the Core AI bundle's text encoder and UNet weights: as the entry's precision "
+        "(float16, or palettized at its nbits), or int4 (Apple's INT4 preset, per block of 32)")
 
     def controls(self, attention: Attention) -> bool:
         """Whether this attention's folder also gets the ControlledUnet."""

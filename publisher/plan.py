@@ -29,12 +29,12 @@ from publisher.plan_variant import ExtraSourceRef, Variant
 from publisher.util.codehash import code_digest, module_closure
 from publisher.util.hashing import json_sha256, step_key
 from publisher.util.versions import library_versions
-from publisher.vocabulary import Resolution
+from publisher.vocabulary import Format, Resolution
 
-StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "evaluate", "compile", "assemble",
-                   "zip"]
+StepKind = Literal["fetch", "convert", "chunk", "analyze", "compress", "verify", "evaluate", "compile", "coreai",
+                   "assemble", "zip"]
 STEP_KINDS: tuple[StepKind, ...] = ("fetch", "convert", "chunk", "analyze", "compress", "verify", "evaluate", "compile",
-                                    "assemble", "zip")
+                                    "coreai", "assemble", "zip")
 __all__ = ["ExtraSourceRef", "Plan", "Step", "Variant", "build_plan", "select_variants"]
 # GitHub Actions refuses a matrix of more than 256 jobs.
 GITHUB_MATRIX_LIMIT = 256
@@ -52,6 +52,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "verify": ("publisher.verify.fidelity", "publisher.verify.contract"),
     "evaluate": ("publisher.evaluate",),
     "compile": ("publisher.compile",),
+    "coreai": ("publisher.convert.coreai",),
     "zip": ("publisher.layout",),
 }
 # the length of the content digest in a step id
@@ -150,6 +151,19 @@ class CompileParams:
 
 
 @dataclass(frozen=True)
+class CoreAIParams:
+    """One component's Core AI asset (inputs: the fetches it reads), exported, compressed and checked."""
+
+    component: str
+    resolution: Resolution
+    compression: str  # CoreAICompression.kind
+    nbits: int
+    family: str = "sd"
+    license: str = "other"  # written into the asset's metadata
+    author: str = ""  # the source repo's owner
+
+
+@dataclass(frozen=True)
 class AssembleParams:
     layouts: tuple[str, ...]
 
@@ -160,11 +174,11 @@ class ZipParams:
 
 
 StepParams = (FetchParams | ConvertParams | ChunkParams | AnalyzeParams | CompressParams | VerifyParams
-              | EvaluateParams | CompileParams | AssembleParams | ZipParams)
+              | EvaluateParams | CompileParams | CoreAIParams | AssembleParams | ZipParams)
 PARAMS_OF: dict[StepKind, type] = {"fetch": FetchParams, "convert": ConvertParams, "chunk": ChunkParams,
                                    "analyze": AnalyzeParams, "compress": CompressParams, "verify": VerifyParams,
-                                   "evaluate": EvaluateParams, "compile": CompileParams, "assemble": AssembleParams,
-                                   "zip": ZipParams}
+                                   "evaluate": EvaluateParams, "compile": CompileParams, "coreai": CoreAIParams,
+                                   "assemble": AssembleParams, "zip": ZipParams}
 
 
 @dataclass
@@ -348,6 +362,8 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
         manifest = item.manifest
         for index, target, attention, size in ((i, t, a, z) for i, t in enumerate(manifest.publish)
                                                for a in t.attention for z in manifest.sizes):
+            if Format.COREML not in target.formats:
+                continue
             components = tuple(_with_controlnet(manifest, target, attention, size))
             variants.append(Variant(
                 manifest_name=manifest.name,
@@ -381,7 +397,33 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                 convert_runner=manifest.runners.convert,
                 compile_runner=manifest.runners.compile,
             ))
+        variants += [_coreai_variant(item, index, target, namespace) for index, target in enumerate(manifest.publish)
+                     if Format.COREAI in target.formats]
     return variants
+
+
+def _coreai_variant(item: LoadedManifest, index: int, target: Any, namespace: str) -> Variant:
+    """A repo's Core AI bundle: its Core AI components at the default size (the rules checked it can be made)."""
+    from publisher.coreai_bundle import ASSETS, compression_for
+
+    manifest = item.manifest
+    compression = compression_for(target.precision, target.coreai_compression)
+    assert not isinstance(compression, str), compression  # manifest_rules refused it
+    return Variant(
+        manifest_name=manifest.name, manifest_path=str(item.path), repo_id=target.repo_id(namespace),
+        attention=Attention.ORIGINAL, precision=target.precision,
+        components=tuple(c for c in manifest.components_for(target) if c in ASSETS),
+        compute_unit=target.compute_unit(Attention.ORIGINAL), deployment_target=target.deployment_target,
+        chunk_unet=False, layouts=(), source_repo=manifest.source.repo, source_revision=manifest.source.revision,
+        source_weights=manifest.source.weights, resolution=manifest.default_size, license=manifest.license,
+        family=manifest.family, precision_inputs=item.inputs_of(index),
+        **_extra_sources(manifest, tuple(c for c in manifest.components_for(target) if c in ASSETS)),
+        source_file=manifest.source.file or "",
+        source_config=(manifest.source.config.repo, manifest.source.config.revision)
+        if manifest.source.config else ("", ""),
+        source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale)) for lora in manifest.source.loras),
+        evaluate=False, format=Format.COREAI, coreai_compression=compression,
+        convert_runner=manifest.runners.convert, compile_runner=manifest.runners.compile)
 
 
 def _with_controlnet(manifest: Any, target: Any, attention: Attention, size: Any) -> list[Component]:
@@ -466,6 +508,9 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
             config=v.source_config, loras=v.source_loras), v.id)
         extra_fetches = {ref.role: builder.add(f"fetch:{ref.label}:{ref.role}", "fetch", [], _extra_fetch(v, ref),
                                                v.id) for ref in v.extra_sources}
+        if v.coreai:
+            _coreai_steps(builder, v, fetch, extra_fetches)
+            continue
         packages: list[tuple[str, str]] = []  # (submodule, step id of the final package)
         compressed_here: dict[str, str] = {}  # submodule -> its compress step, in this variant
         packages_only: set[str] = set()  # submodules the compiled Resources leave out
@@ -534,6 +579,23 @@ def build_plan(loaded: Sequence[LoadedManifest], namespace: str) -> Plan:
         if Layout.ZIP in v.layouts:
             builder.add(f"zip:{v.id}", "zip", [assemble], ZipParams(v.zip_name), v.id)
     return Plan(namespace=namespace, variants=variants, steps=builder.steps)
+
+
+def _coreai_steps(builder: _Builder, v: Variant, fetch: str, extra_fetches: dict[str, str]) -> None:
+    """A Core AI bundle: one asset per component (shared by every repo that asks for the same one), then the
+    bundle's folder."""
+    from publisher.coreai_bundle import COMPRESSIBLE, CoreAICompression
+
+    assets = []
+    for component in v.components:
+        role = v.role_of(component)
+        # the VAE is never compressed: one asset for every bundle of the source
+        compression = v.coreai_compression if component in COMPRESSIBLE else CoreAICompression()
+        params = CoreAIParams(component.value, v.resolution, compression.kind, compression.nbits, v.family, v.license,
+                              v.source_repo.split("/", 1)[0])
+        assets.append(builder.add(f"coreai:{_origin(v, component)}:{component.value}:{v.resolution}:{compression.label}",
+                                  "coreai", [fetch] + ([extra_fetches[role]] if role else []), params, v.id))
+    builder.add(f"assemble:{v.id}", "assemble", [fetch, *assets], AssembleParams(("coreai",)), v.id)
 
 
 def _evaluate_step(builder: _Builder, v: Variant, fetch: str, extra_fetches: dict[str, str],

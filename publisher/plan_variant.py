@@ -1,4 +1,5 @@
-"""A variant: one (repo, attention, size) folder of a published repo, as the plan expands it from a manifest."""
+"""A variant: one (repo, attention, size) folder of a published repo, as the plan expands it from a manifest; or a
+repo's Core AI bundle (`coreai/`, format coreai: one per repo, at the default size, whatever the attention)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Any
 
 from publisher.compress.scheme import CompressionSettings
 from publisher.contract import package_name, zip_file_name
+from publisher.coreai_bundle import FOLDER as COREAI_FOLDER
+from publisher.coreai_bundle import CoreAICompression
 from publisher.deployment import DeploymentTarget
 from publisher.family import ModelFamily, controlnet_package, family_named
 from publisher.util.hashing import json_sha256
-from publisher.vocabulary import Attention, Component, ComputeUnit, Layout, Resolution, size_label
+from publisher.vocabulary import Attention, Component, ComputeUnit, Format, Layout, Resolution, size_label
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class Variant:
     # the defaults ((name, value) pairs: floor_db, margin_db, steps)
     evaluate: bool = True
     evaluate_settings: tuple[tuple[str, Any], ...] = ()
+    # what it ships: Core ML packages, or (format coreai) a Core AI bundle with this compression
+    format: Format = Format.COREML
+    coreai_compression: CoreAICompression = field(default_factory=CoreAICompression)
     # where the workflow runs it (not part of what it is: absent from to_json)
     convert_runner: str = "ubuntu-24.04"
     compile_runner: str = "macos-14"
@@ -100,8 +106,14 @@ class Variant:
         return self.resolution if self.default_size is None else self.default_size
 
     @property
+    def coreai(self) -> bool:
+        return self.format is Format.COREAI
+
+    @property
     def folder(self) -> str:
-        """`original`, or `original_512x768` for a resolution pack."""
+        """`original`, or `original_512x768` for a resolution pack; `coreai` for a Core AI bundle."""
+        if self.coreai:
+            return COREAI_FOLDER
         suffix = "" if self.resolution == self.base_size else f"_{size_label(self.resolution)}"
         return self.attention.folder + suffix
 
@@ -155,6 +167,8 @@ class Variant:
             # only when not the default: the variant hash of a variant with the default check stays what it was
             **({"evaluate": dict(self.evaluate_settings) if self.evaluate else False}
                if not self.evaluate or self.evaluate_settings else {}),
+            **({"format": self.format.value, "coreai_compression": self.coreai_compression.label}
+               if self.coreai else {}),
             # only when there are any: the variant hash of a variant without extra sources stays what it was
             **({"extra_sources": {ref.role: {"repo": ref.repo, "revision": ref.revision, "weights": ref.weights}
                                   for ref in self.extra_sources}} if self.extra_sources else {}),

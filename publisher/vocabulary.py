@@ -104,6 +104,13 @@ class Layout(str, Enum):
     ZIP = "zip"
 
 
+class Format(str, Enum):
+    """What a publish entry ships: Core ML packages (iOS/macOS 16-26) and/or a Core AI bundle (iOS/macOS 27)."""
+
+    COREML = "coreml"
+    COREAI = "coreai"
+
+
 # An image size: an int for a square one (the form every square manifest and store key has always had), "WxH"
 # (width x height) otherwise. Core ML models for the Neural Engine have fixed input shapes: one package per size.
 Resolution = int | str

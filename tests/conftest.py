@@ -106,3 +106,25 @@ def converted(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             packages[attention, component] = path
             packages["resolution", component] = resolution
     return packages
+
+
+@pytest.fixture(scope="session")
+def two_repo_build(tmp_path_factory: pytest.TempPathFactory, staging_hub: StagingHub, tiny_source_repo: str):  # type: ignore[no-untyped-def]
+    """The tiny two-repo manifest (float16 and 6-bit, ORIGINAL and SPLIT_EINSUM_V2) built once, namespace "tester":
+    (work folder, build result). A copy of its store, taken right after the build, seeds the stores of the tests that
+    need these outputs but not their making (`seed_store`): their builds then only assemble."""
+    import shutil
+
+    from publisher.engine.build import BuildOptions, build
+    from publisher.manifest import load_manifests
+    from tests.helpers import stored_copy, write_manifest
+
+    work = tmp_path_factory.mktemp("two-repo-build")
+    manifest = write_manifest(work / "manifests")
+    result = build(load_manifests([manifest]), BuildOptions(
+        out=work / "out", store=work / "store", namespace="tester", compile=False, endpoint=staging_hub.url,
+        token=staging_hub.token, isolate=False, progress=False))
+    assert result.ok, [v.error for v in result.variants]
+    shutil.copytree(work / "store", stored_copy(work), symlinks=True)
+    return work, result
+

@@ -47,3 +47,16 @@ CHUNKED_MANIFEST = MANIFEST_HEAD + """\
     chunk_unet: [SPLIT_EINSUM]
     layouts: [packages]
 """
+
+
+def stored_copy(work: Path) -> Path:
+    """Where the two-repo build (tests/conftest.py `two_repo_build`) keeps a copy of its store as it was right after
+    the build (later tests edit the original)."""
+    return work.parent / f"{work.name}-store-copy"
+
+
+def seed_store(two_repo_build: tuple[Path, object], store: Path) -> None:
+    """A new store holding the two-repo build's outputs: a build of that manifest into it only assembles."""
+    import shutil
+
+    shutil.copytree(stored_copy(two_repo_build[0]), store, symlinks=True)

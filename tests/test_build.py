@@ -34,12 +34,9 @@ def options(tmp: Path, hub, **extra) -> BuildOptions:  # type: ignore[no-untyped
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source_repo) -> tuple[Path, object]:  # type: ignore[no-untyped-def]
-    work = tmp_path_factory.mktemp("build")
-    manifest = write_manifest(work / "manifests")
-    result = build(load_manifests([manifest]), options(work, staging_hub))
-    assert result.ok, [v.error for v in result.variants]
-    return work, result
+def built(two_repo_build) -> tuple[Path, object]:  # type: ignore[no-untyped-def]
+    """The tiny two-repo manifest's build (tests/conftest.py; namespace "tester", as `options` builds)."""
+    return two_repo_build
 
 
 def test_layout_follows_the_contract(built) -> None:  # type: ignore[no-untyped-def]
@@ -201,8 +198,9 @@ def test_corrupted_store_output_is_rebuilt(built, staging_hub) -> None:  # type:
 def test_kill_during_conversion_then_resume(tmp_path: Path, staging_hub, tiny_source_repo) -> None:  # type: ignore[no-untyped-def]
     manifest = write_manifest(tmp_path / "manifests")
     env = {**os.environ, "STAGING_HUB_TOKEN": staging_hub.token, "PUBLISHER_SOURCE_ENDPOINT": staging_hub.url}
+    variant = "tester/coreml-tiny-sd-palettized/original"  # one variant has steps enough to be killed inside
     command = [sys.executable, "-m", "publisher", "build", str(manifest), "--no-compile", "--namespace", "tester",
-               "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
+               "--variant", variant, "--out", str(tmp_path / "out"), "--store", str(tmp_path / "store")]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     objects = tmp_path / "store" / "objects"
@@ -213,8 +211,8 @@ def test_kill_during_conversion_then_resume(tmp_path: Path, staging_hub, tiny_so
     process.wait()
     finished = {p.parent.name: p.stat().st_ino for p in objects.glob("*/*/record.json")}
     assert len(finished) >= 2
-    result = build(load_manifests([manifest]), options(tmp_path, staging_hub))
-    assert result.ok
+    result = build(load_manifests([manifest]), options(tmp_path, staging_hub, variants=[variant]))
+    assert result.ok and [v.variant.id for v in result.variants] == [variant]
     store = BuildStore(tmp_path / "store")
     # what finished before the kill is taken as it was (a rebuilt output would be a new record file)
     assert {key: (store.path(key) / "record.json").stat().st_ino for key in finished} == finished

@@ -25,10 +25,15 @@ def test_plan_json_lists_every_variant() -> None:
     result = run("plan", "manifests/", "--json", "--namespace", "me")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["counts"]["variants"] == 24 + 17 * 2  # the four SD models' 17 variants also at two more sizes
+    # the four SD models' 17 variants also at two more sizes; SD 1.5's two Core AI bundles
+    assert data["counts"]["variants"] == 24 + 17 * 2 + 2
     assert {(v["repo"], v["attention"]) for v in data["variants"]} >= {
         ("me/coreml-stable-diffusion-v1-5", "ORIGINAL"), ("me/coreml-stable-diffusion-v1-5-palettized",
                                                            "SPLIT_EINSUM_V2")}
+    bundles = [v for v in data["variants"] if v.get("format") == "coreai"]
+    assert [(v["id"], v["coreai_compression"]) for v in bundles] == [
+        ("me/coreml-stable-diffusion-v1-5/coreai", "float16"),
+        ("me/coreml-stable-diffusion-v1-5-palettized/coreai", "6-bit palettized")]
 
 
 def test_malformed_manifest_is_one_line_exit_1(tmp_path: Path) -> None:
@@ -38,7 +43,7 @@ def test_malformed_manifest_is_one_line_exit_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {bad}:22: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
+    assert lines == [f"error: {bad}:23: publish[1].precision.nbits: must be one of 1, 2, 4, 6, 8"]
     assert "Traceback" not in result.stderr
 
 

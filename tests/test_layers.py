@@ -13,7 +13,7 @@ LAYERS: list[tuple[str, ...]] = [
      "publisher"),                                                                         # base
     ("publisher.manifest", "publisher.manifest_schema", "publisher.manifest_rules",
      "publisher.contract", "publisher.mlpackage", "publisher.milfile", "publisher.compress",
-     "publisher.family", "publisher.families",
+     "publisher.family", "publisher.families", "publisher.coreai_bundle",
      "publisher.deployment"),                                                              # model, files, schemes
     ("publisher.plan", "publisher.plan_variant"),                                                                  # what to build
     ("publisher.convert", "publisher.verify", "publisher.compile", "publisher.layout",

@@ -29,6 +29,8 @@ def test_every_variant_of_the_base_models() -> None:
     expected.append("me/coreml-stable-diffusion-xl-base-with-refiner-1-0/original")
     # a community fine-tune: one single-file checkpoint with a LoRA
     expected += ["me/coreml-dreamshaper-8-lcm/original", "me/coreml-dreamshaper-8-lcm/split_einsum"]
+    # SD 1.5's Core AI bundles (iOS/macOS 27), one per repo that asks
+    expected += ["me/coreml-stable-diffusion-v1-5/coreai", "me/coreml-stable-diffusion-v1-5-palettized/coreai"]
     assert ids == sorted(expected)
 
 
@@ -49,7 +51,9 @@ def test_float16_conversion_is_shared_with_the_palettized_repo() -> None:
     # + SD 1.5's 6-bit ControlledUnets and ControlNets (each per size and attention)
     assert counts["compress"] == (8 + 1 + 2) * sizes + 4 + 2 * 2 * sizes
     assert counts["analyze"] == 1
-    assert counts["assemble"] == counts["zip"] == 17 * sizes
+    # and SD 1.5's two Core AI bundles: their own text encoders and UNets, one VAE decoder and encoder for both
+    assert counts["assemble"] == counts["zip"] + 2 == 17 * sizes + 2
+    assert counts["coreai"] == 2 * 2 + 2
     shared = [s for s in plan.steps_of("convert") if s.params.attention in ("ORIGINAL", None)]
     assert len(shared) == 4 * 3 * sizes + 4 + 2 + sizes + 2 * sizes
     for step in shared:

@@ -14,7 +14,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from publisher.engine.build import BuildOptions, build
 from publisher.manifest import load_manifests
 from publisher.publish import PublishOptions, publish, status
-from tests.helpers import write_manifest
+from tests.helpers import seed_store, write_manifest
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -37,9 +37,10 @@ def _stats(hub) -> dict:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source_repo):  # type: ignore[no-untyped-def]
+def published(tmp_path_factory: pytest.TempPathFactory, staging_hub, two_repo_build):  # type: ignore[no-untyped-def]
     work = tmp_path_factory.mktemp("publish")
     manifest = write_manifest(work / "manifests")
+    seed_store(two_repo_build, work / "store")  # the conversions are the build tests' (only the assembly runs here)
     loaded = load_manifests([manifest])
     build_options = BuildOptions(out=work / "out", store=work / "store", namespace="pub", compile=False,
                                  endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False)

@@ -29,7 +29,7 @@ from publisher.plan import build_plan
 from publisher.publish.hub import PublishError, publish_repo
 from publisher.staging.process import start_staging_hub
 from publisher.store import BuildStore
-from tests.helpers import write_manifest
+from tests.helpers import seed_store, write_manifest
 
 pytestmark = pytest.mark.slow  # converts, builds or publishes models
 
@@ -68,9 +68,10 @@ def test_corpus_is_large_and_covers_the_kinds() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, staging_hub, tiny_source_repo):  # type: ignore[no-untyped-def]
+def built(tmp_path_factory: pytest.TempPathFactory, staging_hub, two_repo_build):  # type: ignore[no-untyped-def]
     work = tmp_path_factory.mktemp("reliability")
     manifest = write_manifest(work / "manifests")
+    seed_store(two_repo_build, work / "store")  # the conversions are the build tests' (only the assembly runs here)
     options = BuildOptions(out=work / "out", store=work / "store", namespace="rel", compile=False,
                            endpoint=staging_hub.url, token=staging_hub.token, isolate=False, progress=False,
                            variants=[VARIANT])

@@ -393,17 +393,21 @@ def test_the_sdxl_manifest_shares_its_conversions() -> None:
     counts = plan.counts()
     # both text encoders and the two VAE parts once; the UNet once per attention, for both base repos (and the
     # with-refiner repo's ORIGINAL); the refiner once; the 6-bit iOS UNet's chunks converted by the chunk steps;
-    # palettized: both text encoders (once), each UNet, both chunks
-    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 + 2 + 1, 2, 2 + 2 + 2)
+    # palettized: both text encoders (once), each UNet, both chunks; the 6-bit ORIGINAL folder's ControlledUnet and
+    # canny ControlNet: converted and compressed (the ControlledUnet rebased on the 6-bit UNet's weights)
+    assert (counts["convert"], counts["chunk"], counts["compress"]) == (2 + 2 + 2 + 1 + 2, 2, 2 + 2 + 2 + 2)
     base = {"me/coreml-stable-diffusion-xl-base-1-0", "me/coreml-stable-diffusion-xl-base-1-0-palettized"}
     with_refiner = "me/coreml-stable-diffusion-xl-base-with-refiner-1-0"
     for step in plan.steps_of("convert"):
         repos = {v.rsplit("/", 1)[0] for v in step.variants}
-        if step.params.component == "refiner":
+        if step.params.component.startswith("control"):
+            assert repos == {"me/coreml-stable-diffusion-xl-base-1-0-palettized"}, step.id
+        elif step.params.component == "refiner":
             assert repos == {with_refiner} and len(step.inputs) == 2, step.id  # the base's and the refiner's fetch
         elif step.params.attention == "SPLIT_EINSUM":
             assert repos == base, step.id
         else:
             assert repos == base | {with_refiner}, step.id
     assert {v.attention for v in plan.variants} == {Attention.ORIGINAL, Attention.SPLIT_EINSUM}
-    assert {s.params.role for s in plan.steps_of("fetch")} == {"", "refiner"}
+    assert {s.params.role for s in plan.steps_of("fetch")} == {"", "refiner",
+                                                                "controlnet-diffusers_controlnet-canny-sdxl-1.0"}

@@ -78,12 +78,15 @@ def test_plan_emits_the_matrix_the_workflow_reads() -> None:
     assert {"job", "variants", "manifest", "repos"} <= set(matrix["include"][0])
     jobs = [job["variants"].split() for job in matrix["include"]]
     assert sorted(v for job in jobs for v in job) == sorted({v for job in jobs for v in job})  # each variant once
-    assert len({v for job in jobs for v in job}) == 24 + 17 * 2  # the SD models' packs at two more sizes
+    # the SD models' packs at two more sizes; SD 1.5's two Core AI bundles
+    assert len({v for job in jobs for v in job}) == 24 + 17 * 2 + 2
     # per SD model: ORIGINAL of both repos at every size together (a 6-bit pack is made from the default size's
     # 6-bit weights, each size's float16 conversion is shared with the 6-bit repo), the float16 SPLIT_EINSUM variant
     # per size, the 6-bit SPLIT_EINSUM_V2 variants at every size (and SD 1.5's mixed-bit ones) together; SDXL:
     # ORIGINAL and SPLIT_EINSUM of both repos (the 6-bit repo reuses the float16 conversions); the community model's
-    assert len(jobs) == 4 * (1 + 3 + 1) + 2 + 2
+    # two attentions apart; SD 1.5's two Core AI bundles a job each (they share only the VAE assets, cheap like the
+    # VAE conversions, which each job that needs them makes)
+    assert len(jobs) == 4 * (1 + 3 + 1) + 2 + 2 + 2
 
 
 def test_each_shared_conversion_runs_in_one_job_only() -> None:

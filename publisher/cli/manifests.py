@@ -82,9 +82,11 @@ def plan(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
-    rows = [(v.repo_id, v.folder, v.precision.label, v.compute_unit.value, v.deployment_target.value,
+    rows = [(v.repo_id, v.folder, v.coreai_compression.label, "GPU", "iOS27", ",".join(c.value for c in v.components),
+             "coreai") if v.coreai else
+            (v.repo_id, v.folder, v.precision.label, v.compute_unit.value, v.deployment_target.value,
              ",".join(c.value for c in v.components), ",".join(lay.value for lay in v.layouts))
             for v in result.variants]
-    print_table(("repo", "attention", "precision", "compute", "target", "components", "layouts"), rows)
+    print_table(("repo", "folder", "precision", "compute", "target", "components", "layouts"), rows)
     counts = ", ".join(f"{n} {kind}" for kind, n in result.counts().items() if n)
     typer.echo(f"{len(result.variants)} variants; steps: {counts}")

@@ -7,6 +7,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,24 @@ from publisher.compress.scheme import REPORT, scheme_named
 from publisher.engine.state import PACKAGE, BuildState, VariantResult
 from publisher.gate import EVALUATION, SAMPLE
 from publisher.layout import link_or_copy, link_tree, replace_folder
-from publisher.plan import CompressParams, FetchParams, Step, Variant, VerifyParams
+from publisher.plan import CompressParams, CoreAIParams, FetchParams, Step, Variant, VerifyParams
 from publisher.store import Stamp, sha256_file, stamp_of, step_key, tree_files
+from publisher.util.atomic import atomic_write_text
 from publisher.util.hashing import json_sha256
 from publisher.verify.fidelity import REFERENCE
-from publisher.vocabulary import Component, Layout
+from publisher.vocabulary import Component, Layout, size_of
+
+
+@dataclass
+class _Laid:
+    """What laying a variant's folder out gives build-info."""
+
+    compiled: bool = False
+    verify_steps: list[Step] = field(default_factory=list)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    coreai: dict[str, Any] = field(default_factory=dict)
 
 
 class Assembler:
@@ -47,46 +61,15 @@ class Assembler:
         staged = Path(tempfile.mkdtemp(prefix=f".{variant.folder}.", dir=repo_dir if repo_dir.exists()
                                        else _mkdir(repo_dir)))
         try:
-            fidelity: dict[str, Any] = {}
-            references: dict[str, str] = {}
-            compiled_layout = Layout.COMPILED in variant.layouts and self.state.options.compile
-            verify_steps = [s for s in steps if s.kind == "verify"]
-            for verify in verify_steps:
-                assert isinstance(verify.params, VerifyParams)
-                submodule = verify.params.submodule
-                stored = self.state.outputs[verify.id]
-                if Layout.PACKAGES in variant.layouts:
-                    link_tree(stored.path / PACKAGE, staged / "packages" / variant.package_file(submodule))
-                figures = self._compression_figures(verify)
-                if (stored.path / REFERENCE).exists():
-                    references[submodule] = stored.key  # where `publisher verify` finds it in the store
-                checked = json.loads((stored.path / "verify.json").read_text()).get("fidelity")
-                if checked:
-                    figures["output_psnr_db"] = checked["min_psnr_db"]
-                    if "psnr_vs_float_db" in checked:
-                        figures["output_psnr_vs_float_db"] = min(checked["psnr_vs_float_db"].values())
-                if figures:
-                    fidelity[submodule] = figures
-                compile_step = next((s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id), None)
-                if compiled_layout and compile_step is not None:  # a chunked variant's whole UNet: packages only
-                    link_tree(self.state.outputs[compile_step.id].path / "model.mlmodelc",
-                              staged / "compiled" / variant.model_family.compiled_name(submodule))
-            for analyze in (s for s in steps if s.kind == "analyze"):
-                # the analysis behind the variant's recipe, in the layout of Apple's pre-analysis script (its
-                # apply script takes it with --selected-recipe)
-                link_or_copy(self.state.outputs[analyze.id].path / APPLE_PRE_ANALYSIS,
-                             staged / pre_analysis_name(variant.source_repo))
-            evaluation = self._link_evaluation(steps, staged)
-            if compiled_layout:
-                for name in variant.model_family.tokenizer_files:
-                    link_or_copy(source.path / "tokenizer" / name, staged / "compiled" / name)
+            laid = self._lay_out_coreai(variant, steps, source, staged) if variant.coreai \
+                else self._lay_out_coreml(variant, steps, source, staged)
             replace_folder(staged, folder)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         zip_path = repo_dir / variant.zip_name
         zip_step = next((s for s in steps if s.kind == "zip"), None)
         known = self._vouched(steps)  # the folder holds hard links of stored files: their hashes are on record
-        if zip_step is not None and compiled_layout:
+        if zip_step is not None and laid.compiled:
             # the zip is keyed by the content of the Resources it holds
             assemble_step = next(s for s in steps if s.kind == "assemble")
             resources = tree_files(folder / "compiled", known)
@@ -98,7 +81,7 @@ class Assembler:
             zip_path.unlink(missing_ok=True)
             link_or_copy(self.state.outputs[zip_step.id].path / "archive.zip", zip_path)
         files = tree_files(folder, known)
-        if zip_path.exists() and zip_step is not None and compiled_layout:
+        if zip_path.exists() and zip_step is not None and laid.compiled:
             zipped = zip_path.stat()  # a hard link of the zip step's output: its hash is on that record
             digest = self.state.outputs[zip_step.id].vouched().get(stamp_of(zipped)) or sha256_file(zip_path)
             files[f"../{variant.zip_name}"] = (digest, zipped.st_size)
@@ -116,13 +99,14 @@ class Assembler:
             # this variant's settings, hashed: editing another variant of the manifest leaves this file alone
             "manifest": {"name": variant.manifest_name, "variant_sha256": json_sha256(variant.to_json())},
             "tools": self.state.versions,
-            "compiled": compiled_layout,
+            "compiled": laid.compiled,
             "files": {name: {"sha256": sha, "size": size} for name, (sha, size) in sorted(files.items())},
-            "fidelity": fidelity,
-            "references": references,
+            "fidelity": laid.fidelity,
+            "references": laid.references,
             "build_seconds": round(seconds, 1),
-            "app": self._app_settings(variant, verify_steps),
-            "evaluation": evaluation,
+            "app": self._app_settings(variant, laid.verify_steps),
+            "evaluation": laid.evaluation,
+            "coreai": laid.coreai,
         })
         write_build_info(folder / BUILD_INFO, info)
         built_here = any(s.id in self.state.built for s in steps)
@@ -131,6 +115,67 @@ class Assembler:
         result.size = sum(size for _, size in files.values())
         result.seconds = round(seconds, 1)
         result.path = folder
+
+    def _lay_out_coreml(self, variant: Variant, steps: Sequence[Step], source: Any, staged: Path) -> _Laid:
+        """Packages, compiled Resources, the analysis JSON, the end-to-end check's record."""
+        laid = _Laid(compiled=Layout.COMPILED in variant.layouts and self.state.options.compile)
+        laid.verify_steps = [s for s in steps if s.kind == "verify"]
+        for verify in laid.verify_steps:
+            assert isinstance(verify.params, VerifyParams)
+            submodule = verify.params.submodule
+            stored = self.state.outputs[verify.id]
+            if Layout.PACKAGES in variant.layouts:
+                link_tree(stored.path / PACKAGE, staged / "packages" / variant.package_file(submodule))
+            figures = self._compression_figures(verify)
+            if (stored.path / REFERENCE).exists():
+                laid.references[submodule] = stored.key  # where `publisher verify` finds it in the store
+            checked = json.loads((stored.path / "verify.json").read_text()).get("fidelity")
+            if checked:
+                figures["output_psnr_db"] = checked["min_psnr_db"]
+                if "psnr_vs_float_db" in checked:
+                    figures["output_psnr_vs_float_db"] = min(checked["psnr_vs_float_db"].values())
+            if figures:
+                laid.fidelity[submodule] = figures
+            compile_step = next((s for s in steps if s.kind == "compile" and s.inputs[0] == verify.id), None)
+            if laid.compiled and compile_step is not None:  # a chunked variant's whole UNet: packages only
+                link_tree(self.state.outputs[compile_step.id].path / "model.mlmodelc",
+                          staged / "compiled" / variant.model_family.compiled_name(submodule))
+        for analyze in (s for s in steps if s.kind == "analyze"):
+            # the analysis behind the variant's recipe, in the layout of Apple's pre-analysis script (its apply
+            # script takes it with --selected-recipe)
+            link_or_copy(self.state.outputs[analyze.id].path / APPLE_PRE_ANALYSIS,
+                         staged / pre_analysis_name(variant.source_repo))
+        laid.evaluation = self._link_evaluation(steps, staged)
+        if laid.compiled:
+            for name in variant.model_family.tokenizer_files:
+                link_or_copy(source.path / "tokenizer" / name, staged / "compiled" / name)
+        return laid
+
+    def _lay_out_coreai(self, variant: Variant, steps: Sequence[Step], source: Any, staged: Path) -> _Laid:
+        """A Core AI bundle as Apple's Swift pipeline loads it: each component's stored asset, the tokenizer,
+        metadata.json from the source's configs (a custom VAE's for the scale factor)."""
+        from publisher.coreai_bundle import METADATA, asset_file, bundle_metadata, tokenizer_paths
+        from publisher.family import read_config
+
+        laid = _Laid()
+        assets: dict[str, str] = {}
+        vae: dict[str, Any] = dict(read_config(source.path, "vae") or {})
+        for step in (s for s in steps if s.kind == "coreai"):
+            assert isinstance(step.params, CoreAIParams)
+            component = Component(step.params.component)
+            stored = self.state.outputs[step.id].path
+            link_tree(stored / asset_file(component), staged / asset_file(component))
+            laid.coreai[component.value] = json.loads((stored / "coreai.json").read_text())
+            assets[component.value] = asset_file(component)
+            if self.state.variant_of(step).role_of(component) == "vae":
+                vae = dict(read_config(self.state.source_path(step), "vae") or vae)
+        for name, target in zip(("vocab.json", "merges.txt"), tokenizer_paths(staged), strict=True):
+            link_or_copy(source.path / "tokenizer" / name, target)
+        scheduler = dict(read_config(source.path, "scheduler", "scheduler_config.json") or {})
+        metadata = bundle_metadata(variant.repo_name, assets, size_of(variant.resolution)[0], vae, scheduler,
+                                   {"hf_model_id": source.repo, "commit": source.commit}, variant.coreai_compression)
+        atomic_write_text(staged / METADATA, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        return laid
 
     def _unmatched_recipe_names(self, steps: Sequence[Step]) -> list[str]:
         """The names of a variant's recipe that no compressed package of it answers to (each compress step reports

@@ -31,11 +31,12 @@ class Runner(Protocol):
 # fixed part (the libraries, the inputs, the executor's activations).
 MEMORY_PER_WEIGHT_BYTE = 2.0
 MEMORY_FIXED_BYTES = 1 << 30
-HEAVY_KINDS = frozenset({"convert", "chunk", "analyze", "compress", "verify"})
+HEAVY_KINDS = frozenset({"convert", "chunk", "analyze", "compress", "verify", "coreai"})
 # A step's expected duration per byte of its component's weights, relative to verifying it (measured at full size:
 # the SD 1.5 UNet converts in ~70 s with ORIGINAL attention, ~250 s with SPLIT_EINSUM_V2, ~50-80 s to verify; the
 # mixed-bit analysis ~24 min). Only the order of the parallel schedule depends on these: longest chains first.
-DURATION_PER_WEIGHT_BYTE = {"convert": 1.0, "chunk": 2.0, "analyze": 20.0, "compress": 0.2, "verify": 1.0}
+DURATION_PER_WEIGHT_BYTE = {"convert": 1.0, "chunk": 2.0, "analyze": 20.0, "compress": 0.2, "verify": 1.0,
+                            "coreai": 1.0}
 ATTENTION_DURATION = {Attention.ORIGINAL.value: 1.0, Attention.SPLIT_EINSUM.value: 2.0,
                       Attention.SPLIT_EINSUM_V2.value: 3.5}
 

@@ -32,6 +32,7 @@ from publisher.vocabulary import Component
 
 # downloaded when present besides the family's own tokenizer files (diffusers reads them; the apps do not)
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ def select_source_files(tree: dict[str, SourceFile], components: Sequence[Compon
             raise SourceError(f"source {label} has no {name} (the apps need the tokenizer files)")
     chosen += [f"tokenizer/{n}" for n in dict.fromkeys((*model_family.tokenizer_files, *TOKENIZER_FILES))
                if f"tokenizer/{n}" in tree]
+    if SCHEDULER_CONFIG in tree:  # its prediction type and betas (a Core AI bundle's metadata says them)
+        chosen.append(SCHEDULER_CONFIG)
     warnings = []
     folder_of = {c: model_family.component(c).folder for c in components}
     for folder in sorted(set(folder_of.values())):

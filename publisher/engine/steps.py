@@ -21,6 +21,7 @@ from publisher.plan import (
     ChunkParams,
     CompressParams,
     ConvertParams,
+    CoreAIParams,
     EvaluateParams,
     Step,
     VerifyParams,
@@ -39,7 +40,8 @@ class StepActions:
 
     def table(self) -> dict[str, Callable[[Step, Path], None]]:
         return {"convert": self.convert, "chunk": self.chunk, "analyze": self.analyze, "compress": self.compress,
-                "verify": self.verify, "evaluate": self.evaluate, "compile": self.compile, "zip": self.zip}
+                "verify": self.verify, "evaluate": self.evaluate, "compile": self.compile, "coreai": self.coreai,
+                "zip": self.zip}
 
     def convert(self, step: Step, work: Path) -> None:
         from publisher.convert.coreml import convert_component
@@ -217,6 +219,24 @@ class StepActions:
         compiled = compile_package(self.state.outputs[step.inputs[0]].path / PACKAGE, work)
         if compiled.name != "model.mlmodelc":
             compiled.rename(work / "model.mlmodelc")
+
+    def coreai(self, step: Step, work: Path) -> None:
+        """One Core AI asset: exported, compressed, saved with the source's metadata, its compression checked on
+        what was written; its record (`coreai.json`: storage types, digest) beside it."""
+        from publisher.convert.coreai import export_asset
+        from publisher.coreai_bundle import CoreAICompression, asset_file
+
+        p = step.params
+        assert isinstance(p, CoreAIParams)
+        source = self.state.source(step)
+        component = Component(p.component)
+        description = (f"{family_named(p.family).description} {p.component.replace('_', ' ')} from "
+                       f"https://huggingface.co/{source.repo} at commit {source.commit}, for Core AI")
+        size = p.resolution if isinstance(p.resolution, int) else int(str(p.resolution).split("x")[0])
+        record = self.state.run(export_asset, self.state.source_path(step), component, size,
+                                CoreAICompression(p.compression, p.nbits), work / asset_file(component), p.author,
+                                p.license, description, 0.0)
+        atomic_write_text(work / "coreai.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def zip(self, step: Step, work: Path) -> None:
         assert isinstance(step.params, ZipParams)

@@ -174,4 +174,5 @@ FAMILY = ModelFamily(
     controlnet=ComponentSpec(Component.CONTROLNET, "controlnet", "controlnet", "diffusers:ControlNetModel",
                              "controlnet", uses_attention=True, sized=True, compressible=True, optional=True,
                              source_role="controlnet", source_folder="controlnet", in_checkpoint=False),
+    coreai=True,
 )

@@ -19,29 +19,41 @@ TAGS = ["coreml", "core-ml", "stable-diffusion", "text-to-image"]
 
 
 def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> str:
-    """README.md for `repo_id` from the build-infos of its variants (sorted by folder)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """README.md for `repo_id` from the build-infos of its variants (sorted by folder); a Core AI bundle's
+    (`coreai/`) has its own row and section."""
+    from huggingface_hub import ModelCardData
 
-    infos = sorted(infos, key=lambda info: info["variant"]["folder"])
-    first = infos[0]
+    everything = sorted(infos, key=lambda info: info["variant"]["folder"])
+    bundles = [info for info in everything if info["variant"].get("format") == "coreai"]
+    infos = [info for info in everything if info["variant"].get("format") != "coreai"]
+    first = (infos or bundles)[0]
     variant0 = first["variant"]
     source = first["source"]
     family = family_named(variant0.get("family", DEFAULT_FAMILY))
-    data = ModelCardData(license=variant0.get("license", "other"), tags=TAGS, base_model=source["repo"],
-                         pipeline_tag="text-to-image", library_name="coreml")
+    data = ModelCardData(license=variant0.get("license", "other"), tags=TAGS + (["core-ai"] if bundles else []),
+                         base_model=source["repo"], pipeline_tag="text-to-image", library_name="coreml")
     repo_name = repo_id.split("/", 1)[1]
+    made = ("Core ML conversion" if infos else "") + (" and " if infos and bundles else "") + \
+        ("Core AI bundle" if bundles else "")
     lines = [
         f"# {repo_name}",
         "",
-        f"Core ML conversion of [{source['repo']}]({endpoint}/{source['repo']}) for Apple's "
-        "[StableDiffusion Swift package](https://github.com/apple/ml-stable-diffusion) and Python pipeline, "
-        "built by coreml-publisher.",
+        f"{made} of [{source['repo']}]({endpoint}/{source['repo']}) for Apple's "
+        + ("[StableDiffusion Swift package](https://github.com/apple/ml-stable-diffusion) and Python pipeline"
+           if infos else "")
+        + (", and " if infos and bundles else "")
+        + ("Core AI diffusion pipeline (iOS/macOS 27, [apple/coreai-models](https://github.com/apple/coreai-models))"
+           if bundles else "")
+        + ", built by coreml-publisher.",
         "",
         "## Variants",
         "",
         "| folder | image (W x H) | attention | compute unit | precision | minimum OS | for | size | compiled zip |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    lines += [_coreai_row(info) for info in bundles]
+    if not infos:
+        return _finish(data, lines + _coreai_usage(bundles, repo_id) + _provenance(first, bundles))
     for info in infos:
         v = info["variant"]
         size = sum(entry["size"] for entry in info["files"].values())
@@ -119,7 +131,20 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
             lines += ["", *mixed]
     else:
         lines.append("float16 weights: no compression.")
-    lines += [
+    lines += _coreai_usage(bundles, repo_id)
+    return _finish(data, lines + _provenance(first, infos + bundles))
+
+
+def _finish(data: Any, lines: list[str]) -> str:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
+    return str(card)
+
+
+def _provenance(first: dict[str, Any], infos: Sequence[dict[str, Any]]) -> list[str]:
+    source = first["source"]
+    return [
         "",
         "## Provenance",
         "",
@@ -134,8 +159,51 @@ def card_text(repo_id: str, infos: Sequence[dict[str, Any]], endpoint: str) -> s
         "- every file's sha256 is listed in `<folder>/build-info.json`",
         "",
     ]
-    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
-    return str(card)
+
+
+def _coreai_row(info: dict[str, Any]) -> str:
+    v = info["variant"]
+    size = sum(entry["size"] for entry in info["files"].values())
+    return (f"| `{v['folder']}/` | {size_label(v.get('resolution', 512))} | n/a | GPU | "
+            f"{v.get('coreai_compression', 'float16')} | iOS27, macOS27 | Core AI (iOS/macOS 27) | {human_size(size)} "
+            "| n/a |")
+
+
+def _coreai_usage(bundles: Sequence[dict[str, Any]], repo_id: str) -> list[str]:
+    """How an iOS/macOS 27 app loads the Core AI bundle, and what was checked of it."""
+    if not bundles:
+        return []
+    info = bundles[0]
+    folder = info["variant"]["folder"]
+    assets = info.get("coreai", {})
+    stored = "; ".join(f"{record['asset']}: {record['compression']}" for _, record in sorted(assets.items()))
+    return [
+        "",
+        "## Use with Core AI (iOS/macOS 27)",
+        "",
+        f"`{folder}/` is a bundle for Apple's Core AI diffusion pipeline: `metadata.json` (its assets, image size, "
+        "scale factors, scheduler), `tokenizer/` and one `.aimodel` per component, each with a function `main` "
+        "(TextEncoder: `input_ids` int32 (1, 77); Unet: `sample`, `timestep`, `encoder_hidden_states` (2, 77, C); "
+        "VAEDecoder: `z`; VAEEncoder: `image`).",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "",
+        f'path = snapshot_download("{repo_id}", allow_patterns="{folder}/*", local_dir="models")',
+        "```",
+        "",
+        "```swift",
+        "import CoreAIDiffusionPipeline",
+        "",
+        f'let pipeline = try await StableDiffusionPipeline.load(from: modelsURL.appendingPathComponent("{folder}"))',
+        "```",
+        "",
+        f"Stored weights: {stored}. Each compression is checked on the saved asset's stored value types (a weight "
+        "Core AI's tools skip fails the build); the assets are exported with Core AI's own converter "
+        "(coreai-torch) and, on tiny models in this project's tests, run through Core AI's runtime against "
+        "PyTorch. Full-size bundles are not run on the Linux build machine.",
+        "",
+    ]
 
 
 def _resources(family: ModelFamily, variant: dict[str, Any]) -> str:
