@@ -228,7 +228,10 @@ def step_tools(step: Step) -> dict[str, str]:
     the project code it runs (empty for a fetch: keyed by its commit and files)."""
     if step.kind not in STEP_CODE:
         return {}
-    return {**library_versions(), "code": code_digest(step.code_modules())}
+    from publisher.util.versions import coreai_versions
+
+    libraries = {**library_versions(), **(coreai_versions() if step.kind == "coreai" else {})}
+    return {**libraries, "code": code_digest(step.code_modules())}
 
 
 def stored_key(step: Step, input_keys: list[str], extra: dict[str, Any] | None = None) -> str:

@@ -70,6 +70,24 @@ def test_core_ai_rules_and_plan(tmp_path: Path) -> None:
                                                 for v in s.variants)
 
 
+def test_a_core_ai_library_change_rebuilds_the_bundles_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Core AI's packages are in the keys of the steps that export with them, and in no Core ML step's key."""
+    import publisher.util.versions as versions
+    from publisher.manifest import load_manifest
+    from publisher.plan import build_plan
+
+    both = COREAI_MANIFEST.replace("formats: [coreai]\n    coreai_compression", "formats: [coreml, coreai]\n"
+                                   "    coreai_compression")
+    plan = build_plan([load_manifest(write_manifest(tmp_path, "a/b", both))], "me")
+    before = plan.keys()
+    monkeypatch.setattr(versions, "coreai_versions", lambda: {"coreai-torch": "99.0"})
+    after = plan.keys()
+    changed = {step_id for step_id in before if before[step_id] != after[step_id]}
+    assert {plan.steps[i].kind for i in changed} == {"coreai", "assemble"}
+    assert all(plan.steps[i].kind == "coreai" or plan.steps[i].variants[0].endswith("/coreai") for i in changed)
+    assert len([i for i in changed if plan.steps[i].kind == "coreai"]) == len(plan.steps_of("coreai"))
+
+
 def test_an_asset_is_reproducible_and_a_skipped_compression_is_an_error(tiny_source: Path, tmp_path: Path) -> None:
     """The same inputs give the same bytes (Core AI draws its generated names at random: seeded here); the
     compression check fails an asset whose weights were not stored compressed."""
@@ -189,6 +207,14 @@ def test_a_bundle_is_built_published_and_runs_as_pytorch(tmp_path: Path, staging
     text = Path(card).read_text()
     assert "StableDiffusionPipeline.load(from:" in text and "| `coreai/` | 256x256 |" in text
     assert [o.commits for o in publish(loaded, options)] == [[]]  # nothing changed: nothing sent
+    # an app developer's download: the bundle alone, every file checked against the Hub's listing
+    from publisher.fetch import fetch_variant
+
+    fetch_variant("cai/coreml-tiny-sd-coreai", "coreai", tmp_path / "app", staging_hub.url, staging_hub.token)
+    got = {p.relative_to(tmp_path / "app").as_posix(): p.read_bytes() for p in (tmp_path / "app").rglob("*")
+           if p.is_file()}
+    built = {p.relative_to(bundle.parent).as_posix(): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    assert got == built
 
 
 def _step(scheduler, noise: np.ndarray, t, latents: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]

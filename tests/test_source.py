@@ -47,6 +47,7 @@ def _tree(names: list[str]) -> dict[str, SourceFile]:
 def test_sd15_layout_gets_the_fp16_safetensors_only() -> None:
     files, warnings = select_source_files(_tree(SD15), SD_COMPONENTS, "auto", "sd15@main")
     assert [f.path for f in files] == COMMON + [
+        "scheduler/scheduler_config.json",  # what a Core AI bundle's metadata says of the scheduler
         "safety_checker/config.json", "safety_checker/model.fp16.safetensors",
         "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
         "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",

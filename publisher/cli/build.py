@@ -87,6 +87,8 @@ def compile_command(
     namespace = DEFAULT_NAMESPACE
     for path in find_build_infos(build_dir):
         variant = read_build_info(path).variant
+        if variant.get("format") == "coreai":
+            continue  # a Core AI bundle has nothing to compile: it travels on as it was built
         ids.append(variant["id"])
         namespace = variant["repo"].split("/")[0]
     options = BuildOptions(out=build_dir, store=store, namespace=namespace, compile=True, variants=ids,
