@@ -39,10 +39,11 @@ from publisher.coreai_bundle import ASSETS, COMPRESSIBLE, CoreAICompression
 from publisher.errors import SourceError, ToolchainError
 from publisher.vocabulary import Component
 
-# Weights of fewer elements than the Core ML packages' palettization threshold stay float16 (Apple's INT4 preset says
-# 32768; an SD UNet has few weights in between, and tiny test models need the lower one)
+# Apple's INT4 preset: per block of 32 input channels, on weights of at least 32768 values (smaller ones, such as the
+# UNet's conv_in with its 4 input channels, cannot be cut in blocks of 32 and stay float16). A palettization takes
+# weights from the Core ML packages' threshold on (coremltools' 2048).
 INT4_BLOCK = 32
-COMPRESSED_MIN_ELEMENTS = 2048
+MIN_ELEMENTS = {"int4": 32768, "palettize": 2048}
 _SEED = 20260601  # the converter's generated names: any fixed seed
 
 
@@ -210,11 +211,11 @@ def compress_program(program: Any, compression: CoreAICompression) -> Any:
         if compression.kind == "int4":
             program = quantize_weights(program, dtype=DType.INT4, qscheme=QScheme.SYMMETRIC,
                                        granularity=CompressionGranularity.PER_BLOCK, block_size=INT4_BLOCK,
-                                       weight_num_threshold=COMPRESSED_MIN_ELEMENTS, in_place=True)
+                                       weight_num_threshold=MIN_ELEMENTS["int4"], in_place=True)
         else:
             program = palettize_weights(program, lut_dtype=None, n_bits=compression.nbits,
                                         granularity=CompressionGranularity.PER_TENSOR,
-                                        weight_num_threshold=COMPRESSED_MIN_ELEMENTS, in_place=True,
+                                        weight_num_threshold=MIN_ELEMENTS["palettize"], in_place=True,
                                         num_kmeans_workers=1)  # its worker pool hangs when forked after torch
     finally:
         logger.removeHandler(skips)
@@ -235,11 +236,14 @@ def storage_types(asset: Path) -> dict[str, int]:
     return {str(kind): int(count) for kind, count in summary.storage_types}
 
 
-def compressible_elements(module: nn.Module) -> int:
+def compressible_elements(module: nn.Module, compression: CoreAICompression) -> int:
     """How many weight values a compression should store packed, about: the convolution and linear weights of at
-    least COMPRESSED_MIN_ELEMENTS values (coreai-opt picks the constants of the ops it compresses by its own rule)."""
+    least its threshold (coreai-opt picks the constants of the ops it compresses by its own rule); 0 for float16."""
+    if compression.kind == "float16":
+        return 0
+    least = MIN_ELEMENTS[compression.kind]
     return sum(m.weight.numel() for m in module.modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() >= COMPRESSED_MIN_ELEMENTS)
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() >= least)
 
 
 def check_compressed(asset: Path, compression: CoreAICompression, expected: int) -> dict[str, int]:
@@ -300,7 +304,7 @@ def export_asset(source: Path, component: Component, resolution: int, compressio
     dtype = torch.float16
     module = load_wrapper(source, component, dtype)
     applied = compression if component in COMPRESSIBLE else CoreAICompression()
-    expected = compressible_elements(module) if applied.kind != "float16" else 0
+    expected = compressible_elements(module, applied)
     with _seeded_names():  # the generated names are drawn as late as the save
         program = to_program(module, example_inputs(module, component, resolution, dtype), component)
         del module
