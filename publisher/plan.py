@@ -379,26 +379,15 @@ def expand_variants(loaded: Sequence[LoadedManifest], namespace: str) -> list[Va
                 deployment_target=target.deployment_target,
                 chunk_unet=target.chunks_unet(attention),
                 layouts=tuple(target.layouts),
-                source_repo=manifest.source.repo,
-                source_revision=manifest.source.revision,
-                source_weights=manifest.source.weights,
                 resolution=size,
                 default_size=None if size == manifest.default_size else manifest.default_size,
-                license=manifest.license,
-                family=manifest.family,
                 precision_inputs=item.inputs_of(index),
                 **_extra_sources(manifest, components),
-                source_file=manifest.source.file or "",
-                source_config=(manifest.source.config.repo, manifest.source.config.revision)
-                if manifest.source.config else ("", ""),
-                source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale))
-                                   for lora in manifest.source.loras),
+                **_source_fields(manifest),
                 evaluate=target.evaluate is not False,
                 evaluate_settings=() if isinstance(target.evaluate, bool) else tuple(
                     (k, val) for k, val in target.evaluate.model_dump().items()
                     if val != type(target.evaluate)().model_dump()[k]),
-                convert_runner=manifest.runners.convert,
-                compile_runner=manifest.runners.compile,
             ))
         variants += [_coreai_variant(item, index, target, namespace) for index, target in enumerate(manifest.publish)
                      if Format.COREAI in target.formats]
@@ -412,21 +401,25 @@ def _coreai_variant(item: LoadedManifest, index: int, target: Any, namespace: st
     manifest = item.manifest
     compression = compression_for(target.precision, target.coreai_compression)
     assert not isinstance(compression, str), compression  # manifest_rules refused it
+    components = tuple(c for c in manifest.components_for(target) if c in ASSETS)
     return Variant(
         manifest_name=manifest.name, manifest_path=str(item.path), repo_id=target.repo_id(namespace),
-        attention=Attention.ORIGINAL, precision=target.precision,
-        components=tuple(c for c in manifest.components_for(target) if c in ASSETS),
+        attention=Attention.ORIGINAL, precision=target.precision, components=components,
         compute_unit=target.compute_unit(Attention.ORIGINAL), deployment_target=target.deployment_target,
-        chunk_unet=False, layouts=(), source_repo=manifest.source.repo, source_revision=manifest.source.revision,
-        source_weights=manifest.source.weights, resolution=manifest.default_size, license=manifest.license,
-        family=manifest.family, precision_inputs=item.inputs_of(index),
-        **_extra_sources(manifest, tuple(c for c in manifest.components_for(target) if c in ASSETS)),
-        source_file=manifest.source.file or "",
-        source_config=(manifest.source.config.repo, manifest.source.config.revision)
-        if manifest.source.config else ("", ""),
-        source_loras=tuple((lora.repo, lora.file, lora.revision, float(lora.scale)) for lora in manifest.source.loras),
-        evaluate=False, format=Format.COREAI, coreai_compression=compression,
-        convert_runner=manifest.runners.convert, compile_runner=manifest.runners.compile)
+        chunk_unet=False, layouts=(), resolution=manifest.default_size, precision_inputs=item.inputs_of(index),
+        **_extra_sources(manifest, components), **_source_fields(manifest),
+        evaluate=False, format=Format.COREAI, coreai_compression=compression)
+
+
+def _source_fields(manifest: Any) -> dict[str, Any]:
+    """What every variant of a manifest takes from it: the source (a community checkpoint, its LoRAs), the
+    license and family, the runners."""
+    source = manifest.source
+    return {"source_repo": source.repo, "source_revision": source.revision, "source_weights": source.weights,
+            "license": manifest.license, "family": manifest.family, "source_file": source.file or "",
+            "source_config": (source.config.repo, source.config.revision) if source.config else ("", ""),
+            "source_loras": tuple((lora.repo, lora.file, lora.revision, float(lora.scale)) for lora in source.loras),
+            "convert_runner": manifest.runners.convert, "compile_runner": manifest.runners.compile}
 
 
 def _with_controlnet(manifest: Any, target: Any, attention: Attention, size: Any) -> list[Component]:
