@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from publisher.compress.scheme import CompressionSettings
+from publisher.errors import SourceError
 from publisher.vocabulary import Component
 
 FOLDER = "coreai"  # the bundle's folder in a published repo
@@ -30,6 +31,7 @@ REQUIRED = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER)
 COMPRESSIBLE = (Component.TEXT_ENCODER, Component.UNET)  # the VAE stays float16, as Apple's export keeps it
 PALETTE_BITS = (1, 2, 4, 6, 8)  # what both Core ML's and Core AI's palettization take
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # Apple's export's for SD 1.x/2.x
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the Swift pipeline's SD schedulers take
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ def bundle_metadata(name: str, assets: dict[str, str], image_size: int, vae: dic
     size the UNet was exported at (the Swift loader checks it against `sample`). No compilation date: the file's
     bytes follow the inputs."""
     scale = vae.get("scaling_factor") or 0.18215
+    prediction = scheduler.get("prediction_type") or "epsilon"
+    if prediction not in PREDICTION_TYPES:
+        raise SourceError(f"the scheduler's prediction_type {prediction!r} is not one Apple's Core AI pipeline takes "
+                          f"({', '.join(PREDICTION_TYPES)})")
     return {
         "metadata_version": METADATA_VERSION,
         "kind": "diffusion",
@@ -75,7 +81,7 @@ def bundle_metadata(name: str, assets: dict[str, str], image_size: int, vae: dic
         "assets": assets,
         "diffusion": {
             "type": "stable-diffusion",
-            "prediction_type": scheduler.get("prediction_type") or "epsilon",
+            "prediction_type": prediction,
             "encoder_scale_factor": scale,
             "decoder_scale_factor": scale,
             "decoder_shift_factor": vae.get("shift_factor") or 0.0,

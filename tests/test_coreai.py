@@ -229,3 +229,24 @@ def _step(scheduler, noise: np.ndarray, t, latents: np.ndarray) -> np.ndarray:  
     uncond, cond = noise[:1], noise[1:]
     guided = uncond + 7.5 * (cond - uncond)
     return scheduler.step(torch.from_numpy(guided), t, torch.from_numpy(latents)).prev_sample.numpy()
+
+
+def test_bundle_metadata_decodes_as_the_swift_descriptor_reads_it() -> None:
+    """PipelineDescriptor decodes the `diffusion` block with snake_case keys (its CodingKeys), the scheduler defaults
+    with all four fields, and a PredictionType the Swift schedulers know (epsilon, v_prediction)."""
+    from publisher.coreai_bundle import CoreAICompression, bundle_metadata
+    from publisher.errors import SourceError
+
+    scheduler = {"prediction_type": "v_prediction", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                 "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    metadata = bundle_metadata("repo", {"unet": "Unet.aimodel"}, 768, {"scaling_factor": 0.18215}, scheduler,
+                               {"hf_model_id": "a/b"}, CoreAICompression("int4"))
+    swift_keys = {"type", "version", "prediction_type", "image_size", "components", "scheduler",
+                  "encoder_scale_factor", "decoder_scale_factor", "decoder_shift_factor", "batch_norm_eps",
+                  "guidance_embeds", "rope_axes_dims", "rope_theta", "default_guidance_scale", "default_steps"}
+    assert set(metadata["diffusion"]) <= swift_keys
+    assert set(metadata["diffusion"]["scheduler"]) == {"training_steps", "beta_start", "beta_end", "beta_schedule"}
+    assert (metadata["diffusion"]["prediction_type"], metadata["diffusion"]["image_size"]) == ("v_prediction", 768)
+    assert metadata["compression"] == "INT4 per-block (32)" and metadata["assets"] == {"unet": "Unet.aimodel"}
+    with pytest.raises(SourceError, match="prediction_type 'sample' is not one Apple's Core AI pipeline takes"):
+        bundle_metadata("repo", {}, 512, {}, {**scheduler, "prediction_type": "sample"}, {}, CoreAICompression())
