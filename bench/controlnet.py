@@ -58,7 +58,7 @@ def make_sources(folder: Path, family: str) -> None:
 
     make_source(folder, family)
     torch.manual_seed(1)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", variant="fp16" if family == "sdxl" else None)
     controlnet = ControlNetModel.from_unet(unet)
     with torch.no_grad():  # non-zero "zero" convolutions, as a trained ControlNet has
         for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
