@@ -61,7 +61,7 @@ class BuildInfo(_Model):
     app: dict[str, Any] = {}
     # the end-to-end check (publisher.evaluate), where the build ran it: figures, settings, runtime
     evaluation: dict[str, Any] = {}
-    # a Core AI bundle's assets (`coreai/`): component -> asset, compression, stored value types, digest
+    # a Core AI bundle's assets (`coreai/`): component -> asset, compression, stored value types
     coreai: dict[str, Any] = {}
 
     def to_json(self) -> dict[str, Any]:

@@ -228,9 +228,9 @@ def step_tools(step: Step) -> dict[str, str]:
     the project code it runs (empty for a fetch: keyed by its commit and files)."""
     if step.kind not in STEP_CODE:
         return {}
-    from publisher.util.versions import coreai_versions
+    from publisher.util import versions  # looked up when called (a test replaces it)
 
-    libraries = {**library_versions(), **(coreai_versions() if step.kind == "coreai" else {})}
+    libraries = {**library_versions(), **(versions.coreai_versions() if step.kind == "coreai" else {})}
     return {**libraries, "code": code_digest(step.code_modules())}
 
 

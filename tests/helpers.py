@@ -60,3 +60,12 @@ def seed_store(two_repo_build: tuple[Path, object], store: Path) -> None:
     import shutil
 
     shutil.copytree(stored_copy(two_repo_build[0]), store, symlinks=True)
+
+
+def manifest_errors(text: str, folder: Path) -> list[str]:
+    """A manifest text's problems as `parse_manifest` reports them, each without the file's path
+    (`line: field: message`)."""
+    from publisher.manifest import parse_manifest
+
+    path = folder / "m.yaml"
+    return [error.removeprefix(f"{path}:") for error in parse_manifest(text, path)[1]]

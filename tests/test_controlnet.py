@@ -14,10 +14,10 @@ import torch
 from publisher.contract import package_name
 from publisher.convert.components import example_inputs, load_component
 from publisher.family import family_named
-from publisher.manifest import load_manifests, parse_manifest
+from publisher.manifest import load_manifests
 from publisher.mlpackage import package_info
 from publisher.vocabulary import Attention, Component, controlnet_component
-from tests.helpers import MANIFEST_HEAD, TINY_SOURCE_REPO, write_manifest
+from tests.helpers import MANIFEST_HEAD, TINY_SOURCE_REPO, manifest_errors, write_manifest
 
 CONTROLNET_MANIFEST = MANIFEST_HEAD + """\
   - repo: "{{namespace}}/coreml-tiny-sd-cn"
@@ -71,28 +71,22 @@ def test_controlled_unet_chunks_compose_to_the_whole(tiny_source: Path) -> None:
     assert float((whole - composed).abs().max()) < 1e-4 < float((whole - without).abs().max())
 
 
-def _errors(text: str, folder: Path) -> list[str]:
-    """The manifest's problems, each without the file's path (`line: field: message`)."""
-    path = folder / "m.yaml"
-    return [error.removeprefix(f"{path}:") for error in parse_manifest(text, path)[1]]
-
-
 def test_controlnet_option_rules(tmp_path: Path) -> None:
     text = CONTROLNET_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: [SPLIT_EINSUM]")
-    assert _errors(text, tmp_path) == ["13: publish[0].controlnet[0]: 'SPLIT_EINSUM' is not in this repo's "
+    assert manifest_errors(text, tmp_path) == ["13: publish[0].controlnet[0]: 'SPLIT_EINSUM' is not in this repo's "
                                        "attention list"]
     xl = CONTROLNET_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: sdxl")
-    assert _errors(xl, tmp_path) == []  # SDXL's too (tests/test_sdxl.py), beyond what Apple's converter makes
+    assert manifest_errors(xl, tmp_path) == []  # SDXL's too (tests/test_sdxl.py), beyond what Apple's converter makes
     from publisher.family import register_family, unregister_family
 
     register_family(replace(family_named("sd"), name="no-cn", controlnet=None, components=tuple(
         c for c in family_named("sd").components if c.component != Component.CONTROL_UNET)))
     try:
         other = CONTROLNETS_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: no-cn")
-        assert _errors(other, tmp_path) == ["9: controlnets: family 'no-cn' has no ControlNets (Apple's Swift "
+        assert manifest_errors(other, tmp_path) == ["9: controlnets: family 'no-cn' has no ControlNets (Apple's Swift "
                                             "package loads ControlNets for SD 1.x/2.x only)"]
         other = CONTROLNET_MANIFEST.format(source="a/b").replace("license: mit", "license: mit\nfamily: no-cn")
-        assert _errors(other, tmp_path) == ["14: publish[0].controlnet: family 'no-cn' has no ControlNet-ready UNet "
+        assert manifest_errors(other, tmp_path) == ["14: publish[0].controlnet: family 'no-cn' has no ControlNet-ready UNet "
                                             "(Apple's Swift package loads ControlNets for SD 1.x/2.x only)"]
     finally:
         unregister_family("no-cn")
@@ -170,10 +164,10 @@ def test_controlnet_names_as_apple_writes_them(tmp_path: Path) -> None:
     assert family_named("sdxl").compiled_name(component) == "controlnet/LllyasvielControlV11PSd15Canny.mlmodelc"
     text = CONTROLNETS_MANIFEST.format(source="a/b").replace(
         "controlnets:\n", "controlnets:\n  - repo: Cn-Models/tiny_controlnet.v1\n")
-    assert _errors(text, tmp_path) == ["10: controlnets[1].repo: 'cn-models/Tiny-ControlNet.v1' is compiled to "
+    assert manifest_errors(text, tmp_path) == ["10: controlnets[1].repo: 'cn-models/Tiny-ControlNet.v1' is compiled to "
                                        "controlnet/CnModelsTinyControlnet.V1.mlmodelc, as an earlier ControlNet is"]
     text = CONTROLNETS_MANIFEST.format(source="a/b").replace("controlnet: true", "controlnet: false")
-    assert _errors(text, tmp_path) == ["8: controlnets: no publish entry asks for them (set `controlnet: true` "
+    assert manifest_errors(text, tmp_path) == ["8: controlnets: no publish entry asks for them (set `controlnet: true` "
                                        "or a list of attentions on one)"]
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from publisher.manifest import parse_manifest
 from publisher.metrics import psnr
-from tests.helpers import MANIFEST_HEAD, write_manifest
+from tests.helpers import MANIFEST_HEAD, manifest_errors, write_manifest
 
 COREAI_MANIFEST = MANIFEST_HEAD + """\
   - repo: "{{namespace}}/coreml-tiny-sd-coreai"
@@ -29,32 +28,27 @@ COREAI_MANIFEST = MANIFEST_HEAD + """\
 """
 
 
-def _errors(text: str, folder: Path) -> list[str]:
-    path = folder / "m.yaml"
-    return [error.removeprefix(f"{path}:") for error in parse_manifest(text, path)[1]]
-
-
 def test_core_ai_rules_and_plan(tmp_path: Path) -> None:
     from publisher.manifest import load_manifest
     from publisher.plan import build_plan
 
     text = COREAI_MANIFEST.format(source="a/b")
-    assert _errors(text, tmp_path) == []
-    assert _errors(text.replace("license: mit", "license: mit\nfamily: sdxl"), tmp_path)[0] == (
+    assert manifest_errors(text, tmp_path) == []
+    assert manifest_errors(text.replace("license: mit", "license: mit\nfamily: sdxl"), tmp_path)[0] == (
         "13: publish[0].formats: family 'sdxl' has no Core AI bundle (Apple's Core AI diffusion pipeline loads "
         "SD 1.x/2.x)")
-    assert _errors(text.replace("resolution: 256", "resolution: 256x320"), tmp_path)[0] == (
+    assert manifest_errors(text.replace("resolution: 256", "resolution: 256x320"), tmp_path)[0] == (
         "12: publish[0].formats: a Core AI bundle is square (the Swift pipeline's image size is one number), not the "
         "default size 256x320")
     no_decoder = text.replace("    formats: [coreai]\n", "    formats: [coreai]\n    components: [text_encoder, unet]\n", 1)
-    assert _errors(no_decoder, tmp_path) == ["12: publish[0].formats: a Core AI bundle needs vae_decoder among the "
+    assert manifest_errors(no_decoder, tmp_path) == ["12: publish[0].formats: a Core AI bundle needs vae_decoder among the "
                                              "components (text_encoder, unet, vae_decoder, vae_encoder)"]
     mixed = text.replace("precision: {type: float16}\n    attention: [ORIGINAL]\n    formats: [coreai]",
                          "precision: {type: palettize, mixed_bit: {target_bits: 4.5}}\n    attention: [ORIGINAL]\n"
                          "    formats: [coreai]", 1)
-    assert _errors(mixed, tmp_path)[0].startswith("10: publish[0].precision: a Core AI bundle follows float16 or a "
+    assert manifest_errors(mixed, tmp_path)[0].startswith("10: publish[0].precision: a Core AI bundle follows float16 or a "
                                                   "uniform per-tensor palettization, not mixed")
-    assert _errors(text.replace("    formats: [coreai]\n    coreai_compression", "    coreai_compression"), tmp_path) == [
+    assert manifest_errors(text.replace("    formats: [coreai]\n    coreai_compression", "    coreai_compression"), tmp_path) == [
         "17: publish[1].coreai_compression: only with `formats: [..., coreai]`"]
     both = COREAI_MANIFEST.replace("formats: [coreai]\n    coreai_compression", "formats: [coreml, coreai]\n"
                                    "    coreai_compression")

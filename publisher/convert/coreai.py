@@ -22,7 +22,6 @@ the same files and a re-export that changes nothing republishes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -284,23 +283,10 @@ def save_asset(program: Any, output: Path, author: str, license_name: str, descr
     path.write_text(json.dumps(json.loads(path.read_text()), indent=2, sort_keys=True) + "\n")
 
 
-def asset_digest(asset: Path) -> str:
-    """What an asset means: its program bytes (weights included) and its metadata but the creation date."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(asset).rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.name == "metadata.json":
-            fields = json.loads(data)
-            fields.pop("creationDate", None)
-            data = json.dumps(fields, sort_keys=True).encode()
-        digest.update(path.relative_to(asset).as_posix().encode() + b"\0" + hashlib.sha256(data).digest())
-    return digest.hexdigest()
-
-
 def export_asset(source: Path, component: Component, resolution: int, compression: CoreAICompression,
                  output: Path, author: str, license_name: str, description: str, created: float) -> dict[str, Any]:
     """Convert, compress (text encoder and UNet), save and check one component's asset; returns what build-info
-    records of it (storage types, digest)."""
+    records of it (its compression and stored value types)."""
     dtype = torch.float16
     module = load_wrapper(source, component, dtype)
     applied = compression if component in COMPRESSIBLE else CoreAICompression()
@@ -311,8 +297,8 @@ def export_asset(source: Path, component: Component, resolution: int, compressio
         program = compress_program(program, applied)
         save_asset(program, output, author, license_name, description, created)
     types_ = check_compressed(output, applied, expected)
-    return {"asset": output.name, "compression": applied.label, "storage_types": types_,
-            "digest": asset_digest(output)}
+    # the files' sha256 are in build-info's file list (the bytes are reproducible: no digest of the meaning needed)
+    return {"asset": output.name, "compression": applied.label, "storage_types": types_}
 
 
 def asset_interface(asset: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

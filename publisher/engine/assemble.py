@@ -167,8 +167,8 @@ class Assembler:
             link_tree(stored / asset_file(component), staged / asset_file(component))
             laid.coreai[component.value] = json.loads((stored / "coreai.json").read_text())
             assets[component.value] = asset_file(component)
-            if self.state.variant_of(step).role_of(component) == "vae":
-                vae = dict(read_config(self.state.source_path(step), "vae") or vae)
+            if variant.role_of(component) == "vae":  # the custom VAE's fetch lays it out under vae/
+                vae = dict(read_config(self.state.source(step).path, "vae") or vae)
         for name, target in zip(("vocab.json", "merges.txt"), tokenizer_paths(staged), strict=True):
             link_or_copy(source.path / "tokenizer" / name, target)
         scheduler = dict(read_config(source.path, "scheduler", "scheduler_config.json") or {})

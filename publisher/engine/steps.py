@@ -30,7 +30,7 @@ from publisher.plan import (
 )
 from publisher.util.atomic import atomic_write_bytes, atomic_write_text
 from publisher.verify.fidelity import REFERENCE, Reference
-from publisher.vocabulary import Attention, Component, Resolution
+from publisher.vocabulary import Attention, Component, Resolution, size_of
 
 
 class StepActions:
@@ -232,8 +232,7 @@ class StepActions:
         component = Component(p.component)
         description = (f"{family_named(p.family).description} {p.component.replace('_', ' ')} from "
                        f"https://huggingface.co/{source.repo} at commit {source.commit}, for Core AI")
-        size = p.resolution if isinstance(p.resolution, int) else int(str(p.resolution).split("x")[0])
-        record = self.state.run(export_asset, self.state.source_path(step), component, size,
+        record = self.state.run(export_asset, self.state.source_path(step), component, size_of(p.resolution)[0],
                                 CoreAICompression(p.compression, p.nbits), work / asset_file(component), p.author,
                                 p.license, description, 0.0)
         atomic_write_text(work / "coreai.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
