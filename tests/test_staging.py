@@ -375,20 +375,20 @@ def test_hostile_requests_get_the_right_4xx(hf_api: HfApi, repo_id: str, staging
 def test_pattern_matching_is_bounded() -> None:
     import threading
 
-    from publisher.staging.storage import _pattern_matches
+    from publisher.staging.patterns import pattern_matches
 
     # the regex version took 5 s for ten '*a' against 40 characters, x4-5 per extra '*a': forty never finish.
     # The join's timeout only catches that hang; the matcher's work is linear in pattern x path
     answer: list[bool] = []
     worker = threading.Thread(target=lambda: answer.append(
-        _pattern_matches("x/" + "*a" * 40 + "b", "x/" + "a" * 1000)), daemon=True)
+        pattern_matches("x/" + "*a" * 40 + "b", "x/" + "a" * 1000)), daemon=True)
     worker.start()
     worker.join(timeout=300)
     assert answer == [False]
     for pattern, path, expected in [("*.bin", "a/b/c.bin", True), ("a/*.bin", "a/b/c.bin", False),
                                     ("a/**/c.bin", "a/x/y/c.bin", True), ("/build", "x/build/y", False),
                                     ("build", "x/build/y.txt", True), ("a/b", "a/bc", False)]:
-        assert _pattern_matches(pattern, path) is expected, (pattern, path)
+        assert pattern_matches(pattern, path) is expected, (pattern, path)
 
 
 def _upload_session(hub: StagingHub, repo_id: str, oid: str, size: int) -> dict:
@@ -632,7 +632,11 @@ def test_listing_moving_squashing_implicit_folder_deletes_and_licenses(hf_api: H
 
     moved = f"{owner}/{name}-moved"
     hf_api.move_repo(repo_id, moved)
-    assert not hf_api.repo_exists(repo_id) and hf_api.repo_exists(moved)
+    # the old name keeps reaching the moved repo (the Hub's redirect), until a repo of that name is created
+    assert hf_api.repo_info(moved).id == moved and hf_api.repo_info(repo_id).id == moved
+    hf_api.create_repo(repo_id)
+    assert hf_api.repo_info(repo_id).id == repo_id and hf_api.list_repo_files(moved) == [".gitattributes"]
+    hf_api.delete_repo(repo_id)
     with pytest.raises(ValueError, match="license"):  # a license the Hub does not know: the client's check refuses it
         hf_api.upload_file(path_or_fileobj=b"---\nlicense: not-a-license\n---\n# card\n", path_in_repo="README.md",
                            repo_id=moved)
@@ -644,19 +648,35 @@ def test_listing_moving_squashing_implicit_folder_deletes_and_licenses(hf_api: H
 def test_round_three_refs_names_and_bounds(hf_api: HfApi, repo_id: str, staging_hub: StagingHub) -> None:
     """Refs as the Hub keeps them, repo ids compared exactly, stats behind the token, malformed input a 4xx."""
     from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     hf_api.upload_file(path_or_fileobj=b"one", path_in_repo="a.txt", repo_id=repo_id)
+    # a repo id of one segment is a missing repo in the Hub's words (the client tells it from a missing revision)
+    assert not hf_api.repo_exists("no-namespace") and not hf_api.revision_exists("no-namespace", "main")
+    with pytest.raises(RepositoryNotFoundError):
+        hf_api.list_repo_commits("no-namespace")
+    assert not hf_api.revision_exists(repo_id, "nowhere") and hf_api.revision_exists(repo_id, "main")
     hf_api.create_tag(repo_id, tag="v1")
     tagged = hf_api.list_repo_refs(repo_id).tags[0].target_commit
-    # a branch and a tag cannot share a name, either way round
-    with pytest.raises(HfHubHTTPError) as info:
+    # refs/heads/x and refs/tags/x are two refs (huggingface_hub's own tests create a branch named like a tag); a
+    # second ref of one kind and name is refused in the Hub's words; the name resolves to the branch
+    hf_api.create_branch(repo_id, branch="v1")
+    with pytest.raises(HfHubHTTPError, match="Reference refs/heads/v1 already exists") as info:
         hf_api.create_branch(repo_id, branch="v1")
     assert info.value.response.status_code == 409
+    hf_api.upload_file(path_or_fileobj=b"on the branch", path_in_repo="a.txt", repo_id=repo_id, revision="v1")
+    assert hf_api.repo_info(repo_id, revision="v1").sha != tagged
+    hf_api.delete_branch(repo_id, branch="v1")
+    assert hf_api.repo_info(repo_id, revision="v1").sha == tagged
     hf_api.create_branch(repo_id, branch="b2")
-    with pytest.raises(HfHubHTTPError) as info:
-        hf_api.create_tag(repo_id, tag="b2")
-    assert info.value.response.status_code == 409
+    with pytest.raises(HfHubHTTPError, match="Cannot delete refs/heads/main"):
+        hf_api.delete_branch(repo_id, branch="main")
+    with pytest.raises(RevisionNotFoundError):  # a missing revision is named before a bad tag name
+        hf_api.create_tag(repo_id, tag="bad tag", revision="nowhere")
+    hf_api.create_tag(repo_id, tag="v2")
+    hf_api.delete_tag(repo_id, tag="v2")
+    with pytest.raises(RevisionNotFoundError):
+        hf_api.delete_tag(repo_id, tag="v2")
     # deleting a "branch" named like a tag's ref deletes nothing; a commit cannot move a tag
     status, _, _ = _raw(staging_hub, "DELETE", f"/api/models/{repo_id}/branch/refs%2Ftags%2Fv1")
     assert status == 404
@@ -801,3 +821,33 @@ def test_a_name_with_backslashes_is_one_file_and_fetch_refuses_to_write_it(hf_ap
     with pytest.raises(PublisherError, match="a path that would land outside the target"):
         fetch_variant(repo_id, "folder", tmp_path / "to", endpoint=staging_hub.url, token=staging_hub.token)
     assert not any((tmp_path / "to").rglob("*escape*")) and not (tmp_path / "escape.txt").exists()
+
+
+def test_gates_relative_names_and_the_hubs_wording(hf_api: HfApi, repo_id: str, staging_hub: StagingHub,
+                                                  tmp_path: Path) -> None:
+    """What huggingface_hub's own tests expect of the Hub (bench/hf_hub_suite.py runs them): a gated repo's setting is
+    kept and reported, its files need a token; a name that starts outside the repo (`..\\x`) is a 422; a move onto
+    an existing repo is refused in the Hub's words."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    hf_api.upload_file(path_or_fileobj=b"gated content", path_in_repo="file.txt", repo_id=repo_id)
+    hf_api.update_repo_settings(repo_id, gated="manual")
+    assert hf_api.model_info(repo_id).gated == "manual"
+    with pytest.raises(GatedRepoError):
+        hf_hub_download(repo_id, "file.txt", token=False, cache_dir=tmp_path / "anonymous")
+    owner_copy = hf_hub_download(repo_id, "file.txt", token=staging_hub.token, cache_dir=tmp_path / "owner")
+    assert Path(owner_copy).read_bytes() == b"gated content"
+    hf_api.update_repo_settings(repo_id, gated=False)
+    assert hf_api.model_info(repo_id).gated is False
+    assert HfApi(endpoint=staging_hub.url, token=False).model_info(repo_id).gated is False
+
+    for name in ("..\\escape.txt", ".\\x"):
+        with pytest.raises(HfHubHTTPError) as info:
+            hf_api.upload_file(path_or_fileobj=b"x", path_in_repo=name, repo_id=repo_id)
+        assert info.value.response.status_code == 422, name
+    other = f"{repo_id}-other"
+    hf_api.create_repo(other)
+    with pytest.raises(HfHubHTTPError, match=r"A model repository called .* already exists"):
+        hf_api.move_repo(repo_id, other)
+    hf_api.delete_repo(other)

@@ -20,11 +20,11 @@ from publisher.staging.http import (
     _json,
     _lines,
 )
+from publisher.staging.patterns import is_ignored
 from publisher.staging.storage import (
     LFS_SIZE_THRESHOLD,
     StoreError,
     check_path,
-    is_ignored,
 )
 from publisher.util.hashing import git_blob_id
 

@@ -147,6 +147,9 @@ class FilesApi(HubBase):
 
     async def resolve(self, request: Request, repo: str, rev: str, path: str, prefix: str = "") -> Response:
         found = self._repo(request, _url_type(prefix), repo)
+        if found.gated and not self._authenticated(request):  # the one user of this Hub is on every gate's list
+            raise StoreError(401, f"Access to {found.type} {found.id} is restricted. You must have access to it and be "
+                                  "authenticated to access it. Please log in.", "GatedRepo")
         commit = self.store.resolve(found, rev)
         path = check_path(path)
         entry = self.store.file(commit, path)

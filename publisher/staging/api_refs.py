@@ -96,5 +96,10 @@ class RefsApi(HubBase):
         self.store.create_tag(found, tag, rev)
         return JSONResponse({})
 
+    async def delete_tag(self, request: Request, t: str, repo: str, tag: str) -> Response:
+        found = self._repo(request, t, repo, write=True)
+        self.store.delete_tag(found, tag)
+        return JSONResponse({})
+
     # -- trees --------------------------------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ class ReposApi(HubBase):
             items.append({"_id": str(found.pk), "id": found.id, "modelId": found.id, "author": found.id.split("/")[0],
                           "sha": head, "private": found.private, "createdAt": found.created,
                           "lastModified": self.store.commit_info(head).get("date") if head else found.created,
-                          "downloads": 0, "likes": 0, "tags": [], "gated": False, "disabled": False})
+                          "downloads": 0, "likes": 0, "tags": [], "gated": found.gated or False,
+                          "disabled": False})
         if params.get("sort") in ("lastModified", "createdAt"):
             items.sort(key=lambda item: item[params["sort"]], reverse=params.get("direction") != "1")
         return JSONResponse(items[:limit])
@@ -100,6 +101,11 @@ class ReposApi(HubBase):
         body = await _json(request)
         if "private" in body or "visibility" in body:
             self.store.set_private(found, _private(body))
+        if "gated" in body:
+            gated = body["gated"]
+            if gated is not False and gated not in ("auto", "manual"):
+                raise StoreError(400, "'gated' must be false, 'auto' or 'manual'")
+            self.store.set_gated(found, gated or "")
         return JSONResponse({})
 
     async def stats(self, request: Request) -> Response:
@@ -141,6 +147,6 @@ class ReposApi(HubBase):
         return JSONResponse({
             "_id": str(found.pk), "id": found.id, "modelId": found.id, "author": found.id.split("/")[0],
             "sha": commit, "lastModified": info.get("date"), "createdAt": found.created, "private": found.private,
-            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
+            "gated": found.gated or False, "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
         })
 

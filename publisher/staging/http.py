@@ -47,6 +47,9 @@ MAX_JSON_BODY = 10 * 1024 * 1024
 MAX_NDJSON_LINE = 24 * 1024 * 1024  # a regular file is at most 10 MB on the Hub: ~13.4 MB as base64
 MAX_DRAIN = 1024 * 1024  # an error answer reads at most this much of an unread body, then closes the connection
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+# what a client sends about a repo (the API or a file's URL), whatever the rest of the path
+_REPO_PATH = re.compile(r"/api/(?:models|datasets|spaces)/[^/]+(?:/(?:revision|commits?|tree|refs|paths-info|preupload|"
+                        r"branch|tag|discussions|settings|super-squash)(?:/.*)?)?|/[^/]+/resolve/.+")
 TREE_PAGE = 1000
 TREE_PAGE_EXPANDED = 50
 USER = "staging"
@@ -120,6 +123,7 @@ class HubBase:
             ("POST", re.compile(rf"/api/{t}/{repo}/discussions"), "open_discussion"),
             ("GET", re.compile(rf"/api/{t}/{repo}/discussions/(?P<num>\d+)"), "discussion"),
             ("POST", re.compile(rf"/api/{t}/{repo}/tag/(?P<rev>[^/]+)"), "create_tag"),
+            ("DELETE", re.compile(rf"/api/{t}/{repo}/tag/(?P<tag>[^/]+)"), "delete_tag"),
             ("GET", re.compile(rf"/api/{t}/{repo}/revision/(?P<rev>[^/]+)"), "repo_info"),
             ("GET", re.compile(rf"/api/{t}/{repo}"), "repo_info"),
             ("POST", re.compile(r"/(?P<prefix>datasets/|spaces/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
@@ -172,6 +176,9 @@ class HubBase:
                         response = await getattr(self, name)(request, **args)
                     break
             else:
+                if _REPO_PATH.fullmatch(raw_path):  # a repo id of one segment (`gpt2`): no such repo is kept here
+                    raise StoreError(404 if self._authenticated(request) else 401,
+                                     f"Repository Not Found for url: {request.url}.", "RepoNotFound")
                 raise StoreError(404, f"Not found: {request.method} {raw_path}")
         except Exception as exc:
             if not isinstance(exc, StoreError):

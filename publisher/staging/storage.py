@@ -20,9 +20,10 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from publisher.staging.patterns import lfs_patterns, pattern_matches
 from publisher.util.hashing import git_blob_id
 
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB in LFS whatever their name
@@ -67,6 +68,7 @@ class Repo:
     id: str
     private: bool
     created: str
+    gated: str = ""  # "", "auto" or "manual" (the Hub's `gated` setting; "" answers False)
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,12 @@ def check_path(path: str) -> str:
     """A file path inside a repo as the Hub accepts it: relative, no '.', '..' or empty segment, no control
     character, nothing under `.git/`. Segments are split at '/' only: a backslash is an ordinary character of a name
     on the Hub (`folder/..\\..\\file` is one file in `folder/`); a client writing files refuses what would land
-    outside its folder (huggingface_hub does, and so does `publisher fetch`)."""
+    outside its folder (huggingface_hub does, and so does `publisher fetch`). A path that starts by leaving the repo
+    in either spelling (`..\\file`, `../file`) is refused, as the Hub refuses it (huggingface_hub's tests)."""
     if not path or path.startswith("/") or len(path) > 1024 or re.search(r"[\x00-\x1f\x7f]", path):
         raise StoreError(422, f"Invalid path {path!r}", "InvalidPath")
+    if re.split(r"[/\\]", path, maxsplit=1)[0] in (".", ".."):
+        raise StoreError(422, f"Invalid path {path!r}: it starts outside the repo", "InvalidPath")
     for segment in path.split("/"):
         if segment in ("", ".", ".."):
             raise StoreError(422, f"Invalid path {path!r}: no empty, '.' or '..' segments", "InvalidPath")
@@ -126,77 +131,6 @@ def _check_tree(current: dict[str, Any], changes: dict[str, Any]) -> None:
 
     if all(same(current.get(path), entry) for path, entry in changes.items()):
         raise StoreError(400, "No files have been modified since last commit (empty commit)", "EmptyCommit")
-
-
-MAX_PATTERN = 512  # longer .gitignore/.gitattributes lines are ignored
-
-
-def _glob(pattern: str, text: str) -> bool:
-    """Whole-string glob match (`*` and `?` stay within one folder, `**` spans folders), simulated as a set of
-    positions so that the time is at most len(pattern) x len(text): no regex backtracking to blow up."""
-    positions = {0}
-    i = 0
-    while i < len(pattern) and positions:
-        if pattern.startswith("**/", i):  # zero or more whole folders
-            start = min(positions)
-            positions = {start} | {q + 1 for q in range(start, len(text)) if text[q] == "/"}
-            i += 3
-        elif pattern.startswith("**", i):
-            positions = set(range(min(positions), len(text) + 1))
-            i += 2
-        elif pattern[i] == "*":
-            reached: set[int] = set()
-            for p in sorted(positions):
-                q = p
-                while True:
-                    if q in reached:
-                        break
-                    reached.add(q)
-                    if q >= len(text) or text[q] == "/":
-                        break
-                    q += 1
-            positions = reached
-            i += 1
-        else:
-            char = pattern[i]
-            positions = {p + 1 for p in positions if p < len(text)
-                         and (text[p] == char or (char == "?" and text[p] != "/"))}
-            i += 1
-    return len(text) in positions
-
-
-def _pattern_matches(pattern: str, path: str) -> bool:
-    """Git-style pattern: without '/', match the basename or any folder; with '/', match from the root (a match
-    of a folder covers what lies inside it)."""
-    pattern = pattern.rstrip("/")
-    if not pattern or len(pattern) > MAX_PATTERN:
-        return False
-    parts = PurePosixPath(path).parts
-    if "/" not in pattern:
-        return any(_glob(pattern, part) for part in parts)
-    pattern = pattern.lstrip("/")
-    return any(_glob(pattern, "/".join(parts[:n])) for n in range(1, len(parts) + 1))
-
-
-def lfs_patterns(gitattributes: str) -> list[str]:
-    patterns = []
-    for line in gitattributes.splitlines():
-        fields = line.split()
-        if fields and not fields[0].startswith("#") and "filter=lfs" in fields[1:]:
-            patterns.append(fields[0])
-    return patterns
-
-
-def is_ignored(gitignore: str, path: str) -> bool:
-    ignored = False
-    for raw in gitignore.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        if _pattern_matches(line[1:] if negate else line, path):
-            ignored = not negate
-    return ignored
 
 
 class HubStore:
@@ -226,7 +160,11 @@ class HubStore:
                 is_pr INTEGER NOT NULL, status TEXT NOT NULL, created TEXT NOT NULL, author TEXT NOT NULL,
                 PRIMARY KEY(repo, num));
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS renamed(type TEXT NOT NULL, key TEXT NOT NULL, repo INTEGER NOT NULL,
+                PRIMARY KEY(type, key));
         """)
+        if "gated" not in {row["name"] for row in self._db.execute("PRAGMA table_info(repos)")}:  # older stores
+            self._db.execute("ALTER TABLE repos ADD COLUMN gated TEXT NOT NULL DEFAULT ''")
         secret = self._db.execute("SELECT value FROM meta WHERE key='secret'").fetchone()
         if secret is None:
             self._db.execute("INSERT INTO meta VALUES('secret', ?)", (secrets.token_hex(32),))
@@ -277,11 +215,17 @@ class HubStore:
     # -- repos -------------------------------------------------------------------------------------------
 
     def _repo_from_row(self, row: sqlite3.Row) -> Repo:
-        return Repo(pk=row["pk"], type=row["type"], id=row["id"], private=bool(row["private"]), created=row["created"])
+        return Repo(pk=row["pk"], type=row["type"], id=row["id"], private=bool(row["private"]), created=row["created"],
+                    gated=row["gated"])
 
     def get_repo(self, repo_type: str, repo_id: str) -> Repo | None:
+        """The repo of that id, or the one renamed from it (the Hub keeps an old name working after a move)."""
         with self._lock:
             row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_key(repo_id))).fetchone()
+            if row is None:
+                row = self._db.execute("SELECT repos.* FROM renamed JOIN repos ON repos.pk=renamed.repo "
+                                       "WHERE renamed.type=? AND renamed.key=?",
+                                       (repo_type, repo_key(repo_id))).fetchone()
         return self._repo_from_row(row) if row else None
 
     def create_repo(self, repo_type: str, repo_id: str, private: bool, author: str) -> tuple[Repo, bool]:
@@ -293,6 +237,7 @@ class HubStore:
             created = now_iso()
             cursor = self._db.execute("INSERT INTO repos(type, id, key, private, created) VALUES(?,?,?,?,?)",
                                       (repo_type, repo_id, repo_key(repo_id), int(private), created))
+            self._db.execute("DELETE FROM renamed WHERE type=? AND key=?", (repo_type, repo_key(repo_id)))
             repo = Repo(pk=int(cursor.lastrowid or 0), type=repo_type, id=repo_id, private=private, created=created)
             content = DEFAULT_GITATTRIBUTES.encode()
             sha256 = self.put_bytes(content)
@@ -306,12 +251,17 @@ class HubStore:
         with self._lock, self._transaction():
             oids = [r[0] for r in self._db.execute("SELECT oid FROM commits WHERE repo=?", (repo.pk,))]
             self._db.executemany("DELETE FROM files WHERE commit_oid=?", [(o,) for o in oids])
-            for table, column in (("commits", "repo"), ("refs", "repo"), ("discussions", "repo"), ("repos", "pk")):
+            for table, column in (("commits", "repo"), ("refs", "repo"), ("discussions", "repo"), ("renamed", "repo"),
+                                  ("repos", "pk")):
                 self._db.execute(f"DELETE FROM {table} WHERE {column}=?", (repo.pk,))
 
     def set_private(self, repo: Repo, private: bool) -> None:
         with self._lock:
             self._db.execute("UPDATE repos SET private=? WHERE pk=?", (int(private), repo.pk))
+
+    def set_gated(self, repo: Repo, gated: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE repos SET gated=? WHERE pk=?", (gated, repo.pk))
 
     # -- refs and revisions ------------------------------------------------------------------------------
 
@@ -323,8 +273,9 @@ class HubStore:
     def resolve(self, repo: Repo, revision: str) -> str:
         name = revision.removeprefix("refs/heads/")
         with self._lock:
-            row = self._db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name IN (?, ?)",
-                                   (repo.pk, name, f"refs/tags/{name}")).fetchone()
+            # a branch and a tag may share a name (refs/heads/x, refs/tags/x): the branch wins, as a commit's target
+            row = self._db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name IN (?, ?) ORDER BY name=? DESC",
+                                   (repo.pk, name, f"refs/tags/{name}", name)).fetchone()
             if row:
                 return str(row[0])
             if re.fullmatch(r"[0-9a-f]{7,40}", revision):
@@ -338,22 +289,26 @@ class HubStore:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", name) or ".." in name or name.startswith("refs/"):
             raise StoreError(400, f"Invalid branch name '{name}'")
         with self._lock, self._transaction():
-            if name in self.refs(repo):
-                raise StoreError(409, f"Branch '{name}' already exists")
-            if f"refs/tags/{name}" in self.refs(repo):
-                raise StoreError(409, f"A tag named '{name}' exists: a branch and a tag cannot share a name")
+            if name in self.refs(repo):  # the Hub's wording, which clients match
+                raise StoreError(409, f"Reference refs/heads/{name} already exists")
             oid = self.resolve(repo, starting_point or "main")
             self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, name, oid))
 
     def delete_branch(self, repo: Repo, name: str) -> None:
         if name == "main":
-            raise StoreError(403, "Cannot delete the main branch")
+            raise StoreError(403, "Cannot delete refs/heads/main")
         if name.startswith("refs/"):  # tags and pull requests' refs are not branches
-            raise StoreError(404, f"Branch '{name}' not found", "RevisionNotFound")
+            raise StoreError(404, f"Invalid rev id: {name}", "RevisionNotFound")
         with self._lock:
             cursor = self._db.execute("DELETE FROM refs WHERE repo=? AND name=?", (repo.pk, name))
         if cursor.rowcount == 0:
-            raise StoreError(404, f"Branch '{name}' not found", "RevisionNotFound")
+            raise StoreError(404, f"Invalid rev id: {name}", "RevisionNotFound")
+
+    def delete_tag(self, repo: Repo, tag: str) -> None:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM refs WHERE repo=? AND name=?", (repo.pk, f"refs/tags/{tag}"))
+        if cursor.rowcount == 0:
+            raise StoreError(404, f"Invalid rev id: {tag} is not a tag", "RevisionNotFound")
 
     # -- trees and history -------------------------------------------------------------------------------
 
@@ -396,15 +351,18 @@ class HubStore:
         check_repo_id(new_id)
         with self._lock, self._transaction():
             if self._db.execute("SELECT 1 FROM repos WHERE type=? AND key=?", (repo.type, repo_key(new_id))).fetchone():
-                raise StoreError(409, f"You already have a repo named {new_id}")
+                raise StoreError(409, f"A {repo.type} repository called {new_id} already exists")
             self._db.execute("UPDATE repos SET id=?, key=? WHERE pk=?", (new_id, repo_key(new_id), repo.pk))
-        return Repo(pk=repo.pk, type=repo.type, id=new_id, private=repo.private, created=repo.created)
+            # the old name keeps answering for this repo until a repo of that name is created
+            self._db.execute("DELETE FROM renamed WHERE type=? AND key=?", (repo.type, repo_key(new_id)))
+            self._db.execute("INSERT OR REPLACE INTO renamed VALUES(?,?,?)", (repo.type, repo_key(repo.id), repo.pk))
+        return Repo(pk=repo.pk, type=repo.type, id=new_id, private=repo.private, created=repo.created, gated=repo.gated)
 
     def super_squash(self, repo: Repo, branch: str, message: str, author: str) -> str:
         """The branch's tree as one commit without a parent (the Hub's super-squash); the old commits stay
         reachable from other refs only."""
         with self._lock, self._transaction():
-            if branch not in self.refs(repo) or branch.startswith(("refs/tags/", "refs/pr/")):
+            if branch not in self.refs(repo) or branch.startswith("refs/tags/"):  # a branch or a PR's ref
                 raise StoreError(400 if branch in self.refs(repo) else 404,
                                  f"Invalid rev id: {branch} is not a branch", "RevisionNotFound")
             head = self.refs(repo)[branch]
@@ -541,22 +499,20 @@ class HubStore:
         return dict(row)
 
     def create_tag(self, repo: Repo, tag: str, revision: str) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", tag) or ".." in tag:
-            raise StoreError(400, f"Invalid tag name '{tag}'")
         with self._lock, self._transaction():
+            oid = self.resolve(repo, revision)  # a missing revision is named first, as on the Hub
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", tag) or ".." in tag:
+                raise StoreError(400, f"Invalid tag name '{tag}'")
             if f"refs/tags/{tag}" in self.refs(repo):
-                raise StoreError(409, f"Tag '{tag}' already exists")
-            if tag in self.refs(repo):
-                raise StoreError(409, f"A branch named '{tag}' exists: a branch and a tag cannot share a name")
-            self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, f"refs/tags/{tag}", self.resolve(repo,
-                                                                                                       revision)))
+                raise StoreError(409, f"Reference refs/tags/{tag} already exists")
+            self._db.execute("INSERT INTO refs VALUES(?,?,?)", (repo.pk, f"refs/tags/{tag}", oid))
 
     def upload_mode(self, repo: Repo, commit: str, path: str, size: int) -> str:
         if size > LFS_SIZE_THRESHOLD:
             return "lfs"
         attributes = self.file(commit, ".gitattributes")
         patterns = lfs_patterns(self.read_blob(attributes.sha256).decode("utf-8", "replace")) if attributes else []
-        return "lfs" if any(_pattern_matches(p, path) for p in patterns) else "regular"
+        return "lfs" if any(pattern_matches(p, path) for p in patterns) else "regular"
 
     def gitignore(self, commit: str) -> str:
         entry = self.file(commit, ".gitignore")
