@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -138,15 +139,18 @@ class ReposApi(HubBase):
         found = self._repo(request, t, repo)
         commit = self.store.resolve(found, rev)
         info = self.store.commit_info(commit)
-        siblings = []
-        for entry in self.store.files(commit):
-            sibling: dict[str, Any] = {"rfilename": entry.path, "size": entry.size, "blobId": entry.git_oid}
-            if entry.lfs:
-                sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": len(entry.pointer)}
-            siblings.append(sibling)
+        siblings = await asyncio.to_thread(self._siblings, commit)  # every file of the commit: off the event loop
         return JSONResponse({
             "_id": str(found.pk), "id": found.id, "modelId": found.id, "author": found.id.split("/")[0],
             "sha": commit, "lastModified": info.get("date"), "createdAt": found.created, "private": found.private,
             "gated": found.gated or False, "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
         })
 
+    def _siblings(self, commit: str) -> list[dict[str, Any]]:
+        siblings = []
+        for entry in self.store.files(commit):
+            sibling: dict[str, Any] = {"rfilename": entry.path, "size": entry.size, "blobId": entry.git_oid}
+            if entry.lfs:
+                sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": len(entry.pointer)}
+            siblings.append(sibling)
+        return siblings

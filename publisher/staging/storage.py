@@ -7,7 +7,10 @@ A commit is one SQLite transaction: readers see the branch before it or after it
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -119,6 +122,30 @@ def check_path(path: str) -> str:
     return path
 
 
+def _flush_to_disk(folder: Path, files: list[Path]) -> None:
+    """Make the files' bytes durable: one syncfs(2) of the folder's filesystem where the C library has it, else an
+    fsync per file."""
+    syncfs = getattr(_libc(), "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in files:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _check_tree(current: dict[str, Any], changes: dict[str, Any]) -> None:
     """The tree after a commit: no path may be both a file and a folder, and a commit must change something."""
     after = {p for p in current if changes.get(p, current[p]) is not None} | {p for p, e in changes.items() if e}
@@ -140,7 +167,11 @@ class HubStore:
         self.tmp = self.root / "tmp"
         for folder in (self.blobs, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        # one writer connection under the lock; reads go through a connection per thread and never wait for the
+        # lock (WAL: a reader sees the last committed state while a commit of thousands of files is written)
         self._lock = threading.RLock()
+        self._writer: int | None = None  # the thread inside a write transaction: its reads see its own writes
+        self._readers = threading.local()
         self._db = sqlite3.connect(self.root / "hub.sqlite", check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -174,6 +205,19 @@ class HubStore:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        if self._writer == threading.get_ident():
+            yield self._db
+            return
+        reader = getattr(self._readers, "db", None)
+        if reader is None:
+            reader = sqlite3.connect(self.root / "hub.sqlite", isolation_level=None)
+            reader.row_factory = sqlite3.Row
+            reader.execute("PRAGMA query_only=1")
+            self._readers.db = reader
+        yield reader
 
     # -- blobs ------------------------------------------------------------------------------------------
 
@@ -209,6 +253,30 @@ class HubStore:
             self.adopt_temp(temp, sha256)
         return sha256
 
+    def put_many(self, blobs: list[bytes]) -> list[str]:
+        """Store small blobs with one flush to disk for all of them (a commit of thousands of regular files would
+        otherwise wait for as many fsyncs), each renamed into place only after the flush."""
+        ids = [hashlib.sha256(data).hexdigest() for data in blobs]
+        written: dict[str, Path] = {}
+        try:
+            for sha256, data in zip(ids, blobs, strict=True):
+                if sha256 in written or self.has_blob(sha256, len(data)):
+                    continue
+                fd, temp = self.new_temp()
+                written[sha256] = temp
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+            if written:
+                _flush_to_disk(self.tmp, list(written.values()))
+                for sha256, temp in written.items():
+                    target = self.blob_path(sha256)
+                    target.parent.mkdir(exist_ok=True)
+                    os.replace(temp, target)
+        finally:
+            for temp in written.values():
+                temp.unlink(missing_ok=True)
+        return ids
+
     def read_blob(self, sha256: str) -> bytes:
         return self.blob_path(sha256).read_bytes()
 
@@ -220,10 +288,10 @@ class HubStore:
 
     def get_repo(self, repo_type: str, repo_id: str) -> Repo | None:
         """The repo of that id, or the one renamed from it (the Hub keeps an old name working after a move)."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_key(repo_id))).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_key(repo_id))).fetchone()
             if row is None:
-                row = self._db.execute("SELECT repos.* FROM renamed JOIN repos ON repos.pk=renamed.repo "
+                row = db.execute("SELECT repos.* FROM renamed JOIN repos ON repos.pk=renamed.repo "
                                        "WHERE renamed.type=? AND renamed.key=?",
                                        (repo_type, repo_key(repo_id))).fetchone()
         return self._repo_from_row(row) if row else None
@@ -266,20 +334,20 @@ class HubStore:
     # -- refs and revisions ------------------------------------------------------------------------------
 
     def refs(self, repo: Repo) -> dict[str, str]:
-        with self._lock:
+        with self._read() as db:
             return {r["name"]: r["commit_oid"] for r in
-                    self._db.execute("SELECT name, commit_oid FROM refs WHERE repo=? ORDER BY name", (repo.pk,))}
+                    db.execute("SELECT name, commit_oid FROM refs WHERE repo=? ORDER BY name", (repo.pk,))}
 
     def resolve(self, repo: Repo, revision: str) -> str:
         name = revision.removeprefix("refs/heads/")
-        with self._lock:
+        with self._read() as db:
             # a branch and a tag may share a name (refs/heads/x, refs/tags/x): the branch wins, as a commit's target
-            row = self._db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name IN (?, ?) ORDER BY name=? DESC",
+            row = db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name IN (?, ?) ORDER BY name=? DESC",
                                    (repo.pk, name, f"refs/tags/{name}", name)).fetchone()
             if row:
                 return str(row[0])
             if re.fullmatch(r"[0-9a-f]{7,40}", revision):
-                rows = self._db.execute("SELECT oid FROM commits WHERE repo=? AND oid LIKE ?",
+                rows = db.execute("SELECT oid FROM commits WHERE repo=? AND oid LIKE ?",
                                         (repo.pk, revision + "%")).fetchall()
                 if len(rows) == 1:
                     return str(rows[0][0])
@@ -313,12 +381,12 @@ class HubStore:
     # -- trees and history -------------------------------------------------------------------------------
 
     def files(self, commit: str, prefix: str = "") -> list[FileEntry]:
-        with self._lock:
+        with self._read() as db:
             if prefix:
-                rows = self._db.execute("SELECT * FROM files WHERE commit_oid=? AND (path=? OR substr(path, 1, ?)=?) "
+                rows = db.execute("SELECT * FROM files WHERE commit_oid=? AND (path=? OR substr(path, 1, ?)=?) "
                                         "ORDER BY path", (commit, prefix, len(prefix) + 1, prefix + "/")).fetchall()
             else:
-                rows = self._db.execute("SELECT * FROM files WHERE commit_oid=? ORDER BY path", (commit,)).fetchall()
+                rows = db.execute("SELECT * FROM files WHERE commit_oid=? ORDER BY path", (commit,)).fetchall()
         return [FileEntry(path=r["path"], size=r["size"], sha256=r["sha256"], git_oid=r["git_oid"], lfs=bool(r["lfs"]),
                           last_commit=r["last_commit"]) for r in rows]
 
@@ -327,8 +395,8 @@ class HubStore:
         return found[0] if found else None
 
     def commit_info(self, oid: str) -> dict[str, Any]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM commits WHERE oid=?", (oid,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM commits WHERE oid=?", (oid,)).fetchone()
         return dict(row) if row else {}
 
     def history(self, commit: str) -> list[dict[str, Any]]:
@@ -343,8 +411,8 @@ class HubStore:
         return log
 
     def list_repos(self, repo_type: str) -> list[Repo]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM repos WHERE type=? ORDER BY created, pk", (repo_type,)).fetchall()
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM repos WHERE type=? ORDER BY created, pk", (repo_type,)).fetchall()
         return [self._repo_from_row(row) for row in rows]
 
     def move_repo(self, repo: Repo, new_id: str) -> Repo:
@@ -373,8 +441,8 @@ class HubStore:
             return oid
 
     def discussions(self, repo: Repo) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(r) for r in self._db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC",
+        with self._read() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC",
                                                       (repo.pk,))]
 
     # -- commits -----------------------------------------------------------------------------------------
@@ -382,6 +450,7 @@ class HubStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
+        self._writer = threading.get_ident()
         try:
             yield
         except BaseException:
@@ -389,6 +458,8 @@ class HubStore:
             raise
         else:
             self._db.execute("COMMIT")
+        finally:
+            self._writer = None
 
     def _new_commit(self, repo: Repo, parent: str | None, title: str, message: str, author: str) -> str:
         self._seq += 1
@@ -418,13 +489,24 @@ class HubStore:
                     raise StoreError(412, "The branch was updated since you opened this page. "
                                           "Please refresh and try again.")
             current = {f.path: f for f in self.files(base)}
+            ordered = sorted(current)  # a folder's files are one range of it: found by bisection, not a scan
             changes: dict[str, FileEntry | None] = {}
+            added: dict[str, None] = {}  # paths this commit adds that the base does not have
+
+            def inside(folder: str) -> list[str]:
+                """The files under `folder/` now (the base's, with this commit's changes so far)."""
+                start = bisect.bisect_left(ordered, folder + "/")
+                end = bisect.bisect_left(ordered, folder + "0")  # "0" follows "/" in code point order
+                found = [p for p in ordered[start:end] if changes.get(p, current[p]) is not None]
+                return found + [p for p in added if p.startswith(folder + "/") and changes.get(p) is not None]
             for kind, value in ops:
                 path = str(value.get("path", ""))
                 path = check_path(path.rstrip("/") if kind == "deletedFolder" else path)
                 if kind == "file":
                     sha256, size, git_oid = value["_sha256"], value["_size"], value["_git_oid"]
                     changes[path] = FileEntry(path, size, sha256, git_oid, False, "")
+                    if path not in current:
+                        added[path] = None
                 elif kind == "lfsFile":
                     sha256, size = str(value.get("oid", "")), value.get("size")
                     if size is None and re.fullmatch(r"[0-9a-f]{64}", sha256) and self.blob_path(sha256).exists():
@@ -435,23 +517,22 @@ class HubStore:
                         raise StoreError(422, f"lfsFile '{path}': LFS object {sha256} of {size} bytes was not uploaded",
                                          "LfsObjectNotFound")
                     changes[path] = FileEntry(path, size, sha256, git_blob_id(lfs_pointer(sha256, size)), True, "")
+                    if path not in current:
+                        added[path] = None
                 elif kind == "deletedFile":
-                    exists = path in current and changes.get(path, current[path]) is not None
-                    inside = [p for p in list(current) + list(changes) if p.startswith(path + "/")
-                              and changes.get(p, current.get(p)) is not None]
-                    if not exists and inside:  # a folder named without its trailing slash: the Hub deletes it
-                        for existing in inside:
-                            changes[existing] = None
+                    if changes.get(path, current.get(path)) is not None:
+                        changes[path] = None
                         continue
-                    if not exists and changes.get(path) is None:
+                    under = inside(path)
+                    if not under:
                         raise StoreError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
-                    changes[path] = None
+                    for existing in under:  # a folder named without its trailing slash: the Hub deletes it
+                        changes[existing] = None
                 elif kind == "deletedFolder":
-                    folder = path + "/"
-                    found = [p for p in list(current) + list(changes) if p.startswith(folder)]
-                    if not found:
+                    under = inside(path)
+                    if not under:
                         raise StoreError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
-                    for existing in found:
+                    for existing in under:
                         changes[existing] = None
                 else:
                     raise StoreError(400, f"Unknown operation '{kind}'")
@@ -492,8 +573,8 @@ class HubStore:
             return number
 
     def discussion(self, repo: Repo, number: int) -> dict[str, Any]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM discussions WHERE repo=? AND num=?", (repo.pk, number)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM discussions WHERE repo=? AND num=?", (repo.pk, number)).fetchone()
         if row is None:
             raise StoreError(404, f"Discussion {number} not found", "DiscussionNotFound")
         return dict(row)
@@ -524,7 +605,7 @@ class HubStore:
         upload finds already stored is touched, so it counts as young again)."""
         cutoff = time.time() - older_than_s
         removed = 0
-        with self._lock:
+        with self._lock:  # no commit lands between the list of references and the removals
             referenced = {row[0] for row in self._db.execute("SELECT DISTINCT sha256 FROM files")}
             for blob in self.blobs.glob("*/*"):
                 try:
