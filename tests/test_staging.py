@@ -851,3 +851,20 @@ def test_gates_relative_names_and_the_hubs_wording(hf_api: HfApi, repo_id: str, 
     with pytest.raises(HfHubHTTPError, match=r"A model repository called .* already exists"):
         hf_api.move_repo(repo_id, other)
     hf_api.delete_repo(other)
+
+
+def test_values_of_the_wrong_type_are_a_4xx(repo_id: str, staging_hub: StagingHub) -> None:
+    """JSON fields of the wrong type (found by fuzzing every route's fields) are refused with a 4xx and the Hub's
+    X-Error-Message, never a 500."""
+    for body in ({"name": "x", "type": [1]}, {"name": ["x"], "organization": "o"}, {"name": "x", "organization": {}}):
+        status, headers, _ = _raw(staging_hub, "DELETE", "/api/repos/delete", json.dumps(body))
+        assert status == 400 and "x-error-message" in headers, body
+    status, _, _ = _raw(staging_hub, "POST", "/api/repos/move", json.dumps({"fromRepo": repo_id, "toRepo": "a/b",
+                                                                           "type": {"a": 1}}))
+    assert status == 400
+    for content in (1, None, [], {"a": 1}):
+        lines = [{"key": "header", "value": {"summary": "s"}},
+                 {"key": "file", "value": {"path": "p.txt", "content": content}}]
+        status, headers, _ = _raw(staging_hub, "POST", f"/api/models/{repo_id}/commit/main",
+                                  "\n".join(json.dumps(line) for line in lines))
+        assert status == 400 and "must be strings" in headers["x-error-message"], content

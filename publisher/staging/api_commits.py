@@ -150,6 +150,8 @@ def _regular_file(number: int, value: dict[str, Any]) -> tuple[str, bytes]:
     """A `file` line's path and bytes, checked as the Hub checks them."""
     if value.get("encoding", "base64") != "base64":
         raise StoreError(400, f"line {number}: only base64 encoding is accepted")
+    if not isinstance(value.get("content", ""), str) or not isinstance(value.get("path"), str):
+        raise StoreError(400, f"line {number}: 'path' and 'content' must be strings")
     try:
         data = base64.b64decode(value.get("content", ""), validate=True)
     except ValueError as exc:

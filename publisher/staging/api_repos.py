@@ -29,12 +29,12 @@ class ReposApi(HubBase):
         self._require_write(request)
         body = await _json(request)
         name, org = body.get("name"), body.get("organization")
-        if not isinstance(name, str):
-            raise StoreError(400, "'name' is required")
+        if not isinstance(name, str) or not isinstance(org, str | None):
+            raise StoreError(400, "'name' is required, and it and 'organization' must be strings")
         repo_id = f"{org}/{name}" if org else name
         if "/" not in repo_id:
             repo_id = f"{USER}/{repo_id}"
-        repo_type = body.get("type") or "model"
+        repo_type = _repo_type(body)
         if repo_type not in PREFIXES:
             raise StoreError(400, f"Invalid repo type '{repo_type}'")
         repo, created = self.store.create_repo(repo_type, repo_id, _private(body), USER)
@@ -47,8 +47,10 @@ class ReposApi(HubBase):
         self._require_write(request)
         body = await _json(request)
         name, org = body.get("name"), body.get("organization")
-        repo_id = f"{org}/{name}" if org else str(name)
-        repo_type = body.get("type") or "model"
+        if not isinstance(name, str) or not isinstance(org, str | None):
+            raise StoreError(400, "'name' and 'organization' must be strings")
+        repo_id = f"{org}/{name}" if org else name
+        repo_type = _repo_type(body)
         if repo_type not in PREFIXES:
             raise StoreError(400, f"Invalid repo type '{repo_type}'")
         repo = self._repo(request, repo_type + "s", repo_id)
@@ -58,7 +60,7 @@ class ReposApi(HubBase):
     async def move_repo(self, request: Request) -> Response:
         self._require_write(request)
         body = await _json(request)
-        source, target, repo_type = body.get("fromRepo"), body.get("toRepo"), body.get("type") or "model"
+        source, target, repo_type = body.get("fromRepo"), body.get("toRepo"), _repo_type(body)
         if not isinstance(source, str) or not isinstance(target, str) or repo_type not in PREFIXES:
             raise StoreError(400, "'fromRepo' and 'toRepo' are required, 'type' must be model, dataset or space")
         self.store.move_repo(self._repo(request, repo_type + "s", source, write=True), target)
@@ -154,3 +156,10 @@ class ReposApi(HubBase):
                 sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": len(entry.pointer)}
             siblings.append(sibling)
         return siblings
+
+
+def _repo_type(body: dict[str, Any]) -> str:
+    value = body.get("type") or "model"
+    if not isinstance(value, str):
+        raise StoreError(400, "'type' must be model, dataset or space")
+    return value
