@@ -240,6 +240,10 @@ class Runners(_Model):
                                          "verify (ubuntu-24.04 has 16 GiB)")] = "ubuntu-24.04"
     compile: Annotated[StrictStr, Field(pattern=RUNNER_LABEL, description="macOS job: compile, Core ML check")] \
         = "macos-14"
+    coreai_check: Annotated[StrictStr | None, Field(pattern=RUNNER_LABEL, description="optional macOS 27 job: each "
+                            "Core AI bundle loaded through the OS framework and held to its stored PyTorch outputs "
+                            "(`publisher verify --runtime coreai`) before anything is published; none by "
+                            "default")] = None
 
 
 class Manifest(_Model):

@@ -306,8 +306,9 @@ class Plan:
              "variants": " ".join(v.id for v in group), "manifest": group[0].manifest_path,
              "repos": " ".join(sorted({v.repo_id for v in group})),
              "compile": any(Layout.COMPILED in v.layouts for v in group),
-             # a group is one manifest's variants: its runners
-             "runner": group[0].convert_runner, "compile_runner": group[0].compile_runner}
+             # a group is one manifest's variants: its runners; a Core AI check's only where it has a bundle
+             "runner": group[0].convert_runner, "compile_runner": group[0].compile_runner,
+             "coreai_runner": group[0].coreai_runner if any(v.coreai for v in group) else ""}
             for group in groups
         ]}
 
@@ -419,7 +420,8 @@ def _source_fields(manifest: Any) -> dict[str, Any]:
             "license": manifest.license, "family": manifest.family, "source_file": source.file or "",
             "source_config": (source.config.repo, source.config.revision) if source.config else ("", ""),
             "source_loras": tuple((lora.repo, lora.file, lora.revision, float(lora.scale)) for lora in source.loras),
-            "convert_runner": manifest.runners.convert, "compile_runner": manifest.runners.compile}
+            "convert_runner": manifest.runners.convert, "compile_runner": manifest.runners.compile,
+            "coreai_runner": manifest.runners.coreai_check or ""}
 
 
 def _with_controlnet(manifest: Any, target: Any, attention: Attention, size: Any) -> list[Component]:

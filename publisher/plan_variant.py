@@ -73,6 +73,7 @@ class Variant:
     # where the workflow runs it (not part of what it is: absent from to_json)
     convert_runner: str = "ubuntu-24.04"
     compile_runner: str = "macos-14"
+    coreai_runner: str = ""  # the optional macOS 27 job that checks Core AI bundles ("": none)
 
     @property
     def model_family(self) -> ModelFamily:

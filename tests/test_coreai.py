@@ -156,7 +156,22 @@ def test_a_bundle_is_built_published_and_runs_as_pytorch(tmp_path: Path, staging
                                                 [("image", "NDArray (Float16, 1 × 3 × 256 × 256)")])
     assert interfaces["VAEEncoder.aimodel"] == ([("image", "NDArray (Float16, 1 × 3 × 256 × 256)")],
                                                 [("latent_params", "NDArray (Float16, 1 × 8 × 32 × 32)")])
+    # `publisher verify --runtime coreai`: each asset on the seeded inputs its build stored, against PyTorch float32
+    # (the UNet's is the loop below: a UNet call takes ~20 s on this runtime)
+    from publisher.verify.coreai import check_asset, verify_bundles
+    from publisher.verify.fidelity import REFERENCE, Reference
+
+    checks = verify_bundles(out, tmp_path / "store", ["text_encoder", "vae_decoder", "vae_encoder"])
+    assert [c.component for _, c in checks] == ["text_encoder", "vae_decoder", "vae_encoder"]
+    assert all(c.passed and c.held_to_bar and min(c.psnr_db.values()) >= 35 for _, c in checks), checks
     info = json.loads((bundle / "build-info.json").read_text())
+    assert info["fidelity"]["coreai_text_encoder"]["coreai_psnr_db"]["last_hidden_state"] >= 35
+    key = info["coreai"]["text_encoder"]["reference"]
+    stored = Reference.load(tmp_path / "store" / "objects" / key[:2] / key / REFERENCE)
+    stored.outputs = {name: value + 0.5 * np.abs(value).max() for name, value in stored.outputs.items()}
+    wrong = check_asset(bundle / "TextEncoder.aimodel", stored, compressed=False, runtime="test")
+    assert not wrong.passed and min(wrong.psnr_db.values()) < 35  # the check can fail
+    assert check_asset(bundle / "TextEncoder.aimodel", stored, compressed=True, runtime="test").passed  # no bar
     assert {c: r["compression"] for c, r in info["coreai"].items()} == dict.fromkeys(info["coreai"], "float16")
     assert set(info["coreai"]["unet"]["storage_types"]) == {"Float16", "Float32", "Int32", "UInt32", "UInt64"}
 

@@ -41,7 +41,10 @@ def test_only_the_publish_job_sees_the_token_and_never_on_pull_requests() -> Non
         dumped = json.dumps(job)
         if job_name == "publish":
             assert "secrets.HF_TOKEN" in dumped
-            assert job["if"] == "github.event_name != 'pull_request'"
+            condition = job["if"].split(" && ")
+            assert "github.event_name != 'pull_request'" in condition and "needs.compile.result == 'success'" in condition
+            # the optional Core AI check gates publishing where it ran; skipped, it does not block
+            assert "coreai-check" in job["needs"] and "needs.coreai-check.result == 'skipped'" in job["if"]
             assert job["environment"] == "hub-publish"
             assert job["concurrency"]["group"] == "publish-${{ matrix.repo }}"
         else:
@@ -112,3 +115,27 @@ def test_actionlint_and_zizmor_pass() -> None:
         files = [str(WORKFLOWS / "ci.yml"), str(WORKFLOWS / "publish.yml")]
         result = subprocess.run(command + files, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_core_ai_check_runs_where_a_manifest_names_its_runner(tmp_path: Path) -> None:
+    """`runners.coreai_check` puts a group with a Core AI bundle on the optional macOS 27 job (its packages artifact
+    by index), which loads the bundles through the OS framework; groups without a bundle or a runner are not in it."""
+    from publisher.manifest import load_manifests
+    from publisher.plan import build_plan
+
+    job = load("publish.yml")["jobs"]["coreai-check"]
+    assert job["runs-on"] == "${{ matrix.coreai_runner }}" and job["needs"] == ["plan", "convert"]
+    steps = json.dumps(job["steps"])
+    assert "packages-${{ matrix.index }}" in steps and "--runtime coreai --require-os-framework" in steps
+    assert "USE_OS_COREAI" in steps
+    text = (ROOT / "manifests" / "sd-v1-5.yaml").read_text()
+    assert "coreai_check" not in text  # optional: no manifest of the project asks for it yet
+    manifest = tmp_path / "sd.yaml"
+    manifest.write_text(text.replace("runners:", "runners:\n  coreai_check: macos-27", 1) if "runners:" in text
+                        else text + "runners:\n  coreai_check: macos-27\n")
+    matrix = build_plan(load_manifests([manifest]), namespace="ns").github_matrix()
+    runners = {entry["coreai_runner"] for entry in matrix["include"]}
+    assert runners == {"", "macos-27"}
+    for entry in matrix["include"]:
+        bundles = [variant for variant in entry["variants"].split() if variant.endswith("/coreai")]
+        assert (entry["coreai_runner"] == "macos-27") == bool(bundles), entry

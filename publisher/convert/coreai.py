@@ -301,6 +301,19 @@ def export_asset(source: Path, component: Component, resolution: int, compressio
     return {"asset": output.name, "compression": applied.label, "storage_types": types_}
 
 
+def reference_io(source: Path, component: Component, resolution: int, seed: int = 0
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Seeded inputs of an asset's interface (the values its float16 and int32 inputs hold, by Apple's names) and
+    the PyTorch float32 outputs on them: what `publisher verify --runtime coreai` holds the asset to."""
+    module = load_wrapper(source, component, torch.float32)
+    inputs = example_inputs(module, component, resolution, torch.float16, seed)
+    _, input_names, output_names = ASSETS[component]
+    with torch.no_grad():
+        output = module(*(t if t.dtype == torch.int32 else t.to(torch.float32) for t in inputs))
+    return ({name: t.numpy() for name, t in zip(input_names, inputs, strict=True)},
+            {output_names[0]: output.numpy()})
+
+
 def asset_interface(asset: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """The `main` function's inputs and outputs as Core AI describes them: (name, "NDArray (Float16, 2 × 4 × 32 ×
     32)") pairs, in order."""

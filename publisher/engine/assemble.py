@@ -165,7 +165,9 @@ class Assembler:
             component = Component(step.params.component)
             stored = self.state.outputs[step.id].path
             link_tree(stored / asset_file(component), staged / asset_file(component))
-            laid.coreai[component.value] = json.loads((stored / "coreai.json").read_text())
+            # the record, and where the stored PyTorch outputs it is held to are (`publisher verify --runtime coreai`)
+            laid.coreai[component.value] = {**json.loads((stored / "coreai.json").read_text()),
+                                            "reference": self.state.outputs[step.id].key}
             assets[component.value] = asset_file(component)
             if variant.role_of(component) == "vae":  # the custom VAE's fetch lays it out under vae/
                 vae = dict(read_config(self.state.source(step).path, "vae") or vae)

@@ -222,9 +222,11 @@ class StepActions:
 
     def coreai(self, step: Step, work: Path) -> None:
         """One Core AI asset: exported, compressed, saved with the source's metadata, its compression checked on
-        what was written; its record (`coreai.json`: storage types, digest) beside it."""
+        what was written; its record (`coreai.json`: storage types) beside it, and the seeded inputs and PyTorch
+        outputs it is held to (`publisher verify --runtime coreai`)."""
         from publisher.convert.coreai import export_asset
         from publisher.coreai_bundle import CoreAICompression, asset_file
+        from publisher.verify.coreai import write_coreai_reference
 
         p = step.params
         assert isinstance(p, CoreAIParams)
@@ -236,6 +238,8 @@ class StepActions:
                                 CoreAICompression(p.compression, p.nbits), work / asset_file(component), p.author,
                                 p.license, description, 0.0)
         atomic_write_text(work / "coreai.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        self.state.run(write_coreai_reference, self.state.source_path(step), component, size_of(p.resolution)[0],
+                       work / REFERENCE)
 
     def zip(self, step: Step, work: Path) -> None:
         assert isinstance(step.params, ZipParams)

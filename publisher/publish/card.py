@@ -200,10 +200,22 @@ def _coreai_usage(bundles: Sequence[dict[str, Any]], repo_id: str) -> list[str]:
         "",
         f"Stored weights: {stored}. Each compression is checked on the saved asset's stored value types (a weight "
         "Core AI's tools skip fails the build); the assets are exported with Core AI's own converter "
-        "(coreai-torch) and, on tiny models in this project's tests, run through Core AI's runtime against "
-        "PyTorch. Full-size bundles are not run on the Linux build machine.",
+        "(coreai-torch). Each asset's build stores seeded inputs and the PyTorch float32 outputs on them; "
+        "`publisher verify --runtime coreai` runs the asset through Core AI's runtime on those inputs and holds a "
+        "float16 asset to 35 dB PSNR (a compressed one: finite outputs of the right shapes, PSNR recorded). The "
+        "publishing workflow runs that check on macOS 27 through the OS framework, before publishing, for "
+        "manifests that name such a runner (`runners.coreai_check`); full-size bundles are not run on the Linux "
+        f"build machine (a UNet call takes minutes on Core AI's CPU runtime).{_coreai_figures(info)}",
         "",
     ]
+
+
+def _coreai_figures(info: dict[str, Any]) -> str:
+    """The check's figures where this build ran it."""
+    figures = [f"{component.removeprefix('coreai_')} {min(record['coreai_psnr_db'].values()):.1f} dB"
+               for component, record in sorted(info.get("fidelity", {}).items())
+               if component.startswith("coreai_") and record.get("coreai_psnr_db")]
+    return f" Checked for this build: {', '.join(figures)} (lowest output PSNR)." if figures else ""
 
 
 def _resources(family: ModelFamily, variant: dict[str, Any]) -> str:
