@@ -90,9 +90,9 @@ def test_schema_round_trip(tmp_path: Path) -> None:
 
 def test_the_core_ai_check_refuses_a_runtime_that_is_not_the_os_framework(tmp_path: Path) -> None:
     """`--require-os-framework` (the macOS 27 job's) fails in one line where Core AI's runtime is its CPU reference
-    one (Linux), before reading anything; without a bundle in the folder the check says so."""
+    one (Linux), before reading anything; a folder without a build says so."""
     result = run("verify", str(tmp_path), "--runtime", "coreai", "--require-os-framework")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "not the OS framework" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("verify", str(tmp_path), "--runtime", "coreai")
-    assert result.returncode == 1 and "no Core AI bundle to check" in result.stderr
+    assert result.returncode == 1 and "no build-info.json found" in result.stderr
