@@ -1,7 +1,5 @@
-"""The staging Hub's storage: content-addressed blobs on disk, repos/commits/refs/trees in SQLite.
+"""The staging Hub's storage: content-addressed blobs on disk (blobs.py), repos/commits/refs/trees in SQLite.
 
-Blobs are written to a temp file while hashing and renamed into place only once their sha256 is known (and,
-for LFS uploads, equal to what the client announced), so a blob path that exists always holds the right bytes.
 A commit is one SQLite transaction: readers see the branch before it or after it, never half of it.
 """
 
@@ -9,15 +7,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
-import functools
 import hashlib
-import os
 import re
 import secrets
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -26,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from publisher.staging.blobs import BlobFiles
+from publisher.staging.errors import StoreError
 from publisher.staging.patterns import lfs_patterns, pattern_matches
 from publisher.util.hashing import git_blob_id
 
@@ -42,7 +37,6 @@ DEFAULT_LFS_PATTERNS = (
 DEFAULT_GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in DEFAULT_LFS_PATTERNS)
 
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -52,16 +46,6 @@ def repo_key(repo_id: str) -> str:
     """Repo ids compare case-insensitively in ASCII only: Unicode folding would let the Kelvin sign (U+212A) reach
     repo `k` (a Hub repo id is ASCII; a non-ASCII one matches no repo)."""
     return repo_id.translate(_ASCII_LOWER)
-
-
-class StoreError(Exception):
-    """A refused operation: HTTP status, the Hub's X-Error-Code (if any), a message."""
-
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -122,30 +106,6 @@ def check_path(path: str) -> str:
     return path
 
 
-def _flush_to_disk(folder: Path, files: list[Path]) -> None:
-    """Make the files' bytes durable: one syncfs(2) of the folder's filesystem where the C library has it, else an
-    fsync per file."""
-    syncfs = getattr(_libc(), "syncfs", None)
-    if syncfs is not None:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            if syncfs(fd) == 0:
-                return
-        finally:
-            os.close(fd)
-    for path in files:
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
 def _check_tree(current: dict[str, Any], changes: dict[str, Any]) -> None:
     """The tree after a commit: no path may be both a file and a folder, and a commit must change something."""
     after = {p for p in current if changes.get(p, current[p]) is not None} | {p for p, e in changes.items() if e}
@@ -160,7 +120,7 @@ def _check_tree(current: dict[str, Any], changes: dict[str, Any]) -> None:
         raise StoreError(400, "No files have been modified since last commit (empty commit)", "EmptyCommit")
 
 
-class HubStore:
+class HubStore(BlobFiles):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.blobs = self.root / "blobs"
@@ -220,65 +180,6 @@ class HubStore:
         yield reader
 
     # -- blobs ------------------------------------------------------------------------------------------
-
-    def blob_path(self, sha256: str) -> Path:
-        if not _SHA256_RE.fullmatch(sha256):
-            raise StoreError(400, f"Invalid sha256 '{sha256}'")
-        return self.blobs / sha256[:2] / sha256
-
-    def has_blob(self, sha256: str, size: int) -> bool:
-        try:
-            return self.blob_path(sha256).stat().st_size == size
-        except FileNotFoundError:
-            return False
-
-    def new_temp(self) -> tuple[int, Path]:
-        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="upload-")
-        return fd, Path(name)
-
-    def adopt_temp(self, temp: Path, sha256: str) -> None:
-        """Move a fully written, verified temp file into the blob store (fsync first: never lose a commit's data)."""
-        target = self.blob_path(sha256)
-        target.parent.mkdir(exist_ok=True)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-
-    def put_bytes(self, data: bytes) -> str:
-        sha256 = hashlib.sha256(data).hexdigest()
-        if not self.has_blob(sha256, len(data)):
-            fd, temp = self.new_temp()
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            self.adopt_temp(temp, sha256)
-        return sha256
-
-    def put_many(self, blobs: list[bytes]) -> list[str]:
-        """Store small blobs with one flush to disk for all of them (a commit of thousands of regular files would
-        otherwise wait for as many fsyncs), each renamed into place only after the flush."""
-        ids = [hashlib.sha256(data).hexdigest() for data in blobs]
-        written: dict[str, Path] = {}
-        try:
-            for sha256, data in zip(ids, blobs, strict=True):
-                if sha256 in written or self.has_blob(sha256, len(data)):
-                    continue
-                fd, temp = self.new_temp()
-                written[sha256] = temp
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-            if written:
-                _flush_to_disk(self.tmp, list(written.values()))
-                for sha256, temp in written.items():
-                    target = self.blob_path(sha256)
-                    target.parent.mkdir(exist_ok=True)
-                    os.replace(temp, target)
-        finally:
-            for temp in written.values():
-                temp.unlink(missing_ok=True)
-        return ids
-
-    def read_blob(self, sha256: str) -> bytes:
-        return self.blob_path(sha256).read_bytes()
 
     # -- repos -------------------------------------------------------------------------------------------
 
@@ -615,24 +516,3 @@ class HubStore:
                 except FileNotFoundError:
                     pass
         return removed
-
-    def touch_blob(self, sha256: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.blob_path(sha256))
-
-    def clean_temp(self, older_than_s: float = 3600.0) -> int:
-        """Remove upload temp files left by aborted uploads."""
-        removed = 0
-        cutoff = time.time() - older_than_s
-        for temp in self.tmp.iterdir():
-            try:
-                if temp.stat().st_mtime < cutoff:
-                    if temp.is_dir():
-                        shutil.rmtree(temp, ignore_errors=True)
-                    else:
-                        temp.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
-
