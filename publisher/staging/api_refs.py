@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 from typing import Any
 
@@ -38,7 +39,7 @@ class RefsApi(HubBase):
 
     async def commits(self, request: Request, t: str, repo: str, rev: str) -> Response:
         found = self._repo(request, t, repo)
-        log = self.store.history(self.store.resolve(found, rev))
+        log = await asyncio.to_thread(self.store.history, self.store.resolve(found, rev))  # a query per commit
         formatted = "formatted" in request.query_params.getlist("expand[]")
         return JSONResponse([{"id": c["oid"], "title": c["title"], "message": c["message"], "date": c["date"],
                               "authors": [{"user": c["author"]}],

@@ -74,9 +74,16 @@ class ReposApi(HubBase):
             limit = max(1, min(int(params.get("limit", "1000")), 1000))
         except ValueError as exc:
             raise StoreError(400, "'limit' must be an integer") from exc
-        visible = self._authenticated(request)
+        # every repo's head and date: a query per repo, off the event loop
+        items = await asyncio.to_thread(self._listed, t.removesuffix("s"), self._authenticated(request), author,
+                                        search)
+        if params.get("sort") in ("lastModified", "createdAt"):
+            items.sort(key=lambda item: item[params["sort"]], reverse=params.get("direction") != "1")
+        return JSONResponse(items[:limit])
+
+    def _listed(self, repo_type: str, visible: bool, author: str | None, search: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        for found in self.store.list_repos(t.removesuffix("s")):
+        for found in self.store.list_repos(repo_type):
             if (found.private and not visible) or (author and found.id.split("/")[0] != author) or \
                     (search and search not in found.id.lower()):
                 continue
@@ -86,9 +93,7 @@ class ReposApi(HubBase):
                           "lastModified": self.store.commit_info(head).get("date") if head else found.created,
                           "downloads": 0, "likes": 0, "tags": [], "gated": found.gated or False,
                           "disabled": False})
-        if params.get("sort") in ("lastModified", "createdAt"):
-            items.sort(key=lambda item: item[params["sort"]], reverse=params.get("direction") != "1")
-        return JSONResponse(items[:limit])
+        return items
 
     async def super_squash(self, request: Request, t: str, repo: str, rev: str) -> Response:
         found = self._repo(request, t, repo, write=True)
@@ -96,7 +101,7 @@ class ReposApi(HubBase):
         message = body.get("message") or f"Super-squash branch '{rev}'"
         if not isinstance(message, str):
             raise StoreError(400, "'message' must be a string")
-        oid = self.store.super_squash(found, rev, message, USER)
+        oid = await asyncio.to_thread(self.store.super_squash, found, rev, message, USER)  # copies the whole tree
         return JSONResponse({"commitId": oid})
 
     async def settings(self, request: Request, t: str, repo: str) -> Response:
