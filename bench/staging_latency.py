@@ -127,6 +127,10 @@ def main() -> None:
                                                                  json.dumps({"content": card}).encode(),
                                                                  {"Content-Type": "application/json"}))
 
+        big = [f"key_{i}: [a, b, {{c: d, e: [1, 2, 3]}}]" for i in range(6000)]
+        measure(url, "validate-yaml 256 KiB card", lambda: request(url, "POST", "/api/validate-yaml", json.dumps(
+            {"content": "---\n" + "\n".join(big) + "\n---\n"}).encode(), {"Content-Type": "application/json"}))
+
         def slowloris() -> None:
             host, port_ = urlparse(url).hostname, urlparse(url).port
             socks = []
