@@ -95,9 +95,22 @@ def test_an_asset_is_reproducible_and_a_skipped_compression_is_an_error(tiny_sou
     files = []
     for name in ("a", "b"):
         asset = tmp_path / name / "VAEDecoder.aimodel"
-        export_asset(tiny_source, Component.VAE_DECODER, 128, CoreAICompression(), asset, "tiny", "mit", "d", 0.0)
+        record = export_asset(tiny_source, Component.VAE_DECODER, 128, CoreAICompression(), asset, "tiny", "mit", "d",
+                              0.0)
         files.append({p.relative_to(asset).as_posix(): p.read_bytes() for p in asset.rglob("*") if p.is_file()})
     assert files[0] == files[1] and set(files[0]) == {"main.mlirb", "main.hash", "metadata.json"}
+    # a float16 asset's weights are the source's, byte for byte (the check that runs at full size on Linux); the
+    # decoder's program holds the decoder's weights, not the encoder's, and another source's are refused
+    from publisher.convert.coreai import check_weights
+    from publisher.tiny import build_tiny_pipeline
+
+    decoder_weights = sum(1 for p in _vae_parameters(tiny_source) if p.startswith(("decoder.", "post_quant_conv.")))
+    assert 0 < record["weights_checked"] <= decoder_weights
+    with pytest.raises(ToolchainError, match="source weights are not in the asset as float16"):
+        check_weights(tmp_path / "a" / "VAEDecoder.aimodel", tiny_source, Component.VAE_ENCODER)
+    other = build_tiny_pipeline(tmp_path / "other", seed=7, components=(Component.VAE_DECODER,))
+    with pytest.raises(ToolchainError, match=f"of {record['weights_checked']} source weights are not in the asset"):
+        check_weights(tmp_path / "a" / "VAEDecoder.aimodel", other, Component.VAE_DECODER)
     with pytest.raises(ToolchainError, match="INT4 per-block \\(32\\) compression did not happen"):
         check_compressed(tmp_path / "a" / "VAEDecoder.aimodel", CoreAICompression("int4"), expected=10_000)
     # Apple's INT4 preset on the UNet: its conv and linear weights of 32768 values or more stored as 4-bit integers
@@ -259,3 +272,9 @@ def test_bundle_metadata_decodes_as_the_swift_descriptor_reads_it() -> None:
     assert metadata["compression"] == "INT4 per-block (32)" and metadata["assets"] == {"unet": "Unet.aimodel"}
     with pytest.raises(SourceError, match="prediction_type 'sample' is not one Apple's Core AI pipeline takes"):
         bundle_metadata("repo", {}, 512, {}, {**scheduler, "prediction_type": "sample"}, {}, CoreAICompression())
+
+
+def _vae_parameters(source: Path) -> list[str]:
+    from diffusers import AutoencoderKL
+
+    return list(AutoencoderKL.from_pretrained(source / "vae").state_dict())

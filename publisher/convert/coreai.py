@@ -285,8 +285,8 @@ def save_asset(program: Any, output: Path, author: str, license_name: str, descr
 
 def export_asset(source: Path, component: Component, resolution: int, compression: CoreAICompression,
                  output: Path, author: str, license_name: str, description: str, created: float) -> dict[str, Any]:
-    """Convert, compress (text encoder and UNet), save and check one component's asset; returns what build-info
-    records of it (its compression and stored value types)."""
+    """Convert, compress (text encoder and UNet), save and check one component's asset (its stored value types; a
+    float16 asset's weights against the source's); returns what build-info records of it."""
     dtype = torch.float16
     module = load_wrapper(source, component, dtype)
     applied = compression if component in COMPRESSIBLE else CoreAICompression()
@@ -296,9 +296,13 @@ def export_asset(source: Path, component: Component, resolution: int, compressio
         del module
         program = compress_program(program, applied)
         save_asset(program, output, author, license_name, description, created)
+    del program  # the checks below load what was saved
     types_ = check_compressed(output, applied, expected)
     # the files' sha256 are in build-info's file list (the bytes are reproducible: no digest of the meaning needed)
-    return {"asset": output.name, "compression": applied.label, "storage_types": types_}
+    record: dict[str, Any] = {"asset": output.name, "compression": applied.label, "storage_types": types_}
+    if applied.kind == "float16":  # a compressed asset's weights are not the source's bytes
+        record.update(check_weights(output, source, component))
+    return record
 
 
 def reference_io(source: Path, component: Component, resolution: int, seed: int = 0
@@ -312,6 +316,67 @@ def reference_io(source: Path, component: Component, resolution: int, seed: int 
         output = module(*(t if t.dtype == torch.int32 else t.to(torch.float32) for t in inputs))
     return ({name: t.numpy() for name, t in zip(input_names, inputs, strict=True)},
             {output_names[0]: output.numpy()})
+
+
+# the parameters of the wrapped model a component's program holds (the VAE wrapper holds the whole AutoencoderKL)
+_PARAMETERS = {Component.VAE_DECODER: ("model.decoder.", "model.post_quant_conv."),
+               Component.VAE_ENCODER: ("model.encoder.", "model.quant_conv.")}
+
+
+def _float16_constants(program: Any) -> Iterator[bytes]:
+    """The bytes of each float16 constant of a loaded program (dense resources included)."""
+    # coreai-opt's reader of a constant's values; pinned with the coreai extra (the program has no public walk)
+    from coreai_opt.coreai_utils._coreai_imports import _get_constant_value_as_np_array
+
+    pending = [program._module._mlir_module.operation]
+    while pending:
+        operation = pending.pop()
+        # float16 tensors only: the reader sizes its buffer from the bit width, which overflows for i1 masks
+        if operation.name == "coreai.constant" and str(operation.result.type).endswith("xf16>"):
+            yield _get_constant_value_as_np_array(operation).tobytes()
+        pending.extend(inner.operation for region in operation.regions for block in region.blocks
+                       for inner in block.operations)
+
+
+def _weight_forms(source: Path, component: Component) -> dict[str, list[bytes]]:
+    """Each of the component's source weights in float16, as the asset may hold it: as it is, or transposed (a VAE
+    attention's projections are stored for a batched matmul); weights whose values are all equal are left out (Core
+    AI may store them as one value)."""
+    return {name.removeprefix("model."): [tensor.detach().contiguous().numpy().tobytes()]
+            + ([tensor.detach().T.contiguous().numpy().tobytes()] if tensor.dim() == 2 else [])
+            for name, tensor in load_wrapper(source, component, torch.float16).state_dict().items()
+            if name.startswith(_PARAMETERS.get(component, ("",))) and tensor.numel() > 1
+            and not bool((tensor.reshape(-1) == tensor.reshape(-1)[0]).all())}
+
+
+def check_weights(asset: Path, source: Path, component: Component) -> dict[str, int]:
+    """A float16 asset's weights against the source's: every source weight of the component, in float16 (what the
+    Core ML package holds too), must be one of the program's constants byte for byte, or lie whole inside one (a
+    joined projection). A check that needs no runtime: it runs at full size on Linux, where a UNet call through Core
+    AI's CPU runtime takes minutes. Digests first, then the program: the source and the program are never in memory
+    together (a full-size UNet is 1.7 GB of each)."""
+    import hashlib
+
+    from coreai.authoring import AIModelAsset
+
+    digests = {name: {hashlib.sha256(data).hexdigest() for data in forms}
+               for name, forms in _weight_forms(source, component).items()}
+    loaded = AIModelAsset.load(asset)
+    program = loaded.program  # held while its constants are read: they live in its context
+    stored = {hashlib.sha256(blob).hexdigest() for blob in _float16_constants(program)}
+    missing = [name for name, forms in digests.items() if not forms & stored]
+    if missing:  # joined weights: a second pass looks inside each constant for the rest
+        forms = {name: data for name, data in _weight_forms(source, component).items() if name in missing}
+        for blob in _float16_constants(program):
+            for name in [n for n, datas in forms.items()
+                         if any(len(data) < len(blob) and blob.find(data) >= 0 for data in datas)]:
+                del forms[name]
+        missing = sorted(forms)
+    del program, loaded
+    if missing or not digests:
+        raise ToolchainError(f"{asset.name}: {len(missing)} of {len(digests)} source weights are not in the asset as "
+                             f"float16 ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})")
+    return {"weights_checked": len(digests)}
 
 
 def asset_interface(asset: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -200,7 +200,9 @@ def _coreai_usage(bundles: Sequence[dict[str, Any]], repo_id: str) -> list[str]:
         "",
         f"Stored weights: {stored}. Each compression is checked on the saved asset's stored value types (a weight "
         "Core AI's tools skip fails the build); the assets are exported with Core AI's own converter "
-        "(coreai-torch). Each asset's build stores seeded inputs and the PyTorch float32 outputs on them; "
+        "(coreai-torch). A float16 asset's weights are checked at build time, at full size, to be the source's "
+        "float16 weights (what the Core ML packages hold) byte for byte. Each asset's build stores seeded inputs "
+        "and the PyTorch float32 outputs on them; "
         "`publisher verify --runtime coreai` runs the asset through Core AI's runtime on those inputs and holds a "
         "float16 asset to 35 dB PSNR (a compressed one: finite outputs of the right shapes, PSNR recorded). The "
         "publishing workflow runs that check on macOS 27 through the OS framework, before publishing, for "
