@@ -134,7 +134,7 @@ def main() -> None:
         def slowloris() -> None:
             host, port_ = urlparse(url).hostname, urlparse(url).port
             socks = []
-            for _ in range(400):
+            for _ in range(1000):
                 sock = socket.create_connection((host, port_))
                 sock.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\nX-Slow: ")
                 socks.append(sock)
@@ -142,7 +142,7 @@ def main() -> None:
             for sock in socks:
                 sock.close()
 
-        measure(url, "400 half-sent requests (3 s)", slowloris)
+        measure(url, "1000 half-sent requests (3 s)", slowloris)
 
 
 if __name__ == "__main__":

@@ -752,6 +752,36 @@ def test_half_sent_headers_are_dropped_and_others_served(tmp_path: Path) -> None
             sock.close()
 
 
+def test_held_open_connections_cannot_fill_the_cap(tmp_path: Path) -> None:
+    """More half-sent requests than the connection cap (512): the oldest connections in no request are closed as new
+    ones arrive, and another client is served (uvicorn's cap alone answered it 503 until the header deadline)."""
+    import socket
+
+    from huggingface_hub import HfApi
+
+    from publisher.staging.process import start_staging_hub
+    from publisher.staging.server import MAX_CONNECTIONS
+
+    with start_staging_hub(tmp_path / "hub", token="t") as hub:
+        host, port = urlparse(hub.url).hostname, urlparse(hub.url).port
+        held = []
+        for _ in range(MAX_CONNECTIONS + 100):
+            sock = socket.create_connection((host, port))
+            sock.sendall(b"GET /api/whoami-v2 HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            held.append(sock)
+        try:
+            status, _, _ = _raw(hub, "GET", "/api/models")
+            assert status == 200
+            api = HfApi(endpoint=hub.url, token="t")
+            api.create_repo("t/served")
+            assert api.repo_exists("t/served")
+            held[0].settimeout(120)  # only catches a server that keeps it forever
+            assert held[0].recv(1024) == b""  # the oldest was closed by the server
+        finally:
+            for sock in held:
+                sock.close()
+
+
 def test_paths_info_is_bounded_and_finds_folders_by_index(hf_api: HfApi, repo_id: str, staging_hub: StagingHub
                                                           ) -> None:
     """paths-info needs no token on a public repo: its work is bounded by the paths asked (at most 1000), each

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import os
 import socket
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -21,12 +22,33 @@ from publisher.util.atomic import atomic_write_text
 HEADER_DEADLINE_S = float(os.environ.get("PUBLISHER_STAGING_HEADER_DEADLINE_S", "10"))
 # Connections (and requests in flight) at most; past it new ones get 503 rather than starving the others.
 MAX_CONNECTIONS = 512
+# Past this many connections, a new one closes the oldest connection that is in no request (sending its headers a
+# byte at a time, or idle between requests): held-open sockets cannot fill the cap and lock the others out of it.
+EVICT_AT = MAX_CONNECTIONS - 64
 
 
 class DeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's headers."""
+    """uvicorn's httptools protocol with a deadline on each request's headers, and the connections in no request
+    evicted oldest first when the server nears its connection cap."""
 
     _deadline: asyncio.TimerHandle | None = None
+    # connections in no request (new, sending headers, idle between requests), oldest first; one event loop
+    _waiting: ClassVar[OrderedDict[DeadlineProtocol, None]] = OrderedDict()
+
+    def _wait(self) -> None:
+        self._waiting[self] = None
+        self._waiting.move_to_end(self)
+
+    def _evict(self) -> None:
+        while len(self.connections) > EVICT_AT and self._waiting:
+            oldest = next(iter(self._waiting))
+            if oldest is self:
+                break
+            del self._waiting[oldest]
+            oldest._disarm()
+            if not oldest.transport.is_closing():
+                oldest.transport.close()
+            self.connections.discard(oldest)
 
     def _arm(self) -> None:
         self._disarm()
@@ -44,6 +66,8 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._wait()
+        self._evict()
         self._arm()
 
     def on_message_begin(self) -> None:
@@ -52,10 +76,17 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._waiting.pop(self, None)  # in a request: never evicted
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request started
+            self._wait()  # idle until its next request
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._waiting.pop(self, None)
         super().connection_lost(exc)
 
 
