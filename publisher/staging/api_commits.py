@@ -137,7 +137,6 @@ class CommitsApi(HubBase):
             operation["_sha256"] = sha256
 
 
-
 @dataclass
 class _Parsed:
     """What a commit's NDJSON said so far."""
@@ -156,7 +155,7 @@ def _regular_file(number: int, value: dict[str, Any]) -> tuple[str, bytes]:
         data = base64.b64decode(value.get("content", ""), validate=True)
     except ValueError as exc:
         raise StoreError(400, f"line {number}: content is not valid base64") from exc
-    check_path(str(value.get("path", "")))
+    check_path(value["path"])
     if len(data) > LFS_SIZE_THRESHOLD:  # as the Hub: a regular file above 10 MB goes through LFS
         raise StoreError(422, f"line {number}: {value['path']} is {len(data)} bytes; files larger than "
                               f"{LFS_SIZE_THRESHOLD} bytes must be pushed with LFS", "FileTooLarge")

@@ -50,13 +50,7 @@ class BlobFiles:
         os.replace(temp, target)
 
     def put_bytes(self, data: bytes) -> str:
-        sha256 = hashlib.sha256(data).hexdigest()
-        if not self.has_blob(sha256, len(data)):
-            fd, temp = self.new_temp()
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            self.adopt_temp(temp, sha256)
-        return sha256
+        return self.put_many([data])[0]
 
     def put_many(self, blobs: list[bytes]) -> list[str]:
         """Store small blobs with one flush to disk for all of them (a commit of thousands of regular files would

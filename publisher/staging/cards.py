@@ -122,8 +122,6 @@ def validate_card(content: str) -> tuple[list[str], list[str]]:
         data = _load_bounded(match.group(1))
     except _TooMuch as exc:
         return [f"Invalid YAML in metadata: {exc}"], []
-    except RecursionError:
-        return ["Invalid YAML in metadata: nested too deeply"], []
     except yaml.YAMLError as exc:
         # where the parser noticed the problem, unless that is the end of the text (an unclosed bracket): then the
         # construct it is in

@@ -179,8 +179,6 @@ class HubStore(BlobFiles):
             self._readers.db = reader
         yield reader
 
-    # -- blobs ------------------------------------------------------------------------------------------
-
     # -- repos -------------------------------------------------------------------------------------------
 
     def _repo_from_row(self, row: sqlite3.Row) -> Repo:
@@ -193,8 +191,7 @@ class HubStore(BlobFiles):
             row = db.execute("SELECT * FROM repos WHERE type=? AND key=?", (repo_type, repo_key(repo_id))).fetchone()
             if row is None:
                 row = db.execute("SELECT repos.* FROM renamed JOIN repos ON repos.pk=renamed.repo "
-                                       "WHERE renamed.type=? AND renamed.key=?",
-                                       (repo_type, repo_key(repo_id))).fetchone()
+                                 "WHERE renamed.type=? AND renamed.key=?", (repo_type, repo_key(repo_id))).fetchone()
         return self._repo_from_row(row) if row else None
 
     def create_repo(self, repo_type: str, repo_id: str, private: bool, author: str) -> tuple[Repo, bool]:
@@ -244,12 +241,12 @@ class HubStore(BlobFiles):
         with self._read() as db:
             # a branch and a tag may share a name (refs/heads/x, refs/tags/x): the branch wins, as a commit's target
             row = db.execute("SELECT commit_oid FROM refs WHERE repo=? AND name IN (?, ?) ORDER BY name=? DESC",
-                                   (repo.pk, name, f"refs/tags/{name}", name)).fetchone()
+                             (repo.pk, name, f"refs/tags/{name}", name)).fetchone()
             if row:
                 return str(row[0])
             if re.fullmatch(r"[0-9a-f]{7,40}", revision):
                 rows = db.execute("SELECT oid FROM commits WHERE repo=? AND oid LIKE ?",
-                                        (repo.pk, revision + "%")).fetchall()
+                                  (repo.pk, revision + "%")).fetchall()
                 if len(rows) == 1:
                     return str(rows[0][0])
         raise StoreError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
@@ -285,7 +282,7 @@ class HubStore(BlobFiles):
         with self._read() as db:
             if prefix:
                 rows = db.execute("SELECT * FROM files WHERE commit_oid=? AND (path=? OR substr(path, 1, ?)=?) "
-                                        "ORDER BY path", (commit, prefix, len(prefix) + 1, prefix + "/")).fetchall()
+                                  "ORDER BY path", (commit, prefix, len(prefix) + 1, prefix + "/")).fetchall()
             else:
                 rows = db.execute("SELECT * FROM files WHERE commit_oid=? ORDER BY path", (commit,)).fetchall()
         return [FileEntry(path=r["path"], size=r["size"], sha256=r["sha256"], git_oid=r["git_oid"], lfs=bool(r["lfs"]),
@@ -343,8 +340,7 @@ class HubStore(BlobFiles):
 
     def discussions(self, repo: Repo) -> list[dict[str, Any]]:
         with self._read() as db:
-            return [dict(r) for r in db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC",
-                                                      (repo.pk,))]
+            return [dict(r) for r in db.execute("SELECT * FROM discussions WHERE repo=? ORDER BY num DESC", (repo.pk,))]
 
     # -- commits -----------------------------------------------------------------------------------------
 

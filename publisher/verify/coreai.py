@@ -20,7 +20,8 @@ import numpy as np
 from publisher.build_info import find_build_infos, read_build_info, write_build_info
 from publisher.errors import PublisherError
 from publisher.metrics import psnr
-from publisher.verify.fidelity import PSNR_BAR_DB, REFERENCE, Reference
+from publisher.verify.build_dir import stored_reference
+from publisher.verify.fidelity import PSNR_BAR_DB, Reference
 from publisher.vocabulary import Component
 
 
@@ -93,7 +94,7 @@ def verify_bundles(build_dir: Path, store: Path, components: Iterable[str] = (),
             if wanted and component not in wanted:
                 continue
             key = record.get("reference", "")
-            reference_path = Path(store) / "objects" / key[:2] / key / REFERENCE
+            reference_path = stored_reference(store, key)
             if not key or not reference_path.is_file():
                 raise PublisherError(f"{info.variant['id']} {component}: no stored reference outputs in {store} "
                                      "(bring the build store's objects along)")
