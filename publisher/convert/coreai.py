@@ -291,6 +291,8 @@ def export_asset(source: Path, component: Component, resolution: int, compressio
     module = load_wrapper(source, component, dtype)
     applied = compression if component in COMPRESSIBLE else CoreAICompression()
     expected = compressible_elements(module, applied)
+    # a float16 asset is checked for the weights of the very module converted (no second load of the source)
+    digests = weight_digests(module, component) if applied.kind == "float16" else None
     with _seeded_names():  # the generated names are drawn as late as the save
         program = to_program(module, example_inputs(module, component, resolution, dtype), component)
         del module
@@ -300,8 +302,8 @@ def export_asset(source: Path, component: Component, resolution: int, compressio
     types_ = check_compressed(output, applied, expected)
     # the files' sha256 are in build-info's file list (the bytes are reproducible: no digest of the meaning needed)
     record: dict[str, Any] = {"asset": output.name, "compression": applied.label, "storage_types": types_}
-    if applied.kind == "float16":  # a compressed asset's weights are not the source's bytes
-        record.update(check_weights(output, source, component))
+    if digests is not None:  # a compressed asset's weights are not the source's bytes
+        record.update(check_weights(output, source, component, digests))
     return record
 
 
@@ -338,35 +340,46 @@ def _float16_constants(program: Any) -> Iterator[bytes]:
                        for inner in block.operations)
 
 
-def _weight_forms(source: Path, component: Component) -> dict[str, list[bytes]]:
-    """Each of the component's source weights in float16, as the asset may hold it: as it is, or transposed (a VAE
-    attention's projections are stored for a batched matmul); weights whose values are all equal are left out (Core
-    AI may store them as one value)."""
-    return {name.removeprefix("model."): [tensor.detach().contiguous().numpy().tobytes()]
-            + ([tensor.detach().T.contiguous().numpy().tobytes()] if tensor.dim() == 2 else [])
-            for name, tensor in load_wrapper(source, component, torch.float16).state_dict().items()
-            if name.startswith(_PARAMETERS.get(component, ("",))) and tensor.numel() > 1
-            and not bool((tensor.reshape(-1) == tensor.reshape(-1)[0]).all())}
+def _weight_forms(module: nn.Module, component: Component) -> Iterator[tuple[str, list[bytes]]]:
+    """Each of the component's weights of a float16 wrapper, one at a time, as the asset may hold it: as it is, or
+    transposed (a VAE attention's projections are stored for a batched matmul); weights whose values are all equal
+    are left out (Core AI may store them as one value)."""
+    for name, tensor in module.state_dict().items():
+        if name.startswith(_PARAMETERS.get(component, ("",))) and tensor.numel() > 1 \
+                and not bool((tensor.reshape(-1) == tensor.reshape(-1)[0]).all()):
+            yield name.removeprefix("model."), [tensor.detach().contiguous().numpy().tobytes()] + (
+                [tensor.detach().T.contiguous().numpy().tobytes()] if tensor.dim() == 2 else [])
 
 
-def check_weights(asset: Path, source: Path, component: Component) -> dict[str, int]:
+def weight_digests(module: nn.Module, component: Component) -> dict[str, set[str]]:
+    """The sha256 of each form of each weight (`_weight_forms`): what `check_weights` looks for in the asset."""
+    import hashlib
+
+    return {name: {hashlib.sha256(data).hexdigest() for data in forms}
+            for name, forms in _weight_forms(module, component)}
+
+
+def check_weights(asset: Path, source: Path, component: Component,
+                  digests: dict[str, set[str]] | None = None) -> dict[str, int]:
     """A float16 asset's weights against the source's: every source weight of the component, in float16 (what the
     Core ML package holds too), must be one of the program's constants byte for byte, or lie whole inside one (a
     joined projection). A check that needs no runtime: it runs at full size on Linux, where a UNet call through Core
-    AI's CPU runtime takes minutes. Digests first, then the program: the source and the program are never in memory
-    together (a full-size UNet is 1.7 GB of each)."""
+    AI's CPU runtime takes minutes. `digests` (`weight_digests`, the export takes them from the module it converts)
+    or the source's, then the program: the source and the program are never in memory together (a full-size UNet is
+    1.7 GB of each)."""
     import hashlib
 
     from coreai.authoring import AIModelAsset
 
-    digests = {name: {hashlib.sha256(data).hexdigest() for data in forms}
-               for name, forms in _weight_forms(source, component).items()}
+    if digests is None:
+        digests = weight_digests(load_wrapper(source, component, torch.float16), component)
     loaded = AIModelAsset.load(asset)
     program = loaded.program  # held while its constants are read: they live in its context
     stored = {hashlib.sha256(blob).hexdigest() for blob in _float16_constants(program)}
     missing = [name for name, forms in digests.items() if not forms & stored]
     if missing:  # joined weights: a second pass looks inside each constant for the rest
-        forms = {name: data for name, data in _weight_forms(source, component).items() if name in missing}
+        forms = {name: data for name, data in _weight_forms(load_wrapper(source, component, torch.float16),
+                                                            component) if name in missing}
         for blob in _float16_constants(program):
             for name in [n for n, datas in forms.items()
                          if any(len(data) < len(blob) and blob.find(data) >= 0 for data in datas)]:
