@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import http.client
 import json
@@ -434,7 +435,10 @@ def test_concurrent_multipart_uploads_of_one_object(staging_hub: StagingHub, rep
         assert put(sessions[0], number) == 200
     for number in range(1, count + 1):
         assert put(sessions[1], number) == 200
-    assert _complete(staging_hub, sessions[1], oid)[0] == 200
+    # completed twice at once (a client's retry): the second waits for the first's answer
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: _complete(staging_hub, sessions[1], oid)[0], range(2)))
+    assert answers == [200, 200]
     assert put(sessions[1], 1, b"late bytes") == 409  # a late writer of the finished session is refused
     assert put(sessions[0], count) == 200
     assert _complete(staging_hub, sessions[0], oid)[0] == 200  # idempotent: the object exists

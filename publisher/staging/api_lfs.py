@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import hashlib
 import hmac
 import math
@@ -20,6 +22,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from publisher.staging.hashing import HashLane, RunningHash
 from publisher.staging.http import (
     MAX_LFS_OBJECT,
     MAX_RUNNING_HASHES,
@@ -29,14 +32,15 @@ from publisher.staging.http import (
     HubBase,
     _drain,
     _json,
-    _RunningHash,
     _url_type,
 )
+from publisher.staging.rawbody import EXTENSION, BodyClosed, RawBody
 from publisher.staging.storage import (
     StoreError,
 )
 
 WRITE_BATCH = 4 * 1024 * 1024  # body bytes written and hashed per worker-thread call
+Sink = Callable[[int, "bytes | memoryview"], None]  # takes each written piece of a body, at its offset (a hash)
 
 
 class LfsApi(HubBase):
@@ -120,17 +124,22 @@ class LfsApi(HubBase):
                                                  f"Body is larger than the announced {size} bytes")
             finally:
                 os.close(fd)
-            self._adopt_if_intact(temp, oid, size, written, digest.hexdigest())
+            await asyncio.to_thread(self._adopt_if_intact, temp, oid, size, written, digest.hexdigest())  # fsync
         finally:
             temp.unlink(missing_ok=True)
         return Response(status_code=200)
 
     async def _write_body(self, request: Request, kind: str, fd: int, offset: int, limit: int,
-                          sink: Callable[[int, bytes], None], too_large: str) -> int:
+                          sink: Sink, too_large: str, lane: HashLane | None = None) -> int:
         """Write the request body at `offset` of `fd` (at most `limit` bytes), each chunk passed to `sink` (a hash)
         as it is written. The writing and hashing run in a worker thread a batch of chunks at a time while the next
         batch arrives (both release the GIL): inline they were ~40% of the event loop's samples during an upload
         (py-spy), time other clients waited. One batch at most is in flight, so the bytes stay in order."""
+        raw = request.scope.get("extensions", {}).get(EXTENSION)
+        if isinstance(raw, RawBody) and not raw.taken:
+            if raw.length > limit:
+                raise StoreError(400, too_large)
+            return await self._write_raw_body(raw, kind, fd, offset, sink, lane)
         loop = asyncio.get_running_loop()
         written = 0
         batch: list[bytes] = []
@@ -159,6 +168,52 @@ class LfsApi(HubBase):
             if pending is not None:  # the caller closes the file next: no write may still be running then
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pending)
+        return written
+
+    async def _write_raw_body(self, raw: RawBody, kind: str, fd: int, offset: int, sink: Sink,
+                              lane: HashLane | None) -> int:
+        """_write_body for a body read raw (rawbody.py): each buffer is written by one worker thread and passed to
+        `sink` (hashed) by another at the same time while the next buffers fill, and goes back to the reader when
+        both are done. Writes go one after the other (two at once into one file contend for its lock: on ext4 the
+        server's CPU per GiB doubled, spinning); sinks go through `lane` in order, and with a lane of the caller's
+        this returns once the body is written, leaving its last hashes to the lane. Whole aligned buffers are
+        written with O_DIRECT where the file system takes it: no copy into the page cache and no writeback later
+        (ext4: ~0.3 s of CPU per GiB, a fifth of the server's), and the completion's fsync finds them on disk."""
+        loop = asyncio.get_running_loop()
+        own_lane = lane is None
+        hashes = lane or HashLane()
+        written = 0
+        pending: list[asyncio.Future[Any]] = []  # writes, and hashes of a lane of our own
+        last_write: asyncio.Future[None] | None = None
+        direct = _direct_twin(fd)
+
+        def release_when_done(view: memoryview, both: asyncio.Future[Any]) -> None:
+            both.add_done_callback(lambda _: raw.release(view))
+
+        try:
+            async for view in raw.chunks():
+                self._count(kind, len(view))
+                position = offset + written
+                written += len(view)
+                if last_write is not None:
+                    await last_write
+                last_write = loop.run_in_executor(None, _write_view, os.dup(fd), direct, position, view)
+                hashed = hashes.submit(functools.partial(sink, position, view))
+                release_when_done(view, asyncio.gather(last_write, hashed, return_exceptions=True))
+                for future in pending:
+                    if future.done():
+                        future.result()  # a failed write or hash fails the upload now
+                pending = [future for future in pending if not future.done()]
+                pending += [last_write, hashed] if own_lane else [last_write]
+        except BodyClosed as exc:
+            raise StoreError(400, str(exc)) from exc
+        finally:
+            if pending:  # the caller closes the file next: no write may still be running then
+                await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+            if direct is not None:
+                os.close(direct)
+        for future in pending:
+            future.result()  # a failed write or hash fails the upload
         return written
 
     def _adopt_if_intact(self, temp: Path, oid: str, size: int, written: int, sha256: str) -> None:
@@ -190,7 +245,7 @@ class LfsApi(HubBase):
             fd = os.open(self._session_file(oid, session), os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 written = await self._write_body(request, "lfs_put_part", fd, offset, expected, running.wrote,
-                                                 f"Part {number} is larger than {expected} bytes")
+                                                 f"Part {number} is larger than {expected} bytes", running.lane)
                 if written == expected:
                     _flush_in_background(fd)  # the completion's fsync then finds most of the file on disk
             finally:
@@ -215,6 +270,9 @@ class LfsApi(HubBase):
             self._seal(session)
             path.unlink(missing_ok=True)
             return JSONResponse({})
+        if session in self._completing:  # a repeated completion (a client's retry): the answer of the first
+            await asyncio.shield(self._completing[session])
+            return JSONResponse({})
         if self._writing.get(session):
             raise StoreError(409, "Parts of this upload are still being written: complete it once they are done")
         if not session or not path.exists():
@@ -223,9 +281,28 @@ class LfsApi(HubBase):
         self._seal(session)  # from here on no part of this session is written (no await since the check above)
         sealed = path.with_name(path.name + ".sealed")
         os.replace(path, sealed)
+        finishing = self._completing[session] = asyncio.ensure_future(
+            self._finish_multipart(sealed, oid, size, running))
         try:
-            sha256 = running.sha256_of(size) if running is not None else None
-            if sha256 is None:  # parts written out of order or twice: hash the file itself
+            await asyncio.shield(finishing)
+        finally:
+            if finishing.done():
+                self._completing.pop(session, None)
+            else:  # this request was cancelled: the completion goes on, and is forgotten when it ends
+                finishing.add_done_callback(lambda _: self._completing.pop(session, None))
+        return JSONResponse({})
+
+    async def _finish_multipart(self, sealed: Path, oid: str, size: int, running: RunningHash | None) -> None:
+        """Check a sealed multipart file against its object id and adopt it, off the event loop (a file hashed
+        anew, fsync). The session's running hash is used once its lane has hashed the last part."""
+        if running is not None:
+            await running.lane.drained()
+        sha256 = running.sha256_of(size) if running is not None else None
+        await asyncio.to_thread(self._adopt_sealed, sealed, oid, size, sha256)
+
+    def _adopt_sealed(self, sealed: Path, oid: str, size: int, sha256: str | None) -> None:
+        try:
+            if sha256 is None:  # parts written out of order or twice, or the session's hash evicted: hash the file
                 digest = hashlib.sha256()
                 with open(sealed, "rb") as handle:
                     while block := handle.read(8 * 1024 * 1024):
@@ -234,12 +311,11 @@ class LfsApi(HubBase):
             self._adopt_if_intact(sealed, oid, size, sealed.stat().st_size, sha256)
         finally:
             sealed.unlink(missing_ok=True)
-        return JSONResponse({})
 
-    def _running_hash(self, session: str) -> _RunningHash:
+    def _running_hash(self, session: str) -> RunningHash:
         running = self._hashes.get(session)
         if running is None:
-            running = self._hashes[session] = _RunningHash()
+            running = self._hashes[session] = RunningHash()
             while len(self._hashes) > MAX_RUNNING_HASHES:  # bounded: an evicted session is hashed from its file
                 self._hashes.pop(next(iter(self._hashes)))
         return running
@@ -259,7 +335,7 @@ class LfsApi(HubBase):
 
 
 
-def _write_chunks(fd: int, position: int, chunks: list[bytes], sink: Callable[[int, bytes], None]) -> None:
+def _write_chunks(fd: int, position: int, chunks: list[bytes] | list[memoryview], sink: Sink) -> None:
     """Write and sink chunks from `position`, then close `fd`: a duplicate of the caller's, so that a caller that
     closes its own (a request cancelled mid-batch) can never leave this write aimed at a reused descriptor."""
     try:
@@ -270,6 +346,38 @@ def _write_chunks(fd: int, position: int, chunks: list[bytes], sink: Callable[[i
                 done += os.pwrite(fd, view[done:], position + done)
             sink(position, chunk)
             position += len(chunk)
+    finally:
+        os.close(fd)
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT wants offset, length and memory aligned to the device's block: a page covers them
+
+
+def _direct_twin(fd: int) -> int | None:
+    """The same file opened again with O_DIRECT, or None where that is not to be had (a file system without it,
+    no /proc): the caller then writes through the page cache."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
+def _write_view(fd: int, direct: int | None, position: int, view: memoryview) -> None:
+    """Write `view` at `position`: with O_DIRECT when `direct` is given and the write is aligned (the buffers of
+    rawbody.py are), else (and for what a short direct write leaves) through `fd`, which is closed after."""
+    try:
+        done = 0
+        if direct is not None and position % DIRECT_ALIGN == 0 and len(view) % DIRECT_ALIGN == 0:
+            try:
+                done = os.pwrite(direct, view, position)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: an alignment this device does not take; write it buffered
+                    raise
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], position + done)
     finally:
         os.close(fd)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
@@ -27,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from publisher.staging.hashing import RunningHash
+from publisher.staging.rawbody import EXTENSION, RawBody
 from publisher.staging.storage import (
     HubStore,
     Repo,
@@ -90,7 +91,8 @@ class HubBase:
     def __init__(self, store: HubStore, token: str | None = None, faults: Faults | None = None) -> None:
         self._writing: dict[str, int] = {}  # upload session -> part writes in flight
         self._sealed: dict[str, None] = {}  # completed upload sessions, oldest first
-        self._hashes: dict[str, _RunningHash] = {}  # upload session -> sha256 of its bytes written in order
+        self._hashes: dict[str, RunningHash] = {}  # upload session -> sha256 of its bytes written in order
+        self._completing: dict[str, asyncio.Future[None]] = {}  # upload session -> its completion, while it runs
         self.store = store
         self.token = token
         self.faults = faults or Faults.from_env()
@@ -186,8 +188,13 @@ class HubBase:
                 exc = StoreError(500, f"Internal error (request id {request_id})")
             announced = request.headers.get("content-length", "")
             big = not announced.isdigit() or len(announced) > 12 or int(announced) > MAX_DRAIN
-            # a large unread body is not waited for: the answer goes out now and the connection ends with it
-            drained = False if big and request.method in ("POST", "PUT", "PATCH") else await _drain(request, MAX_DRAIN)
+            raw = request.scope.get("extensions", {}).get(EXTENSION)
+            if isinstance(raw, RawBody) and raw.taken:
+                drained = raw.read_to_end  # taken raw: whatever it left unread ends the connection anyway
+            elif big and request.method in ("POST", "PUT", "PATCH"):
+                drained = False  # a large unread body is not waited for: the answer goes out now, the connection ends
+            else:
+                drained = await _drain(request, MAX_DRAIN)
             response = JSONResponse({"error": exc.message}, status_code=exc.status)
             if exc.code:
                 response.headers["X-Error-Code"] = header_safe(exc.code)
@@ -335,25 +342,3 @@ def _url_type(prefix: str) -> str:
 
 def _flag(value: str | None) -> bool:
     return (value or "").lower() in ("1", "true", "yes")
-
-
-class _RunningHash:
-    """sha256 of a part file's bytes as they are written, while they arrive in order (clients send parts one after
-    the other): completion then needs no second pass over the file. A write that lands before the hashed end (a
-    retried or repeated part) may have changed hashed bytes, and one past it leaves a gap: either makes the running
-    hash unusable, and completion hashes the file."""
-
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
-        self.end = 0
-        self.usable = True
-
-    def wrote(self, offset: int, data: bytes) -> None:
-        if self.usable and offset == self.end:
-            self.digest.update(data)
-            self.end += len(data)
-        else:
-            self.usable = False
-
-    def sha256_of(self, size: int) -> str | None:
-        return self.digest.hexdigest() if self.usable and self.end == size else None

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from publisher.staging.app import HubApp
+from publisher.staging.rawbody import EXTENSION, MIN_BODY, RawBody
 from publisher.staging.storage import HubStore
 from publisher.util.atomic import atomic_write_text
 
@@ -28,10 +31,12 @@ EVICT_AT = MAX_CONNECTIONS - 64
 
 
 class DeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline on each request's headers, and the connections in no request
-    evicted oldest first when the server nears its connection cap."""
+    """uvicorn's httptools protocol with a deadline on each request's headers, the connections in no request
+    evicted oldest first when the server nears its connection cap, and a large PUT body offered raw to its handler
+    (rawbody.py: the connection lent out for the body and taken back after it)."""
 
     _deadline: asyncio.TimerHandle | None = None
+    _raw: RawBody | None = None
     # connections in no request (new, sending headers, idle between requests), oldest first; one event loop
     _waiting: ClassVar[OrderedDict[DeadlineProtocol, None]] = OrderedDict()
 
@@ -72,12 +77,48 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._raw = None
         self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
         self._waiting.pop(self, None)  # in a request: never evicted
         super().on_headers_complete()
+        length = dict(self.headers).get(b"content-length", b"")
+        if (self.scope.get("method") == "PUT" and length.isdigit() and len(length) <= 15
+                and int(length) >= MIN_BODY and not self.expect_100_continue):
+            self._raw = RawBody(self, self.cycle, int(length))
+            cast(dict[str, Any], self.scope).setdefault("extensions", {})[EXTENSION] = self._raw
+
+    def on_body(self, body: bytes) -> None:
+        if self._raw is not None:
+            self._raw.parsed += len(body)
+        super().on_body(body)
+
+    # -- the raw body's side (rawbody.HttpSide) ------------------------------------------------------------
+
+    def raw_body_taken(self, cycle: Any) -> tuple[bytes, bool]:
+        prefix = bytes(cycle.body)
+        cycle.body = bytearray()
+        complete = not cycle.more_body
+        if not complete:
+            self.flow.pause_reading()  # flagged paused: the answer's completion resumes HTTP reading
+        return prefix, complete
+
+    def raw_body_returned(self, cycle: Any, keep_alive: bool) -> None:
+        # the parser still waits for the body it never saw: a fresh one reads the next request
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        if self._raw is not None and self._raw.cycle is cycle:
+            self._raw = None
+        cycle.more_body = False
+        cycle.message_event.set()
+        if not keep_alive:
+            cycle.keep_alive = False  # the body was not read to its end: the connection ends with the answer
+
+    def raw_connection_lost(self, exc: Exception | None) -> None:
+        self.connection_lost(exc)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -1,0 +1,252 @@
+"""LFS bodies read raw (staging/rawbody.py): the connection is lent out for the body and comes back after it.
+
+What must hold whatever the path: the next request on the connection is read from its first byte (nothing of it
+is swallowed as body, nothing of the body is parsed as a request), a body cut short leaves nothing behind, a slow
+sender holds no worker thread, and what lands is byte for byte what was sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from huggingface_hub import HfApi
+
+from publisher.staging.api_lfs import DIRECT_ALIGN, _direct_twin, _write_view
+from publisher.staging.process import StagingHub
+
+DEADLOCK_GUARD_S = 120  # only reached when the server never gets there: the failure being tested
+
+
+def _connect(hub: StagingHub) -> socket.socket:
+    url = urlparse(hub.url)
+    return socket.create_connection((url.hostname, url.port), timeout=60)
+
+
+def _upload_href(hub: StagingHub, sock: socket.socket, repo_id: str, data: bytes) -> str:
+    """The signed single-PUT URL (path and query) the LFS batch gives for `data`, asked on `sock`."""
+    body = json.dumps({"operation": "upload", "transfers": ["basic"],
+                       "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}]}).encode()
+    sock.sendall(_head(hub, "POST", f"/{repo_id}.git/info/lfs/objects/batch", len(body)) + body)
+    status, answer = _response(sock)
+    assert status == 200, answer
+    href = urlparse(json.loads(answer)["objects"][0]["actions"]["upload"]["href"])
+    return f"{href.path}?{href.query}"
+
+
+def _head(hub: StagingHub, method: str, path: str, length: int | None = None, close: bool = False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: staging", f"Authorization: Bearer {hub.token}"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _response(sock: socket.socket) -> tuple[int, bytes]:
+    """One response read off the socket exactly (status line, headers, Content-Length body): what follows it stays
+    unread for the next call."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        byte = sock.recv(1)
+        assert byte, f"connection closed inside a response head: {head!r}"
+        head += byte
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        assert chunk, "connection closed inside a response body"
+        body += chunk
+    return status, body
+
+
+def _blob(hub: StagingHub, data: bytes) -> Path:
+    oid = hashlib.sha256(data).hexdigest()
+    return hub.root / "blobs" / oid[:2] / oid
+
+
+def test_pipelined_request_after_a_raw_body_is_answered(staging_hub: StagingHub, repo_id: str) -> None:
+    """A 3 MiB LFS PUT (read raw) and a GET sent behind it in the same write, then another raw PUT and a GET on the
+    same connection: each is answered in order, and the stored objects are the bytes sent."""
+    first, second = os.urandom(3 * 2**20 + 5), os.urandom(2 * 2**20 + 123)
+    info = f"/api/models/{repo_id}"
+    with _connect(staging_hub) as sock:
+        for data in (first, second):
+            href = _upload_href(staging_hub, sock, repo_id, data)
+            sock.sendall(_head(staging_hub, "PUT", href, len(data)) + data + _head(staging_hub, "GET", info))
+            status, body = _response(sock)
+            assert status == 200, body
+            status, body = _response(sock)
+            assert status == 200 and json.loads(body)["id"] == repo_id
+    for data in (first, second):
+        assert _blob(staging_hub, data).read_bytes() == data
+
+
+def test_raw_body_with_other_bytes_is_refused_and_the_connection_goes_on(staging_hub: StagingHub,
+                                                                          repo_id: str) -> None:
+    """Bytes other than the announced object: 400 'does not match', nothing stored, and the connection (whose body
+    was read to its end) answers the next request."""
+    data = os.urandom(2 * 2**20)
+    with _connect(staging_hub) as sock:
+        href = _upload_href(staging_hub, sock, repo_id, data)
+        sock.sendall(_head(staging_hub, "PUT", href, len(data)) + bytes(len(data)))
+        status, body = _response(sock)
+        assert status == 400 and b"does not match" in body
+        sock.sendall(_head(staging_hub, "GET", f"/api/models/{repo_id}"))
+        assert _response(sock)[0] == 200
+    assert not _blob(staging_hub, data).exists()
+
+
+def test_raw_body_cut_short_leaves_nothing(staging_hub: StagingHub, repo_id: str) -> None:
+    """A client that sends 3 of 8 MiB and closes: no object, and its temp file goes."""
+    data = os.urandom(8 * 2**20)
+    temps = staging_hub.root / "tmp"
+    before = set(temps.iterdir())
+    with _connect(staging_hub) as sock:
+        href = _upload_href(staging_hub, sock, repo_id, data)
+        sock.sendall(_head(staging_hub, "PUT", href, len(data)) + data[:3 * 2**20])
+    guard = time.monotonic() + DEADLOCK_GUARD_S
+    while set(temps.iterdir()) - before and time.monotonic() < guard:
+        time.sleep(0.05)
+    assert set(temps.iterdir()) - before == set()
+    assert not _blob(staging_hub, data).exists()
+
+
+def test_slow_raw_bodies_hold_no_worker_thread(hf_api: HfApi, staging_hub: StagingHub, repo_id: str) -> None:
+    """Twelve uploads stopped halfway (twice the server's worker threads) while a commit, which needs a worker
+    thread, is made by another client: it lands before any of them goes on; then all twelve finish and land."""
+    bodies = [os.urandom(2 * 2**20) for _ in range(12)]
+    socks = [_connect(staging_hub) for _ in bodies]
+    try:
+        for sock, data in zip(socks, bodies, strict=True):
+            href = _upload_href(staging_hub, sock, repo_id, data)
+            sock.sendall(_head(staging_hub, "PUT", href, len(data)) + data[:2**20 + 17])
+        done: list[str] = []
+        worker = threading.Thread(target=lambda: done.append(hf_api.upload_file(
+            path_or_fileobj=b"meanwhile", path_in_repo="meanwhile.txt", repo_id=repo_id).oid), daemon=True)
+        worker.start()
+        worker.join(DEADLOCK_GUARD_S)
+        assert done, "a commit waited for slow uploads"
+        for sock, data in zip(socks, bodies, strict=True):
+            sock.sendall(data[2**20 + 17:])
+        for sock in socks:
+            assert _response(sock)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    for data in bodies:
+        assert _blob(staging_hub, data).read_bytes() == data
+
+
+def test_unmodified_client_uploads_through_the_raw_path(hf_api: HfApi, repo_id: str, tmp_path: Path) -> None:
+    """huggingface_hub's own upload of a 5 MiB LFS file and a second one on its kept-alive connections: both
+    downloaded back equal."""
+    files = {}
+    for name, size in (("a.bin", 5 * 2**20 + 1), ("b.bin", 3 * 2**20)):
+        files[name] = os.urandom(size)
+        hf_api.upload_file(path_or_fileobj=files[name], path_in_repo=name, repo_id=repo_id)
+    for name, data in files.items():
+        path = hf_api.hf_hub_download(repo_id, name, cache_dir=tmp_path)
+        assert Path(path).read_bytes() == data
+
+
+def test_direct_and_buffered_writes_make_one_file(tmp_path: Path) -> None:
+    """An aligned page-aligned buffer written with O_DIRECT (where the file system takes it) and an unaligned tail
+    through the page cache read back as the bytes written, in place."""
+    target = tmp_path / "file.bin"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+    direct = _direct_twin(fd)
+    try:
+        aligned = mmap.mmap(-1, 4 * DIRECT_ALIGN)
+        aligned.write(os.urandom(4 * DIRECT_ALIGN))
+        tail = os.urandom(1000)
+        _write_view(os.dup(fd), direct, DIRECT_ALIGN, memoryview(aligned))
+        _write_view(os.dup(fd), direct, 5 * DIRECT_ALIGN, memoryview(tail))
+        _write_view(os.dup(fd), direct, 0, memoryview(b"h" * 10))  # unaligned length at an aligned offset
+    finally:
+        if direct is not None:
+            os.close(direct)
+        os.close(fd)
+    data = target.read_bytes()
+    assert data[:10] == b"h" * 10 and data[10:DIRECT_ALIGN] == bytes(DIRECT_ALIGN - 10)
+    assert data[DIRECT_ALIGN:5 * DIRECT_ALIGN] == aligned[:] and data[5 * DIRECT_ALIGN:] == tail
+
+
+@pytest.mark.parametrize("prefix", [0, 1000])
+def test_raw_body_fills_aligned_buffers(prefix: int) -> None:
+    """Bytes the HTTP parser took before the body was handed over go first into the first buffer, so that every
+    buffer but the last is whole (and can be written with O_DIRECT at an aligned offset)."""
+    import asyncio
+
+    from publisher.staging import rawbody
+
+    data = os.urandom(rawbody.BUFFER_SIZE * 2 + 4321)
+
+    class Transport:
+        def __init__(self) -> None:
+            self.protocol: object = None
+            self.reading = False
+
+        def set_protocol(self, protocol: object) -> None:
+            self.protocol = protocol
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+    class Http:
+        def __init__(self) -> None:
+            self.transport = Transport()
+            self.returned: list[bool] = []
+
+        def raw_body_taken(self, cycle: object) -> tuple[bytes, bool]:
+            return data[:prefix], False
+
+        def raw_body_returned(self, cycle: object, keep_alive: bool) -> None:
+            self.returned.append(keep_alive)
+
+        def raw_connection_lost(self, exc: Exception | None) -> None:
+            raise AssertionError("not lost")
+
+    async def run() -> list[bytes]:
+        http = Http()
+        body = rawbody.RawBody(http, None, len(data))
+        body.parsed = prefix
+        got: list[bytes] = []
+
+        async def feed() -> None:  # the event loop's reads, in uneven pieces, as the transport allows
+            sent = prefix
+            while sent < len(data):
+                await asyncio.sleep(0)
+                if not http.transport.reading:
+                    continue
+                reader = http.transport.protocol
+                view = reader.get_buffer(-1)  # type: ignore[attr-defined]
+                count = min(len(view), 300_001, len(data) - sent)
+                view[:count] = data[sent:sent + count]
+                reader.buffer_updated(count)  # type: ignore[attr-defined]
+                sent += count
+
+        feeder = asyncio.ensure_future(feed())
+        async for view in body.chunks():
+            got.append(bytes(view))
+            body.release(view)
+        await feeder
+        assert http.returned == [True]
+        return got
+
+    got = asyncio.run(run())
+    assert b"".join(got) == data
+    assert [len(piece) for piece in got] == [rawbody.BUFFER_SIZE, rawbody.BUFFER_SIZE, 4321]
