@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import hashlib
@@ -12,7 +11,6 @@ import math
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,6 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from publisher.staging.hashing import HashLane, RunningHash
 from publisher.staging.http import (
     MAX_LFS_OBJECT,
     MAX_RUNNING_HASHES,
@@ -34,6 +31,7 @@ from publisher.staging.http import (
     _json,
     _url_type,
 )
+from publisher.staging.lanes import BodyLanes, RunningHash
 from publisher.staging.rawbody import EXTENSION, BodyClosed, RawBody
 from publisher.staging.storage import (
     StoreError,
@@ -130,61 +128,68 @@ class LfsApi(HubBase):
         return Response(status_code=200)
 
     async def _write_body(self, request: Request, kind: str, fd: int, offset: int, limit: int,
-                          sink: Sink, too_large: str, lane: HashLane | None = None) -> int:
-        """Write the request body at `offset` of `fd` (at most `limit` bytes), each chunk passed to `sink` (a hash)
-        as it is written. The writing and hashing run in a worker thread a batch of chunks at a time while the next
-        batch arrives (both release the GIL): inline they were ~40% of the event loop's samples during an upload
-        (py-spy), time other clients waited. One batch at most is in flight, so the bytes stay in order."""
+                          sink: Sink, too_large: str, lanes: BodyLanes | None = None) -> int:
+        """Write the request body at `offset` of `fd` (at most `limit` bytes), each piece passed to `sink` (a hash)
+        in order. Writing and hashing run in worker threads while the next bytes arrive (both release the GIL):
+        inline they were ~40% of the event loop's samples during an upload (py-spy), time other clients waited.
+
+        Without `lanes` everything is written and sunk when this returns. With the lanes of an upload session
+        (its parts) this returns once the body has arrived and its pieces are queued on them: the part is answered
+        while its last writes and hashes run on, and the session's completion waits for the lanes."""
+        own = lanes is None
+        lanes = lanes or BodyLanes()
         raw = request.scope.get("extensions", {}).get(EXTENSION)
-        if isinstance(raw, RawBody) and not raw.taken:
-            if raw.length > limit:
-                raise StoreError(400, too_large)
-            return await self._write_raw_body(raw, kind, fd, offset, sink, lane)
-        loop = asyncio.get_running_loop()
+        try:
+            if isinstance(raw, RawBody) and not raw.taken:
+                if raw.length > limit:
+                    raise StoreError(400, too_large)
+                written = await self._write_raw_body(raw, kind, fd, offset, sink, lanes)
+            else:
+                written = await self._write_streamed_body(request, kind, fd, offset, limit, sink, lanes, too_large)
+        finally:
+            if own:  # the caller closes the file next: no write may still be running then
+                await asyncio.shield(lanes.drained())
+        return written
+
+    async def _write_streamed_body(self, request: Request, kind: str, fd: int, offset: int, limit: int, sink: Sink,
+                                   lanes: BodyLanes, too_large: str) -> int:
+        """The body through ASGI (small ones; `Expect: 100-continue`; chunked), queued a batch of ~4 MiB at a time;
+        the reading waits for a batch's write before it queues the next, so one batch at most is held."""
         written = 0
         batch: list[bytes] = []
         batch_size = 0
-        pending: asyncio.Future[None] | None = None
-        try:
-            async for chunk in request.stream():
-                if written + len(chunk) > limit:
-                    raise StoreError(400, too_large)
-                self._count(kind, len(chunk))
-                batch.append(chunk)
-                batch_size += len(chunk)
-                written += len(chunk)
-                if batch_size >= WRITE_BATCH:
-                    if pending is not None:
-                        await pending
-                    pending = loop.run_in_executor(None, _write_chunks, os.dup(fd), offset + written - batch_size,
-                                                   batch, sink)
-                    batch, batch_size = [], 0
-            if pending is not None:
-                await pending
-            pending = None
-            if batch:
-                await asyncio.to_thread(_write_chunks, os.dup(fd), offset + written - batch_size, batch, sink)
-        finally:
-            if pending is not None:  # the caller closes the file next: no write may still be running then
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pending)
+        last_write: asyncio.Future[None] | None = None
+
+        def queue() -> asyncio.Future[None]:
+            position = offset + written - batch_size
+            lanes.hash(functools.partial(_sink_all, sink, position, batch))
+            return lanes.write(functools.partial(_write_chunks, os.dup(fd), position, batch))
+
+        async for chunk in request.stream():
+            if written + len(chunk) > limit:
+                raise StoreError(400, too_large)
+            self._count(kind, len(chunk))
+            batch.append(chunk)
+            batch_size += len(chunk)
+            written += len(chunk)
+            if batch_size >= WRITE_BATCH:
+                if last_write is not None:
+                    await asyncio.wait([last_write])
+                last_write = queue()
+                batch, batch_size = [], 0
+        if batch:
+            queue()
         return written
 
     async def _write_raw_body(self, raw: RawBody, kind: str, fd: int, offset: int, sink: Sink,
-                              lane: HashLane | None) -> int:
-        """_write_body for a body read raw (rawbody.py): each buffer is written by one worker thread and passed to
-        `sink` (hashed) by another at the same time while the next buffers fill, and goes back to the reader when
-        both are done. Writes go one after the other (two at once into one file contend for its lock: on ext4 the
-        server's CPU per GiB doubled, spinning); sinks go through `lane` in order, and with a lane of the caller's
-        this returns once the body is written, leaving its last hashes to the lane. Whole aligned buffers are
-        written with O_DIRECT where the file system takes it: no copy into the page cache and no writeback later
-        (ext4: ~0.3 s of CPU per GiB, a fifth of the server's), and the completion's fsync finds them on disk."""
-        loop = asyncio.get_running_loop()
-        own_lane = lane is None
-        hashes = lane or HashLane()
+                              lanes: BodyLanes) -> int:
+        """The body read raw (rawbody.py): each buffer goes to both lanes at once while the next ones fill, and back
+        to the reader when both are done with it. Each lane takes its buffers one after the other: sha256 is
+        sequential, and two writes at once into one file contend for its lock (ext4: the server's CPU per GiB
+        doubled, spinning). Whole aligned buffers are written with O_DIRECT where the file system takes it: no copy
+        into the page cache and no writeback later (ext4: ~0.3 s of CPU per GiB, a fifth of the server's), and the
+        completion's fsync finds them on disk."""
         written = 0
-        pending: list[asyncio.Future[Any]] = []  # writes, and hashes of a lane of our own
-        last_write: asyncio.Future[None] | None = None
         direct = _direct_twin(fd)
 
         def release_when_done(view: memoryview, both: asyncio.Future[Any]) -> None:
@@ -195,25 +200,16 @@ class LfsApi(HubBase):
                 self._count(kind, len(view))
                 position = offset + written
                 written += len(view)
-                if last_write is not None:
-                    await last_write
-                last_write = loop.run_in_executor(None, _write_view, os.dup(fd), direct, position, view)
-                hashed = hashes.submit(functools.partial(sink, position, view))
-                release_when_done(view, asyncio.gather(last_write, hashed, return_exceptions=True))
-                for future in pending:
-                    if future.done():
-                        future.result()  # a failed write or hash fails the upload now
-                pending = [future for future in pending if not future.done()]
-                pending += [last_write, hashed] if own_lane else [last_write]
+                write = lanes.write(functools.partial(_write_view, os.dup(fd), direct, position, view))
+                hashed = lanes.hash(functools.partial(sink, position, view))
+                release_when_done(view, asyncio.gather(write, hashed, return_exceptions=True))
+                if lanes.failure is not None:
+                    raise lanes.failure  # a failed write or hash fails the upload now
         except BodyClosed as exc:
             raise StoreError(400, str(exc)) from exc
         finally:
-            if pending:  # the caller closes the file next: no write may still be running then
-                await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
             if direct is not None:
-                os.close(direct)
-        for future in pending:
-            future.result()  # a failed write or hash fails the upload
+                lanes.write(functools.partial(os.close, direct))  # after the writes queued on it
         return written
 
     def _adopt_if_intact(self, temp: Path, oid: str, size: int, written: int, sha256: str) -> None:
@@ -245,9 +241,9 @@ class LfsApi(HubBase):
             fd = os.open(self._session_file(oid, session), os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 written = await self._write_body(request, "lfs_put_part", fd, offset, expected, running.wrote,
-                                                 f"Part {number} is larger than {expected} bytes", running.lane)
-                if written == expected:
-                    _flush_in_background(fd)  # the completion's fsync then finds most of the file on disk
+                                                 f"Part {number} is larger than {expected} bytes", running.lanes)
+                if written == expected:  # flushed after its writes: the completion's fsync finds it on disk
+                    running.lanes.write(functools.partial(_flush, os.dup(fd)))
             finally:
                 os.close(fd)
         finally:
@@ -296,7 +292,7 @@ class LfsApi(HubBase):
         """Check a sealed multipart file against its object id and adopt it, off the event loop (a file hashed
         anew, fsync). The session's running hash is used once its lane has hashed the last part."""
         if running is not None:
-            await running.lane.drained()
+            await running.lanes.drained()  # the parts' last writes and hashes; a failed write fails here
         sha256 = running.sha256_of(size) if running is not None else None
         await asyncio.to_thread(self._adopt_sealed, sealed, oid, size, sha256)
 
@@ -335,19 +331,24 @@ class LfsApi(HubBase):
 
 
 
-def _write_chunks(fd: int, position: int, chunks: list[bytes] | list[memoryview], sink: Sink) -> None:
-    """Write and sink chunks from `position`, then close `fd`: a duplicate of the caller's, so that a caller that
-    closes its own (a request cancelled mid-batch) can never leave this write aimed at a reused descriptor."""
+def _write_chunks(fd: int, position: int, chunks: list[bytes]) -> None:
+    """Write chunks from `position`, then close `fd`: a duplicate of the caller's, so that a caller that closes its
+    own (a request cancelled mid-batch) can never leave this write aimed at a reused descriptor."""
     try:
         for chunk in chunks:
             view = memoryview(chunk)
             done = 0
             while done < len(chunk):
                 done += os.pwrite(fd, view[done:], position + done)
-            sink(position, chunk)
             position += len(chunk)
     finally:
         os.close(fd)
+
+
+def _sink_all(sink: Sink, position: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        sink(position, chunk)
+        position += len(chunk)
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT wants offset, length and memory aligned to the device's block: a page covers them
@@ -382,17 +383,12 @@ def _write_view(fd: int, direct: int | None, position: int, view: memoryview) ->
         os.close(fd)
 
 
-def _flush_in_background(fd: int) -> None:
-    """Start writing a file's dirty pages to disk in a worker thread (on a duplicate descriptor) and return: the
-    syscall releases the GIL, so the disk works while the next part arrives."""
-    duplicate = os.dup(fd)
-
-    def flush() -> None:
-        try:
-            os.fdatasync(duplicate)
-        except OSError:
-            pass  # only an early start: adopt_temp's fsync is the one that must succeed
-        finally:
-            os.close(duplicate)
-
-    threading.Thread(target=flush, name="part-flush", daemon=True).start()
+def _flush(fd: int) -> None:
+    """Write a file's dirty pages to disk (an early start: adopt_temp's fsync is the one that must succeed), then
+    close `fd`, a duplicate."""
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

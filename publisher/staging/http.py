@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from publisher.staging.hashing import RunningHash
+from publisher.staging.lanes import RunningHash
 from publisher.staging.rawbody import EXTENSION, RawBody
 from publisher.staging.storage import (
     HubStore,
