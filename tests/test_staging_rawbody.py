@@ -248,5 +248,15 @@ def test_raw_body_fills_aligned_buffers(prefix: int) -> None:
         return got
 
     got = asyncio.run(run())
+    assert rawbody._active == 0  # counted while it was read, not after
     assert b"".join(got) == data
     assert [len(piece) for piece in got] == [rawbody.BUFFER_SIZE, rawbody.BUFFER_SIZE, 4321]
+
+
+def test_raw_bodies_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_ACTIVE bodies read raw at once, the next one goes the ordinary way (its buffers are not taken)."""
+    from publisher.staging import rawbody
+
+    assert rawbody.RawBody.room()
+    monkeypatch.setattr(rawbody, "_active", rawbody.MAX_ACTIVE)
+    assert not rawbody.RawBody.room()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import hashlib
@@ -140,7 +141,7 @@ class LfsApi(HubBase):
         lanes = lanes or BodyLanes()
         raw = request.scope.get("extensions", {}).get(EXTENSION)
         try:
-            if isinstance(raw, RawBody) and not raw.taken:
+            if isinstance(raw, RawBody) and not raw.taken and raw.room():
                 if raw.length > limit:
                     raise StoreError(400, too_large)
                 written = await self._write_raw_body(raw, kind, fd, offset, sink, lanes)
@@ -196,15 +197,16 @@ class LfsApi(HubBase):
             both.add_done_callback(lambda _: raw.release(view))
 
         try:
-            async for view in raw.chunks():
-                self._count(kind, len(view))
-                position = offset + written
-                written += len(view)
-                write = lanes.write(functools.partial(_write_view, os.dup(fd), direct, position, view))
-                hashed = lanes.hash(functools.partial(sink, position, view))
-                release_when_done(view, asyncio.gather(write, hashed, return_exceptions=True))
-                if lanes.failure is not None:
-                    raise lanes.failure  # a failed write or hash fails the upload now
+            async with contextlib.aclosing(raw.chunks()) as chunks:  # closed on a failure too: the connection back
+                async for view in chunks:
+                    self._count(kind, len(view))
+                    position = offset + written
+                    written += len(view)
+                    write = lanes.write(functools.partial(_write_view, os.dup(fd), direct, position, view))
+                    hashed = lanes.hash(functools.partial(sink, position, view))
+                    release_when_done(view, asyncio.gather(write, hashed, return_exceptions=True))
+                    if lanes.failure is not None:
+                        raise lanes.failure  # a failed write or hash fails the upload now
         except BodyClosed as exc:
             raise StoreError(400, str(exc)) from exc
         finally:

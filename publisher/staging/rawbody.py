@@ -17,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import mmap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 EXTENSION = "publisher.raw_body"
 BUFFER_SIZE = 4 * 1024 * 1024
 BUFFERS = 4  # per body: one filling, the others hashed and written by the handler's workers
 MIN_BODY = 1024 * 1024  # smaller bodies go the ordinary way
+MAX_ACTIVE = 32  # bodies read raw at once (16 MiB of buffers each at most); past it one goes the ordinary way
 POOLED = 8  # buffers kept for the next bodies: fresh ones cost page faults and zeroing, ~10% of an upload's CPU
 _pool: list[mmap.mmap] = []  # one event loop: no lock
+_active = 0
 
 
 def _take_buffer() -> mmap.mmap:
@@ -77,8 +79,9 @@ class RawBody:
         self._closed: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
+        self._counted = False
 
-    async def chunks(self) -> AsyncIterator[memoryview]:
+    async def chunks(self) -> AsyncGenerator[memoryview, None]:
         """The body in order, as views of page-aligned buffers of BUFFER_SIZE bytes each (the last one shorter; a
         body that had all arrived with its headers comes as one view of its own). A buffer is reused once
         `release(view)` is called for its view: call it when the bytes have been written and hashed. Raises
@@ -94,6 +97,9 @@ class RawBody:
                 self._done = True
                 return
             prefix = b""
+        global _active
+        _active += 1
+        self._counted = True
         self._remaining = self.length - self.parsed
         self._free.extend(_take_buffer() for _ in range(BUFFERS))
         self._current = self._free.popleft()
@@ -117,6 +123,11 @@ class RawBody:
                 yield self._filled.popleft()
         finally:
             self._finish()
+
+    @staticmethod
+    def room() -> bool:
+        """Whether one more body may be read raw now (the buffers of all of them are bounded)."""
+        return _active < MAX_ACTIVE
 
     @property
     def read_to_end(self) -> bool:
@@ -187,6 +198,10 @@ class RawBody:
 
     def _finish(self) -> None:
         """The handler stopped reading: a body not read to its end ends the connection with the answer."""
+        global _active
+        if self._counted:
+            self._counted = False
+            _active -= 1
         self._give_back(keep_alive=False)
         for buffer in self._free:
             _return_buffer(buffer)
