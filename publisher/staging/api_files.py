@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from publisher.staging.storage import (
 
 MAX_PATHS_INFO = 1000  # paths per paths-info request
 LISTINGS_KEPT = 4  # tree listings kept for their next pages
+DOWNLOAD_BLOCK = 4 * 1024 * 1024  # bytes of a file read (by a worker thread) and sent at a time
 
 
 class FilesApi(HubBase):
@@ -195,15 +197,26 @@ class FilesApi(HubBase):
 
 
 async def _file_chunks(path: Any, start: int, length: int, sent: Callable[[int], None]) -> AsyncIterator[bytes]:
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        remaining = length
-        while remaining > 0:
-            block = handle.read(min(remaining, 1024 * 1024))
-            if not block:
-                break
-            remaining -= len(block)
-            sent(len(block))
-            yield block
-
-
+    """A file's bytes in blocks read by a worker thread, the next block read while this one is sent: a blob that
+    is not in the page cache (uploads are written past it) would otherwise stall the event loop on the disk."""
+    loop = asyncio.get_running_loop()
+    with open(path, "rb", buffering=0) as handle:
+        fd = handle.fileno()
+        position, remaining = start, length
+        reading: asyncio.Future[bytes] | None = loop.run_in_executor(
+            None, os.pread, fd, min(remaining, DOWNLOAD_BLOCK), position)
+        try:
+            while reading is not None:
+                block = await reading
+                reading = None
+                if not block:
+                    break
+                position += len(block)
+                remaining -= len(block)
+                if remaining > 0:
+                    reading = loop.run_in_executor(None, os.pread, fd, min(remaining, DOWNLOAD_BLOCK), position)
+                sent(len(block))
+                yield block
+        finally:
+            if reading is not None:  # the file closes next: no read may still be running on it
+                await asyncio.wait([reading])
