@@ -82,7 +82,9 @@ def client_floor(source: Path, size: int) -> tuple[float, float]:
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
     try:
         port = int(sink.stdout.readline())  # type: ignore[union-attr]
-        part = 64 * 1024 * 1024  # the staging Hub's multipart chunk, which the client follows
+        from publisher.staging.http import MULTIPART_CHUNK
+
+        part = MULTIPART_CHUNK  # the staging Hub's multipart chunk, which the client follows
         urls = [f"http://127.0.0.1:{port}/part/{n}" for n in range(1, -(-size // part) + 1)]
         start = time.perf_counter()
         _upload_parts_iteratively(operation=operation, sorted_parts_urls=urls, chunk_size=part)
@@ -142,6 +144,11 @@ def main() -> None:
           f"server; rounds: {_rounds(floor)})")
     print(f"upload        : {up_s:6.2f} s  {mib / up_s:7.1f} MiB/s  ({up_s / floor_s:.2f}x the client floor, "
           f"{raw_s / up_s:.2f}x raw copy; includes the client's sha256 pass; rounds: {_rounds(up)})")
+    # the floor of each round is measured right before its upload, under the same load: the ratio of the two
+    # is steadier than the ratio of medians on a machine whose speed drifts
+    ratios = [u / f for u, f in zip(up, floor, strict=True)]
+    print(f"upload/floor  : {statistics.median(ratios):6.2f}x  median of the rounds' own ratios "
+          f"(rounds: {_rounds(ratios)}); best upload / best floor {min(up) / min(floor):.2f}x")
     print(f"download      : {down_s:6.2f} s  {mib / down_s:7.1f} MiB/s  ({raw_s / down_s:.2f}x raw copy; "
           f"rounds: {_rounds(down)})")
     print(f"server RSS    : start {rss_start / 1024:.1f} MiB, end {rss_end / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB "

@@ -129,14 +129,16 @@ class LfsApi(HubBase):
         return Response(status_code=200)
 
     async def _write_body(self, request: Request, kind: str, fd: int, offset: int, limit: int,
-                          sink: Sink, too_large: str, lanes: BodyLanes | None = None) -> int:
+                          sink: Sink, too_large: str, lanes: BodyLanes | None = None, flush: bool = False) -> int:
         """Write the request body at `offset` of `fd` (at most `limit` bytes), each piece passed to `sink` (a hash)
         in order. Writing and hashing run in worker threads while the next bytes arrive (both release the GIL):
         inline they were ~40% of the event loop's samples during an upload (py-spy), time other clients waited.
 
         Without `lanes` everything is written and sunk when this returns. With the lanes of an upload session
         (its parts) this returns once the body has arrived and its pieces are queued on them: the part is answered
-        while its last writes and hashes run on, and the session's completion waits for the lanes."""
+        while its last writes and hashes run on, and the session's completion waits for the lanes. `flush` queues
+        a flush to disk after the writes that went through the page cache, so that the completion's fsync finds
+        most of the file on disk (writes with O_DIRECT need none: a flush each would only hold the write lane up)."""
         own = lanes is None
         lanes = lanes or BodyLanes()
         raw = request.scope.get("extensions", {}).get(EXTENSION)
@@ -144,9 +146,12 @@ class LfsApi(HubBase):
             if isinstance(raw, RawBody) and not raw.taken and raw.room():
                 if raw.length > limit:
                     raise StoreError(400, too_large)
-                written = await self._write_raw_body(raw, kind, fd, offset, sink, lanes)
+                written, buffered = await self._write_raw_body(raw, kind, fd, offset, sink, lanes)
             else:
                 written = await self._write_streamed_body(request, kind, fd, offset, limit, sink, lanes, too_large)
+                buffered = True
+            if flush and buffered:
+                lanes.write(functools.partial(_flush, os.dup(fd)))
         finally:
             if own:  # the caller closes the file next: no write may still be running then
                 await asyncio.shield(lanes.drained())
@@ -183,13 +188,14 @@ class LfsApi(HubBase):
         return written
 
     async def _write_raw_body(self, raw: RawBody, kind: str, fd: int, offset: int, sink: Sink,
-                              lanes: BodyLanes) -> int:
+                              lanes: BodyLanes) -> tuple[int, bool]:
         """The body read raw (rawbody.py): each buffer goes to both lanes at once while the next ones fill, and back
         to the reader when both are done with it. Each lane takes its buffers one after the other: sha256 is
         sequential, and two writes at once into one file contend for its lock (ext4: the server's CPU per GiB
         doubled, spinning). Whole aligned buffers are written with O_DIRECT where the file system takes it: no copy
         into the page cache and no writeback later (ext4: ~0.3 s of CPU per GiB, a fifth of the server's), and the
-        completion's fsync finds them on disk."""
+        completion's fsync finds them on disk. Returns the bytes written and whether they went through the page
+        cache (no O_DIRECT here)."""
         written = 0
         direct = _direct_twin(fd)
 
@@ -212,7 +218,7 @@ class LfsApi(HubBase):
         finally:
             if direct is not None:
                 lanes.write(functools.partial(os.close, direct))  # after the writes queued on it
-        return written
+        return written, direct is None
 
     def _adopt_if_intact(self, temp: Path, oid: str, size: int, written: int, sha256: str) -> None:
         """Move an uploaded file into the blob store if it has the announced size and hash; else refuse it."""
@@ -243,9 +249,8 @@ class LfsApi(HubBase):
             fd = os.open(self._session_file(oid, session), os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 written = await self._write_body(request, "lfs_put_part", fd, offset, expected, running.wrote,
-                                                 f"Part {number} is larger than {expected} bytes", running.lanes)
-                if written == expected:  # flushed after its writes: the completion's fsync finds it on disk
-                    running.lanes.write(functools.partial(_flush, os.dup(fd)))
+                                                 f"Part {number} is larger than {expected} bytes", running.lanes,
+                                                 flush=True)
             finally:
                 os.close(fd)
         finally:
