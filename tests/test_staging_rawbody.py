@@ -7,6 +7,7 @@ sender holds no worker thread, and what lands is byte for byte what was sent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -260,3 +261,41 @@ def test_raw_bodies_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     assert rawbody.RawBody.room()
     monkeypatch.setattr(rawbody, "_active", rawbody.MAX_ACTIVE)
     assert not rawbody.RawBody.room()
+
+
+def test_serial_lane_runs_jobs_in_order_and_lets_its_thread_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs run in submission order on one thread, a failing one fails only its own future, and the thread ends
+    once the lane has been dry for its linger time (a new job then starts another)."""
+    import asyncio
+
+    from publisher.staging.lanes import BodyLanes, SerialLane
+
+    monkeypatch.setattr(SerialLane, "LINGER_S", 0.01)
+    done: list[int] = []
+    threads: set[threading.Thread] = set()  # the objects themselves: a new thread may reuse an ended one's ident
+
+    def job(n: int) -> None:
+        threads.add(threading.current_thread())
+        if n == 3:
+            raise OSError("disk full")
+        done.append(n)
+
+    async def run() -> None:
+        lane = SerialLane("test")
+        futures = [lane.submit(functools.partial(job, n)) for n in range(50)]
+        await lane.drained()
+        assert isinstance(futures[3].exception(), OSError)
+        assert all(f.exception() is None for i, f in enumerate(futures) if i != 3)
+        guard = time.monotonic() + DEADLOCK_GUARD_S
+        while lane._thread is not None and time.monotonic() < guard:
+            await asyncio.sleep(0.01)
+        assert lane._thread is None  # dry: its thread has ended
+        await lane.submit(functools.partial(job, 50))
+        lanes = BodyLanes()  # a pair of lanes keeps the first failure for whoever waits for them
+        lanes.write(functools.partial(job, 3))
+        with pytest.raises(OSError, match="disk full"):
+            await lanes.drained()
+
+    asyncio.run(run())
+    assert done == [n for n in range(51) if n != 3]
+    assert len(threads) == 3  # one for the 50 jobs, one after the lane went dry, one for the pair's write lane

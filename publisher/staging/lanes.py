@@ -3,41 +3,72 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 
 class SerialLane:
     """Jobs run one after another, in the order submitted, in a worker thread of the lane's own: the next job starts
     as soon as the last one ends, with no round trip through the event loop between them (that round trip left the
-    hash idle while the loop was busy reading). The thread ends whenever the lane runs dry, so an abandoned upload
-    keeps none."""
+    hash idle while the loop was busy reading). The thread lingers a moment when the lane runs dry, for the next
+    buffer or part, and then ends (one thread a burst made ~150 threads a GiB); an abandoned upload keeps none."""
+
+    LINGER_S = 2.0
 
     def __init__(self, name: str = "lane") -> None:
         self._name = name
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending = 0
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], asyncio.Future[None]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
         self._tail: asyncio.Future[None] | None = None
 
     def submit(self, job: Callable[[], None]) -> asyncio.Future[None]:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._name)
-        self._pending += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, job)
-        future.add_done_callback(self._job_done)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._jobs.put((job, future))
+        with self._lock:  # a worker that saw no job before this put has let go of the lane: start another
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._thread.start()
         self._tail = future
         return future
 
-    def _job_done(self, _: asyncio.Future[None]) -> None:
-        self._pending -= 1
-        if not self._pending and self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+    def _work(self) -> None:
+        while True:
+            try:
+                job, future = self._jobs.get(timeout=self.LINGER_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                job()
+            except Exception as exc:  # the job's failure is its future's
+                _settle(future, None, exc)
+            else:
+                _settle(future, None, None)
 
     async def drained(self) -> None:
         if self._tail is not None:
             await asyncio.wait([self._tail])
+
+
+def _settle(future: asyncio.Future[None], result: None, exc: BaseException | None) -> None:
+    """Settle an event loop's future from a worker thread (unless the loop has closed meanwhile)."""
+    def settle() -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+        future.get_loop().call_soon_threadsafe(settle)
 
 
 class BodyLanes:
