@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import socket
 import statistics
 import sys
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--tree-files", type=int, default=110_000)
+    parser.add_argument("--upload-mib", type=int, default=1024)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="staging-latency-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,19 @@ def main() -> None:
                 sock.close()
 
         measure(url, "1000 half-sent requests (3 s)", slowloris)
+
+        # an upload through the unmodified client: its parts' bodies are read raw and hashed off the event loop
+        from huggingface_hub import HfApi
+
+        payload = work / "payload.bin"
+        with open(payload, "wb") as handle:
+            block = os.urandom(16 * 1024 * 1024)
+            for _ in range(args.upload_mib // 16):
+                handle.write(block)
+        api = HfApi(endpoint=url, token=TOKEN)
+        measure(url, f"upload of {args.upload_mib} MiB (LFS parts)", lambda: api.upload_file(
+            path_or_fileobj=str(payload), path_in_repo="payload.bin", repo_id="bench/big"))
+        payload.unlink()
 
 
 if __name__ == "__main__":
