@@ -37,6 +37,7 @@ from publisher.staging.rawbody import EXTENSION, BodyClosed, RawBody
 from publisher.staging.storage import (
     StoreError,
 )
+from publisher.util.hashing import sha256_file
 
 WRITE_BATCH = 4 * 1024 * 1024  # body bytes written and hashed per worker-thread call
 Sink = Callable[[int, "bytes | memoryview"], None]  # takes each written piece of a body, at its offset (a hash)
@@ -306,11 +307,7 @@ class LfsApi(HubBase):
     def _adopt_sealed(self, sealed: Path, oid: str, size: int, sha256: str | None) -> None:
         try:
             if sha256 is None:  # parts written out of order or twice, or the session's hash evicted: hash the file
-                digest = hashlib.sha256()
-                with open(sealed, "rb") as handle:
-                    while block := handle.read(8 * 1024 * 1024):
-                        digest.update(block)
-                sha256 = digest.hexdigest()
+                sha256 = sha256_file(sealed)
             self._adopt_if_intact(sealed, oid, size, sealed.stat().st_size, sha256)
         finally:
             sealed.unlink(missing_ok=True)
@@ -343,13 +340,17 @@ def _write_chunks(fd: int, position: int, chunks: list[bytes]) -> None:
     own (a request cancelled mid-batch) can never leave this write aimed at a reused descriptor."""
     try:
         for chunk in chunks:
-            view = memoryview(chunk)
-            done = 0
-            while done < len(chunk):
-                done += os.pwrite(fd, view[done:], position + done)
+            _pwrite_all(fd, memoryview(chunk), position)
             position += len(chunk)
     finally:
         os.close(fd)
+
+
+def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+    """Write all of `view` at `position` (a write may take less than it was given)."""
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], position + done)
 
 
 def _sink_all(sink: Sink, position: int, chunks: list[bytes]) -> None:
@@ -384,8 +385,7 @@ def _write_view(fd: int, direct: int | None, position: int, view: memoryview) ->
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: an alignment this device does not take; write it buffered
                     raise
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], position + done)
+        _pwrite_all(fd, view[done:], position + done)
     finally:
         os.close(fd)
 

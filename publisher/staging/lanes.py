@@ -1,4 +1,4 @@
-"""sha256 of upload bodies as they arrive: a session's running hash, and the lane that feeds it in order."""
+"""Upload bodies written and hashed as they arrive: serial worker lanes, and an upload session's running hash."""
 
 from __future__ import annotations
 
@@ -48,16 +48,16 @@ class SerialLane:
             try:
                 job()
             except Exception as exc:  # the job's failure is its future's
-                _settle(future, None, exc)
+                _settle(future, exc)
             else:
-                _settle(future, None, None)
+                _settle(future, None)
 
     async def drained(self) -> None:
         if self._tail is not None:
             await asyncio.wait([self._tail])
 
 
-def _settle(future: asyncio.Future[None], result: None, exc: BaseException | None) -> None:
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
     """Settle an event loop's future from a worker thread (unless the loop has closed meanwhile)."""
     def settle() -> None:
         if future.done():
@@ -65,7 +65,7 @@ def _settle(future: asyncio.Future[None], result: None, exc: BaseException | Non
         if exc is not None:
             future.set_exception(exc)
         else:
-            future.set_result(result)
+            future.set_result(None)
 
     with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
         future.get_loop().call_soon_threadsafe(settle)

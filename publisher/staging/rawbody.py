@@ -79,7 +79,6 @@ class RawBody:
         self._closed: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
-        self._counted = False
 
     async def chunks(self) -> AsyncGenerator[memoryview, None]:
         """The body in order, as views of page-aligned buffers of BUFFER_SIZE bytes each (the last one shorter; a
@@ -98,8 +97,7 @@ class RawBody:
                 return
             prefix = b""
         global _active
-        _active += 1
-        self._counted = True
+        _active += 1  # until the reading below ends, whichever way
         self._remaining = self.length - self.parsed
         self._free.extend(_take_buffer() for _ in range(BUFFERS))
         self._current = self._free.popleft()
@@ -122,6 +120,7 @@ class RawBody:
                         self._waiter = None
                 yield self._filled.popleft()
         finally:
+            _active -= 1
             self._finish()
 
     @staticmethod
@@ -194,14 +193,10 @@ class RawBody:
             self._pause()
             if self._closed is None:
                 self.http.transport.set_protocol(self.http)
-            self.http.raw_body_returned(self.cycle, keep_alive and self._remaining == 0)
+            self.http.raw_body_returned(self.cycle, keep_alive)
 
     def _finish(self) -> None:
         """The handler stopped reading: a body not read to its end ends the connection with the answer."""
-        global _active
-        if self._counted:
-            self._counted = False
-            _active -= 1
         self._give_back(keep_alive=False)
         for buffer in self._free:
             _return_buffer(buffer)
