@@ -35,6 +35,18 @@ def staging_bench_work(prefix: str) -> tuple[Path, int]:
     return work, staging_client_env(work)
 
 
+def write_random(path: Path, size: int) -> None:
+    """A file of `size` incompressible bytes (a 16 MiB random block repeated: fast to make, and the staging Hub
+    stores each upload whole whatever its content)."""
+    import os
+
+    with open(path, "wb") as handle:
+        block = os.urandom(16 * 1024 * 1024)
+        for _ in range(size // len(block)):
+            handle.write(block)
+        handle.write(os.urandom(size % len(block)))
+
+
 def peak_gib() -> float:
     """VmHWM of this process in GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import socket
 import statistics
 import sys
@@ -23,7 +22,7 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import staging_client_env  # noqa: E402
+from bench._common import staging_client_env, write_random  # noqa: E402
 
 TOKEN = "bench-token"
 
@@ -150,10 +149,7 @@ def main() -> None:
         from huggingface_hub import HfApi
 
         payload = work / "payload.bin"
-        with open(payload, "wb") as handle:
-            block = os.urandom(16 * 1024 * 1024)
-            for _ in range(args.upload_mib // 16):
-                handle.write(block)
+        write_random(payload, args.upload_mib * 1024 * 1024)
         api = HfApi(endpoint=url, token=TOKEN)
         measure(url, f"upload of {args.upload_mib} MiB (LFS parts)", lambda: api.upload_file(
             path_or_fileobj=str(payload), path_in_repo="payload.bin", repo_id="bench/big"))

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import staging_client_env  # noqa: E402
+from bench._common import staging_client_env, write_random  # noqa: E402
 
 
 def rss_kib(pid: int) -> tuple[int, int]:
@@ -31,14 +31,6 @@ def rss_kib(pid: int) -> tuple[int, int]:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-def write_random(path: Path, size: int) -> None:
-    with open(path, "wb") as handle:
-        block = os.urandom(16 * 1024 * 1024)
-        for _ in range(size // len(block)):
-            handle.write(block)
-        handle.write(os.urandom(size % len(block)))
 
 
 SINK = r"""
