@@ -183,46 +183,78 @@ def test_direct_and_buffered_writes_make_one_file(tmp_path: Path) -> None:
     assert data[DIRECT_ALIGN:5 * DIRECT_ALIGN] == aligned[:] and data[5 * DIRECT_ALIGN:] == tail
 
 
+class _FakeSocket:
+    def __init__(self) -> None:
+        self.lowat = 1
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        self.lowat = value
+
+
+class _FakeTransport:
+    """What a RawBody uses of an asyncio transport."""
+
+    def __init__(self) -> None:
+        self.protocol: object = None
+        self.reading = False
+        self.socket = _FakeSocket()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.socket if name == "socket" else default
+
+    def set_protocol(self, protocol: object) -> None:
+        self.protocol = protocol
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def feed(self, data: bytes, most: int) -> int:
+        """One read of the event loop: up to `most` bytes of `data` into the reader's buffer; the count."""
+        view = self.protocol.get_buffer(-1)  # type: ignore[attr-defined]
+        count = min(len(view), most, len(data))
+        view[:count] = data[:count]
+        self.protocol.buffer_updated(count)  # type: ignore[attr-defined]
+        return count
+
+
+class _FakeHttp:
+    """The HTTP side a RawBody borrows the connection from; `parsed` the body bytes its parser took first."""
+
+    def __init__(self, parsed: bytes) -> None:
+        self.transport = _FakeTransport()
+        self.parsed = parsed
+        self.returned: list[bool] = []
+
+    def raw_body_taken(self, cycle: object) -> tuple[bytes, bool]:
+        return self.parsed, False
+
+    def raw_body_returned(self, cycle: object, keep_alive: bool) -> None:
+        self.returned.append(keep_alive)
+
+    def raw_connection_lost(self, exc: Exception | None) -> None:
+        raise AssertionError("not lost")
+
+
 @pytest.mark.parametrize("prefix", [0, 1000])
 def test_raw_body_fills_aligned_buffers(prefix: int) -> None:
     """Bytes the HTTP parser took before the body was handed over go first into the first buffer, so that every
-    buffer but the last is whole (and can be written with O_DIRECT at an aligned offset)."""
+    buffer but the last is whole (and can be written with O_DIRECT at an aligned offset). The socket's low-water
+    mark never asks for more than the body has left (the reader would wait for bytes that never come) and is back
+    at 1 for the next request."""
     import asyncio
 
     from publisher.staging import rawbody
 
     data = os.urandom(rawbody.BUFFER_SIZE * 2 + 4321)
-
-    class Transport:
-        def __init__(self) -> None:
-            self.protocol: object = None
-            self.reading = False
-
-        def set_protocol(self, protocol: object) -> None:
-            self.protocol = protocol
-
-        def pause_reading(self) -> None:
-            self.reading = False
-
-        def resume_reading(self) -> None:
-            self.reading = True
-
-    class Http:
-        def __init__(self) -> None:
-            self.transport = Transport()
-            self.returned: list[bool] = []
-
-        def raw_body_taken(self, cycle: object) -> tuple[bytes, bool]:
-            return data[:prefix], False
-
-        def raw_body_returned(self, cycle: object, keep_alive: bool) -> None:
-            self.returned.append(keep_alive)
-
-        def raw_connection_lost(self, exc: Exception | None) -> None:
-            raise AssertionError("not lost")
+    lowats: set[int] = set()
 
     async def run() -> list[bytes]:
-        http = Http()
+        http = _FakeHttp(data[:prefix])
+        transport = http.transport
         body = rawbody.RawBody(http, None, len(data))
         body.parsed = prefix
         got: list[bytes] = []
@@ -231,27 +263,82 @@ def test_raw_body_fills_aligned_buffers(prefix: int) -> None:
             sent = prefix
             while sent < len(data):
                 await asyncio.sleep(0)
-                if not http.transport.reading:
-                    continue
-                reader = http.transport.protocol
-                view = reader.get_buffer(-1)  # type: ignore[attr-defined]
-                count = min(len(view), 300_001, len(data) - sent)
-                view[:count] = data[sent:sent + count]
-                reader.buffer_updated(count)  # type: ignore[attr-defined]
-                sent += count
+                if transport.reading:
+                    assert 1 <= transport.socket.lowat <= len(data) - sent
+                    lowats.add(transport.socket.lowat)
+                    sent += transport.feed(data[sent:], 300_001)
 
-        feeder = asyncio.ensure_future(feed())
-        async for view in body.chunks():
-            got.append(bytes(view))
-            body.release(view)
-        await feeder
+        async def consume() -> None:
+            async for view in body.chunks():
+                got.append(bytes(view))
+                body.release(view)
+
+        await asyncio.gather(feed(), consume())  # a failed check in feed() ends the run rather than stalling it
         assert http.returned == [True]
+        assert transport.socket.lowat == 1
         return got
 
     got = asyncio.run(run())
-    assert rawbody._active == 0  # counted while it was read, not after
+    assert rawbody._active == 0 and rawbody._held == 0  # counted while read and held, not after
     assert b"".join(got) == data
     assert [len(piece) for piece in got] == [rawbody.BUFFER_SIZE, rawbody.BUFFER_SIZE, 4321]
+    assert rawbody.RECEIVE_LOWAT in lowats and len(lowats) > 1  # raised for the body, lowered for its tail
+
+
+@pytest.mark.parametrize("held_by_others", [0, 29])
+def test_a_lagging_handler_gets_more_buffers_within_the_budget(monkeypatch: pytest.MonkeyPatch,
+                                                               held_by_others: int) -> None:
+    """A handler that holds every buffer it was given: the body takes more rather than stop reading, up to
+    BUFFERS_MAX, or fewer when the buffers of all bodies reach BUFFER_BUDGET; then reading stops until a buffer
+    comes back, and every buffer is given back at the end."""
+    import asyncio
+
+    from publisher.staging import rawbody
+
+    monkeypatch.setattr(rawbody, "_held", held_by_others)
+    expected = min(rawbody.BUFFERS_MAX, max(rawbody.BUFFERS_START, rawbody.BUFFER_BUDGET - held_by_others))
+    data = os.urandom(rawbody.BUFFER_SIZE * (rawbody.BUFFERS_MAX + 3))
+
+    async def run() -> None:
+        http = _FakeHttp(b"")
+        transport = http.transport
+        body = rawbody.RawBody(http, None, len(data))
+        kept: list[memoryview] = []
+        sent = 0
+        chunks = body.chunks()
+        while len(kept) < expected:
+            reading = asyncio.ensure_future(anext(chunks))
+            for _ in range(100):  # a buffer's worth of reads and the hand-over take a few turns of the loop
+                await asyncio.sleep(0)
+                if reading.done():
+                    break
+                if transport.reading:
+                    sent += transport.feed(data[sent:], rawbody.BUFFER_SIZE)
+            assert reading.done(), f"reading stopped after {len(kept)} buffers"
+            kept.append(reading.result())
+        assert not transport.reading and sent == expected * rawbody.BUFFER_SIZE  # stopped: no buffer left
+        assert rawbody._held == held_by_others + expected
+        body.release(kept.pop(0))  # one comes back: reading goes on into it
+        assert transport.reading
+        for view in kept:
+            body.release(view)
+
+        async def feed_rest() -> None:
+            nonlocal sent
+            while sent < len(data):
+                await asyncio.sleep(0)
+                if transport.reading:
+                    sent += transport.feed(data[sent:], rawbody.BUFFER_SIZE)
+
+        async def consume_rest() -> None:
+            async for view in chunks:
+                body.release(view)
+
+        await asyncio.gather(feed_rest(), consume_rest())
+        assert http.returned == [True]
+
+    asyncio.run(run())
+    assert rawbody._held == held_by_others and rawbody._active == 0
 
 
 def test_raw_bodies_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
