@@ -4,9 +4,10 @@ uvicorn hands an ASGI app its body 64 KiB at a time, each piece copied twice and
 task switch: for a 1 GiB LFS upload that path alone cost ~1.1 s of the event loop (bench/staging_transfer.py),
 more than the client needs to send it. An upload handler that wants the bytes fast takes the body over instead:
 the connection's transport is switched to a buffered protocol that reads the rest of the body (exactly the
-announced Content-Length, never a byte of the next request) into a few fixed buffers, handed to the handler as they
-fill; a slow sender holds no thread, only its buffers. When the body is done the HTTP protocol gets the connection
-back with a fresh parser, so keep-alive goes on; a body cut short ends the connection with the answer.
+announced Content-Length, never a byte of the next request) into a few reused buffers (2 to 8 a body, within one
+budget for all), handed to the handler as they fill; a slow sender holds no thread, only its buffers. When the body
+is done the HTTP protocol gets the connection back with a fresh parser, so keep-alive goes on; a body cut short
+ends the connection with the answer.
 
 The HTTP side (`server.DeadlineProtocol`) offers a `RawBody` in the request's scope, under `EXTENSION`; the
 handler calls `chunks()` before it reads the body any other way.
@@ -93,7 +94,7 @@ class RawBody:
         self._closed: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
-        self._socket: Any = None  # while its low-water mark is raised
+        self._socket: Any = None  # the connection's, for its low-water mark (None: one that does not take it)
         self._lowat = 1
 
     async def chunks(self) -> AsyncGenerator[memoryview, None]:
